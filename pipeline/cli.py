@@ -1,0 +1,72 @@
+"""The `pipeline` command: a thin click group whose subcommands load lazily.
+
+Lazy loading matters: `pipeline train` must never import encoder code, so a subcommand's
+module (and the stage it calls) is imported only when that subcommand runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+# name -> (module path, attribute, one-line help shown in `pipeline --help`)
+SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
+    "data": ("pipeline.commands.data", "data", "Datasets: generate the built-in synthetic set (`data synth`)."),
+    "extract": ("pipeline.commands.extract", "extract", "Stage one: videos -> VAE latents + fused encoder targets (zarr)."),
+    "pack": ("pipeline.commands.pack", "pack", "Turn a zarr feature store into WebDataset tar shards."),
+    "train": ("pipeline.commands.train", "train", "Stage two: train a VideoDiT from shards alone (no encoders)."),
+    "sample": ("pipeline.commands.sample", "sample", "Generate videos from a trained run or checkpoint."),
+    "evaluate": ("pipeline.commands.evaluate", "evaluate", "FVD and content-debiased FVD (stats, features, fvd)."),
+    "analyze": ("pipeline.commands.analyze", "analyze", "IICR encoder analysis over a cache or straight from videos."),
+    "info": ("pipeline.commands.info", "info", "One-screen summary of a store, a shard folder or a run."),
+    "demo": ("pipeline.commands.demo", "demo", "The whole chain on the built-in synthetic dataset (CPU, tiny preset)."),
+}
+
+
+class LazyGroup(click.Group):
+    """A group that imports a subcommand's module only when it is invoked."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(SUBCOMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in SUBCOMMANDS:
+            return None
+        module_name, attr, help_text = SUBCOMMANDS[cmd_name]
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            return _not_implemented(cmd_name, help_text)
+        return getattr(module, attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Use the static help so `pipeline --help` stays fast and imports nothing heavy.
+        rows = [(name, help_text) for name, (_, _, help_text) in SUBCOMMANDS.items()]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+def _not_implemented(name: str, help_text: str) -> click.Command:
+    @click.command(name=name, help=help_text, context_settings={"ignore_unknown_options": True})
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def _cmd(args: tuple[str, ...]) -> None:
+        raise click.ClickException(f"`pipeline {name}` is not implemented yet")
+
+    return _cmd
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="align4gen")
+def main() -> None:
+    """Train video diffusion transformers with representation alignment, in two stages.
+
+    Stage one (`extract`, `pack`) runs the VAE and the frozen encoders once and caches
+    latents and fused alignment targets; stage two (`train`) trains from the cache alone.
+    """
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Stage configs from dataclass defaults, a YAML file, flags and `--set key=value` overrides.
+
+Precedence (lowest to highest): dataclass defaults < `--config FILE.yaml` < explicit flags
+< `--set` overrides. The resolved config is what every output records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(click.UsageError):
+    """A config file or override that cannot be applied to the stage's config."""
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Turn a YAML/CLI value into the field's declared type (int, float, bool, str, list, dataclass)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        errors = []
+        for option in non_none:
+            try:
+                return _coerce(value, option, key)
+            except (ConfigError, ValueError, TypeError) as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"config key '{key}': cannot use {value!r} ({'; '.join(errors)})")
+    if origin in (list, tuple, typing.Sequence) or annotation in (list, tuple):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()] if value.strip() else []
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, key) for v in value]
+        return tuple(items) if origin is tuple or annotation is tuple else items
+    if origin in (dict, Mapping) or annotation is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return _build(annotation, value, prefix=f"{key}.")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"config key '{key}': expected a boolean, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}") from None
+    if annotation is float:
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}") from None
+    if annotation is str:
+        return str(value)
+    return value
+
+
+def _build(cls: type[T], values: Mapping[str, Any], prefix: str = "") -> T:
+    types_ = _field_types(cls)
+    unknown = sorted(set(values) - set(types_))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}' for {cls.__name__}; known keys: {', '.join(sorted(types_))}"
+        )
+    kwargs = {k: _coerce(v, types_[k], prefix + k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
+    """`a.b=1` -> {"a": {"b": 1}}; values are parsed as YAML scalars/lists."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        key = key.strip().replace("-", "_")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return tree
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def resolve_config(
+    cls: type[T],
+    config_file: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    flags: Mapping[str, Any] | None = None,
+    base: Mapping[str, Any] | None = None,
+) -> T:
+    """Build `cls` from its defaults, `base` (e.g. a preset), a YAML file, flags, then overrides.
+
+    Flags whose value is None (not given on the command line) are ignored.
+    """
+    values: dict[str, Any] = dict(base or {})
+    if config_file:
+        values = _merge(values, load_yaml(config_file))
+    if flags:
+        values = _merge(values, {k: v for k, v in flags.items() if v is not None and v != ()})
+    values = _merge(values, parse_overrides(overrides))
+    return _build(cls, values)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON/YAML-safe dict of a (nested) dataclass config."""
+    data = dataclasses.asdict(cfg)
+    return json.loads(json.dumps(data, default=str))
+
+
+def save_config(cfg: Any, path: str | Path) -> Path:
+    """Write the resolved config as YAML (the record every output carries)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config_to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg, sort_keys=False))
+    return path
+
+
+def config_options(func: Callable) -> Callable:
+    """Add `--config FILE.yaml` and repeated `--set key=value` to a click command."""
+    func = click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Override any config key (repeatable), e.g. --set lr=3e-4.",
+    )(func)
+    func = click.option(
+        "--config",
+        "config_file",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="YAML file with config keys (flags and --set win over it).",
+    )(func)
+    return func

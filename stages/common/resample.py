@@ -1,0 +1,109 @@
+"""Resample encoder tokens onto the DiT token grid, L2-normalise them and fuse encoders.
+
+Our definition (DESIGN.md section 6): every encoder's patch tokens ``[B, t, h, w, D]`` are
+brought to the DiT grid ``(T, H, W)`` = (latent frames, latent h / patch, latent w / patch).
+
+- Space: bilinear per frame (``align_corners=False``), antialiased when shrinking so a fine
+  grid (SAM2 at stride 16) is averaged rather than point-sampled.
+- Time: if ``t`` is a multiple of ``T`` (an image encoder run per frame with a VAE that
+  compresses time by ``k = t / T``), average each group of ``k`` frames, i.e. exactly the
+  frames that one latent step covers. Otherwise linear interpolation with
+  ``align_corners=False``, which puts a VideoMAE tubelet's value at the centre of the frames
+  it covers (tubelet ``i`` of size 2 sits at frame ``2i + 0.5``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def _check_tokens(tokens: torch.Tensor) -> None:
+    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 5:
+        shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise ValueError(f"tokens must be a tensor [B,t,h,w,D], got {shape}")
+
+
+def resample_spatial(tokens: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[B,t,h,w,D] -> [B,t,H,W,D], bilinear per frame, antialiased when downsampling."""
+    _check_tokens(tokens)
+    b, t, h, w, d = tokens.shape
+    hh, ww = int(size[0]), int(size[1])
+    if (h, w) == (hh, ww):
+        return tokens
+    x = tokens.reshape(b * t, h, w, d).permute(0, 3, 1, 2)
+    antialias = hh < h or ww < w
+    x = F.interpolate(x, size=(hh, ww), mode="bilinear", align_corners=False, antialias=antialias)
+    return x.permute(0, 2, 3, 1).reshape(b, t, hh, ww, d)
+
+
+def resample_temporal(tokens: torch.Tensor, frames: int) -> torch.Tensor:
+    """[B,t,h,w,D] -> [B,T,h,w,D]: mean over groups of k = t/T frames, else linear interpolation."""
+    _check_tokens(tokens)
+    b, t, h, w, d = tokens.shape
+    T = int(frames)
+    if T < 1:
+        raise ValueError(f"target number of frames must be >= 1, got {T}")
+    if t == T:
+        return tokens
+    if t % T == 0:
+        return tokens.reshape(b, T, t // T, h, w, d).mean(dim=2)
+    x = tokens.permute(0, 2, 3, 4, 1).reshape(b, h * w * d, t)
+    x = F.interpolate(x, size=T, mode="linear", align_corners=False)
+    return x.reshape(b, h, w, d, T).permute(0, 4, 1, 2, 3)
+
+
+def resample_to_grid(tokens: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """Tokens [B,t,h,w,D] on an encoder's grid -> [B,T,H,W,D] on the DiT grid (float32)."""
+    _check_tokens(tokens)
+    if len(grid) != 3:
+        raise ValueError(f"grid must be (T, H, W), got {tuple(grid)}")
+    T, H, W = (int(g) for g in grid)
+    x = tokens.float()
+    x = resample_spatial(x, (H, W))
+    x = resample_temporal(x, T)
+    return x.contiguous()
+
+
+def l2_normalize_tokens(tokens: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Unit L2 norm along the last (channel) axis; an all-zero token stays zero."""
+    return tokens / tokens.norm(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def to_target(tokens: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """Resample to the DiT grid, then L2-normalise per token: one encoder's slice of ``targets``."""
+    return l2_normalize_tokens(resample_to_grid(tokens, grid))
+
+
+def fuse(
+    features: Mapping[str, torch.Tensor], order: Sequence[str] | None = None
+) -> tuple[torch.Tensor, list[tuple[str, int, int]]]:
+    """Concatenate per-encoder targets along channels in ``order``.
+
+    Returns ``(targets [B,T,H,W,sum D], [(name, start, stop), ...])`` so any subset of encoders
+    can be sliced back out at train time.
+    """
+    names = list(order) if order is not None else list(features)
+    if not names:
+        raise ValueError("fuse needs at least one encoder")
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate encoder names in order: {names}")
+    missing = [n for n in names if n not in features]
+    if missing:
+        raise KeyError(f"no features for encoder(s) {missing}; have {sorted(features)}")
+    lead = tuple(features[names[0]].shape[:-1])
+    parts, slices, start = [], [], 0
+    for n in names:
+        f = features[n]
+        if f.ndim != 5 or tuple(f.shape[:-1]) != lead:
+            raise ValueError(
+                f"encoder '{n}' features have shape {tuple(f.shape)}; all must be [B,T,H,W,*] with "
+                f"[B,T,H,W] = {list(lead)}"
+            )
+        stop = start + int(f.shape[-1])
+        slices.append((n, start, stop))
+        parts.append(f)
+        start = stop
+    return torch.cat(parts, dim=-1), slices

@@ -1,0 +1,261 @@
+"""VAE wrapper (diffusers) and the shared "weights not found" error.
+
+Why a wrapper: extract, sample and evaluate all need the same three things from a VAE:
+uint8 video clips in, scaled posterior-mean latents out (fp16, the cache dtype), and the
+way back to uint8 frames. Two kinds are supported:
+
+- ``kind="image"``: diffusers ``AutoencoderKL`` applied frame by frame (Latte's choice,
+  default ``stabilityai/sd-vae-ft-ema``, scale 0.18215, 8x spatial, no temporal compression).
+- ``kind="video"``: diffusers ``AutoencoderKLCogVideoX`` (default ``THUDM/CogVideoX-2b``,
+  ``subfolder="vae"``), causal 3D VAE with temporal compression ``k`` read from its config.
+
+diffusers is imported lazily so importing this module (and ``WeightsNotFoundError``) is cheap.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_IMAGE_VAE = "stabilityai/sd-vae-ft-ema"
+DEFAULT_VIDEO_VAE = "THUDM/CogVideoX-2b"
+SD_SCALE = 0.18215
+
+
+class WeightsNotFoundError(RuntimeError):
+    """A model's weights are not available locally (offline run, missing path or unknown id)."""
+
+    def __init__(self, model: str, flag: str, detail: str | None = None):
+        self.model = str(model)
+        self.flag = flag
+        msg = (
+            f"weights for model '{self.model}' were not found locally. Download them on a machine "
+            f"with network access (e.g. `hf download {self.model}`) or point {flag} PATH at a "
+            f"local copy (a folder written by save_pretrained)."
+        )
+        if detail:
+            msg += f" [{detail.strip().splitlines()[0][:300]}]"
+        super().__init__(msg)
+
+
+def _looks_like_path(id_or_path: str) -> bool:
+    """A string that can only be a filesystem path, never a hub id ("org/name" or "name")."""
+    s = str(id_or_path)
+    return s.startswith(("/", "./", "../", "~", ".\\")) or "\\" in s or s.count("/") > 1
+
+
+def hub_kwargs(id_or_path: str | Path, model_flag: str) -> tuple[str, dict[str, Any]]:
+    """Resolve a hub id or a local folder to from_pretrained arguments, failing fast if missing.
+
+    A local folder (or ``HF_HUB_OFFLINE=1``) sets ``local_files_only=True`` so nothing ever
+    waits on the network. A string that can only be a path but does not exist fails at once.
+    """
+    s = str(id_or_path)
+    expanded = os.path.expanduser(s)
+    if os.path.isdir(expanded):
+        return expanded, {"local_files_only": True}
+    if isinstance(id_or_path, Path) or _looks_like_path(s) or os.path.exists(expanded):
+        if not os.path.exists(expanded):
+            raise WeightsNotFoundError(s, model_flag, "no such local folder")
+        raise WeightsNotFoundError(s, model_flag, "expected a folder written by save_pretrained")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    return s, ({"local_files_only": True} if offline else {})
+
+
+def load_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "these weights are not here" for transformers/diffusers loaders."""
+    errs: list[type[BaseException]] = [OSError, EnvironmentError]
+    try:
+        from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+        errs += [LocalEntryNotFoundError, HFValidationError]
+    except ImportError:  # pragma: no cover - very old huggingface_hub
+        pass
+    return tuple(errs)
+
+
+@dataclass(frozen=True)
+class _Info:
+    kind: str
+    model_id: str
+    scale: float
+    latent_channels: int
+    spatial_factor: int
+    temporal_factor: int
+
+
+class VAEWrapper:
+    """uint8 clips <-> scaled fp16 latents, for an image VAE (per frame) or a video VAE."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kind: str,
+        model_id: str,
+        scale: float,
+        device: str | torch.device = "cpu",
+        frame_batch: int = 32,
+    ):
+        if kind not in ("image", "video"):
+            raise ValueError(f"VAE kind must be 'image' or 'video', got {kind!r}")
+        self.model = model.eval().requires_grad_(False)
+        self.kind = kind
+        self.device = torch.device(device)
+        self.frame_batch = int(frame_batch)
+        cfg = model.config
+        n_blocks = len(cfg.block_out_channels)
+        temporal = int(getattr(cfg, "temporal_compression_ratio", 1) or 1) if kind == "video" else 1
+        self.info = _Info(
+            kind=kind,
+            model_id=str(model_id),
+            scale=float(scale),
+            latent_channels=int(cfg.latent_channels),
+            spatial_factor=2 ** (n_blocks - 1),
+            temporal_factor=temporal,
+        )
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(
+        cls,
+        id_or_path: str | Path | None = None,
+        kind: str = "image",
+        scale: float | None = SD_SCALE,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        subfolder: str | None = None,
+        flag: str = "--vae",
+    ) -> VAEWrapper:
+        """Load from a hub id or a local save_pretrained folder.
+
+        ``scale=None`` takes ``scaling_factor`` from the model config (right for video VAEs,
+        whose scale differs from SD's 0.18215).
+        """
+        if kind not in ("image", "video"):
+            raise ValueError(f"VAE kind must be 'image' or 'video', got {kind!r}")
+        if id_or_path is None:
+            id_or_path = DEFAULT_IMAGE_VAE if kind == "image" else DEFAULT_VIDEO_VAE
+            if kind == "video" and subfolder is None:
+                subfolder = "vae"
+        import diffusers
+
+        klass = diffusers.AutoencoderKL if kind == "image" else diffusers.AutoencoderKLCogVideoX
+        src, kwargs = hub_kwargs(id_or_path, flag)
+        if subfolder:
+            kwargs["subfolder"] = subfolder
+        try:
+            model = klass.from_pretrained(src, torch_dtype=dtype, **kwargs)
+        except load_errors() as e:
+            raise WeightsNotFoundError(str(id_or_path), flag, f"{type(e).__name__}: {e}") from e
+        if scale is None:
+            scale = float(getattr(model.config, "scaling_factor", SD_SCALE))
+        return cls(model.to(device), kind, str(id_or_path), scale, device=device)
+
+    # --------------------------------------------------------------- properties
+    @property
+    def model_id(self) -> str:
+        return self.info.model_id
+
+    @property
+    def scale(self) -> float:
+        return self.info.scale
+
+    @property
+    def latent_channels(self) -> int:
+        return self.info.latent_channels
+
+    @property
+    def spatial_factor(self) -> int:
+        return self.info.spatial_factor
+
+    @property
+    def temporal_factor(self) -> int:
+        return self.info.temporal_factor
+
+    def latent_frames(self, frames: int) -> int:
+        """Latent frames for a clip of ``frames`` frames (causal video VAEs keep frame 0 alone)."""
+        k = self.temporal_factor
+        if k == 1:
+            return frames
+        return frames // k if frames % k == 0 else (frames - 1) // k + 1
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """(C, T', h, w) of one clip's latents, without running the model."""
+        f = self.spatial_factor
+        if height % f or width % f:
+            raise ValueError(f"frame size {height}x{width} is not a multiple of the VAE factor {f}")
+        return (self.latent_channels, self.latent_frames(frames), height // f, width // f)
+
+    def spec(self) -> dict[str, Any]:
+        """The VAE part of the cache spec (see the cache contract)."""
+        return {
+            "id": self.model_id,
+            "scale": self.scale,
+            "latent_channels": self.latent_channels,
+            "spatial_factor": self.spatial_factor,
+            "temporal_factor": self.temporal_factor,
+        }
+
+    # -------------------------------------------------------------- conversion
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", enabled=False)
+
+    def _param_dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @staticmethod
+    def _check_frames(frames: torch.Tensor) -> None:
+        if not isinstance(frames, torch.Tensor) or frames.dtype != torch.uint8:
+            raise TypeError("frames must be a uint8 tensor [B,T,H,W,3]")
+        if frames.ndim != 5 or frames.shape[-1] != 3:
+            raise ValueError(f"frames must have shape [B,T,H,W,3], got {tuple(frames.shape)}")
+
+    @torch.no_grad()
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 [B,T,H,W,3] -> fp16 latents [B,C,T',h,w] = posterior mean * scale."""
+        self._check_frames(frames)
+        b, t, h, w, _ = frames.shape
+        f = self.spatial_factor
+        if h % f or w % f:
+            raise ValueError(f"frame size {h}x{w} is not a multiple of the VAE factor {f}")
+        x = frames.to(self.device).permute(0, 1, 4, 2, 3).to(self._param_dtype())  # B,T,3,H,W
+        x = x / 127.5 - 1.0
+        with self._autocast():
+            if self.kind == "image":
+                flat = x.reshape(b * t, 3, h, w)
+                means = [
+                    self.model.encode(flat[i : i + self.frame_batch]).latent_dist.mean
+                    for i in range(0, flat.shape[0], self.frame_batch)
+                ]
+                z = torch.cat(means).float().reshape(b, t, -1, h // f, w // f).permute(0, 2, 1, 3, 4)
+            else:
+                z = self.model.encode(x.permute(0, 2, 1, 3, 4)).latent_dist.mean.float()
+        return (z * self.scale).to(torch.float16).contiguous()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents [B,C,T',h,w] (scaled) -> uint8 frames [B,T,H,W,3]."""
+        if latents.ndim != 5 or latents.shape[1] != self.latent_channels:
+            raise ValueError(
+                f"latents must have shape [B,{self.latent_channels},T',h,w], got {tuple(latents.shape)}"
+            )
+        z = latents.to(self.device, self._param_dtype()) / self.scale
+        b, c, t, h, w = z.shape
+        with self._autocast():
+            if self.kind == "image":
+                flat = z.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+                outs = [
+                    self.model.decode(flat[i : i + self.frame_batch]).sample.float()
+                    for i in range(0, flat.shape[0], self.frame_batch)
+                ]
+                x = torch.cat(outs).reshape(b, t, 3, outs[0].shape[-2], outs[0].shape[-1])
+            else:
+                x = self.model.decode(z).sample.float().permute(0, 2, 1, 3, 4)  # B,T,3,H,W
+        x = ((x.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+        return x.permute(0, 1, 3, 4, 2).contiguous().cpu()

@@ -1,0 +1,1 @@
+"""Stage one: videos -> VAE latents + fused frozen-encoder targets -> zarr."""

@@ -1,0 +1,446 @@
+"""Stage one, top to bottom: plan clips -> load frozen models -> per block: decode, VAE,
+encoders, resample + fuse -> zarr (block-atomic, resumable, rank-split).
+
+Decoding runs in DataLoader worker processes ahead of the models; zarr writes run in a
+background thread so they overlap the next block's compute.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from cache_schema import SCHEMA_VERSION, fingerprint
+from cache_schema import constants as C
+from pipeline.config import config_to_dict
+from stages.common import video as V
+from stages.common.encoders import load_encoder
+from stages.common.resample import fuse, resample_to_grid
+from stages.common.vae import VAEWrapper
+
+from .config import ExtractConfig
+from .store import StorePlan, create_store, mark_block_done, open_store, read_json, write_block, write_json
+
+
+class ExtractError(RuntimeError):
+    """Extraction cannot go on (bad config, NaN features, mismatched existing store)."""
+
+
+@dataclass
+class Models:
+    vae: VAEWrapper
+    encoders: dict[str, Any]
+
+
+@dataclass
+class ExtractResult:
+    out: str
+    num_clips: int
+    blocks_done: int
+    blocks_total: int
+    skipped: list[dict[str, str]]
+    invalid_clips: list[dict[str, Any]]
+    timings: dict[str, float] = field(default_factory=dict)
+    dry_run: bool = False
+    layout: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _dist_info() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _init_distributed(device: torch.device) -> bool:
+    rank, world = _dist_info()
+    if world <= 1 or torch.distributed.is_initialized():
+        return False
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    torch.distributed.init_process_group(backend=backend)
+    return True
+
+
+def model_sources(cfg: ExtractConfig) -> dict[str, str | None]:
+    """Where each model comes from: the tiny preset's local folders or the user's ids/paths."""
+    sources: dict[str, str | None] = {
+        "vae": cfg.vae,
+        "dino": cfg.dino_model,
+        "sam2": cfg.sam2_model,
+        "videomae": cfg.videomae_model,
+    }
+    if cfg.preset == "tiny":
+        from stages.common.presets import tiny_models
+
+        tiny = tiny_models()
+        for name, path in tiny.items():
+            if name == "vae" and cfg.vae != ExtractConfig.vae:
+                continue  # an explicit --vae wins over the preset
+            if name != "vae" and sources.get(name):
+                continue
+            sources[name] = path
+    return sources
+
+
+def load_models(cfg: ExtractConfig, device: torch.device) -> Models:
+    sources = model_sources(cfg)
+    sizes = {"dino": cfg.dino_size, "sam2": cfg.sam2_size, "videomae": cfg.videomae_size}
+    vae = VAEWrapper.load(sources["vae"], kind=cfg.vae_kind, scale=cfg.latent_scale, device=device)
+    encoders = {}
+    for name in cfg.encoders:
+        encoders[name] = load_encoder(name, sources.get(name), device=device, input_size=sizes.get(name))
+    return Models(vae=vae, encoders=encoders)
+
+
+def token_grid(cfg: ExtractConfig, vae: VAEWrapper) -> tuple[tuple[int, int, int, int], tuple[int, int, int]]:
+    """(latent_shape [C,T',h,w], DiT grid [T',h/p,w/p]) for this clip spec and VAE."""
+    if cfg.frames % vae.temporal_factor and vae.temporal_factor > 1:
+        # causal video VAEs keep the first frame: T' = 1 + (T-1)/k
+        t_lat = 1 + (cfg.frames - 1) // vae.temporal_factor
+    else:
+        t_lat = cfg.frames // vae.temporal_factor
+    h = cfg.size // vae.spatial_factor
+    if h % cfg.patch_size:
+        raise ExtractError(f"latent size {h} is not divisible by patch size {cfg.patch_size}; change --size")
+    return (vae.latent_channels, t_lat, h, h), (t_lat, h // cfg.patch_size, h // cfg.patch_size)
+
+
+def build_spec(cfg: ExtractConfig, source: V.VideoSource, models: Models, grid: tuple[int, int, int]) -> dict:
+    """The fingerprinted description of what the store holds."""
+    return {
+        "dataset": source.describe(),
+        "clips": {"frames": cfg.frames, "stride": cfg.stride, "clips_per_video": cfg.clips_per_video, "size": cfg.size},
+        "vae": {
+            "id": models.vae.model_id,
+            "kind": cfg.vae_kind,
+            "scale": cfg.latent_scale,
+            "latent_channels": models.vae.latent_channels,
+            "spatial_factor": models.vae.spatial_factor,
+            "temporal_factor": models.vae.temporal_factor,
+        },
+        "encoders": [
+            {"name": n, "id": e.model_id, "input_size": e.input_size, "dim": e.dim} for n, e in models.encoders.items()
+        ],
+        "grid": list(grid),
+        "patch_size": [1, cfg.patch_size, cfg.patch_size],
+        "fusion": cfg.fusion,
+        "dtype": "float16",
+    }
+
+
+def _encoder_layout(models: Models) -> tuple[list[dict[str, Any]], int]:
+    layout, start = [], 0
+    for name, enc in models.encoders.items():
+        layout.append({"name": name, "id": enc.model_id, "dim": enc.dim, "start": start, "stop": start + enc.dim})
+        start += enc.dim
+    return layout, start
+
+
+class _BlockSampler:
+    """Batches that never cross a block boundary, so a block's result is independent of the others."""
+
+    def __init__(self, blocks: list[tuple[int, int, int]], batch_size: int) -> None:
+        self.batches = []
+        for _, start, stop in blocks:
+            for s in range(start, stop, batch_size):
+                self.batches.append(list(range(s, min(s + batch_size, stop))))
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return items
+
+
+@torch.no_grad()
+def compute_batch(
+    frames: torch.Tensor, models: Models, grid: tuple[int, int, int], timings: dict[str, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 frames [B,T,H,W,3] -> (latents fp16 [B,C,T',h,w], fused targets fp16 [B,T,H,W,D])."""
+
+    def timed(key: str, fn):
+        if frames.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        if frames.device.type == "cuda":
+            torch.cuda.synchronize()
+        timings[key] += time.perf_counter() - t0
+        return out
+
+    latents = timed("vae", lambda: models.vae.encode(frames))
+    per_encoder = {}
+    for name, enc in models.encoders.items():
+        tokens = timed(f"encoder:{name}", lambda enc=enc: enc.features(frames))
+        per_encoder[name] = resample_to_grid(tokens.float(), grid)
+    targets, _ = fuse(per_encoder, list(models.encoders))
+    return latents.float().cpu().numpy(), targets.float().cpu().numpy()
+
+
+class _Writer(threading.Thread):
+    """Writes finished blocks in the background so zarr I/O overlaps compute."""
+
+    def __init__(self, group, timings: dict[str, float]) -> None:
+        super().__init__(daemon=True)
+        self.group, self.timings = group, timings
+        self.jobs: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            if self.error is not None:
+                continue
+            block, start, latents, targets, valid = job
+            try:
+                t0 = time.perf_counter()
+                write_block(self.group, start, latents, targets, valid)
+                mark_block_done(self.group, block)
+                self.timings["write"] += time.perf_counter() - t0
+            except BaseException as exc:  # surfaced by the main thread
+                self.error = exc
+
+    def submit(self, *job) -> None:
+        if self.error is not None:
+            raise self.error
+        self.jobs.put(job)
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _check_finite(latents: np.ndarray, targets: np.ndarray, clips: list[int], plan_refs, source) -> None:
+    for row, clip in enumerate(clips):
+        if not (np.isfinite(latents[row]).all() and np.isfinite(targets[row]).all()):
+            video = source.entries[plan_refs[clip].video_index].path
+            raise ExtractError(
+                f"non-finite features (NaN/Inf) for clip {clip} of video {video}; "
+                "the block was not written: check the video and the model weights/dtype"
+            )
+
+
+def run_extract(cfg: ExtractConfig) -> ExtractResult:
+    """Run (or resume, or dry-run) an extraction; returns what was done."""
+    from tqdm import tqdm
+
+    unknown = [e for e in cfg.encoders if e not in ("dino", "sam2", "videomae")]
+    if unknown:
+        raise ExtractError(f"unknown encoder '{unknown[0]}'; choose from dino, sam2, videomae")
+    if not cfg.encoders:
+        raise ExtractError("--encoders is empty: name at least one of dino, sam2, videomae")
+    if cfg.fusion != "concat":
+        raise ExtractError(f"fusion '{cfg.fusion}' is not supported; the only fusion is 'concat'")
+    if not cfg.data or not cfg.out:
+        raise ExtractError("both --data and --out are required")
+    device = resolve_device(cfg.device)
+    distributed = _init_distributed(device)
+    rank, world = _dist_info()
+    show = cfg.progress and rank == 0
+
+    spec_clip = V.ClipSpec(frames=cfg.frames, stride=cfg.stride, clips_per_video=cfg.clips_per_video, size=cfg.size)
+    source = V.discover(cfg.data)
+    refs, skipped, _ = V.plan_clips(source, spec_clip, progress=show)
+    if not refs:
+        raise ExtractError(
+            f"no usable clips in {cfg.data}: {len(skipped)} video(s) skipped "
+            f"(e.g. {skipped[0].path}: {skipped[0].reason})"
+            if skipped
+            else f"no videos found in {cfg.data}"
+        )
+    models = load_models(cfg, device)
+    latent_shape, grid = token_grid(cfg, models.vae)
+    spec = build_spec(cfg, source, models, grid)
+    encoders_layout, target_dim = _encoder_layout(models)
+    labels = np.array([source.entries[r.video_index].label if source.entries[r.video_index].label is not None else -1
+                       for r in refs], dtype=np.int64)
+    plan = StorePlan(
+        num_clips=len(refs),
+        block_size=cfg.block_size,
+        latent_shape=latent_shape,
+        grid=grid,
+        target_dim=target_dim,
+        labels=labels,
+        video_index=np.array([r.video_index for r in refs], dtype=np.int32),
+        start_frame=np.array([r.start_frame for r in refs], dtype=np.int32),
+    )
+    attrs = {
+        "schema_version": SCHEMA_VERSION,
+        "fingerprint": fingerprint(spec),
+        "spec": spec,
+        "grid": list(grid),
+        "patch_size": [1, cfg.patch_size, cfg.patch_size],
+        "latent_shape": list(latent_shape),
+        "encoders": encoders_layout,
+        "target_dim": target_dim,
+        "class_names": source.class_names,
+        "num_clips": plan.num_clips,
+        "block_size": plan.block_size,
+        "num_blocks": plan.num_blocks,
+        "sources": [f[0] for f in spec["dataset"]["files"]],
+        "source_root": os.path.abspath(source.root),
+        "config": config_to_dict(cfg),
+    }
+    skipped_report = [{"path": s.path, "reason": s.reason} for s in skipped]
+    result = ExtractResult(
+        out=cfg.out,
+        num_clips=plan.num_clips,
+        blocks_done=0,
+        blocks_total=plan.num_blocks,
+        skipped=skipped_report,
+        invalid_clips=[],
+        layout={k: attrs[k] for k in ("fingerprint", "grid", "latent_shape", "encoders", "target_dim")},
+    )
+    if cfg.dry_run:
+        result.dry_run = True
+        result.timings["projected_bytes"] = plan.projected_bytes(
+            bytes_per_value_compressed=2.0 if cfg.codec == "none" else 1.6
+        )
+        return result
+
+    # create or reopen the store (rank 0 decides; the others wait)
+    if rank == 0:
+        group = open_store(cfg.out)
+        if group is not None and group.attrs.get("fingerprint") != attrs["fingerprint"]:
+            if not cfg.overwrite:
+                field_name = _first_difference(dict(group.attrs).get("spec", {}), spec)
+                raise ExtractError(
+                    f"{cfg.out} already holds a store made with a different config (field '{field_name}' differs); "
+                    "pass --overwrite to replace it or choose another --out"
+                )
+            group = None
+        if group is None:
+            group = create_store(cfg.out, plan, attrs, cfg.codec, cfg.codec_level)
+    _barrier()
+    group = open_store(cfg.out)
+    done = group[C.BLOCK_DONE][:]
+    mine = [b for b in range(plan.num_blocks) if b % world == rank]
+    todo = [(b, *plan.block_range(b)) for b in mine if not done[b]]
+    result.blocks_done = int(done.sum())
+    timings: dict[str, float] = defaultdict(float)
+    t_start = time.perf_counter()
+    if todo:
+        dataset = V.ClipDataset(source, refs, spec_clip)
+        loader = DataLoader(
+            dataset,
+            batch_sampler=_BlockSampler(todo, cfg.batch_size),
+            num_workers=cfg.num_workers,
+            collate_fn=_collate,
+            pin_memory=device.type == "cuda",
+            prefetch_factor=4 if cfg.num_workers > 0 else None,
+            persistent_workers=False,
+        )
+        writer = _Writer(group, timings)
+        writer.start()
+        block_of = {start: (b, start, stop) for b, start, stop in todo}
+        pending: dict[str, list] = {"lat": [], "tgt": [], "valid": [], "clips": []}
+        current: tuple[int, int, int] | None = None
+        total = sum(stop - start for _, start, stop in todo)
+        bar = tqdm(total=total, desc=f"extract (rank {rank})" if world > 1 else "extract", unit="clip",
+                   disable=not cfg.progress, dynamic_ncols=True)
+        t_wait = time.perf_counter()
+        for items in loader:
+            timings["decode_wait"] += time.perf_counter() - t_wait
+            first = items[0]["index"]
+            if first in block_of:
+                current = block_of[first]
+            ok = [it for it in items if it["frames"] is not None]
+            lat = np.zeros((len(items), *latent_shape), np.float32)
+            tgt = np.zeros((len(items), *grid, target_dim), np.float32)
+            if ok:
+                frames = torch.stack([torch.as_tensor(it["frames"]) for it in ok]).to(device, non_blocking=True)
+                lat_ok, tgt_ok = compute_batch(frames, models, grid, timings)
+                rows = [i for i, it in enumerate(items) if it["frames"] is not None]
+                lat[rows], tgt[rows] = lat_ok, tgt_ok
+                _check_finite(lat_ok, tgt_ok, [it["index"] for it in ok], refs, source)
+            for it in items:
+                if it["frames"] is None:
+                    video = source.entries[refs[it["index"]].video_index].path
+                    result.invalid_clips.append({"clip": it["index"], "path": video, "reason": it["error"]})
+            pending["lat"].append(lat)
+            pending["tgt"].append(tgt)
+            pending["valid"].append(np.array([it["frames"] is not None for it in items], np.uint8))
+            pending["clips"].extend(it["index"] for it in items)
+            bar.update(len(items))
+            assert current is not None
+            block, start, stop = current
+            if pending["clips"] and pending["clips"][-1] == stop - 1:
+                writer.submit(
+                    block,
+                    start,
+                    np.concatenate(pending["lat"]),
+                    np.concatenate(pending["tgt"]),
+                    np.concatenate(pending["valid"]),
+                )
+                result.blocks_done += 1
+                pending = {"lat": [], "tgt": [], "valid": [], "clips": []}
+            t_wait = time.perf_counter()
+        bar.close()
+        writer.close()
+    timings["total"] = time.perf_counter() - t_start
+    result.timings = dict(timings)
+    _barrier()
+    if rank == 0:
+        _write_report(cfg.out, result)
+    if distributed:
+        torch.distributed.destroy_process_group()
+    return result
+
+
+def _write_report(out: str, result: ExtractResult) -> None:
+    """report.json accumulates over resumed runs: skipped videos and invalid clips are kept."""
+    previous = read_json(out, C.REPORT_FILE) or {}
+    invalid = {c["clip"]: c for c in previous.get("invalid_clips", [])}
+    invalid.update({c["clip"]: c for c in result.invalid_clips})
+    result.invalid_clips = [invalid[k] for k in sorted(invalid)]
+    runs = previous.get("runs", []) + [{"timings": result.timings, "blocks_done_after": result.blocks_done}]
+    write_json(
+        out,
+        C.REPORT_FILE,
+        {
+            "num_clips": result.num_clips,
+            "blocks_total": result.blocks_total,
+            "skipped": result.skipped,
+            "invalid_clips": result.invalid_clips,
+            "runs": runs,
+        },
+    )
+
+
+def _first_difference(old: Any, new: Any, prefix: str = "") -> str:
+    """Dotted name of the first field where two spec dicts differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            if key not in old or key not in new:
+                return f"{prefix}{key}"
+            if old[key] != new[key] and not (isinstance(old[key], list) and list(old[key]) == list(new[key])):
+                return _first_difference(old[key], new[key], f"{prefix}{key}.")
+        return prefix.rstrip(".") or "spec"
+    return prefix.rstrip(".") or "spec"

@@ -1,0 +1,1 @@
+"""Stage one, part two: zarr store -> WebDataset shards."""

@@ -1,0 +1,12 @@
+"""`pipeline sample`: a trained VideoDiT checkpoint -> videos (mp4, GIF grid, npz for evaluation)."""
+
+from stages.sample.config import SAMPLER_NAMES, SampleConfig
+
+__all__ = ["SAMPLER_NAMES", "SampleConfig", "run_sample"]
+
+
+def run_sample(cfg: SampleConfig):  # noqa: ANN201 - re-exported lazily to keep import light
+    """Generate `cfg.num` videos; see `stages.sample.run.run_sample`."""
+    from stages.sample.run import run_sample as _run
+
+    return _run(cfg)

@@ -1,0 +1,34 @@
+"""Shared test setup: no network ever, and one tiny synthetic dataset per session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` skip on machines without CUDA."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def synth_videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder of the built-in synthetic set: 6 H.264 videos, 2 classes, 12 frames, 64x64, seed 0."""
+    from stages.common.synth import make_synthetic
+
+    root = tmp_path_factory.mktemp("synth")
+    make_synthetic(root, videos=6, classes=2, frames=12, size=64, seed=0, progress=False)
+    return root

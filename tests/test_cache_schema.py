@@ -1,0 +1,110 @@
+"""The cache contract: fingerprint stability, validation and the compatibility check."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cache_schema import CacheMismatch, compatible, fingerprint, validate_shards
+from cache_schema.fingerprint import canonical_json
+
+SPEC = {
+    "dataset": {"layout": "class_folders", "files": [["a/x.mp4", 0], ["b/y.avi", 1]], "class_names": ["a", "b"]},
+    "clips": {"frames": 16, "stride": 3, "clips_per_video": 1, "size": 256},
+    "vae": {"id": "stabilityai/sd-vae-ft-ema", "scale": 0.18215},
+    "encoders": [{"name": "dino", "id": "facebook/dinov2-base", "input_size": 224, "dim": 768}],
+    "grid": [16, 16, 16],
+    "fusion": "concat",
+    "dtype": "float16",
+}
+
+
+def _reordered(value):
+    if isinstance(value, dict):
+        return {k: _reordered(value[k]) for k in reversed(list(value))}
+    if isinstance(value, list):
+        return [_reordered(v) for v in value]
+    return value
+
+
+def test_fingerprint_insensitive_to_key_order_and_tuples():
+    assert fingerprint(SPEC) == fingerprint(_reordered(SPEC))
+    with_tuple = dict(SPEC, grid=(16, 16, 16))
+    assert fingerprint(with_tuple) == fingerprint(SPEC)
+    assert fingerprint(dict(SPEC, grid=[16, 16, 8])) != fingerprint(SPEC)
+
+
+def test_fingerprint_stable_across_processes_and_hash_seeds():
+    code = (
+        "import json,sys; from cache_schema import fingerprint; "
+        "print(fingerprint(json.loads(sys.stdin.read())))"
+    )
+    outs = set()
+    for seed in ("0", "123"):
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            input=json.dumps(SPEC),
+            capture_output=True,
+            text=True,
+            check=True,
+            env={"PYTHONHASHSEED": seed, "PATH": ""},
+        )
+        outs.add(proc.stdout.strip())
+    assert outs == {fingerprint(SPEC)}
+
+
+def test_canonical_json_is_compact_and_sorted():
+    text = canonical_json({"b": 1, "a": {"d": 2.0, "c": [1, 2]}})
+    assert text == '{"a":{"c":[1,2],"d":2},"b":1}'
+
+
+def _layout(**over):
+    layout = {
+        "schema_version": 1,
+        "fingerprint": fingerprint(SPEC),
+        "grid": [16, 16, 16],
+        "patch_size": [1, 2, 2],
+        "latent_shape": [4, 16, 32, 32],
+        "target_dim": 768 + 1024,
+        "encoders": [
+            {"name": "dino", "id": "facebook/dinov2-base", "dim": 768, "start": 0, "stop": 768},
+            {"name": "sam2", "id": "facebook/sam2.1-hiera-base-plus", "dim": 1024, "start": 768, "stop": 1792},
+        ],
+    }
+    layout.update(over)
+    return layout
+
+
+def test_compatible_accepts_matching_request_and_encoder_subset():
+    layout = _layout()
+    assert compatible(layout, {"grid": [16, 16, 16], "encoders": ["sam2"], "fingerprint": fingerprint(SPEC)}) is layout
+
+
+@pytest.mark.parametrize(
+    "request_, field",
+    [
+        ({"grid": [8, 16, 16]}, "grid"),
+        ({"latent_shape": [4, 8, 32, 32]}, "latent_shape"),
+        ({"fingerprint": "0" * 64}, "fingerprint"),
+        ({"encoders": ["dino", "videomae"]}, "encoders"),
+        ({"encoders": [{"name": "sam2", "dim": 256}]}, "encoders.sam2.dim"),
+    ],
+)
+def test_compatible_names_the_first_differing_field(request_, field):
+    with pytest.raises(CacheMismatch) as info:
+        compatible(_layout(), request_)
+    assert info.value.field == field
+    assert f"'{field}'" in str(info.value)
+
+
+def test_compatible_refuses_other_schema_version():
+    with pytest.raises(CacheMismatch, match="schema_version"):
+        compatible(_layout(schema_version=2), {})
+
+
+def test_validate_shards_reports_missing_index(tmp_path):
+    errors = validate_shards(tmp_path)
+    assert errors and "index.json" in errors[0]
