@@ -57,4 +57,12 @@ INDEX_FIELDS = (
 )
 
 # layout fields shared by a store and a shard index (what `compatible` compares)
-LAYOUT_FIELDS = ("schema_version", "fingerprint", "grid", "patch_size", "latent_shape", "encoders", "target_dim")
+LAYOUT_FIELDS = (
+    "schema_version",
+    "fingerprint",
+    "grid",
+    "patch_size",
+    "latent_shape",
+    "encoders",
+    "target_dim",
+)

@@ -36,10 +36,14 @@ def _is_url(path: str) -> bool:
 
 
 def _open_group(path: str | Path):
+    import warnings
+
     import zarr
 
     try:
-        return zarr.open_group(str(path), mode="r")
+        with warnings.catch_warnings():  # report.json / configs beside the arrays are ours
+            warnings.simplefilter("ignore")
+            return zarr.open_group(str(path), mode="r")
     except Exception as exc:  # zarr raises several types for a missing/corrupt group
         raise CacheError(f"{path} is not a readable zarr store: {exc}") from None
 
@@ -81,7 +85,9 @@ def read_index(path: str | Path) -> dict[str, Any]:
     try:
         return json.loads(_read_text(index_path))
     except FileNotFoundError:
-        raise CacheError(f"{path} has no {C.SHARD_INDEX}: not a shard folder written by `pipeline pack`") from None
+        raise CacheError(
+            f"{path} has no {C.SHARD_INDEX}: not a shard folder written by `pipeline pack`"
+        ) from None
     except json.JSONDecodeError as exc:
         raise CacheError(f"{index_path} is not valid JSON: {exc}") from None
 
@@ -110,7 +116,9 @@ def validate_store(path: str | Path, require_complete: bool = True) -> list[str]
     if missing:
         return [f"{path}: missing attribute(s) {', '.join(missing)}"]
     if attrs["schema_version"] != C.SCHEMA_VERSION:
-        errors.append(f"{path}: schema_version is {attrs['schema_version']}, this tool reads {C.SCHEMA_VERSION}")
+        errors.append(
+            f"{path}: schema_version is {attrs['schema_version']}, this tool reads {C.SCHEMA_VERSION}"
+        )
     if fingerprint(attrs["spec"]) != attrs["fingerprint"]:
         errors.append(f"{path}: fingerprint does not match the recorded spec (attributes edited or corrupt)")
     names = set(group.array_keys())
@@ -183,7 +191,9 @@ def validate_shards(path: str | Path, verify_hashes: bool = False, progress: boo
         return [f"{path}/{C.SHARD_INDEX}: missing field(s) {', '.join(missing)}"]
     errors: list[str] = []
     if index["schema_version"] != C.SCHEMA_VERSION:
-        errors.append(f"{path}: schema_version is {index['schema_version']}, this tool reads {C.SCHEMA_VERSION}")
+        errors.append(
+            f"{path}: schema_version is {index['schema_version']}, this tool reads {C.SCHEMA_VERSION}"
+        )
     if fingerprint(index["spec"]) != index["fingerprint"]:
         errors.append(f"{path}: fingerprint does not match the recorded spec")
     if sum(int(s["samples"]) for s in index["shards"]) != int(index["num_samples"]):
@@ -200,7 +210,9 @@ def validate_shards(path: str | Path, verify_hashes: bool = False, progress: boo
             errors.append(f"shard {shard['name']} is missing")
             continue
         if size != int(shard["bytes"]):
-            errors.append(f"shard {shard['name']} is corrupt: {size} bytes on disk, index says {shard['bytes']}")
+            errors.append(
+                f"shard {shard['name']} is corrupt: {size} bytes on disk, index says {shard['bytes']}"
+            )
             continue
         if verify_hashes and _sha256(shard_path) != shard["sha256"]:
             errors.append(f"shard {shard['name']} is corrupt: sha256 differs from the index")
@@ -231,7 +243,9 @@ def compatible(path_or_layout: str | Path | dict[str, Any], requested: dict[str,
                 if not isinstance(item, str):
                     for key in ("dim", "id", "start", "stop"):
                         if key in item and item[key] != cached[name].get(key):
-                            raise CacheMismatch(f"encoders.{name}.{key}", item[key], cached[name].get(key), where)
+                            raise CacheMismatch(
+                                f"encoders.{name}.{key}", item[key], cached[name].get(key), where
+                            )
             continue
         if isinstance(want, (list, tuple)):
             want, have = list(want), list(have) if have is not None else None

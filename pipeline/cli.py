@@ -7,20 +7,48 @@ module (and the stage it calls) is imported only when that subcommand runs.
 from __future__ import annotations
 
 import importlib
+import warnings
 
 import click
 
+# Our report.json and config files live beside the zarr arrays; zarr warns about them on open.
+warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy.*")
+
 # name -> (module path, attribute, one-line help shown in `pipeline --help`)
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
-    "data": ("pipeline.commands.data", "data", "Datasets: generate the built-in synthetic set (`data synth`)."),
-    "extract": ("pipeline.commands.extract", "extract", "Stage one: videos -> VAE latents + fused encoder targets (zarr)."),
+    "data": (
+        "pipeline.commands.data",
+        "data",
+        "Datasets: generate the built-in synthetic set (`data synth`).",
+    ),
+    "extract": (
+        "pipeline.commands.extract",
+        "extract",
+        "Stage one: videos -> VAE latents + fused encoder targets (zarr).",
+    ),
     "pack": ("pipeline.commands.pack", "pack", "Turn a zarr feature store into WebDataset tar shards."),
-    "train": ("pipeline.commands.train", "train", "Stage two: train a VideoDiT from shards alone (no encoders)."),
+    "train": (
+        "pipeline.commands.train",
+        "train",
+        "Stage two: train a VideoDiT from shards alone (no encoders).",
+    ),
     "sample": ("pipeline.commands.sample", "sample", "Generate videos from a trained run or checkpoint."),
-    "evaluate": ("pipeline.commands.evaluate", "evaluate", "FVD and content-debiased FVD (stats, features, fvd)."),
-    "analyze": ("pipeline.commands.analyze", "analyze", "IICR encoder analysis over a cache or straight from videos."),
+    "evaluate": (
+        "pipeline.commands.evaluate",
+        "evaluate",
+        "FVD and content-debiased FVD (stats, features, fvd).",
+    ),
+    "analyze": (
+        "pipeline.commands.analyze",
+        "analyze",
+        "IICR encoder analysis over a cache or straight from videos.",
+    ),
     "info": ("pipeline.commands.info", "info", "One-screen summary of a store, a shard folder or a run."),
-    "demo": ("pipeline.commands.demo", "demo", "The whole chain on the built-in synthetic dataset (CPU, tiny preset)."),
+    "demo": (
+        "pipeline.commands.demo",
+        "demo",
+        "The whole chain on the built-in synthetic dataset (CPU, tiny preset).",
+    ),
 }
 
 

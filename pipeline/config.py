@@ -175,7 +175,9 @@ def save_config(cfg: Any, path: str | Path) -> Path:
     """Write the resolved config as YAML (the record every output carries)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config_to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg, sort_keys=False))
+    path.write_text(
+        yaml.safe_dump(config_to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg, sort_keys=False)
+    )
     return path
 
 

@@ -12,7 +12,11 @@ from cache_schema import CacheMismatch, compatible, fingerprint, validate_shards
 from cache_schema.fingerprint import canonical_json
 
 SPEC = {
-    "dataset": {"layout": "class_folders", "files": [["a/x.mp4", 0], ["b/y.avi", 1]], "class_names": ["a", "b"]},
+    "dataset": {
+        "layout": "class_folders",
+        "files": [["a/x.mp4", 0], ["b/y.avi", 1]],
+        "class_names": ["a", "b"],
+    },
     "clips": {"frames": 16, "stride": 3, "clips_per_video": 1, "size": 256},
     "vae": {"id": "stabilityai/sd-vae-ft-ema", "scale": 0.18215},
     "encoders": [{"name": "dino", "id": "facebook/dinov2-base", "input_size": 224, "dim": 768}],
@@ -71,7 +75,13 @@ def _layout(**over):
         "target_dim": 768 + 1024,
         "encoders": [
             {"name": "dino", "id": "facebook/dinov2-base", "dim": 768, "start": 0, "stop": 768},
-            {"name": "sam2", "id": "facebook/sam2.1-hiera-base-plus", "dim": 1024, "start": 768, "stop": 1792},
+            {
+                "name": "sam2",
+                "id": "facebook/sam2.1-hiera-base-plus",
+                "dim": 1024,
+                "start": 768,
+                "stop": 1792,
+            },
         ],
     }
     layout.update(over)
@@ -80,7 +90,10 @@ def _layout(**over):
 
 def test_compatible_accepts_matching_request_and_encoder_subset():
     layout = _layout()
-    assert compatible(layout, {"grid": [16, 16, 16], "encoders": ["sam2"], "fingerprint": fingerprint(SPEC)}) is layout
+    assert (
+        compatible(layout, {"grid": [16, 16, 16], "encoders": ["sam2"], "fingerprint": fingerprint(SPEC)})
+        is layout
+    )
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,9 @@ def data() -> None:
 @data.command(name="synth")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--videos", default=24, show_default=True, type=click.IntRange(min=1), help="Number of videos.")
-@click.option("--classes", default=4, show_default=True, type=click.IntRange(min=1), help="Number of motion classes.")
+@click.option(
+    "--classes", default=4, show_default=True, type=click.IntRange(min=1), help="Number of motion classes."
+)
 @click.option("--frames", default=24, show_default=True, type=click.IntRange(min=1), help="Frames per video.")
 @click.option("--size", default=64, show_default=True, type=click.IntRange(min=16), help="Frame size (even).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed (same seed, same pixels).")
@@ -31,7 +33,12 @@ def synth(out: str, videos: int, classes: int, frames: int, size: int, seed: int
     if size % 2:
         raise click.BadParameter(f"must be even for H.264 yuv420p, got {size}", param_hint="--size")
     start = time.perf_counter()
-    info = make_synthetic(out, videos=videos, classes=classes, frames=frames, size=size, seed=seed, fps=fps)
+    try:
+        info = make_synthetic(
+            out, videos=videos, classes=classes, frames=frames, size=size, seed=seed, fps=fps
+        )
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
     elapsed = time.perf_counter() - start
     total_bytes = sum(Path(p).stat().st_size for p in info.paths)
     counts = Counter(info.labels)

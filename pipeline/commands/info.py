@@ -40,7 +40,9 @@ def _layout_lines(layout: dict) -> None:
     spec = layout.get("spec", {})
     clips = spec.get("clips", {})
     if clips:
-        click.echo(f"clips        {clips.get('frames')} frames, stride {clips.get('stride')}, {clips.get('size')}px")
+        click.echo(
+            f"clips        {clips.get('frames')} frames, stride {clips.get('stride')}, {clips.get('size')}px"
+        )
     vae = spec.get("vae", {})
     if vae:
         click.echo(f"vae          {vae.get('id')} (scale {vae.get('scale')})")
@@ -61,15 +63,19 @@ def _store(path: str) -> None:
     _layout_lines(attrs)
     done = group[C.BLOCK_DONE][:]
     valid = group[C.VALID][:]
-    click.echo(f"clips        {attrs['num_clips']} ({int(valid.sum())} valid)   blocks {int(done.sum())}/{attrs['num_blocks']} done")
+    click.echo(
+        f"clips        {attrs['num_clips']} ({int(valid.sum())} valid)   blocks {int(done.sum())}/{attrs['num_blocks']} done"
+    )
     lat, tgt = group[C.LATENTS], group[C.TARGETS]
     stored = lat.nbytes_stored() + tgt.nbytes_stored()
     click.echo(f"size         {human_bytes(stored)} on disk, {human_bytes(lat.nbytes + tgt.nbytes)} raw")
     report = Path(path) / C.REPORT_FILE
     if report.is_file():
         data = json.loads(report.read_text())
-        click.echo(f"report       {len(data.get('skipped', []))} video(s) skipped, "
-                   f"{len(data.get('invalid_clips', []))} clip(s) invalid")
+        click.echo(
+            f"report       {len(data.get('skipped', []))} video(s) skipped, "
+            f"{len(data.get('invalid_clips', []))} clip(s) invalid"
+        )
     errors = validate_store(path, require_complete=False)
     click.echo("valid        yes" if not errors else "problems:\n  " + "\n  ".join(errors))
 
@@ -87,7 +93,11 @@ def _shards(path: str, verify: bool) -> None:
     if errors:
         click.echo("problems:\n  " + "\n  ".join(errors))
         raise SystemExit(1)
-    click.echo("verified     all shards match their sha256" if verify else "valid        yes (sizes; --verify re-hashes)")
+    click.echo(
+        "verified     all shards match their sha256"
+        if verify
+        else "valid        yes (sizes; --verify re-hashes)"
+    )
 
 
 def _run(path: Path) -> None:
@@ -104,8 +114,12 @@ def _run(path: Path) -> None:
         if lines:
             last = lines[-1]
             shown = {k: v for k, v in last.items() if isinstance(v, (int, float))}
-            click.echo("last log     " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                               for k, v in list(shown.items())[:8]))
+            click.echo(
+                "last log     "
+                + "  ".join(
+                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(shown.items())[:8]
+                )
+            )
     latest = path / "checkpoints" / "latest"
     if latest.is_file():
         click.echo(f"checkpoint   {latest.read_text().strip()}")

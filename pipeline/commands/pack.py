@@ -9,9 +9,13 @@ from pipeline.config import config_options
 
 @click.command("pack")
 @click.argument("cache", type=str)
-@click.option("--out", type=str, help="Output folder (or fsspec URL) for shard-000000.tar, ... and index.json.")
+@click.option(
+    "--out", type=str, help="Output folder (or fsspec URL) for shard-000000.tar, ... and index.json."
+)
 @click.option("--samples-per-shard", type=int, help="Clips per tar shard [256].")
-@click.option("--scheduler", type=str, help="threads | processes | synchronous | dask.distributed address [threads].")
+@click.option(
+    "--scheduler", type=str, help="threads | processes | synchronous | dask.distributed address [threads]."
+)
 @click.option("--workers", type=int, help="Local dask workers [all cores].")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace existing shards in --out.")
 @config_options
@@ -28,9 +32,13 @@ def pack(cache, config_file, overrides, **flags):
         raise click.ClickException(str(exc)) from None
     if "://" not in cfg.out:
         save_config(cfg, f"{cfg.out}/pack_config.yaml")
-    rows = [(s["name"], s["samples"], human_bytes(s["bytes"]), s["sha256"][:12]) for s in index["shards"][:12]]
+    rows = [
+        (s["name"], s["samples"], human_bytes(s["bytes"]), s["sha256"][:12]) for s in index["shards"][:12]
+    ]
     print_table(["shard", "samples", "size", "sha256"], rows)
     if len(index["shards"]) > 12:
         click.echo(f"... {len(index['shards']) - 12} more shards")
     total = sum(s["bytes"] for s in index["shards"])
-    click.echo(f"{index['num_samples']} samples in {len(index['shards'])} shards ({human_bytes(total)}) -> {cfg.out}")
+    click.echo(
+        f"{index['num_samples']} samples in {len(index['shards'])} shards ({human_bytes(total)}) -> {cfg.out}"
+    )

@@ -50,11 +50,11 @@ def resize_center_crop(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
     """float [N,3,H,W] -> [N,3,size,size]: shorter side to ``size`` (antialiased), centre crop."""
     h, w = x.shape[-2:]
     if (h, w) != (size, size):
-        s = size / min(h, w)
-        nh, nw = max(size, round(h * s)), max(size, round(w * s))
+        # shorter side -> size, longer side floored (the torchvision/PIL convention)
+        nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
         kw: dict[str, Any] = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
         x = F.interpolate(x, size=(nh, nw), mode=mode, antialias=True, **kw)
-        top, left = (nh - size) // 2, (nw - size) // 2
+        top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
         x = x[..., top : top + size, left : left + size]
     return x
 
@@ -88,16 +88,30 @@ class FrozenEncoder:
 
     # --------------------------------------------------------------- loading
     @classmethod
-    def _from_pretrained(cls, klass: Any, id_or_path: str | Path, dtype: torch.dtype | None, **extra: Any):
+    def _from_pretrained(
+        cls,
+        klass: Any,
+        id_or_path: str | Path,
+        dtype: torch.dtype | None,
+        warn_missing: bool = True,
+        **extra: Any,
+    ):
         src, kwargs = hub_kwargs(id_or_path, cls.flag)
         if dtype is not None:
             kwargs["dtype"] = dtype
+        from transformers.utils import logging as hf_logging
+
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
         try:
             model, info = klass.from_pretrained(src, output_loading_info=True, **kwargs, **extra)
         except load_errors() as e:
             raise WeightsNotFoundError(str(id_or_path), cls.flag, f"{type(e).__name__}: {e}") from e
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
         missing = list(info.get("missing_keys", []))
-        if missing:
+        if missing and warn_missing:
             warnings.warn(
                 f"{cls.name}: {len(missing)} weights missing from '{id_or_path}' and randomly "
                 f"initialised (first: {missing[:3]})",
@@ -154,7 +168,7 @@ class FrozenEncoder:
 
     @torch.no_grad()
     def features(self, frames: torch.Tensor) -> torch.Tensor:
-        """uint8 [B,T,H,W,3] -> float32 patch tokens [B,t,h,w,D] (per frame: t = T)."""
+        """uint8 [B,T,H,W,3] -> float32 patch tokens [B,t,h,w,D] (per frame: t = T), on the model's device."""
         self._check_frames(frames)
         b, t = frames.shape[:2]
         flat = frames.reshape(b * t, *frames.shape[2:])
@@ -171,7 +185,9 @@ class FrozenEncoder:
         return {"name": self.name, "id": self.model_id, "input_size": self.input_size, "dim": self.dim}
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(model_id={self.model_id!r}, input_size={self.input_size}, dim={self.dim})"
+        return (
+            f"{type(self).__name__}(model_id={self.model_id!r}, input_size={self.input_size}, dim={self.dim})"
+        )
 
 
 class DinoEncoder(FrozenEncoder):
@@ -238,7 +254,7 @@ class Sam2Encoder(FrozenEncoder):
         hf_logging.set_verbosity_error()  # the unused mask decoder / memory keys are expected
         try:
             model, missing = cls._from_pretrained(
-                Sam2VisionModel, id_or_path, dtype, key_mapping={r"^vision_encoder\.": ""}
+                Sam2VisionModel, id_or_path, dtype, warn_missing=False, key_mapping={r"^vision_encoder\.": ""}
             )
         finally:
             hf_logging.set_verbosity(verbosity)

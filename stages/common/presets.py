@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -23,6 +24,8 @@ import torch
 PRESET_VERSION = "tiny-v1"
 TINY_NAMES = ("vae", "video_vae", "dino", "sam2", "videomae")
 _DONE = ".complete"
+# torch's global RNG is shared by threads: one build at a time per process keeps seeds exact.
+_BUILD_LOCK = threading.Lock()
 
 
 def default_root() -> Path:
@@ -147,7 +150,7 @@ def _build(name: str, target: Path, seed: int) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        with torch.random.fork_rng(devices=[]):
+        with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             _BUILDERS[name](tmp)
         (tmp / _DONE).write_text(f"{PRESET_VERSION} seed={seed}\n")
@@ -161,8 +164,12 @@ def _build(name: str, target: Path, seed: int) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def tiny_models(root: str | Path | None = None, seed: int = 0) -> dict[str, str]:
+def tiny_models(
+    root: str | Path | None = None, seed: int = 0, names: Iterable[str] | None = None
+) -> dict[str, str]:
     """Create (once) and return ``{name: local folder}`` for the tiny VAE, video VAE and encoders.
+
+    ``names`` restricts the set (default: all of ``TINY_NAMES``).
 
     Deterministic for a given ``seed``; safe to call from concurrent processes (torchrun ranks,
     parallel tests). Pass the paths to ``VAEWrapper.load`` / ``load_encoder``.
@@ -170,12 +177,16 @@ def tiny_models(root: str | Path | None = None, seed: int = 0) -> dict[str, str]
     base = Path(root).expanduser() if root is not None else default_root()
     if seed:
         base = base / f"seed{seed}"
+    wanted = list(TINY_NAMES if names is None else names)
+    unknown = sorted(set(wanted) - set(TINY_NAMES))
+    if unknown:
+        raise ValueError(f"unknown tiny model(s) {unknown}; choose from {list(TINY_NAMES)}")
     paths: dict[str, str] = {}
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     try:
-        for name in TINY_NAMES:
+        for name in wanted:
             target = base / name
             if not (target / _DONE).exists():
                 if target.exists():  # a stale, incomplete folder from an old layout: replace it

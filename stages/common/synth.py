@@ -88,7 +88,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
         t = t + 0.15 * rng.standard_normal((size, size)).astype(np.float32)
     else:
         angle = rng.uniform(0, math.pi)
-        period = rng.uniform(6, 16) * size / 64
+        period = rng.uniform(8, 20) * size / 64
         phase = (xx * math.cos(angle) + yy * math.sin(angle)) * (2 * math.pi / period)
         t = 0.5 + 0.5 * np.sin(phase)
     t = np.clip(t, 0, 1)[..., None]
@@ -181,6 +181,21 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int, crf: int = 18) -> None:
             container.mux(packet)
 
 
+def _clear_previous(root: Path) -> None:
+    """Rewriting a synthetic set replaces it (no stale videos from a bigger earlier run); any
+    other non-empty folder is refused rather than mixed into the dataset."""
+    if not root.is_dir() or not any(root.iterdir()):
+        return
+    if not (root / "synth.json").is_file():
+        raise ValueError(f"output folder {root} is not empty and holds no synthetic set (synth.json)")
+    for folder in root.glob("class_*"):
+        if folder.is_dir():
+            for video in folder.glob("video_*.mp4"):
+                video.unlink()
+            if not any(folder.iterdir()):
+                folder.rmdir()
+
+
 def make_synthetic(
     out: str | Path,
     videos: int = 24,
@@ -201,6 +216,7 @@ def make_synthetic(
     root = Path(out).expanduser()
     if root.exists() and not root.is_dir():
         raise ValueError(f"output path exists and is not a folder: {root}")
+    _clear_previous(root)
     names = class_names(classes)
     for name in names:
         (root / name).mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ diffusers is imported lazily so importing this module (and ``WeightsNotFoundErro
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,7 @@ class VAEWrapper:
         scale: float,
         device: str | torch.device = "cpu",
         frame_batch: int = 32,
+        amp: bool = True,
     ):
         if kind not in ("image", "video"):
             raise ValueError(f"VAE kind must be 'image' or 'video', got {kind!r}")
@@ -106,6 +108,7 @@ class VAEWrapper:
         self.kind = kind
         self.device = torch.device(device)
         self.frame_batch = int(frame_batch)
+        self.amp = bool(amp)
         cfg = model.config
         n_blocks = len(cfg.block_out_channels)
         temporal = int(getattr(cfg, "temporal_compression_ratio", 1) or 1) if kind == "video" else 1
@@ -129,11 +132,13 @@ class VAEWrapper:
         dtype: torch.dtype = torch.float32,
         subfolder: str | None = None,
         flag: str = "--vae",
+        amp: bool = True,
     ) -> VAEWrapper:
         """Load from a hub id or a local save_pretrained folder.
 
         ``scale=None`` takes ``scaling_factor`` from the model config (right for video VAEs,
-        whose scale differs from SD's 0.18215).
+        whose scale differs from SD's 0.18215). ``amp`` runs under bf16 autocast on CUDA
+        (faster; latents are stored in fp16 anyway); pass False for full fp32 on GPU.
         """
         if kind not in ("image", "video"):
             raise ValueError(f"VAE kind must be 'image' or 'video', got {kind!r}")
@@ -148,12 +153,12 @@ class VAEWrapper:
         if subfolder:
             kwargs["subfolder"] = subfolder
         try:
-            model = klass.from_pretrained(src, torch_dtype=dtype, **kwargs)
+            model = klass.from_pretrained(src, torch_dtype=dtype, low_cpu_mem_usage=False, **kwargs)
         except load_errors() as e:
             raise WeightsNotFoundError(str(id_or_path), flag, f"{type(e).__name__}: {e}") from e
         if scale is None:
             scale = float(getattr(model.config, "scaling_factor", SD_SCALE))
-        return cls(model.to(device), kind, str(id_or_path), scale, device=device)
+        return cls(model.to(device), kind, str(id_or_path), scale, device=device, amp=amp)
 
     # --------------------------------------------------------------- properties
     @property
@@ -202,9 +207,9 @@ class VAEWrapper:
 
     # -------------------------------------------------------------- conversion
     def _autocast(self):
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and self.amp:
             return torch.autocast("cuda", dtype=torch.bfloat16)
-        return torch.autocast("cpu", enabled=False)
+        return contextlib.nullcontext()
 
     def _param_dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
@@ -218,7 +223,7 @@ class VAEWrapper:
 
     @torch.no_grad()
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
-        """uint8 [B,T,H,W,3] -> fp16 latents [B,C,T',h,w] = posterior mean * scale."""
+        """uint8 [B,T,H,W,3] -> fp16 latents [B,C,T',h,w] = posterior mean * scale (on the VAE's device)."""
         self._check_frames(frames)
         b, t, h, w, _ = frames.shape
         f = self.spatial_factor
@@ -240,7 +245,7 @@ class VAEWrapper:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents [B,C,T',h,w] (scaled) -> uint8 frames [B,T,H,W,3]."""
+        """Latents [B,C,T',h,w] (scaled) -> uint8 frames [B,T,H,W,3] on the CPU."""
         if latents.ndim != 5 or latents.shape[1] != self.latent_channels:
             raise ValueError(
                 f"latents must have shape [B,{self.latent_channels},T',h,w], got {tuple(latents.shape)}"

@@ -127,7 +127,9 @@ def _is_video(p: Path) -> bool:
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and _visible(p) and p.suffix.lower() in IMAGE_EXTS)
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and _visible(p) and p.suffix.lower() in IMAGE_EXTS
+    )
 
 
 def _subdirs(folder: Path) -> list[Path]:
@@ -194,9 +196,7 @@ def _entry_for(base: Path, raw_path: str, where: str) -> tuple[str, str]:
     return str(p), "frames" if is_frames else "file"
 
 
-def _manifest_source(
-    manifest: Path, rows: list[tuple[str, Any, str]], layout: str
-) -> VideoSource:
+def _manifest_source(manifest: Path, rows: list[tuple[str, Any, str]], layout: str) -> VideoSource:
     """Turn (path, raw label, where) rows into a source; labels are ints or class names."""
     if not rows:
         raise ValueError(f"manifest {manifest} lists no videos")
@@ -324,7 +324,9 @@ def plan_clips(
     clips: list[ClipRef] = []
     skipped: list[Skipped] = []
     lengths: list[int] = []
-    for i, entry in enumerate(tqdm(source.entries, desc="probing videos", unit="video", disable=not progress)):
+    for i, entry in enumerate(
+        tqdm(source.entries, desc="probing videos", unit="video", disable=not progress)
+    ):
         try:
             n = probe_length(entry)
         except VideoDecodeError as exc:
@@ -354,8 +356,17 @@ def resize_crop(frames: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
     new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
     x = x.permute(0, 3, 1, 2)
     if (new_h, new_w) != (h, w):
-        x = F.interpolate(x.float(), size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
-        x = x.round_().clamp_(0, 255).to(torch.uint8)
+        # A few frames at a time keeps the float copy small for high-resolution sources.
+        chunks = [
+            F.interpolate(
+                c.float(), size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False
+            )
+            .round_()
+            .clamp_(0, 255)
+            .to(torch.uint8)
+            for c in x.split(8)
+        ]
+        x = torch.cat(chunks)
     top, left = (new_h - size) // 2, (new_w - size) // 2
     x = x[:, :, top : top + size, left : left + size]
     return x.permute(0, 2, 3, 1).contiguous()
@@ -370,7 +381,9 @@ def _read_frames_folder(entry: VideoEntry, indices: Sequence[int]) -> list[np.nd
 
     files = _frame_files(entry.path)
     if indices[-1] >= len(files):
-        raise VideoDecodeError(entry.path, f"clip needs frame {indices[-1]} but folder has {len(files)} images")
+        raise VideoDecodeError(
+            entry.path, f"clip needs frame {indices[-1]} but folder has {len(files)} images"
+        )
     out = []
     for k in indices:
         try:

@@ -24,7 +24,7 @@ from cache_schema import constants as C
 from pipeline.config import config_to_dict
 from stages.common import video as V
 from stages.common.encoders import load_encoder
-from stages.common.resample import fuse, resample_to_grid
+from stages.common.resample import fuse, to_target
 from stages.common.vae import VAEWrapper
 
 from .config import ExtractConfig
@@ -47,6 +47,7 @@ class ExtractResult:
     num_clips: int
     blocks_done: int
     blocks_total: int
+    blocks_computed: int
     skipped: list[dict[str, str]]
     invalid_clips: list[dict[str, Any]]
     timings: dict[str, float] = field(default_factory=dict)
@@ -128,7 +129,12 @@ def build_spec(cfg: ExtractConfig, source: V.VideoSource, models: Models, grid: 
     """The fingerprinted description of what the store holds."""
     return {
         "dataset": source.describe(),
-        "clips": {"frames": cfg.frames, "stride": cfg.stride, "clips_per_video": cfg.clips_per_video, "size": cfg.size},
+        "clips": {
+            "frames": cfg.frames,
+            "stride": cfg.stride,
+            "clips_per_video": cfg.clips_per_video,
+            "size": cfg.size,
+        },
         "vae": {
             "id": models.vae.model_id,
             "kind": cfg.vae_kind,
@@ -138,7 +144,8 @@ def build_spec(cfg: ExtractConfig, source: V.VideoSource, models: Models, grid: 
             "temporal_factor": models.vae.temporal_factor,
         },
         "encoders": [
-            {"name": n, "id": e.model_id, "input_size": e.input_size, "dim": e.dim} for n, e in models.encoders.items()
+            {"name": n, "id": e.model_id, "input_size": e.input_size, "dim": e.dim}
+            for n, e in models.encoders.items()
         ],
         "grid": list(grid),
         "patch_size": [1, cfg.patch_size, cfg.patch_size],
@@ -150,7 +157,9 @@ def build_spec(cfg: ExtractConfig, source: V.VideoSource, models: Models, grid: 
 def _encoder_layout(models: Models) -> tuple[list[dict[str, Any]], int]:
     layout, start = [], 0
     for name, enc in models.encoders.items():
-        layout.append({"name": name, "id": enc.model_id, "dim": enc.dim, "start": start, "stop": start + enc.dim})
+        layout.append(
+            {"name": name, "id": enc.model_id, "dim": enc.dim, "start": start, "stop": start + enc.dim}
+        )
         start += enc.dim
     return layout, start
 
@@ -195,7 +204,7 @@ def compute_batch(
     per_encoder = {}
     for name, enc in models.encoders.items():
         tokens = timed(f"encoder:{name}", lambda enc=enc: enc.features(frames))
-        per_encoder[name] = resample_to_grid(tokens.float(), grid)
+        per_encoder[name] = to_target(tokens.float(), grid)
     targets, _ = fuse(per_encoder, list(models.encoders))
     return latents.float().cpu().numpy(), targets.float().cpu().numpy()
 
@@ -228,11 +237,15 @@ class _Writer(threading.Thread):
     def submit(self, *job) -> None:
         if self.error is not None:
             raise self.error
-        self.jobs.put(job)
+        t0 = time.perf_counter()
+        self.jobs.put(job)  # blocks only when the writer is two blocks behind
+        self.timings["write_wait"] += time.perf_counter() - t0
 
     def close(self) -> None:
+        t0 = time.perf_counter()
         self.jobs.put(None)
         self.join()
+        self.timings["write_wait"] += time.perf_counter() - t0
         if self.error is not None:
             raise self.error
 
@@ -265,7 +278,9 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     rank, world = _dist_info()
     show = cfg.progress and rank == 0
 
-    spec_clip = V.ClipSpec(frames=cfg.frames, stride=cfg.stride, clips_per_video=cfg.clips_per_video, size=cfg.size)
+    spec_clip = V.ClipSpec(
+        frames=cfg.frames, stride=cfg.stride, clips_per_video=cfg.clips_per_video, size=cfg.size
+    )
     source = V.discover(cfg.data)
     refs, skipped, _ = V.plan_clips(source, spec_clip, progress=show)
     if not refs:
@@ -279,8 +294,13 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     latent_shape, grid = token_grid(cfg, models.vae)
     spec = build_spec(cfg, source, models, grid)
     encoders_layout, target_dim = _encoder_layout(models)
-    labels = np.array([source.entries[r.video_index].label if source.entries[r.video_index].label is not None else -1
-                       for r in refs], dtype=np.int64)
+    labels = np.array(
+        [
+            source.entries[r.video_index].label if source.entries[r.video_index].label is not None else -1
+            for r in refs
+        ],
+        dtype=np.int64,
+    )
     plan = StorePlan(
         num_clips=len(refs),
         block_size=cfg.block_size,
@@ -314,6 +334,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
         num_clips=plan.num_clips,
         blocks_done=0,
         blocks_total=plan.num_blocks,
+        blocks_computed=0,
         skipped=skipped_report,
         invalid_clips=[],
         layout={k: attrs[k] for k in ("fingerprint", "grid", "latent_shape", "encoders", "target_dim")},
@@ -363,47 +384,59 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
         pending: dict[str, list] = {"lat": [], "tgt": [], "valid": [], "clips": []}
         current: tuple[int, int, int] | None = None
         total = sum(stop - start for _, start, stop in todo)
-        bar = tqdm(total=total, desc=f"extract (rank {rank})" if world > 1 else "extract", unit="clip",
-                   disable=not cfg.progress, dynamic_ncols=True)
+        bar = tqdm(
+            total=total,
+            desc=f"extract (rank {rank})" if world > 1 else "extract",
+            unit="clip",
+            disable=not cfg.progress,
+            dynamic_ncols=True,
+        )
         t_wait = time.perf_counter()
-        for items in loader:
-            timings["decode_wait"] += time.perf_counter() - t_wait
-            first = items[0]["index"]
-            if first in block_of:
-                current = block_of[first]
-            ok = [it for it in items if it["frames"] is not None]
-            lat = np.zeros((len(items), *latent_shape), np.float32)
-            tgt = np.zeros((len(items), *grid, target_dim), np.float32)
-            if ok:
-                frames = torch.stack([torch.as_tensor(it["frames"]) for it in ok]).to(device, non_blocking=True)
-                lat_ok, tgt_ok = compute_batch(frames, models, grid, timings)
-                rows = [i for i, it in enumerate(items) if it["frames"] is not None]
-                lat[rows], tgt[rows] = lat_ok, tgt_ok
-                _check_finite(lat_ok, tgt_ok, [it["index"] for it in ok], refs, source)
-            for it in items:
-                if it["frames"] is None:
-                    video = source.entries[refs[it["index"]].video_index].path
-                    result.invalid_clips.append({"clip": it["index"], "path": video, "reason": it["error"]})
-            pending["lat"].append(lat)
-            pending["tgt"].append(tgt)
-            pending["valid"].append(np.array([it["frames"] is not None for it in items], np.uint8))
-            pending["clips"].extend(it["index"] for it in items)
-            bar.update(len(items))
-            assert current is not None
-            block, start, stop = current
-            if pending["clips"] and pending["clips"][-1] == stop - 1:
-                writer.submit(
-                    block,
-                    start,
-                    np.concatenate(pending["lat"]),
-                    np.concatenate(pending["tgt"]),
-                    np.concatenate(pending["valid"]),
-                )
-                result.blocks_done += 1
-                pending = {"lat": [], "tgt": [], "valid": [], "clips": []}
-            t_wait = time.perf_counter()
-        bar.close()
-        writer.close()
+        try:
+            for items in loader:
+                timings["decode_wait"] += time.perf_counter() - t_wait
+                first = items[0]["index"]
+                if first in block_of:
+                    current = block_of[first]
+                ok = [it for it in items if it["frames"] is not None]
+                lat = np.zeros((len(items), *latent_shape), np.float32)
+                tgt = np.zeros((len(items), *grid, target_dim), np.float32)
+                if ok:
+                    frames = torch.stack([torch.as_tensor(it["frames"]) for it in ok]).to(
+                        device, non_blocking=True
+                    )
+                    lat_ok, tgt_ok = compute_batch(frames, models, grid, timings)
+                    rows = [i for i, it in enumerate(items) if it["frames"] is not None]
+                    lat[rows], tgt[rows] = lat_ok, tgt_ok
+                    _check_finite(lat_ok, tgt_ok, [it["index"] for it in ok], refs, source)
+                for it in items:
+                    if it["frames"] is None:
+                        video = source.entries[refs[it["index"]].video_index].path
+                        result.invalid_clips.append(
+                            {"clip": it["index"], "path": video, "reason": it["error"]}
+                        )
+                pending["lat"].append(lat)
+                pending["tgt"].append(tgt)
+                pending["valid"].append(np.array([it["frames"] is not None for it in items], np.uint8))
+                pending["clips"].extend(it["index"] for it in items)
+                bar.update(len(items))
+                assert current is not None
+                block, start, stop = current
+                if pending["clips"] and pending["clips"][-1] == stop - 1:
+                    writer.submit(
+                        block,
+                        start,
+                        np.concatenate(pending["lat"]),
+                        np.concatenate(pending["tgt"]),
+                        np.concatenate(pending["valid"]),
+                    )
+                    result.blocks_done += 1
+                    result.blocks_computed += 1
+                    pending = {"lat": [], "tgt": [], "valid": [], "clips": []}
+                t_wait = time.perf_counter()
+        finally:
+            bar.close()
+            writer.close()  # finished blocks are flushed even when interrupted
     timings["total"] = time.perf_counter() - t_start
     result.timings = dict(timings)
     _barrier()

@@ -8,6 +8,7 @@ different blocks never write the same object, and a block is written whole befor
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,8 @@ import numpy as np
 import zarr
 import zarr.codecs
 
-from cache_schema import SCHEMA_VERSION, constants as C
+from cache_schema import SCHEMA_VERSION
+from cache_schema import constants as C
 
 
 def compressors_for(codec: str, level: int = 3) -> Any:
@@ -89,7 +91,9 @@ def create_store(url: str, plan: StorePlan, attrs: dict[str, Any], codec: str, l
 def open_store(url: str, mode: str = "r+") -> zarr.Group | None:
     """The existing store at `url`, or None when there is none."""
     try:
-        group = zarr.open_group(url, mode=mode)
+        with warnings.catch_warnings():  # report.json beside the arrays is ours, not zarr's
+            warnings.simplefilter("ignore")
+            group = zarr.open_group(url, mode=mode)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         return None
     except Exception:
@@ -97,11 +101,15 @@ def open_store(url: str, mode: str = "r+") -> zarr.Group | None:
     if "schema_version" not in group.attrs:
         return None
     if group.attrs["schema_version"] != SCHEMA_VERSION:
-        raise ValueError(f"{url} holds schema v{group.attrs['schema_version']}; this tool writes v{SCHEMA_VERSION}")
+        raise ValueError(
+            f"{url} holds schema v{group.attrs['schema_version']}; this tool writes v{SCHEMA_VERSION}"
+        )
     return group
 
 
-def write_block(group: zarr.Group, start: int, latents: np.ndarray, targets: np.ndarray, valid: np.ndarray) -> None:
+def write_block(
+    group: zarr.Group, start: int, latents: np.ndarray, targets: np.ndarray, valid: np.ndarray
+) -> None:
     """Write one block's clips (whole shards at once), data before the marker."""
     stop = start + len(latents)
     group[C.LATENTS][start:stop] = latents.astype(np.float16)

@@ -48,7 +48,10 @@ class SampleConfig:
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.class_ is None or self.class_ >= 0, "class must be >= 0"),
             (self.precision in ("bf16", "fp32"), "precision must be bf16 or fp32"),
-            (self.vae_kind in (None, "image", "video"), f"vae_kind must be image or video, got {self.vae_kind!r}"),
+            (
+                self.vae_kind in (None, "image", "video"),
+                f"vae_kind must be image or video, got {self.vae_kind!r}",
+            ),
             (self.fps >= 1, "fps must be >= 1"),
             (self.grid_max >= 1, "grid_max must be >= 1"),
             (self.diffusion_norm >= 0, "diffusion_norm must be >= 0"),

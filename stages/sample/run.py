@@ -103,6 +103,8 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
         )
 
     vae_id = cfg.vae or resolved.run_config.get("vae")
+    if isinstance(vae_id, str) and vae_id.strip().lower() in ("", "none", "null"):
+        vae_id = None  # `--vae none`: skip decoding even if the run has a VAE
     scale = cfg.latent_scale or resolved.run_config.get("latent_scale") or DEFAULT_LATENT_SCALE
     vae_kind = cfg.vae_kind or resolved.run_config.get("vae_kind") or "image"
     vae = _load_vae(vae_id, vae_kind, float(scale), device) if vae_id else None

@@ -42,7 +42,9 @@ class AlignmentHead(nn.Module):
             {_key(n): Projector(hidden_size, width, stop - start) for n, (start, stop) in slices.items()}
         )
 
-    def forward(self, hidden: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, hidden: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """hidden [B, T, H*W, hidden], target [B, T, H, W, D] -> (mean over encoders of -cos, cos per encoder).
 
         Tokens are in the same (t, row, col) order on both sides, so the flattening matches.

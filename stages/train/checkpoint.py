@@ -60,7 +60,10 @@ def save_checkpoint(
     model.save_pretrained(tmp / "model", safe_serialization=True)
     ema.save_pretrained(tmp / "ema", safe_serialization=True)
     if head is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, tmp / "projectors.safetensors")
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
+            tmp / "projectors.safetensors",
+        )
     torch.save({**state, "step": step, "optimizer": optimizer.state_dict()}, tmp / "train_state.pt")
     if final.exists():
         shutil.rmtree(final)

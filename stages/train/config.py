@@ -58,7 +58,10 @@ class TrainConfig:
             (bool(self.shards), "shards: a shard folder (written by `pipeline pack`) is required"),
             (bool(self.out), "out: a run directory is required"),
             (self.model in MODEL_NAMES, f"model: {self.model!r} is not one of {', '.join(MODEL_NAMES)}"),
-            (self.time_schedule in TIME_SCHEDULES, f"time_schedule: {self.time_schedule!r} not in {TIME_SCHEDULES}"),
+            (
+                self.time_schedule in TIME_SCHEDULES,
+                f"time_schedule: {self.time_schedule!r} not in {TIME_SCHEDULES}",
+            ),
             (self.steps >= 1, "steps must be >= 1"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.grad_accum >= 1, "grad_accum must be >= 1"),

@@ -93,7 +93,9 @@ def decode_sample(sample: dict[str, Any]) -> dict[str, torch.Tensor]:
         latent = _npy(sample["latent.npy"])
         target = _npy(sample["target.npy"])
     except KeyError as exc:
-        raise ValueError(f"shard sample {sample.get('__key__')} has no {exc.args[0]} (not a schema-v1 shard)") from None
+        raise ValueError(
+            f"shard sample {sample.get('__key__')} has no {exc.args[0]} (not a schema-v1 shard)"
+        ) from None
     cls = sample.get("cls")
     label = -1 if cls is None else int(cls.decode() if isinstance(cls, bytes) else cls)
     return {

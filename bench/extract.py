@@ -1,0 +1,171 @@
+"""Benchmark stage one: stage times (decode, VAE, each encoder, write), clips/s, and bytes per
+clip + read speed per codec (zstd, blosc+bitshuffle, none) on the same extracted data.
+
+CPU default: the tiny preset on the synthetic set. On a GPU: `--preset none --frames 16
+--size 256 --stride 3` with the default encoders (weights given by flags or the HF cache).
+Prints a table and writes JSON (`--out FILE.json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+from cache_schema import constants as C
+from pipeline.summary import format_table
+from stages.common.synth import make_synthetic
+from stages.extract.config import ExtractConfig, preset_values
+from stages.extract.runner import run_extract
+from stages.extract.store import StorePlan, create_store, write_block
+
+
+def machine() -> str:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {gpu}"
+
+
+def codec_table(store: str, work: Path, level: int) -> list[dict]:
+    """Rewrite the extracted arrays with each codec; measure bytes per clip and full read speed."""
+    src = zarr.open_group(store, mode="r")
+    attrs = dict(src.attrs)
+    latents, targets = src[C.LATENTS][:], src[C.TARGETS][:]
+    n = latents.shape[0]
+    plan = StorePlan(
+        num_clips=n,
+        block_size=int(attrs["block_size"]),
+        latent_shape=tuple(attrs["latent_shape"]),
+        grid=tuple(attrs["grid"]),
+        target_dim=int(attrs["target_dim"]),
+        labels=src[C.LABELS][:],
+        video_index=src[C.VIDEO_INDEX][:],
+        start_frame=src[C.START_FRAME][:],
+    )
+    rows = []
+    for codec in ("zstd", "blosc", "none"):
+        path = str(work / f"codec-{codec}.zarr")
+        group = create_store(path, plan, attrs, codec, level)
+        t0 = time.perf_counter()
+        for b in range(plan.num_blocks):
+            s, e = plan.block_range(b)
+            write_block(group, s, latents[s:e], targets[s:e], np.ones(e - s, np.uint8))
+        write_s = time.perf_counter() - t0
+        stored = group[C.LATENTS].nbytes_stored() + group[C.TARGETS].nbytes_stored()
+        reread = zarr.open_group(path, mode="r")
+        t0 = time.perf_counter()
+        for i in range(n):  # the access pattern of pack: clip by clip
+            reread[C.LATENTS][i]
+            reread[C.TARGETS][i]
+        read_s = time.perf_counter() - t0
+        raw = latents.nbytes + targets.nbytes
+        rows.append(
+            {
+                "codec": codec if codec != "blosc" else "blosc+bitshuffle",
+                "bytes_per_clip": stored / n,
+                "ratio": raw / stored,
+                "write_clips_per_s": n / write_s,
+                "read_clips_per_s": n / read_s,
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--preset", default="tiny", help="'tiny' or 'none' (real default models)")
+    ap.add_argument("--videos", type=int, default=24)
+    ap.add_argument("--frames", type=int, default=None)
+    ap.add_argument("--size", type=int, default=None)
+    ap.add_argument("--stride", type=int, default=None)
+    ap.add_argument("--encoders", default="dino,sam2,videomae")
+    ap.add_argument("--num-workers", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--level", type=int, default=3)
+    args = ap.parse_args()
+
+    preset = None if args.preset == "none" else args.preset
+    values = preset_values(preset)
+    frames = args.frames or values.get("frames", 16)
+    size = args.size or values.get("size", 256)
+    stride = args.stride or values.get("stride", 3)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        data = work / "videos"
+        make_synthetic(
+            data,
+            videos=args.videos,
+            classes=4,
+            frames=(frames - 1) * stride + 1,
+            size=max(size, 64),
+            seed=0,
+            progress=False,
+        )
+        cfg = ExtractConfig(
+            **{
+                **values,
+                "data": str(data),
+                "out": str(work / "store.zarr"),
+                "encoders": args.encoders.split(","),
+                "frames": frames,
+                "size": size,
+                "stride": stride,
+                "num_workers": args.num_workers,
+                "device": args.device,
+                "progress": False,
+                **({"batch_size": args.batch_size} if args.batch_size else {}),
+            }
+        )
+        result = run_extract(cfg)
+        t = result.timings
+        total = t["total"]
+        stage_rows = [(k, v, 100 * v / total) for k, v in sorted(t.items()) if k != "total"]
+        waiting = t.get("decode_wait", 0.0) + t.get("write_wait", 0.0)
+        codecs = codec_table(cfg.out, work, args.level)
+
+    report = {
+        "machine": machine(),
+        "preset": args.preset,
+        "clip": {"frames": frames, "size": size, "stride": stride},
+        "encoders": args.encoders.split(","),
+        "clips": result.num_clips,
+        "clips_per_s": result.num_clips / total,
+        "stage_seconds": {k: v for k, v in t.items()},
+        "wait_fraction": waiting / total,
+        "codecs": codecs,
+    }
+    print(f"machine: {report['machine']}")
+    print(format_table(["stage", "seconds", "% of wall"], stage_rows))
+    print(
+        f"clips/s: {report['clips_per_s']:.2f}   time the models waited on decode or write: "
+        f"{100 * report['wait_fraction']:.1f}% of wall"
+    )
+    print(
+        format_table(
+            ["codec", "bytes/clip", "ratio", "write clips/s", "read clips/s"],
+            [
+                (
+                    c["codec"],
+                    round(c["bytes_per_clip"]),
+                    c["ratio"],
+                    c["write_clips_per_s"],
+                    c["read_clips_per_s"],
+                )
+                for c in codecs
+            ],
+        )
+    )
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,424 @@
+"""IICR (Intra-Inter Consistency Ratio) of encoder features; our definition (DESIGN.md s. 6).
+
+For one encoder over N clips: each frame's tokens are pooled to one vector and L2-normalised;
+intra = mean cosine similarity between different frames of the same clip; inter = mean cosine
+similarity between frames of different videos (and, when labels exist, of different classes);
+IICR = intra / inter (higher: temporally stable yet discriminative). The same is reported per
+token position without pooling (position p of frame t against position p of other frames).
+
+Everything is computed from sums of unit vectors, so memory stays O(positions x dim) plus one
+running sum per open video and per class, whatever N is: over a set of n unit vectors the sum
+of pairwise cosines over ordered pairs i != j is |sum|^2 - n; across groups it is
+|sum_all|^2 - sum_g |sum_g|^2.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+
+def _normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def _sqnorm(x: np.ndarray) -> np.ndarray:
+    return np.einsum("...d,...d->...", x, x)
+
+
+@dataclass
+class _Moments:
+    """Running sums for one view (pooled: P = 1 position; tokens: P = H*W positions)."""
+
+    positions: int
+    dim: int
+    intra_sum: np.ndarray = None  # [P] sum over clips of the clip's mean pairwise cosine
+    clips: int = 0
+    total: np.ndarray = None  # [P, d] sum of all unit vectors
+    frames: int = 0
+    open_videos: dict[int, np.ndarray] = field(default_factory=dict)  # video -> [P, d]
+    open_counts: dict[int, int] = field(default_factory=dict)
+    video_sq: np.ndarray = None  # [P] sum over closed videos of |S_v|^2
+    video_pairs: int = 0  # sum over closed videos of M_v^2
+    class_sums: dict[int, np.ndarray] = field(default_factory=dict)
+    class_counts: dict[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.intra_sum = np.zeros(self.positions)
+        self.total = np.zeros((self.positions, self.dim))
+        self.video_sq = np.zeros(self.positions)
+
+    def update(self, u: np.ndarray, videos: np.ndarray, labels: np.ndarray | None) -> None:
+        """u: unit vectors [b, T, P, d] of b clips."""
+        b, t = u.shape[:2]
+        clip_sum = u.sum(axis=1, dtype=np.float64)  # [b, P, d]
+        self_sq = _sqnorm(u.astype(np.float64)).sum(axis=1)  # [b, P] (= T unless zero vectors)
+        self.intra_sum += ((_sqnorm(clip_sum) - self_sq) / (t * (t - 1))).sum(axis=0)
+        self.clips += b
+        self.total += clip_sum.sum(axis=0)
+        self.frames += b * t
+        for v in np.unique(videos):
+            sel = videos == v
+            part = clip_sum[sel].sum(axis=0)
+            key = int(v)
+            if key in self.open_videos:
+                self.open_videos[key] += part
+            else:
+                self.open_videos[key] = part
+            self.open_counts[key] = self.open_counts.get(key, 0) + int(sel.sum()) * t
+        if labels is not None:
+            for c in np.unique(labels[labels >= 0]):
+                sel = labels == c
+                key = int(c)
+                part = clip_sum[sel].sum(axis=0)
+                self.class_sums[key] = self.class_sums.get(key, 0) + part
+                self.class_counts[key] = self.class_counts.get(key, 0) + int(sel.sum()) * t
+
+    def close(self, videos) -> None:
+        """Fold finished videos into the across-video sums and forget their vectors."""
+        for v in list(videos):
+            key = int(v)
+            if key in self.open_videos:
+                self.video_sq += _sqnorm(self.open_videos.pop(key))
+                self.video_pairs += self.open_counts.pop(key) ** 2
+
+    def result(self) -> dict[str, Any]:
+        self.close(list(self.open_videos))
+        intra = self.intra_sum / max(self.clips, 1)
+        pairs = self.frames**2 - self.video_pairs
+        inter_video = (_sqnorm(self.total) - self.video_sq) / pairs if pairs > 0 else np.full(self.positions, np.nan)
+        out: dict[str, Any] = {"intra": intra, "inter_video": inter_video}
+        if len(self.class_sums) >= 2:
+            s_lab = sum(self.class_sums.values())
+            m_lab = sum(self.class_counts.values())
+            same = sum(_sqnorm(s) for s in self.class_sums.values())
+            cpairs = m_lab**2 - sum(c**2 for c in self.class_counts.values())
+            out["inter_class"] = (_sqnorm(s_lab) - same) / cpairs
+        return out
+
+
+def _ratio(a: float, b: float) -> float | None:
+    if not (math.isfinite(a) and math.isfinite(b)) or abs(b) < 1e-12:
+        return None
+    return float(a / b)
+
+
+class IICRAccumulator:
+    """Feeds blocks of clip features; call :meth:`result` at the end.
+
+    Clips of one video may arrive in several blocks; pass ``close_videos`` once a video can
+    get no more clips so its running sum is dropped (all still-open ones close at the end).
+    """
+
+    def __init__(self, dim: int, grid_hw: tuple[int, int] | None, per_position: bool = True) -> None:
+        self.dim = dim
+        self.grid_hw = grid_hw
+        self.pooled = _Moments(1, dim)
+        self.tokens = _Moments(grid_hw[0] * grid_hw[1], dim) if (per_position and grid_hw) else None
+        self.num_clips = 0
+        self.frames_per_clip: int | None = None
+
+    def update(
+        self,
+        feats: np.ndarray,
+        video_index: np.ndarray | None = None,
+        labels: np.ndarray | None = None,
+        close_videos=(),
+    ) -> None:
+        """feats: [b, T, H, W, d] token features or [b, T, d] frame features of b clips."""
+        x = np.asarray(feats, dtype=np.float32)
+        if x.ndim not in (3, 5) or x.shape[-1] != self.dim:
+            raise ValueError(f"expected features [b, T, H, W, {self.dim}] or [b, T, {self.dim}], got {x.shape}")
+        b, t = x.shape[:2]
+        if t < 2:
+            raise ValueError(f"IICR needs at least 2 frames per clip, got {t}")
+        if self.frames_per_clip not in (None, t):
+            raise ValueError(f"clips must all have the same number of frames ({self.frames_per_clip} vs {t})")
+        self.frames_per_clip = t
+        vids = np.arange(self.num_clips, self.num_clips + b) if video_index is None else np.asarray(video_index)
+        labs = None if labels is None else np.asarray(labels)
+        frame_vec = x.mean(axis=(2, 3)) if x.ndim == 5 else x
+        self.pooled.update(_normalise(frame_vec)[:, :, None, :], vids, labs)
+        if self.tokens is not None and x.ndim == 5:
+            if tuple(x.shape[2:4]) != tuple(self.grid_hw):
+                raise ValueError(f"token grid {x.shape[2:4]} differs from {self.grid_hw}")
+            self.tokens.update(_normalise(x.reshape(b, t, -1, self.dim)), vids, labs)
+        self.num_clips += b
+        self.close(vids if video_index is None else close_videos)
+
+    def close(self, videos) -> None:
+        """Mark videos as complete (no more clips of them will come)."""
+        self.pooled.close(videos)
+        if self.tokens is not None:
+            self.tokens.close(videos)
+
+    def result(self) -> dict[str, Any]:
+        if self.num_clips == 0:
+            raise ValueError("no clips were given to IICR")
+        pooled = {k: float(v[0]) for k, v in self.pooled.result().items()}
+        out: dict[str, Any] = {
+            "num_clips": self.num_clips,
+            "frames_per_clip": self.frames_per_clip,
+            "dim": self.dim,
+            "intra": pooled["intra"],
+            "inter_video": pooled["inter_video"],
+            "iicr_video": _ratio(pooled["intra"], pooled["inter_video"]),
+        }
+        if "inter_class" in pooled:
+            out["inter_class"] = pooled["inter_class"]
+            out["iicr_class"] = _ratio(pooled["intra"], pooled["inter_class"])
+        out["iicr"] = out["iicr_class"] if "inter_class" in out else out["iicr_video"]
+        if self.tokens is not None and self.tokens.clips:
+            res = self.tokens.result()
+            h, w = self.grid_hw
+            tok: dict[str, Any] = {
+                "intra": float(res["intra"].mean()),
+                "inter_video": float(res["inter_video"].mean()),
+                "intra_map": res["intra"].reshape(h, w).round(6).tolist(),
+                "inter_video_map": res["inter_video"].reshape(h, w).round(6).tolist(),
+            }
+            tok["iicr_video"] = _ratio(tok["intra"], tok["inter_video"])
+            if "inter_class" in res:
+                tok["inter_class"] = float(res["inter_class"].mean())
+                tok["iicr_class"] = _ratio(tok["intra"], tok["inter_class"])
+            out["per_position"] = tok
+        return out
+
+
+def iicr_from_array(
+    feats: np.ndarray,
+    video_index: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+    per_position: bool = True,
+) -> dict[str, Any]:
+    """IICR of in-memory features [N, T, H, W, d] (or [N, T, d]); clip i is video i unless given."""
+    x = np.asarray(feats)
+    grid = tuple(x.shape[2:4]) if x.ndim == 5 else None
+    acc = IICRAccumulator(x.shape[-1], grid, per_position)
+    acc.update(x, video_index, labels, close_videos=())
+    return acc.result()
+
+
+# --------------------------------------------------------------------------- zarr store
+
+
+def _last_positions(video_index: np.ndarray) -> dict[int, int]:
+    last: dict[int, int] = {}
+    for i, v in enumerate(video_index.tolist()):
+        last[v] = i
+    return last
+
+
+def iicr_from_store(
+    path: str,
+    encoders: list[str] | None = None,
+    per_position: bool = True,
+    block_clips: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """IICR per encoder over a cache store, read blockwise with dask (never loaded whole).
+
+    Uses the channel slices in attrs `encoders`; skips clips with valid == 0; inter-class
+    figures are added when the store has labels. Returns {"store", "num_clips", "encoders": {...}}.
+    """
+    import dask.array as da
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r")
+    attrs = dict(group.attrs)
+    if "targets" not in group:
+        raise ValueError(f"{path}: no 'targets' array; is this a feature store made by `pipeline extract`?")
+    enc_info = attrs.get("encoders") or []
+    if not enc_info:
+        raise ValueError(f"{path}: attrs list no encoders")
+    names = [e["name"] for e in enc_info]
+    chosen = encoders or names
+    unknown = [n for n in chosen if n not in names]
+    if unknown:
+        raise ValueError(f"encoder(s) {', '.join(unknown)} not in the store; it holds {', '.join(names)}")
+    targets = da.from_zarr(group["targets"])
+    n, t, h, w, _ = targets.shape
+    video_index = np.asarray(group["video_index"][:]) if "video_index" in group else np.arange(n)
+    labels = np.asarray(group["labels"][:]) if "labels" in group else np.full(n, -1)
+    valid = np.asarray(group["valid"][:]).astype(bool) if "valid" in group else np.ones(n, bool)
+    has_labels = bool((labels[valid] >= 0).any())
+    step = block_clips or max(1, int(targets.chunks[0][0]))
+    last = _last_positions(video_index)
+    by_end: dict[int, list[int]] = {}
+    for v, i in last.items():
+        by_end.setdefault(min((i // step + 1) * step, n), []).append(v)
+
+    slices = {e["name"]: (int(e["start"]), int(e["stop"])) for e in enc_info}
+    accs = {name: IICRAccumulator(slices[name][1] - slices[name][0], (h, w), per_position) for name in chosen}
+    lo_all = min(slices[c][0] for c in chosen)
+    hi_all = max(slices[c][1] for c in chosen)
+    for start in tqdm(range(0, n, step), desc="IICR", unit="block", disable=not progress):
+        stop = min(start + step, n)
+        keep = valid[start:stop]
+        done = by_end.get(stop, [])
+        if keep.any():
+            block = targets[start:stop, ..., lo_all:hi_all].compute()[keep]
+        for name in chosen:
+            lo, hi = slices[name]
+            if keep.any():
+                accs[name].update(
+                    block[..., lo - lo_all : hi - lo_all],
+                    video_index[start:stop][keep],
+                    labels[start:stop][keep] if has_labels else None,
+                    close_videos=done,
+                )
+            else:
+                accs[name].close(done)
+    results = {name: accs[name].result() for name in chosen}
+    return {
+        "store": str(path),
+        "num_clips": int(valid.sum()),
+        "skipped_invalid": int((~valid).sum()),
+        "grid": [t, h, w],
+        "labels": has_labels,
+        "encoders": results,
+    }
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """One row per encoder: intra, inter(video), IICR(video), [inter/IICR(class)], token IICR."""
+    encs = result["encoders"]
+    has_cls = any("inter_class" in r for r in encs.values())
+
+    def f(x: Any) -> str:
+        return "n/a" if x is None else f"{x:.4f}"
+
+    head = ["encoder", "dim", "intra", "inter(video)", "IICR(video)"]
+    if has_cls:
+        head += ["inter(class)", "IICR(class)"]
+    head += ["IICR tokens"]
+    rows = []
+    for name, r in encs.items():
+        row = [name, str(r["dim"]), f(r["intra"]), f(r["inter_video"]), f(r["iicr_video"])]
+        if has_cls:
+            row += [f(r.get("inter_class")), f(r.get("iicr_class"))]
+        tok = r.get("per_position")
+        row.append(f(tok.get("iicr_class", tok["iicr_video"])) if tok else "n/a")
+        rows.append(row)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+def bar_plot(result: dict[str, Any], path: str) -> str:
+    """Grouped bars per encoder: IICR pooled and per token position (video and class)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    encs = result["encoders"]
+    series: dict[str, list[float]] = {}
+    for r in encs.values():
+        tok = r.get("per_position") or {}
+        vals = {
+            "IICR (videos)": r.get("iicr_video"),
+            "IICR (classes)": r.get("iicr_class"),
+            "IICR tokens (videos)": tok.get("iicr_video"),
+            "IICR tokens (classes)": tok.get("iicr_class"),
+        }
+        for key, v in vals.items():
+            series.setdefault(key, []).append(np.nan if v is None else v)
+    series = {k: v for k, v in series.items() if not all(np.isnan(x) for x in v)}
+    names = list(encs)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(names) * max(1, len(series)) / 2), 3.5))
+    width = 0.8 / max(1, len(series))
+    for i, (key, vals) in enumerate(series.items()):
+        xs = np.arange(len(names)) + (i - (len(series) - 1) / 2) * width
+        ax.bar(xs, vals, width, label=key)
+    ax.set_xticks(np.arange(len(names)), names)
+    ax.set_ylabel("intra / inter (higher is better)")
+    ax.set_title("IICR per encoder")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- straight from videos
+
+
+@dataclass
+class VideoIICRConfig:
+    """Clips cut from a video folder for encoder analysis before any extraction."""
+
+    frames: int = 16
+    stride: int = 3
+    clips_per_video: int = 2
+    size: int = 256
+    batch_size: int = 4
+    max_videos: int | None = None
+    device: str = "auto"
+    per_position: bool = True
+    progress: bool = True
+
+
+def iicr_from_videos(
+    videos: str, encoders: dict[str, Any], cfg: VideoIICRConfig | None = None
+) -> dict[str, Any]:
+    """IICR per encoder from clips decoded from `videos`; `encoders` maps name -> an object with
+    `.features(uint8 [B, T, H, W, 3]) -> [B, t, h, w, D]` (stages.common.encoders)."""
+    import torch
+
+    from stages.common.video import ClipSpec, discover, plan_clips, read_clip
+
+    cfg = cfg or VideoIICRConfig()
+    source = discover(videos)
+    if cfg.max_videos:
+        source.entries = source.entries[: cfg.max_videos]
+    spec = ClipSpec(frames=cfg.frames, stride=cfg.stride, clips_per_video=cfg.clips_per_video, size=cfg.size)
+    refs, skipped, _ = plan_clips(source, spec, progress=cfg.progress)
+    if not refs:
+        raise ValueError(f"no clips of {cfg.frames} frames at stride {cfg.stride} in {videos} ({len(skipped)} skipped)")
+    labelled = source.class_names is not None and len(source.class_names) >= 2
+    accs: dict[str, IICRAccumulator] = {}
+    last = _last_positions(np.array([r.video_index for r in refs]))
+    failed: list[str] = []
+    for start in tqdm(range(0, len(refs), cfg.batch_size), desc="IICR from videos", unit="batch", disable=not cfg.progress):
+        chunk = refs[start : start + cfg.batch_size]
+        clips, vids, labs = [], [], []
+        for ref in chunk:
+            entry = source.entries[ref.video_index]
+            try:
+                clips.append(read_clip(entry, ref.start_frame, spec))
+            except Exception as exc:  # a bad video never stops the analysis
+                failed.append(f"{entry.path}: {exc}")
+                continue
+            vids.append(ref.video_index)
+            labs.append(-1 if entry.label is None else entry.label)
+        done = [v for v, i in last.items() if start <= i < start + len(chunk)]
+        batch = torch.from_numpy(np.stack(clips)) if clips else None
+        for name, enc in encoders.items():
+            if batch is None:
+                if name in accs:
+                    accs[name].close(done)
+                continue
+            feats = enc.features(batch).float().cpu().numpy()
+            if name not in accs:
+                accs[name] = IICRAccumulator(feats.shape[-1], tuple(feats.shape[2:4]), cfg.per_position)
+            accs[name].update(feats, np.array(vids), np.array(labs) if labelled else None, close_videos=done)
+    if not accs:
+        raise ValueError(f"no clip of {videos} could be decoded")
+    return {
+        "videos": str(videos),
+        "num_clips": len(refs) - len(failed),
+        "skipped": [f"{s.path}: {s.reason}" for s in skipped] + failed,
+        "clips": {"frames": cfg.frames, "stride": cfg.stride, "clips_per_video": cfg.clips_per_video, "size": cfg.size},
+        "labels": labelled,
+        "encoders": {name: acc.result() for name, acc in accs.items()},
+    }

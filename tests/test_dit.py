@@ -1,0 +1,207 @@
+"""VideoDiT: shapes, save/load round trip, hidden states, class conditioning, adaLN-Zero init."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stages.common.dit import MODEL_SIZES, VideoDiT, build_video_dit, default_align_depth, sincos_2d
+
+torch.set_num_threads(1)
+
+
+def _tiny(**kw) -> VideoDiT:
+    base = dict(in_channels=4, num_frames=3, sample_size=8, hidden_size=32, depth=2, num_heads=4)
+    base.update(kw)
+    return VideoDiT(**base)
+
+
+def _randomize_zero_inits(model: VideoDiT, seed: int = 0) -> None:
+    """Give the zero-initialised adaLN/final layers random values so outputs are non-trivial."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adaLN_modulation" in name or "final_layer.linear" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+
+
+@pytest.mark.parametrize(
+    "hidden,depth,heads,frames,size,channels",
+    [(32, 2, 2, 2, 4, 4), (48, 3, 3, 4, 8, 4), (64, 4, 4, 1, 6, 3), (32, 1, 1, 5, 4, 16)],
+)
+def test_velocity_shape(hidden, depth, heads, frames, size, channels):
+    model = _tiny(
+        hidden_size=hidden,
+        depth=depth,
+        num_heads=heads,
+        num_frames=frames,
+        sample_size=size,
+        in_channels=channels,
+    )
+    x = torch.randn(2, channels, frames, size, size)
+    v = model(x, torch.rand(2))
+    assert v.shape == x.shape
+    assert len(model.blocks) == depth
+    # blocks alternate spatial / temporal attention
+    assert [b.temporal for b in model.blocks] == [bool(i % 2) for i in range(depth)]
+
+
+@pytest.mark.parametrize("name", list(MODEL_SIZES))
+def test_named_sizes_config(name):
+    hidden, depth, heads = MODEL_SIZES[name]
+    if name == "tiny":
+        model = build_video_dit(name, num_frames=2, sample_size=4)
+        assert model(torch.randn(1, 4, 2, 4, 4), torch.rand(1)).shape == (1, 4, 2, 4, 4)
+    else:  # building the big ones costs seconds of RAM and init; check the config mapping only
+        with torch.device("meta"):
+            model = build_video_dit(name, num_frames=2, sample_size=4)
+    assert (model.config.hidden_size, model.config.depth, model.config.num_heads) == (hidden, depth, heads)
+    assert model.config.patch_size == 2
+
+
+def test_published_sizes():
+    assert MODEL_SIZES["XL/2"] == (1152, 28, 16)
+    assert MODEL_SIZES["L/2"] == (1024, 24, 16)
+    assert MODEL_SIZES["B/2"] == (768, 12, 12)
+    assert MODEL_SIZES["S/2"] == (384, 12, 6)
+    with pytest.raises(ValueError, match="unknown VideoDiT size"):
+        build_video_dit("XXL/2")
+
+
+def test_default_align_depth():
+    assert default_align_depth(28) == 8
+    assert default_align_depth(24) == 8
+    assert default_align_depth(12) == 4
+    assert default_align_depth(4) == 1
+    assert default_align_depth(2) == 1
+
+
+def test_zero_init_output_is_zero():
+    model = _tiny(num_classes=3)
+    v = model(torch.randn(2, 4, 3, 8, 8), torch.rand(2), torch.tensor([0, 2]))
+    assert torch.count_nonzero(v) == 0
+    # but the trunk is not degenerate: hidden states carry the input
+    _, h = model(torch.randn(2, 4, 3, 8, 8), torch.rand(2), torch.tensor([0, 2]), return_hidden_at=1)
+    assert h.abs().sum() > 0
+
+
+def test_return_hidden_at_shape_and_position():
+    model = _tiny(depth=3, num_frames=4, sample_size=8)
+    _randomize_zero_inits(model)
+    x, t = torch.randn(2, 4, 4, 8, 8), torch.rand(2)
+    v0 = model(x, t)
+    hs = []
+    for k in (1, 2, 3):
+        v, h = model(x, t, return_hidden_at=k)
+        assert h.shape == (2, 4, 16, 32)  # [B, T, H*W, D] with (H, W) = (8/2, 8/2)
+        torch.testing.assert_close(v, v0)
+        hs.append(h)
+    assert not torch.allclose(hs[0], hs[1])
+    with pytest.raises(ValueError, match="return_hidden_at"):
+        model(x, t, return_hidden_at=4)
+
+
+def test_temporal_mixing_only_through_temporal_blocks():
+    """A one-block (spatial only) model never mixes frames; adding a temporal block does."""
+    x, t = torch.randn(1, 4, 3, 8, 8), torch.rand(1)
+    for depth, mixes in ((1, False), (2, True)):
+        model = _tiny(depth=depth)
+        _randomize_zero_inits(model)
+        x2 = x.clone()
+        x2[:, :, 0] += 1.0  # perturb frame 0 only
+        diff = (model(x2, t) - model(x, t)).abs().amax(dim=(0, 1, 3, 4))
+        assert diff[0] > 0
+        assert bool((diff[1:] > 1e-6).any()) == mixes
+
+
+def test_save_load_round_trip(tmp_path):
+    model = _tiny(num_classes=5, learn_sigma=True)
+    _randomize_zero_inits(model, seed=3)
+    model.eval()
+    model.save_pretrained(tmp_path / "m")
+    loaded = VideoDiT.from_pretrained(tmp_path / "m").eval()
+    assert loaded.config.num_classes == 5 and loaded.config.learn_sigma
+    x, t, y = torch.randn(2, 4, 3, 8, 8), torch.rand(2), torch.tensor([1, 4])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t, y), model(x, t, y), rtol=0, atol=0)
+    torch.testing.assert_close(loaded.spatial_pos, sincos_2d(32, 4, 4))
+
+
+def test_class_conditioning_and_null_class():
+    model = _tiny(num_classes=3)
+    _randomize_zero_inits(model)
+    model.eval()
+    x, t = torch.randn(2, 4, 3, 8, 8), torch.rand(2)
+    y = torch.tensor([0, 1])
+    v_c = model(x, t, y)
+    v_null = model(x, t, torch.tensor([3, 3]))
+    assert not torch.allclose(v_c, v_null)
+    torch.testing.assert_close(model(x, t, y, force_drop_ids=torch.tensor([1, 1])), v_null)
+    # drop only the second sample
+    v_mix = model(x, t, y, force_drop_ids=torch.tensor([0, 1]))
+    torch.testing.assert_close(v_mix[0], v_c[0])
+    torch.testing.assert_close(v_mix[1], v_null[1])
+    # y=None means the null class
+    torch.testing.assert_close(model(x, t, None), v_null)
+    with pytest.raises(ValueError, match="class labels"):
+        model(x, t, torch.tensor([0, 4]))
+
+
+def test_class_dropout_in_training_mode():
+    model = _tiny(num_classes=3, class_dropout=1.0)
+    _randomize_zero_inits(model)
+    x, t, y = torch.randn(2, 4, 3, 8, 8), torch.rand(2), torch.tensor([0, 1])
+    model.train()
+    v_train = model(x, t, y)
+    model.eval()
+    torch.testing.assert_close(v_train, model(x, t, torch.tensor([3, 3])))
+
+
+def test_unconditional_rejects_labels():
+    model = _tiny()
+    with pytest.raises(ValueError, match="unconditional"):
+        model(torch.randn(1, 4, 3, 8, 8), torch.rand(1), torch.tensor([0]))
+
+
+def test_bad_input_errors():
+    model = _tiny()
+    with pytest.raises(ValueError, match="x must be"):
+        model(torch.randn(1, 3, 3, 8, 8), torch.rand(1))
+    with pytest.raises(ValueError, match="divisible"):
+        model(torch.randn(1, 4, 3, 7, 8), torch.rand(1))
+    with pytest.raises(ValueError, match="divisible"):
+        _tiny(num_heads=5)
+
+
+def test_gradient_checkpointing_matches():
+    torch.manual_seed(0)
+    a = _tiny()
+    _randomize_zero_inits(a)
+    b = _tiny()
+    b.load_state_dict(a.state_dict())
+    b.enable_gradient_checkpointing()
+    x, t = torch.randn(2, 4, 3, 8, 8), torch.rand(2)
+    a(x, t).square().sum().backward()
+    b(x, t).square().sum().backward()
+    for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        torch.testing.assert_close(pa.grad, pb.grad, msg=n)
+    assert build_video_dit(
+        "tiny", num_frames=2, sample_size=4, gradient_checkpointing=True
+    ).gradient_checkpointing
+
+
+@pytest.mark.gpu
+def test_bf16_autocast_on_cuda_matches_fp32():
+    model = _tiny(num_classes=3)
+    _randomize_zero_inits(model)
+    model = model.cuda().eval()
+    x, t, y = (
+        torch.randn(2, 4, 3, 8, 8, device="cuda"),
+        torch.rand(2, device="cuda"),
+        torch.tensor([0, 1], device="cuda"),
+    )
+    with torch.no_grad():
+        ref = model(x, t, y)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x, t, y, return_hidden_at=1)[0].float()
+    assert (out - ref).norm() / ref.norm() < 0.05

@@ -1,0 +1,254 @@
+"""Stage one on the tiny preset: store layout, values against a direct computation, resume,
+bad videos, rank splitting, and packing read back with the stock webdataset reader."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+import zarr
+
+from cache_schema import constants as C
+from cache_schema import validate_shards, validate_store
+from stages.common import video as V
+from stages.common.encoders import load_encoder
+from stages.common.presets import tiny_models
+from stages.common.resample import to_target
+from stages.common.vae import VAEWrapper
+from stages.extract import runner
+from stages.extract.config import ExtractConfig, preset_values
+from stages.pack.packer import PackConfig, run_pack
+
+
+def tiny_config(data: Path, out: Path, **over) -> ExtractConfig:
+    values = {**preset_values("tiny"), "data": str(data), "out": str(out), "progress": False, "block_size": 2}
+    values.update(over)
+    return ExtractConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def full_store(synth_videos: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("extract") / "store.zarr"
+    runner.run_extract(tiny_config(synth_videos, out))
+    return out
+
+
+def read_arrays(path: Path) -> dict[str, np.ndarray]:
+    group = zarr.open_group(str(path), mode="r")
+    return {name: group[name][:] for name in C.STORE_ARRAYS}
+
+
+def test_store_shapes_and_attributes(full_store: Path):
+    assert validate_store(full_store) == []
+    group = zarr.open_group(str(full_store), mode="r")
+    attrs = dict(group.attrs)
+    assert attrs["num_clips"] == 6 and attrs["num_blocks"] == 3
+    assert attrs["grid"] == [8, 4, 4] and attrs["latent_shape"] == [4, 8, 8, 8]
+    assert [e["name"] for e in attrs["encoders"]] == ["dino", "sam2", "videomae"]
+    assert attrs["encoders"][-1]["stop"] == attrs["target_dim"]
+    assert group[C.TARGETS].shape == (6, 8, 4, 4, attrs["target_dim"])
+    assert group[C.LATENTS].dtype == np.float16 and group[C.TARGETS].dtype == np.float16
+    assert sorted(set(group[C.LABELS][:].tolist())) == [0, 1]
+    assert attrs["class_names"] and len(attrs["class_names"]) == 2
+    # one clip per chunk, one block per shard
+    assert group[C.TARGETS].chunks[0] == 1 and group[C.TARGETS].shards[0] == 2
+    # every encoder slice is unit-norm per token
+    targets = group[C.TARGETS][:].astype(np.float32)
+    for enc in attrs["encoders"]:
+        norms = np.linalg.norm(targets[..., enc["start"] : enc["stop"]], axis=-1)
+        np.testing.assert_allclose(norms, 1.0, atol=2e-3)
+    report = json.loads((full_store / C.REPORT_FILE).read_text())
+    assert report["skipped"] == [] and report["invalid_clips"] == []
+
+
+def test_cached_target_equals_direct_computation(full_store: Path, synth_videos: Path):
+    group = zarr.open_group(str(full_store), mode="r")
+    attrs = dict(group.attrs)
+    clip = 3
+    source = V.discover(synth_videos)
+    spec = V.ClipSpec(frames=8, stride=1, clips_per_video=1, size=64)
+    entry = source.entries[int(group[C.VIDEO_INDEX][clip])]
+    frames = torch.from_numpy(V.read_clip(entry, int(group[C.START_FRAME][clip]), spec))[None]
+    paths = tiny_models()
+    grid = tuple(attrs["grid"])
+    for enc in attrs["encoders"]:
+        encoder = load_encoder(enc["name"], paths[enc["name"]])
+        expected = to_target(encoder.features(frames), grid)[0].numpy()
+        cached = group[C.TARGETS][clip][..., enc["start"] : enc["stop"]].astype(np.float32)
+        np.testing.assert_allclose(cached, expected, atol=3e-3, err_msg=enc["name"])
+    vae = VAEWrapper.load(paths["vae"])
+    latent = vae.encode(frames)[0].float().numpy()
+    np.testing.assert_allclose(group[C.LATENTS][clip].astype(np.float32), latent, atol=2e-3, rtol=2e-3)
+
+
+def test_interrupted_run_resumes_to_identical_store(
+    full_store: Path, synth_videos: Path, tmp_path, monkeypatch
+):
+    out = tmp_path / "resumed.zarr"
+    cfg = tiny_config(synth_videos, out)
+    real_compute = runner.compute_batch
+    calls = {"n": 0}
+
+    def dying_compute(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # one batch per block: blocks 0 and 1 computed, killed in block 2
+            raise KeyboardInterrupt("simulated kill")
+        return real_compute(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "compute_batch", dying_compute)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_extract(cfg)
+    done = zarr.open_group(str(out), mode="r")[C.BLOCK_DONE][:]
+    assert 0 < done.sum() < len(done), "the kill must leave some blocks finished and some not"
+    assert validate_store(out) and "incomplete" in validate_store(out)[0]
+
+    computed = {"n": 0}
+
+    def counting_compute(*args, **kwargs):
+        computed["n"] += 1
+        return real_compute(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "compute_batch", counting_compute)
+    result = runner.run_extract(cfg)
+    assert result.blocks_computed == int(len(done) - done.sum())  # finished blocks were not recomputed
+    expected, got = read_arrays(full_store), read_arrays(out)
+    for name in C.STORE_ARRAYS:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    # a completed store is a no-op
+    computed["n"] = 0
+    again = runner.run_extract(cfg)
+    assert again.blocks_computed == 0 and computed["n"] == 0
+
+
+def test_bad_videos_are_skipped_and_reported(synth_videos: Path, tmp_path):
+    data = tmp_path / "videos"
+    shutil.copytree(synth_videos, data)
+    bad_dir = data / sorted(p.name for p in data.iterdir() if p.is_dir())[0]
+    (bad_dir / "zero.mp4").write_bytes(b"")
+    good = next(bad_dir.glob("*.mp4"))
+    (bad_dir / "truncated.mp4").write_bytes(good.read_bytes()[:300])
+    result = runner.run_extract(tiny_config(data, tmp_path / "store.zarr"))
+    assert result.num_clips == 6
+    report = json.loads((tmp_path / "store.zarr" / C.REPORT_FILE).read_text())
+    reported = {Path(s["path"]).name: s["reason"] for s in report["skipped"]}
+    assert set(reported) == {"zero.mp4", "truncated.mp4"}
+    assert all(reason for reason in reported.values())
+
+
+def test_nan_features_stop_the_block_naming_the_video(synth_videos: Path, tmp_path, monkeypatch):
+    real_compute = runner.compute_batch
+
+    def nan_compute(*args, **kwargs):
+        latents, targets = real_compute(*args, **kwargs)
+        targets[0, 0, 0, 0, 0] = np.nan
+        return latents, targets
+
+    monkeypatch.setattr(runner, "compute_batch", nan_compute)
+    with pytest.raises(runner.ExtractError, match=r"NaN.*video_\d+\.mp4"):
+        runner.run_extract(tiny_config(synth_videos, tmp_path / "nan.zarr"))
+    assert zarr.open_group(str(tmp_path / "nan.zarr"), mode="r")[C.BLOCK_DONE][:].sum() == 0
+
+
+def test_dry_run_writes_nothing(synth_videos: Path, tmp_path):
+    out = tmp_path / "never.zarr"
+    result = runner.run_extract(tiny_config(synth_videos, out, dry_run=True))
+    assert result.dry_run and result.num_clips == 6 and result.timings["projected_bytes"] > 0
+    assert not out.exists()
+
+
+def test_existing_store_of_another_config_is_refused(full_store: Path, synth_videos: Path, tmp_path):
+    out = tmp_path / "store.zarr"
+    shutil.copytree(full_store, out)
+    with pytest.raises(runner.ExtractError, match="'clips.clips_per_video'"):
+        runner.run_extract(tiny_config(synth_videos, out, clips_per_video=2))
+
+
+def test_two_ranks_write_the_same_store_as_one(full_store: Path, synth_videos: Path, tmp_path):
+    out = tmp_path / "ddp.zarr"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "pipeline.cli",
+        "extract",
+        "--data",
+        str(synth_videos),
+        "--out",
+        str(out),
+        "--preset",
+        "tiny",
+        "--block-size",
+        "2",
+        "--num-workers",
+        "0",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected, got = read_arrays(full_store), read_arrays(out)
+    for name in C.STORE_ARRAYS:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
+def test_pack_samples_equal_store_rows(full_store: Path, tmp_path):
+    out = tmp_path / "shards"
+    index = run_pack(PackConfig(cache=str(full_store), out=str(out), samples_per_shard=4, progress=False))
+    assert [s["samples"] for s in index["shards"]] == [4, 2]
+    assert validate_shards(out, verify_hashes=True) == []
+    group = zarr.open_group(str(full_store), mode="r")
+    urls = [str(out / s["name"]) for s in index["shards"]]
+    seen = 0
+    for sample in wds.WebDataset(urls, shardshuffle=False).decode():
+        clip = int(sample["__key__"])
+        np.testing.assert_array_equal(sample["latent.npy"], group[C.LATENTS][clip])
+        np.testing.assert_array_equal(sample["target.npy"], group[C.TARGETS][clip])
+        assert sample["cls"] == int(group[C.LABELS][clip])
+        assert sample["json"]["clip_index"] == clip
+        assert sample["json"]["start_frame"] == int(group[C.START_FRAME][clip])
+        seen += 1
+    assert seen == 6
+    # packing is reproducible: same bytes again
+    again = run_pack(
+        PackConfig(cache=str(full_store), out=str(tmp_path / "again"), samples_per_shard=4, progress=False)
+    )
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in index["shards"]]
+
+
+def test_verify_names_a_corrupted_shard(full_store: Path, tmp_path):
+    out = tmp_path / "shards"
+    run_pack(PackConfig(cache=str(full_store), out=str(out), samples_per_shard=4, progress=False))
+    shard = out / "shard-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    errors = validate_shards(out, verify_hashes=True)
+    assert len(errors) == 1 and "shard-000001.tar" in errors[0]
+
+
+def test_pack_refuses_incomplete_store(full_store: Path, tmp_path):
+    out = tmp_path / "partial.zarr"
+    shutil.copytree(full_store, out)
+    zarr.open_group(str(out), mode="r+")[C.BLOCK_DONE][1] = 0
+    from stages.pack.packer import PackError
+
+    with pytest.raises(PackError, match="incomplete"):
+        run_pack(PackConfig(cache=str(out), out=str(tmp_path / "s"), progress=False))
+
+
+def test_replace_keeps_config_dataclass():  # guards the dataclass stays copyable for presets
+    cfg = replace(ExtractConfig(), frames=4)
+    assert cfg.frames == 4

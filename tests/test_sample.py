@@ -1,0 +1,236 @@
+"""`pipeline sample` end to end on a tiny saved VideoDiT and a tiny real diffusers VAE."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from PIL import Image
+
+from pipeline.cli import main
+from stages.common.dit import VideoDiT
+from stages.common.flow import euler_sample
+from stages.common.vae import VAEWrapper
+from stages.sample import SampleConfig, run_sample
+from stages.sample.writers import NpzVideoWriter
+
+torch.set_num_threads(1)
+
+T, LATENT, CLASSES = 3, 8, 3  # latent frames, latent size; the tiny VAE is 2x spatial -> 16 px
+
+
+def _dit(seed: int, num_classes: int = CLASSES) -> VideoDiT:
+    torch.manual_seed(seed)
+    model = VideoDiT(
+        in_channels=4,
+        num_frames=T,
+        sample_size=LATENT,
+        hidden_size=32,
+        depth=2,
+        num_heads=4,
+        num_classes=num_classes,
+    )
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # leave adaLN-Zero so the velocity is not identically zero
+        for name, p in model.named_parameters():
+            if "adaLN_modulation" in name or "final_layer.linear" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory) -> Path:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("vae") / "tiny-vae"
+    AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    ).save_pretrained(path)
+    return path
+
+
+def _make_run(root: Path, vae: Path | None, num_classes: int = CLASSES) -> Path:
+    """A run directory in the train stage's layout, with distinct raw and EMA weights."""
+    run = root / "run"
+    step = run / "checkpoints" / "step-0000010"
+    _dit(1, num_classes).save_pretrained(step / "model")
+    _dit(2, num_classes).save_pretrained(step / "ema")
+    _dit(3, num_classes).save_pretrained(run / "checkpoints" / "step-0000005" / "ema")  # older, not latest
+    (run / "checkpoints" / "latest").write_text("step-0000010\n")
+    config = {"model": "tiny", "vae": str(vae) if vae else None, "latent_scale": 0.5}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    return run
+
+
+def _read_mp4(path: Path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def test_cli_end_to_end_with_vae(tmp_path, tiny_vae):
+    run = _make_run(tmp_path, tiny_vae)
+    out = tmp_path / "samples"
+    args = ["sample", "--run", str(run), "--out", str(out), "--num", "5", "--batch-size", "2", "--steps", "3",
+            "--cfg", "2.0", "--guidance-interval", "0,0.7", "--seed", "7", "--set", "save_latents=true"]  # fmt: skip
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "sampled 5 videos (ema weights" in result.output
+
+    mp4s = sorted((out / "videos").glob("*.mp4"))
+    assert [p.name for p in mp4s] == [
+        "000000_c0.mp4",
+        "000001_c1.mp4",
+        "000002_c2.mp4",
+        "000003_c0.mp4",
+        "000004_c1.mp4",
+    ]
+    data = np.load(out / "videos.npz")
+    videos, labels = data["videos"], data["labels"]
+    assert videos.dtype == np.uint8 and videos.shape == (5, T, 16, 16, 3)
+    assert labels.tolist() == [0, 1, 2, 0, 1]  # balanced round-robin over classes
+    assert videos.std() > 0
+
+    # the npz holds exactly the VAE decode of the sampled latents (at the run's latent scale)
+    latents = np.load(out / "latents.npz")["latents"]
+    assert latents.shape == (5, 4, T, LATENT, LATENT)
+    vae = VAEWrapper.load(str(tiny_vae), scale=0.5)
+    np.testing.assert_array_equal(vae.decode(torch.from_numpy(latents)).numpy(), videos)
+
+    # mp4s decode back to the right clip (lossy H.264, so compare loosely)
+    first = _read_mp4(mp4s[0])
+    assert first.shape == (T, 16, 16, 3)
+    assert np.abs(first.astype(float) - videos[0].astype(float)).mean() < 40
+
+    gif = Image.open(out / "grid.gif")
+    assert gif.n_frames == T and gif.size == (3 * 16 + 2 * 2, 2 * 16 + 2)  # 3x2 grid, 2 px gaps
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["cfg"] == 2.0 and saved["guidance_interval"] == [0.0, 0.7] and saved["run"] == str(run)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["weights"] == "ema" and summary["weights_dir"].endswith("step-0000010/ema")
+    assert summary["latent_scale"] == 0.5 and summary["decoded"]
+
+
+def test_latents_match_direct_sampling_and_ema_choice(tmp_path):
+    run = _make_run(tmp_path, vae=None)
+    base = dict(run=str(run), num=3, steps=4, seed=3, device="cpu")
+    ema = run_sample(SampleConfig(out=str(tmp_path / "ema"), batch_size=1, **base))
+    assert not ema["decoded"] and not (tmp_path / "ema" / "videos.npz").exists()
+    z_ema = np.load(tmp_path / "ema" / "latents.npz")["latents"]
+
+    # batch size does not change an ODE sample: each video's noise depends on (seed, index)
+    run_sample(SampleConfig(out=str(tmp_path / "ema3"), batch_size=3, **base))
+    np.testing.assert_allclose(np.load(tmp_path / "ema3" / "latents.npz")["latents"], z_ema, atol=1e-5)
+
+    # the same numbers from the EMA model and the public sampler directly
+    from stages.sample.run import initial_noise
+
+    model = VideoDiT.from_pretrained(run / "checkpoints" / "step-0000010" / "ema").eval()
+    noise = initial_noise(model, range(3), seed=3)
+    with torch.no_grad():
+        direct = euler_sample(lambda x, t, y: model(x, t, y), noise, num_steps=4, y=torch.tensor([0, 1, 2]))
+    np.testing.assert_allclose(z_ema, direct.numpy(), atol=1e-5)
+
+    raw = run_sample(SampleConfig(out=str(tmp_path / "raw"), batch_size=3, ema=False, **base))
+    assert raw["weights"] == "model"
+    assert not np.allclose(np.load(tmp_path / "raw" / "latents.npz")["latents"], z_ema, atol=1e-3)
+
+
+def test_checkpoint_paths_class_flag_and_samplers(tmp_path, tiny_vae):
+    run = _make_run(tmp_path, tiny_vae)
+    step = run / "checkpoints" / "step-0000005"
+    # a step folder: finds the run's config (VAE) two levels up
+    s = run_sample(
+        SampleConfig(checkpoint=str(step), out=str(tmp_path / "a"), num=2, steps=2, class_=2, sampler="heun")
+    )
+    assert s["weights_dir"].endswith("step-0000005/ema") and s["decoded"]
+    assert np.load(tmp_path / "a" / "videos.npz")["labels"].tolist() == [2, 2]
+    # a bare save_pretrained folder, SDE sampler, explicit --vae
+    s = run_sample(
+        SampleConfig(
+            checkpoint=str(step / "ema"),
+            out=str(tmp_path / "b"),
+            num=2,
+            steps=3,
+            sampler="euler-maruyama",
+            vae=str(tiny_vae),
+            latent_scale=0.5,
+        )  # fmt: skip
+    )
+    assert s["weights"] == "pretrained" and s["decoded"]
+    assert np.load(tmp_path / "b" / "videos.npz")["videos"].shape == (2, T, 16, 16, 3)
+    with pytest.raises(ValueError, match="out of range"):
+        run_sample(SampleConfig(run=str(run), out=str(tmp_path / "c"), num=1, steps=1, class_=3, vae="none"))
+
+
+def test_unconditional_model(tmp_path):
+    run = _make_run(tmp_path, vae=None, num_classes=0)
+    s = run_sample(SampleConfig(run=str(run), num=2, steps=2))  # out defaults to RUN/samples
+    assert s["class_counts"] == {-1: 2}
+    assert np.load(run / "samples" / "latents.npz")["labels"].tolist() == [-1, -1]
+    with pytest.raises(ValueError, match="unconditional"):
+        run_sample(SampleConfig(run=str(run), num=1, steps=1, cfg=3.0))
+
+
+def test_clear_errors(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["sample", "--out", str(tmp_path)])
+    assert result.exit_code != 0 and "--run RUN or --checkpoint" in result.output
+    result = runner.invoke(
+        main, ["sample", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path)]
+    )
+    assert result.exit_code != 0 and "checkpoint not found" in result.output
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(main, ["sample", "--run", str(tmp_path / "empty")])
+    assert result.exit_code != 0 and "no checkpoints/" in result.output
+    result = runner.invoke(main, ["sample", "--run", str(tmp_path), "--guidance-interval", "0.9,0.1"])
+    assert result.exit_code != 0 and "guidance_interval" in result.output
+
+
+def test_npz_writer_streams_and_checks(tmp_path):
+    rng = np.random.default_rng(0)
+    videos = rng.integers(0, 256, size=(5, 2, 4, 6, 3), dtype=np.uint8)
+    writer = NpzVideoWriter(tmp_path / "v.npz", 5, np.arange(5))
+    writer.write(videos[:2])
+    writer.write(videos[2:])
+    writer.close()
+    data = np.load(tmp_path / "v.npz")
+    np.testing.assert_array_equal(data["videos"], videos)
+    assert data["labels"].tolist() == [0, 1, 2, 3, 4]
+    short = NpzVideoWriter(tmp_path / "w.npz", 3, np.arange(3))
+    short.write(videos[:2])
+    with pytest.raises(RuntimeError, match="incomplete"):
+        short.close()
+
+
+@pytest.mark.gpu
+def test_sample_on_cuda_bf16(tmp_path, tiny_vae):
+    run = _make_run(tmp_path, tiny_vae)
+    s = run_sample(
+        SampleConfig(
+            run=str(run), out=str(tmp_path / "gpu"), num=3, steps=3, device="cuda", save_latents=True
+        )
+    )
+    assert s["device"].startswith("cuda") and s["decoded"]
+    cpu = run_sample(
+        SampleConfig(run=str(run), out=str(tmp_path / "cpu"), num=3, steps=3, device="cpu", save_latents=True)
+    )
+    assert cpu["decoded"]
+    z_gpu = np.load(tmp_path / "gpu" / "latents.npz")["latents"]
+    z_cpu = np.load(tmp_path / "cpu" / "latents.npz")["latents"]
+    assert np.abs(z_gpu - z_cpu).mean() < 0.05 * np.abs(z_cpu).mean() + 1e-3

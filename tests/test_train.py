@@ -1,0 +1,370 @@
+"""Stage two on tiny shards: finite losses, alignment signal, exact resume, no encoder imports,
+DDP with two gloo ranks, refusal of mismatched caches, NaN stop, SIGTERM checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+import cache_schema
+from stages.train import NonFiniteLoss, TrainConfig, train
+from stages.train.checkpoint import latest_checkpoint
+from stages.train.report import read_log
+
+REPO = Path(__file__).resolve().parents[1]
+LATENT_SHAPE = (4, 4, 8, 8)  # C, T', h, w -> grid (4, 4, 4) with patch (1, 2, 2)
+GRID = (4, 4, 4)
+ENCODERS = [("dino", 8), ("sam2", 16)]
+CLASSES = ["left", "right"]
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def _targets(latents: np.ndarray, maps: list[np.ndarray]) -> np.ndarray:
+    """Encoder-like targets with real signal: a fixed random linear map of each 2x2 latent patch,
+    L2-normalised per token and per encoder, concatenated (the contract's fused layout)."""
+    c, t, h, w = latents.shape
+    patches = (
+        latents.reshape(c, t, h // 2, 2, w // 2, 2).transpose(1, 2, 4, 0, 3, 5).reshape(t, h // 2, w // 2, -1)
+    )
+    parts = []
+    for m in maps:
+        feats = np.tanh(patches @ m)
+        parts.append(feats / np.linalg.norm(feats, axis=-1, keepdims=True))
+    return np.concatenate(parts, axis=-1)
+
+
+def make_shards(
+    root: Path,
+    num_samples: int = 48,
+    per_shard: int = 16,
+    seed: int = 0,
+    nan: bool = False,
+    spec_extra: dict | None = None,
+) -> Path:
+    """A schema-v1 shard folder (tars + index.json) following the cache contract exactly."""
+    rng = np.random.default_rng(seed)
+    maps = [
+        np.random.default_rng(100 + i).normal(size=(LATENT_SHAPE[0] * 4, dim))
+        for i, (_, dim) in enumerate(ENCODERS)
+    ]
+    encoders, start = [], 0
+    for name, dim in ENCODERS:
+        encoders.append({"name": name, "id": f"test/{name}", "dim": dim, "start": start, "stop": start + dim})
+        start += dim
+    spec = {
+        "dataset": {"source": "synthetic", "files": ["a.mp4", "b.mp4"]},
+        "clips": {"frames": 4, "stride": 1, "clips_per_video": 1, "size": 64},
+        "vae": {
+            "id": "test/vae",
+            "scale": 0.18215,
+            "latent_channels": 4,
+            "spatial_factor": 8,
+            "temporal_factor": 1,
+        },
+        "encoders": [{"name": n, "id": f"test/{n}", "input_size": 32, "dim": d} for n, d in ENCODERS],
+        "grid": list(GRID),
+        "patch_size": [1, 2, 2],
+        "fusion": "concat",
+        "dtype": "float16",
+        **(spec_extra or {}),
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for s in range(0, num_samples, per_shard):
+        name = f"shard-{s // per_shard:06d}.tar"
+        with wds.TarWriter(str(root / name)) as sink:
+            for i in range(s, min(s + per_shard, num_samples)):
+                label = i % len(CLASSES)
+                latent = rng.normal(size=LATENT_SHAPE).astype(np.float32)
+                latent[:, :, :, : LATENT_SHAPE[3] // 2] += 1.0 if label else -1.0
+                if nan:
+                    latent[:] = np.nan
+                target = _targets(np.nan_to_num(latent), maps).astype(np.float16)
+                meta = {"video": f"v{i}.mp4", "start_frame": 0, "clip_index": i, "label": label}
+                sink.write(
+                    {
+                        "__key__": f"{i:09d}",
+                        "latent.npy": _npy(latent.astype(np.float16)),
+                        "target.npy": _npy(target),
+                        "cls": str(label),
+                        "json": meta,
+                    }
+                )
+        data = (root / name).read_bytes()
+        shards.append(
+            {
+                "name": name,
+                "samples": min(per_shard, num_samples - s),
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+        )
+    index = {
+        "schema_version": 1,
+        "fingerprint": cache_schema.fingerprint(spec),
+        "spec": spec,
+        "encoders": encoders,
+        "grid": list(GRID),
+        "latent_shape": list(LATENT_SHAPE),
+        "target_dim": start,
+        "class_names": CLASSES,
+        "num_samples": num_samples,
+        "shards": shards,
+    }
+    (root / "index.json").write_text(json.dumps(index, indent=1))
+    return root
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_shards(tmp_path_factory.mktemp("shards"))
+
+
+def tiny(shards: Path, out: Path, **overrides) -> TrainConfig:
+    values = dict(
+        shards=str(shards),
+        out=str(out),
+        model="tiny",
+        batch_size=4,
+        steps=6,
+        log_every=1,
+        checkpoint_every=3,
+        ema=0.99,
+        lr=1e-3,
+        num_workers=0,
+        shuffle_buffer=16,
+        projector_dim=64,
+        device="cpu",
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def test_a_few_steps_write_the_run_directory(shards: Path, tmp_path: Path) -> None:
+    summary = train(tiny(shards, tmp_path / "run"), progress=False)
+    run = tmp_path / "run"
+    rows = read_log(run / "log.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    for row in rows:
+        assert np.isfinite([row["loss"], row["flow_loss"], row["align_loss"], row["grad_norm"]]).all()
+        assert set(row["cos_sim"]) == {"dino", "sam2"}
+        assert row["lr"] == pytest.approx(1e-3) and row["samples_per_s"] > 0
+    # the loss is the flow loss plus lambda times the alignment loss (negative cosine)
+    assert rows[-1]["loss"] == pytest.approx(rows[-1]["flow_loss"] + 0.5 * rows[-1]["align_loss"], rel=1e-4)
+    assert rows[-1]["align_loss"] == pytest.approx(-np.mean(list(rows[-1]["cos_sim"].values())), rel=1e-4)
+    assert summary["align_depth"] == 1  # default_align_depth(4) for the tiny model
+
+    import yaml
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    index = json.loads((shards / "index.json").read_text())
+    assert cfg["vae"] == "test/vae" and cfg["latent_scale"] == pytest.approx(0.18215)
+    assert cfg["expect_fingerprint"] == index["fingerprint"] and cfg["encoders"] == ["dino", "sam2"]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-0000006"
+    step_dir = latest_checkpoint(run)
+    for part in ("model/config.json", "ema/config.json", "projectors.safetensors", "train_state.pt"):
+        assert (step_dir / part).is_file(), part
+    assert (
+        list((step_dir / "model").glob("*.safetensors")) and (run / "checkpoints" / "step-0000003").is_dir()
+    )
+    assert list((run / "tensorboard").glob("events.out.tfevents.*")) and (run / "loss.png").stat().st_size > 0
+
+    # the saved inference model is a plain VideoDiT: no projector weights inside
+    from stages.common.dit import VideoDiT
+
+    ema = VideoDiT.from_pretrained(step_dir / "ema")
+    assert not any("projector" in k for k in ema.state_dict())
+    assert ema.config.num_classes == 2 and ema.config.in_channels == 4
+    # a second run into the same directory without --resume is refused
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(tiny(shards, run), progress=False)
+
+
+def test_alignment_raises_cosine_similarity_only_when_on(shards: Path, tmp_path: Path) -> None:
+    def cos_curve(lam: float) -> list[float]:
+        out = tmp_path / f"lam{lam}"
+        train(tiny(shards, out, steps=30, checkpoint_every=30, align_lambda=lam), progress=False)
+        return [float(np.mean(list(r["cos_sim"].values()))) for r in read_log(out / "log.jsonl")]
+
+    on, off = cos_curve(0.5), cos_curve(0.0)
+    gain_on = np.mean(on[-5:]) - np.mean(on[:3])
+    gain_off = np.mean(off[-5:]) - np.mean(off[:3])
+    assert gain_on > 0.2, on
+    assert gain_on > gain_off + 0.15, (on, off)
+    # with lambda 0 the alignment term contributes nothing to the loss
+    row = read_log(tmp_path / "lam0.0" / "log.jsonl")[-1]
+    assert row["loss"] == pytest.approx(row["flow_loss"], rel=1e-5)
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(next(folder.glob("*.safetensors")))
+
+
+def test_resume_reproduces_a_straight_run(shards: Path, tmp_path: Path) -> None:
+    # grad accumulation and a checkpoint mid-segment exercise the loader's replay path
+    common = dict(checkpoint_every=4, grad_accum=2, batch_size=3)
+    train(tiny(shards, tmp_path / "straight", steps=8, **common), progress=False)
+    train(tiny(shards, tmp_path / "split", steps=4, **common), progress=False)
+    train(tiny(shards, tmp_path / "split", steps=8, resume=True, **common), progress=False)
+    a = latest_checkpoint(tmp_path / "straight")
+    b = latest_checkpoint(tmp_path / "split")
+    assert a.name == b.name == "step-0000008"
+    for part in ("model", "ema"):
+        wa, wb = _weights(a / part), _weights(b / part)
+        assert wa.keys() == wb.keys()
+        for key in wa:
+            torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6, msg=f"{part}.{key}")
+    la, lb = read_log(tmp_path / "straight" / "log.jsonl"), read_log(tmp_path / "split" / "log.jsonl")
+    assert [r["step"] for r in lb] == list(range(1, 9))
+    np.testing.assert_allclose([r["loss"] for r in la], [r["loss"] for r in lb], rtol=1e-5)
+
+
+def test_mismatched_cache_is_refused_naming_the_field(shards: Path, tmp_path: Path) -> None:
+    with pytest.raises(cache_schema.CacheMismatch, match="fingerprint"):
+        train(tiny(shards, tmp_path / "a", expect_fingerprint="0" * 64), progress=False)
+    with pytest.raises(cache_schema.CacheMismatch, match="encoders"):
+        train(tiny(shards, tmp_path / "b", encoders=["dino", "videomae"]), progress=False)
+    # a resumed run refuses shards with another fingerprint than the one it was trained on
+    train(tiny(shards, tmp_path / "c", steps=2, checkpoint_every=2), progress=False)
+    other = make_shards(tmp_path / "other", num_samples=16, spec_extra={"fusion": "concat-v2"})
+    with pytest.raises(cache_schema.CacheMismatch, match="fingerprint"):
+        train(tiny(other, tmp_path / "c", steps=4, resume=True), progress=False)
+
+
+def test_encoder_subset_trains_one_projector(shards: Path, tmp_path: Path) -> None:
+    summary = train(tiny(shards, tmp_path / "run", steps=2, encoders=["sam2"]), progress=False)
+    assert summary["encoders"] == ["sam2"]
+    assert set(read_log(tmp_path / "run" / "log.jsonl")[-1]["cos_sim"]) == {"sam2"}
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(shards: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(tiny(shards, run, steps=2, checkpoint_every=2), progress=False)
+    # same spec (so the same fingerprint) but poisoned latents
+    bad = make_shards(tmp_path / "bad", num_samples=16, nan=True)
+    with pytest.raises(NonFiniteLoss, match="step 3"):
+        train(tiny(bad, run, steps=4, checkpoint_every=1, resume=True), progress=False)
+    assert latest_checkpoint(run).name == "step-0000002"
+    assert torch.isfinite(
+        torch.stack([v.float().sum() for v in _weights(latest_checkpoint(run) / "model").values()])
+    ).all()
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", "train", *args]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+
+
+def test_cli_run_imports_no_encoder_code(shards: Path, tmp_path: Path) -> None:
+    probe = (
+        "import sys, json, runpy\n"
+        "sys.argv = ['pipeline'] + sys.argv[1:]\n"
+        "from pipeline.cli import main\n"
+        "try:\n"
+        "    main(standalone_mode=False)\n"
+        "finally:\n"
+        "    bad = [m for m in sys.modules if m == 'timm' or m.startswith(('timm.', 'transformers.models',\n"
+        "           'stages.common.encoders', 'stages.extract'))]\n"
+        "    print('ENCODER_MODULES=' + json.dumps(bad))\n"
+    )
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-c",
+        probe,
+        "train",
+        "--shards",
+        str(shards),
+        "--out",
+        str(run),
+        "--preset",
+        "tiny",
+    ]
+    cmd += ["--steps", "2", "--device", "cpu", "--set", "projector_dim=32"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("ENCODER_MODULES="))
+    assert json.loads(line.split("=", 1)[1]) == []
+    assert "checkpoint:" in proc.stdout and latest_checkpoint(run).name == "step-0000002"
+    # the mismatch refusal reaches the user as a clear CLI error naming the field
+    proc = subprocess.run(
+        _cli(
+            "--shards",
+            str(shards),
+            "--out",
+            str(tmp_path / "x"),
+            "--preset",
+            "tiny",
+            "--set",
+            "expect_fingerprint=abc",
+        ),
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+    )
+    assert proc.returncode != 0 and "fingerprint" in proc.stderr
+
+
+def test_ddp_two_gloo_ranks(shards: Path, tmp_path: Path) -> None:
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0"]
+    cmd += ["-m", "pipeline.cli", "train", "--shards", str(shards), "--out", str(run), "--preset", "tiny"]
+    cmd += ["--steps", "3", "--checkpoint-every", "3", "--device", "cpu", "--set", "projector_dim=32"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=150)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_log(run / "log.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]  # rank 0 logs once per step
+    assert rows[-1]["samples_seen"] == 3 * 4 * 2  # two ranks x batch 4
+    import torch as _torch
+
+    state = _torch.load(latest_checkpoint(run) / "train_state.pt", weights_only=True)
+    assert len(state["rng"]["noise"]) == 2 and state["loader"]["world_size"] == 2
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(shards: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cmd = _cli("--shards", str(shards), "--out", str(run), "--preset", "tiny", "--device", "cpu")
+    cmd += [
+        "--steps",
+        "100000",
+        "--checkpoint-every",
+        "100000",
+        "--log-every",
+        "1",
+        "--set",
+        "projector_dim=32",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    log = run / "log.jsonl"
+    deadline = time.time() + 90
+    while time.time() < deadline and not (log.is_file() and len(read_log(log)) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
+    step = latest_checkpoint(run)
+    assert step is not None and "SIGTERM" in (out + err)
+    assert int(step.name.split("-")[1]) >= 3

@@ -1,0 +1,127 @@
+"""VAEWrapper on the tiny preset: shapes, latents = posterior mean * scale, offline errors."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, AutoencoderKLCogVideoX
+
+from stages.common.presets import tiny_models
+from stages.common.vae import VAEWrapper, WeightsNotFoundError
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, str]:
+    return tiny_models(tmp_path_factory.getbasetemp() / "align4gen-tiny", names=["vae", "video_vae"])
+
+
+def _clip(b=2, t=4, h=64, w=64, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (b, t, h, w, 3), generator=g, dtype=torch.uint8)
+
+
+def test_image_vae_matches_diffusers_posterior_mean(tiny):
+    vae = VAEWrapper.load(tiny["vae"], kind="image", scale=0.18215)
+    assert (vae.latent_channels, vae.spatial_factor, vae.temporal_factor) == (4, 8, 1)
+    assert vae.model_id == tiny["vae"] and not any(p.requires_grad for p in vae.model.parameters())
+    x = _clip()
+    z = vae.encode(x)
+    assert z.shape == (2, 4, 4, 8, 8) and z.dtype == torch.float16
+    assert z.shape[1:] == vae.latent_shape(4, 64, 64)
+
+    ref = AutoencoderKL.from_pretrained(tiny["vae"]).eval()
+    pix = x.permute(0, 1, 4, 2, 3).reshape(8, 3, 64, 64).float() / 255.0 * 2.0 - 1.0
+    with torch.no_grad():
+        post = ref.encode(pix).latent_dist
+    want = (post.mean * 0.18215).reshape(2, 4, 4, 8, 8).permute(0, 2, 1, 3, 4).half()
+    torch.testing.assert_close(z, want, atol=1e-3, rtol=1e-3)
+    assert not torch.allclose(post.mean, post.sample(), atol=1e-4)  # the mean, not a sample
+
+    frames = vae.decode(z)
+    assert frames.shape == x.shape and frames.dtype == torch.uint8
+    with torch.no_grad():
+        dec = ref.decode(z[:, :, 1].float() / 0.18215).sample
+    want_frame = ((dec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+    assert (frames[:, 1].int() - want_frame.int()).abs().max() <= 1
+
+
+def test_video_vae_compresses_time(tiny):
+    vae = VAEWrapper.load(tiny["video_vae"], kind="video", scale=None)
+    ref = AutoencoderKLCogVideoX.from_pretrained(tiny["video_vae"]).eval()
+    assert vae.temporal_factor == 4 and vae.scale == pytest.approx(ref.config.scaling_factor)
+    x = _clip(b=1, t=8)
+    z = vae.encode(x)
+    assert z.shape == (1, 4, 2, 8, 8) and z.dtype == torch.float16
+    assert z.shape[1:] == vae.latent_shape(8, 64, 64)
+    pix = x.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+    with torch.no_grad():
+        want = (ref.encode(pix).latent_dist.mean * ref.config.scaling_factor).half()
+    torch.testing.assert_close(z, want, atol=1e-3, rtol=1e-3)
+    out = vae.decode(z)
+    assert out.shape == (1, 8, 64, 64, 3) and out.dtype == torch.uint8
+    assert vae.latent_frames(9) == 3 and vae.latent_frames(16) == 4
+
+
+def test_missing_weights_fail_fast_naming_the_flag(tmp_path):
+    with pytest.raises(WeightsNotFoundError, match="--vae") as e:
+        VAEWrapper.load(tmp_path / "no-such-vae")
+    assert "no-such-vae" in str(e.value) and e.value.flag == "--vae"
+    t0 = time.monotonic()
+    with pytest.raises(WeightsNotFoundError, match="nobody-align4gen/not-a-vae") as e:
+        VAEWrapper.load("nobody-align4gen/not-a-vae", kind="image")
+    assert "--vae PATH" in str(e.value)
+    assert time.monotonic() - t0 < 10
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WeightsNotFoundError):
+        VAEWrapper.load(tmp_path / "empty")
+
+
+def test_bad_frames_rejected(tiny):
+    vae = VAEWrapper.load(tiny["vae"])
+    with pytest.raises(TypeError):
+        vae.encode(torch.zeros(1, 2, 64, 64, 3))
+    with pytest.raises(ValueError, match="multiple"):
+        vae.encode(torch.zeros(1, 2, 60, 64, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError):
+        VAEWrapper.load(tiny["vae"], kind="3d")
+
+
+def test_tiny_preset_is_deterministic_and_race_safe(tmp_path):
+    roots = [tmp_path / "a", tmp_path / "a", tmp_path / "b"]
+    out: list[dict[str, str]] = [{}, {}, {}]
+
+    def run(i: int) -> None:
+        out[i] = tiny_models(roots[i], names=["vae"])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert out[0] == out[1] and Path(out[0]["vae"]).is_dir()
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["vae"]  # no temp folders left
+    a = (Path(out[0]["vae"]) / "diffusion_pytorch_model.safetensors").read_bytes()
+    b = (Path(out[2]["vae"]) / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert a == b
+    with pytest.raises(ValueError, match="unknown tiny"):
+        tiny_models(tmp_path / "c", names=["nope"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_encode_close_to_cpu(tiny):
+    x = _clip()
+    cpu = VAEWrapper.load(tiny["vae"]).encode(x)
+    gpu = VAEWrapper.load(tiny["vae"], device="cuda").encode(x)
+    assert gpu.dtype == torch.float16 and gpu.shape == cpu.shape
+    torch.testing.assert_close(gpu.float().cpu(), cpu.float(), atol=0.05, rtol=0.05)
+    assert VAEWrapper.load(tiny["vae"], device="cuda").decode(gpu).shape == x.shape
