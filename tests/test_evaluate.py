@@ -23,10 +23,10 @@ cdfvd_i3d_utils = pytest.importorskip("cdfvd.third_party.i3d.utils")
 class TinyI3D(torch.nn.Module):
     """Stand-in with the call signature of StyleGAN-V's i3d_torchscript.pt."""
 
-    def __init__(self) -> None:
+    def __init__(self, features: int = 400) -> None:
         super().__init__()
         self.conv = torch.nn.Conv3d(3, 8, kernel_size=(3, 16, 16), stride=(2, 16, 16))
-        self.fc = torch.nn.Linear(8, 400)
+        self.fc = torch.nn.Linear(8, features)
 
     def forward(
         self, x: torch.Tensor, rescale: bool = False, resize: bool = False, return_features: bool = False
@@ -42,12 +42,21 @@ class TinyI3D(torch.nn.Module):
         return out
 
 
+def _script_i3d(path: Path, features: int) -> Path:
+    torch.manual_seed(0)
+    torch.jit.script(TinyI3D(features).eval()).save(str(path))
+    return path
+
+
 @pytest.fixture(scope="module")
 def i3d_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("i3d") / "i3d_torchscript.pt"
-    torch.jit.script(TinyI3D().eval()).save(str(path))
-    return path
+    return _script_i3d(tmp_path_factory.mktemp("i3d") / "i3d_torchscript.pt", 400)
+
+
+@pytest.fixture(scope="module")
+def small_i3d_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Same signature, 24-d output: keeps the 3 sqrtm calls of the CLI test cheap on 2 cores."""
+    return _script_i3d(tmp_path_factory.mktemp("i3d") / "i3d_small.pt", 24)
 
 
 def _tiny_vit(heads: int, init_values: float = 0.0, seed: int = 0):
@@ -178,9 +187,9 @@ def test_stats_of_different_protocols_are_refused(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- the command
 
 
-def test_evaluate_commands_on_real_video_files(synth_videos: Path, i3d_path: Path, tmp_path: Path) -> None:
+def test_evaluate_commands_on_real_video_files(synth_videos: Path, small_i3d_path: Path, tmp_path: Path) -> None:
     runner = CliRunner()
-    common = ["--detector", "i3d", "--detector-weights", str(i3d_path), "--frames", "8", "--frame-stride", "1"]
+    common = ["--detector", "i3d", "--detector-weights", str(small_i3d_path), "--frames", "8", "--frame-stride", "1"]
     common += ["--resolution", "64", "--num-videos", "6", "--batch-size", "4", "--device", "cpu"]
     stats_path, feats_path = tmp_path / "real_stats.npz", tmp_path / "real_feats.npz"
     res = runner.invoke(main, ["evaluate", "stats", "--videos", str(synth_videos), "--out", str(stats_path), *common])
@@ -190,7 +199,7 @@ def test_evaluate_commands_on_real_video_files(synth_videos: Path, i3d_path: Pat
     st = fvd.FeatureStats.load(stats_path)
     with np.load(feats_path) as data:
         feats = data["features"]
-    assert feats.shape == (6, 400) and st.n == 6
+    assert feats.shape == (6, 24) and st.n == 6
     assert st.protocol["frames"] == 8 and st.protocol["resolution"] == 64 and st.protocol["count"] == 6
     np.testing.assert_allclose(st.mu, feats.astype(np.float64).mean(0), atol=1e-6)
 

@@ -128,7 +128,7 @@ def run_pack(cfg: PackConfig) -> dict[str, Any]:
     for stale in fs.glob(f"{root}/shard-*.tar"):
         fs.rm(stale)
     names = [C.SHARD_PATTERN.format(i) for i in range(len(shards))]
-    tasks = [dask.delayed(write_shard)(cfg.cache, cfg.out, n, s) for n, s in zip(names, shards)]
+    tasks = [dask.delayed(write_shard)(cfg.cache, cfg.out, n, s) for n, s in zip(names, shards, strict=True)]
     entries = _compute(tasks, cfg)
     index = {
         "schema_version": SCHEMA_VERSION,
