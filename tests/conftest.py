@@ -7,6 +7,11 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# tiny preset models are built fresh per test session (and shared with subprocesses via env)
+if "ALIGN4GEN_HOME" not in os.environ:
+    import tempfile
+
+    os.environ["ALIGN4GEN_HOME"] = tempfile.mkdtemp(prefix="align4gen-test-home-")
 
 from pathlib import Path  # noqa: E402
 

@@ -105,7 +105,9 @@ def test_i3d_torchscript_protocol_matches_reference_preprocessing(i3d_path: Path
 
 
 @pytest.mark.parametrize("wrap,heads,init_values", [("module", 1, 0.0), ("plain", 2, 0.1)])
-def test_videomae_v2_original_checkpoint_matches_reference(tmp_path: Path, wrap: str, heads: int, init_values: float) -> None:
+def test_videomae_v2_original_checkpoint_matches_reference(
+    tmp_path: Path, wrap: str, heads: int, init_values: float
+) -> None:
     model = _tiny_vit(heads, init_values)
     sd = model.state_dict()
     path = tmp_path / "vit_tiny_ssv2_ft.pth"
@@ -144,7 +146,9 @@ def _eig_frechet(mu1, s1, mu2, s2) -> float:
     w, v = np.linalg.eigh(s1)
     root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     inner = np.linalg.eigvalsh(root1 @ s2 @ root1)
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(inner, 0, None)).sum())
+    return float(
+        ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(inner, 0, None)).sum()
+    )
 
 
 def test_frechet_distance_matches_eigen_computation() -> None:
@@ -168,7 +172,14 @@ def test_stats_warn_when_fewer_videos_than_dims() -> None:
 
 
 def test_stats_of_different_protocols_are_refused(tmp_path: Path) -> None:
-    base = {"detector": "i3d", "weights_sha256": "ab", "frames": 16, "frame_stride": 1, "resolution": 256, "count": 8}
+    base = {
+        "detector": "i3d",
+        "weights_sha256": "ab",
+        "frames": 16,
+        "frame_stride": 1,
+        "resolution": 256,
+        "count": 8,
+    }
     feats = np.random.default_rng(0).normal(size=(40, 4))
     fvd.stats_from_features(feats, base).save(tmp_path / "a.npz")
     fvd.stats_from_features(feats, {**base, "frames": 8}).save(tmp_path / "b.npz")
@@ -177,9 +188,13 @@ def test_stats_of_different_protocols_are_refused(tmp_path: Path) -> None:
     with pytest.raises(fvd.ProtocolMismatch, match="'frames'") as info:
         fvd.compute_fvd(tmp_path / "a.npz", tmp_path / "b.npz", fvd.EvalConfig())
     assert info.value.field == "frames"
-    res = CliRunner().invoke(main, ["evaluate", "fvd", "--real", str(tmp_path / "a.npz"), "--fake", str(tmp_path / "b.npz")])
+    res = CliRunner().invoke(
+        main, ["evaluate", "fvd", "--real", str(tmp_path / "a.npz"), "--fake", str(tmp_path / "b.npz")]
+    )
     assert res.exit_code != 0 and "'frames'" in res.output
-    res = CliRunner().invoke(main, ["evaluate", "fvd", "--real", str(tmp_path / "a.npz"), "--fake", str(tmp_path / "a.npz")])
+    res = CliRunner().invoke(
+        main, ["evaluate", "fvd", "--real", str(tmp_path / "a.npz"), "--fake", str(tmp_path / "a.npz")]
+    )
     assert res.exit_code == 0, res.output
     assert "FVD" in res.output
 
@@ -187,14 +202,29 @@ def test_stats_of_different_protocols_are_refused(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- the command
 
 
-def test_evaluate_commands_on_real_video_files(synth_videos: Path, small_i3d_path: Path, tmp_path: Path) -> None:
+def test_evaluate_commands_on_real_video_files(
+    synth_videos: Path, small_i3d_path: Path, tmp_path: Path
+) -> None:
     runner = CliRunner()
-    common = ["--detector", "i3d", "--detector-weights", str(small_i3d_path), "--frames", "8", "--frame-stride", "1"]
+    common = [
+        "--detector",
+        "i3d",
+        "--detector-weights",
+        str(small_i3d_path),
+        "--frames",
+        "8",
+        "--frame-stride",
+        "1",
+    ]
     common += ["--resolution", "64", "--num-videos", "6", "--batch-size", "4", "--device", "cpu"]
     stats_path, feats_path = tmp_path / "real_stats.npz", tmp_path / "real_feats.npz"
-    res = runner.invoke(main, ["evaluate", "stats", "--videos", str(synth_videos), "--out", str(stats_path), *common])
+    res = runner.invoke(
+        main, ["evaluate", "stats", "--videos", str(synth_videos), "--out", str(stats_path), *common]
+    )
     assert res.exit_code == 0, res.output
-    res = runner.invoke(main, ["evaluate", "features", "--videos", str(synth_videos), "--out", str(feats_path), *common])
+    res = runner.invoke(
+        main, ["evaluate", "features", "--videos", str(synth_videos), "--out", str(feats_path), *common]
+    )
     assert res.exit_code == 0, res.output
     st = fvd.FeatureStats.load(stats_path)
     with np.load(feats_path) as data:
@@ -207,7 +237,18 @@ def test_evaluate_commands_on_real_video_files(synth_videos: Path, small_i3d_pat
     np.savez(fake, videos=_videos(6, 10, 80, 96, seed=3))  # other size/length: cut + cropped to protocol
     cache = tmp_path / "cache"
     out = tmp_path / "eval"
-    args = ["evaluate", "fvd", "--real", str(synth_videos), "--fake", str(fake), "--out", str(out), "--cache-dir", str(cache)]
+    args = [
+        "evaluate",
+        "fvd",
+        "--real",
+        str(synth_videos),
+        "--fake",
+        str(fake),
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(cache),
+    ]
     res = runner.invoke(main, [*args, *common])
     assert res.exit_code == 0, res.output
     metrics = json.loads((out / "metrics.json").read_text())
@@ -221,7 +262,20 @@ def test_evaluate_commands_on_real_video_files(synth_videos: Path, small_i3d_pat
     assert res.exit_code == 0 and again["value"] == pytest.approx(metrics["value"], rel=1e-9)
     assert any("from cache" in w for w in again["warnings"])
 
-    res = runner.invoke(main, ["evaluate", "fvd", "--real", str(stats_path), "--fake", str(synth_videos), "--out", str(out), *common])
+    res = runner.invoke(
+        main,
+        [
+            "evaluate",
+            "fvd",
+            "--real",
+            str(stats_path),
+            "--fake",
+            str(synth_videos),
+            "--out",
+            str(out),
+            *common,
+        ],
+    )
     same = json.loads((out / "metrics.json").read_text())
     assert res.exit_code == 0, res.output
     assert abs(same["value"]) < 1e-3 * metrics["value"]  # same videos, same protocol -> ~0
@@ -229,6 +283,16 @@ def test_evaluate_commands_on_real_video_files(synth_videos: Path, small_i3d_pat
 
 def test_detector_weights_missing_is_a_clear_error(synth_videos: Path, tmp_path: Path) -> None:
     res = CliRunner().invoke(
-        main, ["evaluate", "stats", "--videos", str(synth_videos), "--detector", "i3d", "--out", str(tmp_path / "s.npz")]
+        main,
+        [
+            "evaluate",
+            "stats",
+            "--videos",
+            str(synth_videos),
+            "--detector",
+            "i3d",
+            "--out",
+            str(tmp_path / "s.npz"),
+        ],
     )
     assert res.exit_code != 0 and "--detector-weights" in res.output

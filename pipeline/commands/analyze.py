@@ -19,19 +19,34 @@ def _parse_models(items: tuple[str, ...]) -> dict[str, str]:
 
 
 @click.command(help="IICR (intra/inter consistency ratio) per encoder; writes iicr.json and a bar plot.")
-@click.option("--cache", type=click.Path(exists=True), default=None, help="Feature store (zarr) from `pipeline extract`.")
-@click.option("--videos", type=click.Path(exists=True), default=None, help="Video folder: run the encoders directly.")
+@click.option(
+    "--cache",
+    type=click.Path(exists=True),
+    default=None,
+    help="Feature store (zarr) from `pipeline extract`.",
+)
+@click.option(
+    "--videos", type=click.Path(exists=True), default=None, help="Video folder: run the encoders directly."
+)
 @click.option("--encoders", default=None, help="Comma list (store: subset, default all; videos: required).")
-@click.option("--preset", type=click.Choice(["tiny"]), default=None, help="Use the tiny random-initialised encoders.")
-@click.option("--encoder-model", "encoder_models", multiple=True, metavar="NAME=ID_OR_PATH", help="Weights per encoder.")
+@click.option(
+    "--preset", type=click.Choice(["tiny"]), default=None, help="Use the tiny random-initialised encoders."
+)
+@click.option(
+    "--encoder-model", "encoder_models", multiple=True, metavar="NAME=ID_OR_PATH", help="Weights per encoder."
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--frames", type=int, default=16, show_default=True, help="Frames per clip (--videos).")
 @click.option("--stride", type=int, default=3, show_default=True, help="Frame stride (--videos).")
 @click.option("--clips-per-video", type=int, default=2, show_default=True, help="Clips per video (--videos).")
 @click.option("--size", type=int, default=256, show_default=True, help="Clip size in pixels (--videos).")
 @click.option("--max-videos", type=int, default=None, help="Analyse at most this many videos (--videos).")
-@click.option("--batch-size", type=int, default=4, show_default=True, help="Clips per encoder batch (--videos).")
-@click.option("--block-clips", type=int, default=None, help="Clips per dask block (--cache; default: zarr chunk).")
+@click.option(
+    "--batch-size", type=int, default=4, show_default=True, help="Clips per encoder batch (--videos)."
+)
+@click.option(
+    "--block-clips", type=int, default=None, help="Clips per dask block (--cache; default: zarr chunk)."
+)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda.")
 @click.option("--no-per-position", is_flag=True, default=False, help="Skip the per-token-position figures.")
 def analyze(
@@ -58,7 +73,9 @@ def analyze(
     names = [n.strip() for n in encoders.split(",") if n.strip()] if encoders else None
     try:
         if cache:
-            result = iicr.iicr_from_store(cache, names, per_position=not no_per_position, block_clips=block_clips)
+            result = iicr.iicr_from_store(
+                cache, names, per_position=not no_per_position, block_clips=block_clips
+            )
         else:
             if not names:
                 raise click.UsageError("--videos needs --encoders, e.g. --encoders dino,sam2")

@@ -14,7 +14,9 @@ from pipeline.config import config_options
 
 def _common(func):
     options = [
-        click.option("--detector", type=click.Choice(["i3d", "videomae-v2"]), default=None, help="Feature detector."),
+        click.option(
+            "--detector", type=click.Choice(["i3d", "videomae-v2"]), default=None, help="Feature detector."
+        ),
         click.option(
             "--detector-weights",
             type=click.Path(dir_okay=False),
@@ -22,13 +24,22 @@ def _common(func):
             help="Local weights: i3d_torchscript.pt (i3d) or vit_g_hybrid_pt_1200e_ssv2_ft.pth (videomae-v2).",
         ),
         click.option("--frames", type=int, default=None, help="Frames per video (protocol; default 16)."),
-        click.option("--frame-stride", type=int, default=None, help="Stride between frames (protocol; default 1)."),
-        click.option("--resolution", type=int, default=None, help="Resize + center-crop size first (protocol; default 256)."),
+        click.option(
+            "--frame-stride", type=int, default=None, help="Stride between frames (protocol; default 1)."
+        ),
+        click.option(
+            "--resolution",
+            type=int,
+            default=None,
+            help="Resize + center-crop size first (protocol; default 256).",
+        ),
         click.option("--num-videos", type=int, default=None, help="Videos per set (protocol; default 2048)."),
         click.option("--batch-size", type=int, default=None, help="Videos per detector batch."),
         click.option("--num-workers", type=int, default=None, help="Decoding workers for video folders."),
         click.option("--device", default=None, help="auto | cpu | cuda | cuda:N."),
-        click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Real-stats cache folder."),
+        click.option(
+            "--cache-dir", type=click.Path(file_okay=False), default=None, help="Real-stats cache folder."
+        ),
         config_options,
     ]
     for opt in reversed(options):
@@ -53,7 +64,9 @@ def evaluate() -> None:
 
 
 @evaluate.command(help="Feature mean/covariance of a video folder or .npz of videos, with its protocol.")
-@click.option("--videos", required=True, type=click.Path(exists=True), help="Video folder, manifest or .npz/.npy.")
+@click.option(
+    "--videos", required=True, type=click.Path(exists=True), help="Video folder, manifest or .npz/.npy."
+)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Stats file (.npz) to write.")
 @_common
 def stats(videos: str, out: str, config_file, overrides, **flags: Any) -> None:
@@ -72,7 +85,9 @@ def stats(videos: str, out: str, config_file, overrides, **flags: Any) -> None:
 
 
 @evaluate.command(help="Raw detector features [n, D] of a video folder or .npz of videos.")
-@click.option("--videos", required=True, type=click.Path(exists=True), help="Video folder, manifest or .npz/.npy.")
+@click.option(
+    "--videos", required=True, type=click.Path(exists=True), help="Video folder, manifest or .npz/.npy."
+)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Features file (.npz) to write.")
 @_common
 def features(videos: str, out: str, config_file, overrides, **flags: Any) -> None:
@@ -90,13 +105,19 @@ def features(videos: str, out: str, config_file, overrides, **flags: Any) -> Non
         click.echo(f"skipped: {s}", err=True)
 
 
-@evaluate.command("fvd", help="Frechet distance between --real and --fake (video folder, .npz of videos, or stats).")
+@evaluate.command(
+    "fvd", help="Frechet distance between --real and --fake (video folder, .npz of videos, or stats)."
+)
 @click.option("--real", required=True, type=click.Path(exists=True), help="Real videos or their stats file.")
-@click.option("--fake", required=True, type=click.Path(exists=True), help="Generated videos or their stats file.")
+@click.option(
+    "--fake", required=True, type=click.Path(exists=True), help="Generated videos or their stats file."
+)
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Folder for metrics.json.")
 @click.option("--no-cache", is_flag=True, default=False, help="Recompute real stats even if cached.")
 @_common
-def fvd_cmd(real: str, fake: str, out: str | None, no_cache: bool, config_file, overrides, **flags: Any) -> None:
+def fvd_cmd(
+    real: str, fake: str, out: str | None, no_cache: bool, config_file, overrides, **flags: Any
+) -> None:
     from pipeline.config import config_to_dict
     from stages.evaluate import fvd
 
@@ -116,7 +137,10 @@ def fvd_cmd(real: str, fake: str, out: str | None, no_cache: bool, config_file, 
         ("weights sha256", metrics["protocol"]["weights_sha256"][:16]),
         ("frames x stride", f"{metrics['protocol']['frames']} x {metrics['protocol']['frame_stride']}"),
         ("resolution", str(metrics["protocol"]["resolution"])),
-        ("videos real / fake", f"{metrics['n_real']} / {metrics['n_fake']} (protocol {metrics['protocol']['count']})"),
+        (
+            "videos real / fake",
+            f"{metrics['n_real']} / {metrics['n_fake']} (protocol {metrics['protocol']['count']})",
+        ),
         ("protocol", metrics["fingerprint"][:16]),
     ]
     width = max(len(k) for k, _ in rows)

@@ -130,7 +130,9 @@ def load_i3d(path: str | Path, device: str | torch.device = "cpu") -> I3DDetecto
     try:
         model = torch.jit.load(str(p), map_location=device).eval()
     except RuntimeError as exc:
-        raise DetectorError(f"{p} is not a TorchScript model (expected StyleGAN-V's i3d_torchscript.pt): {exc}") from None
+        raise DetectorError(
+            f"{p} is not a TorchScript model (expected StyleGAN-V's i3d_torchscript.pt): {exc}"
+        ) from None
     return I3DDetector(
         name="i3d", weights=str(p), weights_sha256=sha256_file(p), input_size=224, device=device, model=model
     )
@@ -236,7 +238,9 @@ def infer_videomae_arch(sd: dict[str, torch.Tensor], num_heads: int | None = Non
     )
 
 
-def map_videomae_keys(sd: dict[str, torch.Tensor], arch: VideoMAEArch) -> tuple[dict[str, torch.Tensor], dict]:
+def map_videomae_keys(
+    sd: dict[str, torch.Tensor], arch: VideoMAEArch
+) -> tuple[dict[str, torch.Tensor], dict]:
     """Original names -> transformers VideoMAEModel names. Returns (model state, fc_norm state).
 
     Layer scale (gamma_1/gamma_2), when present, is folded into the attention output and the
@@ -339,7 +343,9 @@ def load_videomae_v2(
     mapped, fc_norm_sd = map_videomae_keys(sd, arch)
     missing, unexpected = model.load_state_dict(mapped, strict=False)
     if missing or unexpected:
-        raise DetectorError(f"VideoMAE-v2 mapping mismatch: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        raise DetectorError(
+            f"VideoMAE-v2 mapping mismatch: missing {missing[:8]}, unexpected {unexpected[:8]}"
+        )
     n_patches = model.embeddings.num_patches
     if arch.learned_pos_embed:
         pos = sd["pos_embed"].float()

@@ -117,7 +117,9 @@ def build_detector(cfg: EvalConfig):
 
     from .detectors import load_detector
 
-    options = {"num_heads": cfg.num_heads, "num_frames": cfg.frames} if cfg.detector.startswith("videomae") else {}
+    options = (
+        {"num_heads": cfg.num_heads, "num_frames": cfg.frames} if cfg.detector.startswith("videomae") else {}
+    )
     det = load_detector(cfg.detector, cfg.detector_weights, resolve_device(cfg.device), **options)
     det.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
     return det
@@ -173,7 +175,9 @@ def _array_batches(arr: np.ndarray, cfg: EvalConfig, limit: int) -> Iterator[np.
     spec = _clip_spec(cfg)
     starts = clip_starts(arr.shape[1], spec)
     if not starts:
-        raise ValueError(f"videos have {arr.shape[1]} frames; the protocol needs {spec.span} ({cfg.frames} at stride {cfg.frame_stride})")
+        raise ValueError(
+            f"videos have {arr.shape[1]} frames; the protocol needs {spec.span} ({cfg.frames} at stride {cfg.frame_stride})"
+        )
     idx = [starts[0] + j * cfg.frame_stride for j in range(cfg.frames)]
     for i in range(0, limit, cfg.batch_size):
         batch = np.asarray(arr[i : i + cfg.batch_size][:, idx])
@@ -280,7 +284,10 @@ def data_identity(path: str | Path) -> str:
     """sha256 over relative names, sizes and mtimes: changes when the videos change."""
     p = Path(path).expanduser().resolve()
     files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
-    items = [[str(f.relative_to(p.parent if p.is_file() else p)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    items = [
+        [str(f.relative_to(p.parent if p.is_file() else p)), f.stat().st_size, f.stat().st_mtime_ns]
+        for f in files
+    ]
     return hashlib.sha256(canonical_json({"root": str(p), "files": items}).encode()).hexdigest()
 
 

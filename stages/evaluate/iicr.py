@@ -90,7 +90,9 @@ class _Moments:
         self.close(list(self.open_videos))
         intra = self.intra_sum / max(self.clips, 1)
         pairs = self.frames**2 - self.video_pairs
-        inter_video = (_sqnorm(self.total) - self.video_sq) / pairs if pairs > 0 else np.full(self.positions, np.nan)
+        inter_video = (
+            (_sqnorm(self.total) - self.video_sq) / pairs if pairs > 0 else np.full(self.positions, np.nan)
+        )
         out: dict[str, Any] = {"intra": intra, "inter_video": inter_video}
         if len(self.class_sums) >= 2:
             s_lab = sum(self.class_sums.values())
@@ -132,14 +134,18 @@ class IICRAccumulator:
         """feats: [b, T, H, W, d] token features or [b, T, d] frame features of b clips."""
         x = np.asarray(feats, dtype=np.float32)
         if x.ndim not in (3, 5) or x.shape[-1] != self.dim:
-            raise ValueError(f"expected features [b, T, H, W, {self.dim}] or [b, T, {self.dim}], got {x.shape}")
+            raise ValueError(
+                f"expected features [b, T, H, W, {self.dim}] or [b, T, {self.dim}], got {x.shape}"
+            )
         b, t = x.shape[:2]
         if t < 2:
             raise ValueError(f"IICR needs at least 2 frames per clip, got {t}")
         if self.frames_per_clip not in (None, t):
             raise ValueError(f"clips must all have the same number of frames ({self.frames_per_clip} vs {t})")
         self.frames_per_clip = t
-        vids = np.arange(self.num_clips, self.num_clips + b) if video_index is None else np.asarray(video_index)
+        vids = (
+            np.arange(self.num_clips, self.num_clips + b) if video_index is None else np.asarray(video_index)
+        )
         labs = None if labels is None else np.asarray(labels)
         frame_vec = x.mean(axis=(2, 3)) if x.ndim == 5 else x
         self.pooled.update(_normalise(frame_vec)[:, :, None, :], vids, labs)
@@ -384,12 +390,16 @@ def iicr_from_videos(
     spec = ClipSpec(frames=cfg.frames, stride=cfg.stride, clips_per_video=cfg.clips_per_video, size=cfg.size)
     refs, skipped, _ = plan_clips(source, spec, progress=cfg.progress)
     if not refs:
-        raise ValueError(f"no clips of {cfg.frames} frames at stride {cfg.stride} in {videos} ({len(skipped)} skipped)")
+        raise ValueError(
+            f"no clips of {cfg.frames} frames at stride {cfg.stride} in {videos} ({len(skipped)} skipped)"
+        )
     labelled = source.class_names is not None and len(source.class_names) >= 2
     accs: dict[str, IICRAccumulator] = {}
     last = _last_positions(np.array([r.video_index for r in refs]))
     failed: list[str] = []
-    for start in tqdm(range(0, len(refs), cfg.batch_size), desc="IICR from videos", unit="batch", disable=not cfg.progress):
+    for start in tqdm(
+        range(0, len(refs), cfg.batch_size), desc="IICR from videos", unit="batch", disable=not cfg.progress
+    ):
         chunk = refs[start : start + cfg.batch_size]
         clips, vids, labs = [], [], []
         for ref in chunk:
@@ -418,7 +428,12 @@ def iicr_from_videos(
         "videos": str(videos),
         "num_clips": len(refs) - len(failed),
         "skipped": [f"{s.path}: {s.reason}" for s in skipped] + failed,
-        "clips": {"frames": cfg.frames, "stride": cfg.stride, "clips_per_video": cfg.clips_per_video, "size": cfg.size},
+        "clips": {
+            "frames": cfg.frames,
+            "stride": cfg.stride,
+            "clips_per_video": cfg.clips_per_video,
+            "size": cfg.size,
+        },
         "labels": labelled,
         "encoders": {name: acc.result() for name, acc in accs.items()},
     }

@@ -1,0 +1,217 @@
+"""IICR on known answers, against brute force, over a real zarr store and straight from videos."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from click.testing import CliRunner
+
+from cache_schema import fingerprint, validate_store
+from pipeline.cli import main
+from stages.evaluate.iicr import iicr_from_array, iicr_from_store
+
+
+def _brute(x: np.ndarray, vid: np.ndarray, lab: np.ndarray | None) -> dict[str, float]:
+    """Pairwise cosines written out with explicit frame-by-frame matrices."""
+    n, t = x.shape[:2]
+    u = x.mean(axis=(2, 3)) if x.ndim == 5 else x
+    u = u / np.linalg.norm(u, axis=-1, keepdims=True)
+    intra = np.mean(
+        [np.mean([u[i, a] @ u[i, b] for a in range(t) for b in range(t) if a != b]) for i in range(n)]
+    )
+    flat = u.reshape(n * t, -1)
+    gram = flat @ flat.T
+    fv = np.repeat(vid, t)
+    out = {"intra": intra, "inter_video": gram[fv[:, None] != fv[None, :]].mean()}
+    if lab is not None:
+        fl = np.repeat(lab, t)
+        ok = (fl[:, None] >= 0) & (fl[None, :] >= 0) & (fl[:, None] != fl[None, :])
+        out["inter_class"] = gram[ok].mean()
+    return out
+
+
+def test_constant_within_video_gives_intra_one_and_orthogonal_videos_inter_zero() -> None:
+    n, t, h, w, d = 5, 4, 2, 3, 8
+    x = np.broadcast_to(np.eye(d)[:n, None, None, None, :], (n, t, h, w, d)).copy()
+    r = iicr_from_array(x)
+    assert r["intra"] == pytest.approx(1.0, abs=1e-9)
+    assert r["inter_video"] == pytest.approx(0.0, abs=1e-9)
+    assert r["iicr_video"] is None  # intra / 0 is undefined, reported as null
+    assert r["per_position"]["intra"] == pytest.approx(1.0, abs=1e-9)
+    assert np.allclose(r["per_position"]["intra_map"], 1.0)
+
+    # every video the same constant direction: intra = inter = 1, IICR = 1
+    same = np.ones((n, t, h, w, d))
+    r = iicr_from_array(same)
+    assert (
+        r["intra"] == pytest.approx(1.0)
+        and r["inter_video"] == pytest.approx(1.0)
+        and r["iicr"] == pytest.approx(1.0)
+    )
+
+    # frames alternate between two orthogonal directions inside each clip: intra = (T/2-1)/(T-1) ... = 1/3
+    alt = np.zeros((n, t, d))
+    alt[:, 0::2, 0] = 1.0
+    alt[:, 1::2, 1] = 1.0
+    assert iicr_from_array(alt)["intra"] == pytest.approx(1 / 3)
+
+
+def test_matches_brute_force_with_videos_and_labels() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(7, 3, 2, 2, 6)) + 0.5  # a shared offset keeps inter away from 0
+    vid = np.array([0, 0, 1, 2, 2, 2, 3])
+    lab = np.array([0, 0, 1, 0, 0, 0, -1])  # one unlabelled clip: left out of the class figure
+    r = iicr_from_array(x, vid, lab)
+    ref = _brute(x, vid, lab)
+    for key in ("intra", "inter_video", "inter_class"):
+        assert r[key] == pytest.approx(ref[key], abs=1e-6)
+    assert r["iicr_class"] == pytest.approx(ref["intra"] / ref["inter_class"], rel=1e-5)
+    assert r["iicr"] == r["iicr_class"]
+    # per position: position (i, j) is its own set of frame vectors
+    maps = np.array(r["per_position"]["inter_video_map"])
+    for i in range(2):
+        for j in range(2):
+            pos = _brute(x[:, :, i : i + 1, j : j + 1], vid, None)
+            assert maps[i, j] == pytest.approx(pos["inter_video"], abs=1e-5)
+            assert r["per_position"]["intra_map"][i][j] == pytest.approx(pos["intra"], abs=1e-5)
+
+
+def _make_store(path: Path, seed: int = 0) -> dict:
+    """A schema-v1 store as CONTRACT.md lays it out: 2 encoders, 11 clips in blocks of 4."""
+    rng = np.random.default_rng(seed)
+    n, t, h, w = 11, 4, 3, 3
+    dims = {"enc_a": 6, "enc_b": 4}
+    video_index = np.array([0, 0, 1, 1, 1, 2, 3, 3, 4, 4, 5], np.int32)  # videos span block borders
+    labels = np.array([0, 0, 1, 1, 1, 0, 1, 1, 0, 0, 1], np.int64)
+    valid = np.ones(n, np.uint8)
+    valid[5] = 0  # failed clip: must be skipped
+    parts = []
+    for d in dims.values():
+        base = rng.normal(size=(6, 1, 1, 1, d))[video_index]  # per-video content
+        x = base + 0.6 * rng.normal(size=(n, t, h, w, d))
+        parts.append(x / np.linalg.norm(x, axis=-1, keepdims=True))
+    targets = np.concatenate(parts, axis=-1).astype(np.float16)
+    targets[5] = 0  # what an extraction writes for a failed clip
+    encs, start = [], 0
+    for name, d in dims.items():
+        encs.append({"name": name, "id": f"test/{name}", "dim": d, "start": start, "stop": start + d})
+        start += d
+    spec = {
+        "dataset": {"source": "synthetic", "files": [f"v{i}.mp4" for i in range(6)]},
+        "clips": {"frames": 4, "stride": 1, "clips_per_video": 2, "size": 24},
+        "vae": {
+            "id": "tiny",
+            "scale": 0.18215,
+            "latent_channels": 4,
+            "spatial_factor": 4,
+            "temporal_factor": 1,
+        },
+        "encoders": [{"name": e["name"], "id": e["id"], "input_size": 24, "dim": e["dim"]} for e in encs],
+        "grid": [t, h, w],
+        "patch_size": [1, 2, 2],
+        "fusion": "concat",
+        "dtype": "float16",
+    }
+    block = 4
+    g = zarr.open_group(str(path), mode="w")
+    g.attrs.update(
+        {
+            "schema_version": 1,
+            "fingerprint": fingerprint(spec),
+            "spec": spec,
+            "grid": [t, h, w],
+            "patch_size": [1, 2, 2],
+            "latent_shape": [4, t, 2 * h, 2 * w],
+            "encoders": encs,
+            "target_dim": start,
+            "class_names": ["a", "b"],
+            "num_clips": n,
+            "block_size": block,
+            "num_blocks": 3,
+            "sources": spec["dataset"]["files"],
+            "config": {},
+        }
+    )
+    g.create_array(
+        "latents", data=np.zeros((n, 4, t, 2 * h, 2 * w), np.float16), chunks=(block, 4, t, 2 * h, 2 * w)
+    )
+    g.create_array("targets", data=targets, chunks=(block, t, h, w, start))
+    g.create_array("labels", data=labels, chunks=(block,))
+    g.create_array("video_index", data=video_index, chunks=(block,))
+    g.create_array("start_frame", data=np.zeros(n, np.int32), chunks=(block,))
+    g.create_array("valid", data=valid, chunks=(block,))
+    g.create_array("block_done", data=np.ones(3, np.uint8), chunks=(3,))
+    return {
+        "targets": targets,
+        "video_index": video_index,
+        "labels": labels,
+        "valid": valid.astype(bool),
+        "encs": encs,
+    }
+
+
+@pytest.mark.parametrize("block_clips", [None, 3])
+def test_store_iicr_equals_in_memory(tmp_path: Path, block_clips: int | None) -> None:
+    store = tmp_path / "cache.zarr"
+    ref = _make_store(store)
+    assert validate_store(store) == []
+    res = iicr_from_store(str(store), block_clips=block_clips, progress=False)
+    assert res["num_clips"] == 10 and res["skipped_invalid"] == 1 and res["labels"]
+    keep = ref["valid"]
+    for enc in ref["encs"]:
+        x = ref["targets"][keep][..., enc["start"] : enc["stop"]].astype(np.float32)
+        expect = iicr_from_array(x, ref["video_index"][keep], ref["labels"][keep])
+        got = res["encoders"][enc["name"]]
+        for key in ("intra", "inter_video", "inter_class", "iicr_video", "iicr_class"):
+            assert got[key] == pytest.approx(expect[key], rel=1e-5), key
+        assert got["per_position"]["intra"] == pytest.approx(expect["per_position"]["intra"], rel=1e-5)
+        assert got["per_position"]["inter_video"] == pytest.approx(
+            expect["per_position"]["inter_video"], rel=1e-5
+        )
+        assert got["intra"] > got["inter_video"]  # clips share their video's content
+    only_b = iicr_from_store(str(store), encoders=["enc_b"], progress=False)
+    assert list(only_b["encoders"]) == ["enc_b"]
+    with pytest.raises(ValueError, match="enc_c"):
+        iicr_from_store(str(store), encoders=["enc_c"], progress=False)
+
+
+def test_analyze_command_over_a_store(tmp_path: Path) -> None:
+    store = tmp_path / "cache.zarr"
+    _make_store(store)
+    out = tmp_path / "analysis"
+    res = CliRunner().invoke(main, ["analyze", "--cache", str(store), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads((out / "iicr.json").read_text())
+    assert set(data["encoders"]) == {"enc_a", "enc_b"}
+    assert "enc_a" in res.output and "IICR(class)" in res.output
+    png = (out / "iicr.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
+    res = CliRunner().invoke(main, ["analyze", "--out", str(out)])
+    assert res.exit_code != 0 and "exactly one" in res.output
+
+
+def test_analyze_straight_from_videos_with_tiny_encoders(synth_videos: Path, tmp_path: Path) -> None:
+    out = tmp_path / "from_videos"
+    args = [
+        "analyze",
+        "--videos",
+        str(synth_videos),
+        "--encoders",
+        "dino",
+        "--preset",
+        "tiny",
+        "--out",
+        str(out),
+    ]
+    args += ["--frames", "4", "--stride", "2", "--clips-per-video", "2", "--size", "64", "--device", "cpu"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    data = json.loads((out / "iicr.json").read_text())
+    r = data["encoders"]["dino"]
+    assert data["labels"] is True and data["num_clips"] == 12
+    assert r["frames_per_clip"] == 4 and -1.0 <= r["inter_video"] <= 1.0 and -1.0 <= r["intra"] <= 1.0
+    assert r["iicr_class"] is not None and "per_position" in r
