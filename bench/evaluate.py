@@ -23,21 +23,7 @@ import numpy as np
 import torch
 
 from stages.evaluate.detectors import Detector, load_detector
-
-
-class TinyI3D(torch.nn.Module):
-    """Random stand-in with the call signature of StyleGAN-V's TorchScript I3D (400-d)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv3d(3, 16, kernel_size=(3, 8, 8), stride=(2, 8, 8))
-        self.fc = torch.nn.Linear(16, 400)
-
-    def forward(
-        self, x: torch.Tensor, rescale: bool = False, resize: bool = False, return_features: bool = False
-    ) -> torch.Tensor:
-        out = self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3, 4)))
-        return out if return_features else torch.softmax(out, dim=1)
+from stages.evaluate.tiny import make_tiny_i3d
 
 
 def videomae_v2_random_state_dict(
@@ -97,7 +83,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-eval-"))
     torch.manual_seed(0)
     tiny_i3d = tmp / "tiny_i3d.pt"
-    torch.jit.script(TinyI3D().eval()).save(str(tiny_i3d))
+    make_tiny_i3d(tiny_i3d)
     tiny_vmae = tmp / "tiny_videomae_v2.pth"
     torch.save({"module": videomae_v2_random_state_dict(128, 2, 512, 32)}, tiny_vmae)
     cpu_videos = rng.integers(0, 256, (args.cpu_videos, 16, 128, 128, 3), dtype=np.uint8)

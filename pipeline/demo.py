@@ -51,8 +51,16 @@ class DemoConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {},
     # more data, a bigger model, longer training: minutes on a GPU, far longer on a CPU
-    "small": {"videos": 256, "classes": 8, "frames": 32, "size": 128, "steps": 5000, "batch_size": 32,
-              "num_samples": 64, "sample_steps": 50},
+    "small": {
+        "videos": 256,
+        "classes": 8,
+        "frames": 32,
+        "size": 128,
+        "steps": 5000,
+        "batch_size": 32,
+        "num_samples": 64,
+        "sample_steps": 50,
+    },
 }
 
 
@@ -100,44 +108,84 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     with timer.step("synthesize videos"):
         data = out / "data"
         if not data.exists():
-            make_synthetic(data, videos=cfg.videos, classes=cfg.classes, frames=cfg.frames, size=cfg.size,
-                           seed=cfg.seed)
+            make_synthetic(
+                data, videos=cfg.videos, classes=cfg.classes, frames=cfg.frames, size=cfg.size, seed=cfg.seed
+            )
     with timer.step("extract (VAE + frozen encoders -> zarr)"):
         values = preset_values("tiny") if tiny else {}
-        values.update({"data": str(data), "out": str(out / "cache.zarr"), "encoders": list(cfg.encoders),
-                       "device": cfg.device, "size": cfg.size if not tiny else values["size"]})
+        values.update(
+            {
+                "data": str(data),
+                "out": str(out / "cache.zarr"),
+                "encoders": list(cfg.encoders),
+                "device": cfg.device,
+                "size": cfg.size if not tiny else values["size"],
+            }
+        )
         for key in ("vae", "dino_model", "sam2_model", "videomae_model"):
             if getattr(cfg, key):
                 values[key] = getattr(cfg, key)
         extracted = run_extract(ExtractConfig(**values))
     with timer.step("pack (zarr -> WebDataset shards)"):
-        run_pack(PackConfig(cache=str(out / "cache.zarr"), out=str(out / "shards"), samples_per_shard=8,
-                            overwrite=True, progress=False))
+        run_pack(
+            PackConfig(
+                cache=str(out / "cache.zarr"),
+                out=str(out / "shards"),
+                samples_per_shard=8,
+                overwrite=True,
+                progress=False,
+            )
+        )
     runs = {"aligned": cfg.align_lambda, "baseline": 0.0}
     summaries = {}
     for name, lam in runs.items():
         with timer.step(f"train {name} (lambda={lam})"):
             train_values = dict(TRAIN_PRESETS["tiny"]) if tiny else {}
-            train_values.update({
-                "shards": str(out / "shards"), "out": str(out / "runs" / name), "align_lambda": lam,
-                "steps": cfg.steps, "batch_size": cfg.batch_size, "seed": cfg.seed, "device": cfg.device,
-                "log_every": max(1, cfg.steps // 60), "checkpoint_every": cfg.steps,
-                "sample_every": cfg.steps, "resume": (out / "runs" / name / "checkpoints" / "latest").exists(),
-            })
+            train_values.update(
+                {
+                    "shards": str(out / "shards"),
+                    "out": str(out / "runs" / name),
+                    "align_lambda": lam,
+                    "steps": cfg.steps,
+                    "batch_size": cfg.batch_size,
+                    "seed": cfg.seed,
+                    "device": cfg.device,
+                    "log_every": max(1, cfg.steps // 60),
+                    "checkpoint_every": cfg.steps,
+                    "sample_every": cfg.steps,
+                    "resume": (out / "runs" / name / "checkpoints" / "latest").exists(),
+                }
+            )
             summaries[name] = train(TrainConfig(**train_values), progress=True)
     for name in runs:
         with timer.step(f"sample {name}"):
-            run_sample(SampleConfig(run=str(out / "runs" / name), out=str(out / "runs" / name / "samples"),
-                                    num=cfg.num_samples, steps=cfg.sample_steps, seed=cfg.seed,
-                                    device=cfg.device, batch_size=8))
+            run_sample(
+                SampleConfig(
+                    run=str(out / "runs" / name),
+                    out=str(out / "runs" / name / "samples"),
+                    num=cfg.num_samples,
+                    steps=cfg.sample_steps,
+                    seed=cfg.seed,
+                    device=cfg.device,
+                    batch_size=8,
+                )
+            )
     fvd: dict[str, Any] = {}
     with timer.step("evaluate (FVD)"):
         weights = cfg.detector_weights
         if weights is None:
             weights = str(make_tiny_i3d(out / "detectors" / "tiny_i3d.pt"))
-        eval_cfg = EvalConfig(detector=cfg.detector, detector_weights=weights, frames=cfg.fvd_frames,
-                              resolution=cfg.size if not tiny else 64, num_videos=cfg.videos, batch_size=8,
-                              device=cfg.device, cache_dir=str(out / "fvd-stats"), progress=False)
+        eval_cfg = EvalConfig(
+            detector=cfg.detector,
+            detector_weights=weights,
+            frames=cfg.fvd_frames,
+            resolution=cfg.size if not tiny else 64,
+            num_videos=cfg.videos,
+            batch_size=8,
+            device=cfg.device,
+            cache_dir=str(out / "fvd-stats"),
+            progress=False,
+        )
         for name in runs:
             fvd[name] = compute_fvd(data, out / "runs" / name / "samples" / "videos.npz", eval_cfg)
         (out / "metrics.json").write_text(json.dumps(fvd, indent=2, default=str))
@@ -188,8 +236,12 @@ def plot_curves(out: Path, logs: dict[str, list[dict[str, Any]]]) -> dict[str, P
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, rows in logs.items():
         for key in _cos_keys(rows):
-            ax.plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r],
-                    label=f"{name} {key[4:]}", linestyle="-" if name == "aligned" else "--")
+            ax.plot(
+                [r["step"] for r in rows if key in r],
+                [r[key] for r in rows if key in r],
+                label=f"{name} {key[4:]}",
+                linestyle="-" if name == "aligned" else "--",
+            )
     ax.set_xlabel("step")
     ax.set_ylabel("cosine similarity to target")
     ax.legend(fontsize=7)
@@ -206,8 +258,14 @@ def _last(rows: list[dict[str, Any]], key: str) -> float | None:
     return float(values[-1]) if values else None
 
 
-def write_report(out: Path, cfg: DemoConfig, extracted, fvd: dict[str, Any], iicr: dict[str, Any],
-                 steps: list[tuple[str, float]]) -> dict[str, Any]:
+def write_report(
+    out: Path,
+    cfg: DemoConfig,
+    extracted,
+    fvd: dict[str, Any],
+    iicr: dict[str, Any],
+    steps: list[tuple[str, float]],
+) -> dict[str, Any]:
     """report.md + report.html (images embedded) + summary.json; prints the one-screen summary."""
     logs = {name: _read_log(out / "runs" / name / "log.jsonl") for name in ("aligned", "baseline")}
     plots = plot_curves(out, logs)
@@ -216,13 +274,30 @@ def write_report(out: Path, cfg: DemoConfig, extracted, fvd: dict[str, Any], iic
     train_rows = []
     for name, rows in logs.items():
         cos = {k[4:]: _last(rows, k) for k in _cos_keys(rows)}
-        train_rows.append([name, _last(rows, "step"), _last(rows, "flow_loss"), _last(rows, "align_loss"),
-                           ", ".join(f"{k} {v:.3f}" for k, v in cos.items() if v is not None) or "n/a"])
-    fvd_rows = [[name, r["metric"], round(r["value"], 3), r["n_real"], r["n_fake"]] for name, r in fvd.items()]
+        train_rows.append(
+            [
+                name,
+                _last(rows, "step"),
+                _last(rows, "flow_loss"),
+                _last(rows, "align_loss"),
+                ", ".join(f"{k} {v:.3f}" for k, v in cos.items() if v is not None) or "n/a",
+            ]
+        )
+    fvd_rows = [
+        [name, r["metric"], round(r["value"], 3), r["n_real"], r["n_fake"]] for name, r in fvd.items()
+    ]
     iicr_rows = []
     for name, r in iicr["encoders"].items():
-        iicr_rows.append([name, r["dim"], _round(r.get("intra")), _round(r.get("inter_video")),
-                          _round(r.get("iicr_video")), _round(r.get("iicr_class"))])
+        iicr_rows.append(
+            [
+                name,
+                r["dim"],
+                _round(r.get("intra")),
+                _round(r.get("inter_video")),
+                _round(r.get("iicr_video")),
+                _round(r.get("iicr_class")),
+            ]
+        )
     step_rows = [[name, round(seconds, 1)] for name, seconds in steps]
     tables = {
         "train": (["run", "steps", "flow loss", "align loss", "cosine to targets (last)"], train_rows),
@@ -285,7 +360,11 @@ def write_report(out: Path, cfg: DemoConfig, extracted, fvd: dict[str, Any], iic
 
 
 def _round(value: Any) -> Any:
-    return round(value, 4) if isinstance(value, float) and math.isfinite(value) else ("n/a" if value is None else value)
+    return (
+        round(value, 4)
+        if isinstance(value, float) and math.isfinite(value)
+        else ("n/a" if value is None else value)
+    )
 
 
 def _md_table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -302,11 +381,17 @@ def _html(md_lines: list[str], images: dict[str, Path]) -> str:
     def flush_table() -> None:
         if not table:
             return
-        rows = [[c.strip() for c in line.strip("|").split("|")] for line in table if not line.startswith("|---")]
+        rows = [
+            [c.strip() for c in line.strip("|").split("|")] for line in table if not line.startswith("|---")
+        ]
         head, rest = rows[0], rows[1:]
-        body.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>"
-                    + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rest)
-                    + "</table>")
+        body.append(
+            "<table><tr>"
+            + "".join(f"<th>{html.escape(c)}</th>" for c in head)
+            + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rest)
+            + "</table>"
+        )
         table.clear()
 
     for block in "\n".join(md_lines).split("\n"):
@@ -331,7 +416,11 @@ def _html(md_lines: list[str], images: dict[str, Path]) -> str:
             text = html.escape(line).replace("**", "")
             body.append(f"<p>{text}</p>")
     flush_table()
-    style = ("body{font-family:sans-serif;max-width:900px;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:4px 8px}img{max-width:100%}")
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>align4gen demo</title><style>{style}</style>" \
-           f"</head><body>{''.join(body)}</body></html>"
+    style = (
+        "body{font-family:sans-serif;max-width:900px;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px}img{max-width:100%}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>align4gen demo</title><style>{style}</style>"
+        f"</head><body>{''.join(body)}</body></html>"
+    )

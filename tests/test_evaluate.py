@@ -14,38 +14,15 @@ from click.testing import CliRunner
 from pipeline.cli import main
 from stages.evaluate import fvd
 from stages.evaluate.detectors import DetectorError, load_detector, load_videomae_v2
+from stages.evaluate.tiny import make_tiny_i3d
 
 cdfvd_vit = pytest.importorskip("cdfvd.third_party.VideoMAEv2.videomaev2_finetune")
 cdfvd_vmae_utils = pytest.importorskip("cdfvd.third_party.VideoMAEv2.utils")
 cdfvd_i3d_utils = pytest.importorskip("cdfvd.third_party.i3d.utils")
 
 
-class TinyI3D(torch.nn.Module):
-    """Stand-in with the call signature of StyleGAN-V's i3d_torchscript.pt."""
-
-    def __init__(self, features: int = 400) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv3d(3, 8, kernel_size=(3, 16, 16), stride=(2, 16, 16))
-        self.fc = torch.nn.Linear(8, features)
-
-    def forward(
-        self, x: torch.Tensor, rescale: bool = False, resize: bool = False, return_features: bool = False
-    ) -> torch.Tensor:
-        if rescale:
-            x = x * 2.0 - 1.0
-        if resize:
-            x = torch.nn.functional.interpolate(x, size=(x.shape[2], 224, 224), mode="trilinear")
-        h = torch.relu(self.conv(x)).mean(dim=(2, 3, 4))
-        out = self.fc(h)
-        if not return_features:
-            out = torch.softmax(out, dim=1)
-        return out
-
-
 def _script_i3d(path: Path, features: int) -> Path:
-    torch.manual_seed(0)
-    torch.jit.script(TinyI3D(features).eval()).save(str(path))
-    return path
+    return make_tiny_i3d(path, features=features, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -296,3 +273,95 @@ def test_detector_weights_missing_is_a_clear_error(synth_videos: Path, tmp_path:
         ],
     )
     assert res.exit_code != 0 and "--detector-weights" in res.output
+
+
+def test_cd_fvd_features_command_with_videomae_v2(tmp_path: Path) -> None:
+    model = _tiny_vit(2, seed=1)
+    ckpt = tmp_path / "vit_tiny.pth"
+    torch.save({"model": model.state_dict()}, ckpt)
+    videos = _videos(3, 16, 32, 32, seed=5)
+    npz = tmp_path / "videos.npz"
+    np.savez(npz, videos=videos)
+    out = tmp_path / "feats.npz"
+    args = ["evaluate", "features", "--videos", str(npz), "--out", str(out), "--detector", "videomae-v2"]
+    args += [
+        "--detector-weights",
+        str(ckpt),
+        "--resolution",
+        "32",
+        "--num-videos",
+        "3",
+        "--set",
+        "num_heads=2",
+    ]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    with np.load(out) as data:
+        feats, protocol = data["features"], json.loads(str(data["protocol"]))
+    with torch.no_grad():
+        ref = model.forward_features(cdfvd_vmae_utils.preprocess_videomae(videos)).numpy()
+    np.testing.assert_allclose(feats, ref, atol=1e-4)
+    assert protocol["detector"] == "videomae-v2" and protocol["frames"] == 16
+
+
+def test_sample_then_evaluate_round_trip(synth_videos: Path, small_i3d_path: Path, tmp_path: Path) -> None:
+    """A run directory (train stage layout) -> `pipeline sample` -> videos.npz -> `pipeline evaluate fvd`."""
+    import yaml
+    from diffusers import AutoencoderKL
+
+    from stages.common.dit import VideoDiT
+
+    torch.manual_seed(0)
+    vae = tmp_path / "vae"
+    AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    ).save_pretrained(vae)
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step-0000001"
+    dit = VideoDiT(
+        in_channels=4, num_frames=4, sample_size=8, hidden_size=32, depth=2, num_heads=4, num_classes=2
+    )
+    dit.save_pretrained(step / "model")
+    dit.save_pretrained(step / "ema")
+    (run / "checkpoints" / "latest").write_text("step-0000001\n")
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": "tiny", "vae": str(vae), "latent_scale": 0.5}))
+
+    samples = tmp_path / "samples"
+    res = CliRunner().invoke(
+        main, ["sample", "--run", str(run), "--out", str(samples), "--num", "5", "--steps", "2"]
+    )
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "eval"
+    args = [
+        "evaluate",
+        "fvd",
+        "--real",
+        str(synth_videos),
+        "--fake",
+        str(samples / "videos.npz"),
+        "--out",
+        str(out),
+    ]
+    args += [
+        "--detector",
+        "i3d",
+        "--detector-weights",
+        str(small_i3d_path),
+        "--frames",
+        "4",
+        "--resolution",
+        "16",
+    ]
+    args += ["--num-videos", "5", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_fake"] == 5 and metrics["n_real"] == 5 and metrics["value"] > 0

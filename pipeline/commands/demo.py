@@ -9,7 +9,11 @@ from pipeline.config import config_options
 
 @click.command("demo")
 @click.option("--out", type=str, help="Output folder [demo-out].")
-@click.option("--preset", type=click.Choice(["tiny", "small"]), help="tiny (CPU, minutes) or small (bigger data, longer).")
+@click.option(
+    "--preset",
+    type=click.Choice(["tiny", "small"]),
+    help="tiny (CPU, minutes) or small (bigger data, longer).",
+)
 @click.option("--videos", type=int, help="Synthetic videos [32].")
 @click.option("--classes", type=int, help="Synthetic classes [4].")
 @click.option("--steps", type=int, help="Training steps per run [300].")

@@ -3,7 +3,9 @@
 A number is only comparable to another computed under the same protocol, so every stats
 file carries its protocol (detector, weights sha256, frames, frame stride, resolution, video
 count) and its fingerprint; comparing stats of different protocols is refused, naming the
-field. Stats follow StyleGAN-V: mean and the biased (1/n) covariance of the features.
+field. `count` is the number of videos the protocol asks for (StyleGAN-V: 2048); `n` is how
+many were actually used (a warning when fewer, or when n < feature dim). Stats follow
+StyleGAN-V: mean and the biased (1/n) covariance of the features.
 """
 
 from __future__ import annotations
@@ -117,9 +119,15 @@ def build_detector(cfg: EvalConfig):
 
     from .detectors import load_detector
 
-    options = (
-        {"num_heads": cfg.num_heads, "num_frames": cfg.frames} if cfg.detector.startswith("videomae") else {}
-    )
+    options: dict[str, Any] = {}
+    if cfg.detector.startswith("videomae"):
+        options = {"num_heads": cfg.num_heads, "num_frames": cfg.frames}
+        if cfg.frames != 16:
+            warnings.warn(
+                f"content-debiased FVD is defined on 16 frames; using {cfg.frames} (results are not comparable "
+                "to published numbers)",
+                stacklevel=2,
+            )
     det = load_detector(cfg.detector, cfg.detector_weights, resolve_device(cfg.device), **options)
     det.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
     return det

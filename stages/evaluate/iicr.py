@@ -103,8 +103,13 @@ class _Moments:
         return out
 
 
-def _ratio(a: float, b: float) -> float | None:
-    if not (math.isfinite(a) and math.isfinite(b)) or abs(b) < 1e-12:
+def _finite(x: float) -> float | None:
+    """JSON-safe: NaN (e.g. inter with a single video) becomes None."""
+    return float(x) if math.isfinite(x) else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)) or abs(b) < 1e-12:
         return None
     return float(a / b)
 
@@ -165,7 +170,7 @@ class IICRAccumulator:
     def result(self) -> dict[str, Any]:
         if self.num_clips == 0:
             raise ValueError("no clips were given to IICR")
-        pooled = {k: float(v[0]) for k, v in self.pooled.result().items()}
+        pooled = {k: _finite(v[0]) for k, v in self.pooled.result().items()}
         out: dict[str, Any] = {
             "num_clips": self.num_clips,
             "frames_per_clip": self.frames_per_clip,
@@ -182,14 +187,14 @@ class IICRAccumulator:
             res = self.tokens.result()
             h, w = self.grid_hw
             tok: dict[str, Any] = {
-                "intra": float(res["intra"].mean()),
-                "inter_video": float(res["inter_video"].mean()),
+                "intra": _finite(res["intra"].mean()),
+                "inter_video": _finite(res["inter_video"].mean()),
                 "intra_map": res["intra"].reshape(h, w).round(6).tolist(),
-                "inter_video_map": res["inter_video"].reshape(h, w).round(6).tolist(),
+                "inter_video_map": np.nan_to_num(res["inter_video"]).reshape(h, w).round(6).tolist(),
             }
             tok["iicr_video"] = _ratio(tok["intra"], tok["inter_video"])
             if "inter_class" in res:
-                tok["inter_class"] = float(res["inter_class"].mean())
+                tok["inter_class"] = _finite(res["inter_class"].mean())
                 tok["iicr_class"] = _ratio(tok["intra"], tok["inter_class"])
             out["per_position"] = tok
         return out
