@@ -199,7 +199,18 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 def _read_log(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _flatten_cos([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+
+
+def _flatten_cos(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """log.jsonl keeps cosine similarity as {"cos_sim": {encoder: value}}; flatten to cos_<encoder>."""
+    flat = []
+    for row in rows:
+        row = dict(row)
+        for name, value in (row.pop("cos_sim", None) or {}).items():
+            row[f"cos_{name}"] = value
+        flat.append(row)
+    return flat
 
 
 def _cos_keys(rows: list[dict[str, Any]]) -> list[str]:

@@ -64,10 +64,18 @@ def train(config_file, overrides, preset, **flags):
         raise click.UsageError("--out is required (the run directory)")
 
     import cache_schema
+    from stages.common.vae import WeightsNotFoundError
 
     try:
         summary = run_train(cfg)
-    except (cache_schema.CacheError, NonFiniteLoss, ValueError, FileExistsError, FileNotFoundError) as exc:
+    except (
+        cache_schema.CacheError,
+        NonFiniteLoss,
+        WeightsNotFoundError,
+        ValueError,
+        FileExistsError,
+        FileNotFoundError,
+    ) as exc:
         raise click.ClickException(str(exc)) from None
     import os
 

@@ -107,3 +107,32 @@ def fuse(
         parts.append(f)
         start = stop
     return torch.cat(parts, dim=-1), slices
+
+
+def causal_groups(frames: int, k: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` frame ranges of each latent step of a causal video VAE.
+
+    A causal VAE with temporal compression ``k`` (CogVideoX) encodes frame 0 alone and then
+    ``k`` frames per step, so a clip needs ``1 + k * j`` frames and has ``1 + j`` latent steps.
+    """
+    k, frames = int(k), int(frames)
+    if k < 1:
+        raise ValueError(f"temporal compression must be >= 1, got {k}")
+    if frames < 1 or (frames - 1) % k:
+        raise ValueError(
+            f"{frames} frames do not fit a causal VAE with temporal compression {k}: "
+            f"use 1 + {k}*j frames (e.g. {', '.join(str(1 + k * j) for j in range(1, 5))})"
+        )
+    return [(0, 1)] + [(1 + k * j, 1 + k * (j + 1)) for j in range((frames - 1) // k)]
+
+
+def causal_temporal_mean(tokens: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-frame tokens [B,t,h,w,D] -> [B,1+(t-1)/k,h,w,D]: the mean over the frames of each
+    causal latent step (frame 0 alone, then groups of ``k``), see :func:`causal_groups`."""
+    _check_tokens(tokens)
+    b, t, h, w, d = tokens.shape
+    causal_groups(t, k)  # validates t against k
+    if k == 1:
+        return tokens
+    rest = tokens[:, 1:].reshape(b, (t - 1) // k, k, h, w, d).mean(dim=2)
+    return torch.cat([tokens[:, :1], rest], dim=1)

@@ -24,7 +24,7 @@ class ExtractConfig:
     # VAE
     vae: str = "stabilityai/sd-vae-ft-ema"
     vae_kind: str = "image"
-    latent_scale: float = 0.18215
+    latent_scale: float | None = None  # None: 0.18215 (SD VAE) or the video VAE's own scaling_factor
     # encoders: hub id or local path (None = the encoder's default hub id); input sizes
     dino_model: str | None = None
     sam2_model: str | None = None

@@ -23,8 +23,8 @@ from cache_schema import SCHEMA_VERSION, fingerprint
 from cache_schema import constants as C
 from pipeline.config import config_to_dict
 from stages.common import video as V
-from stages.common.encoders import load_encoder
-from stages.common.resample import fuse, to_target
+from stages.common.encoders import VideoMAEEncoder, load_encoder
+from stages.common.resample import causal_temporal_mean, fuse, to_target
 from stages.common.vae import VAEWrapper
 
 from .config import ExtractConfig
@@ -93,32 +93,62 @@ def model_sources(cfg: ExtractConfig) -> dict[str, str | None]:
         from stages.common.presets import tiny_models
 
         tiny = tiny_models()
-        for name, path in tiny.items():
-            if name == "vae" and cfg.vae != ExtractConfig.vae:
-                continue  # an explicit --vae wins over the preset
-            if name != "vae" and sources.get(name):
-                continue
-            sources[name] = path
+        if cfg.vae == ExtractConfig.vae:  # an explicit --vae wins over the preset
+            sources["vae"] = tiny["video_vae" if cfg.vae_kind == "video" else "vae"]
+        for name in ("dino", "sam2", "videomae"):
+            sources[name] = sources[name] or tiny[name]
     return sources
 
 
 def load_models(cfg: ExtractConfig, device: torch.device) -> Models:
     sources = model_sources(cfg)
     sizes = {"dino": cfg.dino_size, "sam2": cfg.sam2_size, "videomae": cfg.videomae_size}
-    vae = VAEWrapper.load(sources["vae"], kind=cfg.vae_kind, scale=cfg.latent_scale, device=device)
+    scale = cfg.latent_scale
+    if scale is None and cfg.vae_kind == "image":
+        scale = 0.18215  # the SD VAE's factor (Latte); video VAEs carry their own in their config
+    vae = VAEWrapper.load(sources["vae"], kind=cfg.vae_kind, scale=scale, device=device)
     encoders = {}
     for name in cfg.encoders:
         encoders[name] = load_encoder(name, sources.get(name), device=device, input_size=sizes.get(name))
     return Models(vae=vae, encoders=encoders)
 
 
+def causal_factor(vae: VAEWrapper) -> int:
+    """Temporal compression k of a causal video VAE (frame 0 alone, then k frames per latent
+    step), or 1 when latent steps are plain frames (image VAE, frame by frame)."""
+    return vae.temporal_factor if vae.kind == "video" and vae.temporal_factor > 1 else 1
+
+
+def latent_frames(frames: int, vae: VAEWrapper) -> int:
+    """T' for a clip of ``frames`` frames; a clear error when the clip does not fit the VAE."""
+    k = vae.temporal_factor
+    if causal_factor(vae) > 1:
+        if frames < 1 or (frames - 1) % k:
+            fits = ", ".join(str(1 + k * j) for j in range(1, 5))
+            raise ExtractError(
+                f"--frames {frames} does not fit the causal video VAE '{vae.model_id}' (temporal "
+                f"compression {k}): it encodes frame 0 alone and then {k} frames per latent step, so "
+                f"clips need 1 + {k}*j frames, e.g. {fits}"
+            )
+        t_lat = 1 + (frames - 1) // k
+    elif k > 1:
+        if frames % k:
+            raise ExtractError(f"--frames {frames} is not a multiple of the VAE's temporal compression {k}")
+        t_lat = frames // k
+    else:
+        t_lat = frames
+    reported = vae.latent_frames(frames)
+    if reported != t_lat:
+        raise ExtractError(
+            f"the VAE '{vae.model_id}' reports {reported} latent frames for {frames} frames, "
+            f"expected {t_lat}; its temporal layout is not supported"
+        )
+    return t_lat
+
+
 def token_grid(cfg: ExtractConfig, vae: VAEWrapper) -> tuple[tuple[int, int, int, int], tuple[int, int, int]]:
     """(latent_shape [C,T',h,w], DiT grid [T',h/p,w/p]) for this clip spec and VAE."""
-    if cfg.frames % vae.temporal_factor and vae.temporal_factor > 1:
-        # causal video VAEs keep the first frame: T' = 1 + (T-1)/k
-        t_lat = 1 + (cfg.frames - 1) // vae.temporal_factor
-    else:
-        t_lat = cfg.frames // vae.temporal_factor
+    t_lat = latent_frames(cfg.frames, vae)
     h = cfg.size // vae.spatial_factor
     if h % cfg.patch_size:
         raise ExtractError(f"latent size {h} is not divisible by patch size {cfg.patch_size}; change --size")
@@ -138,7 +168,7 @@ def build_spec(cfg: ExtractConfig, source: V.VideoSource, models: Models, grid: 
         "vae": {
             "id": models.vae.model_id,
             "kind": cfg.vae_kind,
-            "scale": cfg.latent_scale,
+            "scale": models.vae.scale,
             "latent_channels": models.vae.latent_channels,
             "spatial_factor": models.vae.spatial_factor,
             "temporal_factor": models.vae.temporal_factor,
@@ -184,11 +214,20 @@ def _collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return items
 
 
+def _per_frame(enc: Any, tokens: torch.Tensor, frames: torch.Tensor) -> bool:
+    """An image encoder run frame by frame: one token frame per clip frame (not VideoMAE)."""
+    return not isinstance(enc, VideoMAEEncoder) and tokens.shape[1] == frames.shape[1]
+
+
 @torch.no_grad()
 def compute_batch(
     frames: torch.Tensor, models: Models, grid: tuple[int, int, int], timings: dict[str, float]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 frames [B,T,H,W,3] -> (latents fp16 [B,C,T',h,w], fused targets fp16 [B,T,H,W,D])."""
+    """uint8 frames [B,T,H,W,3] -> (latents fp16 [B,C,T',h,w], fused targets fp16 [B,T,H,W,D]).
+
+    With a causal video VAE, image-encoder features are averaged over the frames of each latent
+    step (frame 0 alone, then groups of k); VideoMAE's tubelet grid is interpolated in time.
+    """
 
     def timed(key: str, fn):
         if frames.device.type == "cuda":
@@ -201,10 +240,14 @@ def compute_batch(
         return out
 
     latents = timed("vae", lambda: models.vae.encode(frames))
+    k = causal_factor(models.vae)
     per_encoder = {}
     for name, enc in models.encoders.items():
-        tokens = timed(f"encoder:{name}", lambda enc=enc: enc.features(frames))
-        per_encoder[name] = to_target(tokens.float(), grid)
+        tokens = timed(f"encoder:{name}", lambda enc=enc: enc.features(frames)).float()
+        if k > 1 and _per_frame(enc, tokens, frames):
+            # DESIGN.md 6: average an image encoder's frames over each causal latent step
+            tokens = causal_temporal_mean(tokens, k)
+        per_encoder[name] = to_target(tokens, grid)
     targets, _ = fuse(per_encoder, list(models.encoders))
     return latents.float().cpu().numpy(), targets.float().cpu().numpy()
 

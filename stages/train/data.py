@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import random
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -122,6 +123,12 @@ def build_dataset(spec: LoaderSpec, segment: int) -> wds.DataPipeline:
     )
 
 
+def _worker_init(worker_id: int) -> None:
+    # Schedulers (Slurm, k8s) signal every process of a job; the main process handles SIGTERM
+    # by finishing the step and checkpointing, which needs its loader workers alive meanwhile.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def build_loader(spec: LoaderSpec, segment: int) -> DataLoader:
     """A DataLoader over one segment's stream; batches come from the workers in a fixed order."""
     return DataLoader(
@@ -131,6 +138,7 @@ def build_loader(spec: LoaderSpec, segment: int) -> DataLoader:
         pin_memory=spec.pin_memory,
         # A private generator keeps the loader from consuming the global torch RNG.
         generator=torch.Generator().manual_seed(derive_seed("loader", spec.seed, segment)),
+        worker_init_fn=_worker_init if spec.num_workers > 0 else None,
         persistent_workers=False,
         prefetch_factor=4 if spec.num_workers > 0 else None,
     )

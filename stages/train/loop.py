@@ -95,6 +95,12 @@ def check_cache(cfg: TrainConfig) -> dict[str, Any]:
         recorded = previous.get("expect_fingerprint")
         if recorded and recorded != layout["fingerprint"]:
             raise cache_schema.CacheMismatch("fingerprint", recorded, layout["fingerprint"], cfg.shards)
+        chosen = list(cache_schema.encoder_slices(layout, list(cfg.encoders) or None))
+        if previous.get("encoders") and list(previous["encoders"]) != chosen:
+            raise ValueError(
+                f"encoders: the run in {cfg.out} aligned to {previous['encoders']} but this resume asks "
+                f"for {chosen}; pass --encoders {','.join(previous['encoders'])} or start a new run"
+            )
     return layout
 
 
