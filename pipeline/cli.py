@@ -13,6 +13,8 @@ import click
 
 # Our report.json and config files live beside the zarr arrays; zarr warns about them on open.
 warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy.*")
+# The FVD protocol's I3D ships as TorchScript; torch's deprecation notice is not actionable for users.
+warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated.*", category=FutureWarning)
 
 # name -> (module path, attribute, one-line help shown in `pipeline --help`)
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {

@@ -27,7 +27,9 @@ from pipeline.summary import human_bytes, print_table
     type=click.Choice(["image", "video"]),
     help="image: frame by frame; video: temporal compression.",
 )
-@click.option("--latent-scale", type=float, help="Latent scale factor [0.18215 for the SD VAE; a video VAE's own].")
+@click.option(
+    "--latent-scale", type=float, help="Latent scale factor [0.18215 for the SD VAE; a video VAE's own]."
+)
 @click.option("--dino-model", type=str, help="DINOv2 hub id or local folder [facebook/dinov2-base].")
 @click.option(
     "--sam2-model", type=str, help="SAM2.1 hub id or local folder [facebook/sam2.1-hiera-base-plus]."

@@ -95,5 +95,5 @@ def resolve_checkpoint(run: str | None, checkpoint: str | None, ema: bool = True
 
 def load_model(resolved: ResolvedCheckpoint) -> VideoDiT:
     """The VideoDiT in eval mode, fp32, on CPU (the caller moves it)."""
-    model = VideoDiT.from_pretrained(str(resolved.weights_dir))
+    model = VideoDiT.from_pretrained(str(resolved.weights_dir), low_cpu_mem_usage=False)
     return model.float().eval()

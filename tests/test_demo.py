@@ -1,0 +1,81 @@
+"""`pipeline demo` at its smallest size: every artifact exists and is valid."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from cache_schema import validate_shards, validate_store
+
+
+def _finite_numbers(value) -> list[float]:
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _finite_numbers(v)]
+    if isinstance(value, list):
+        return [x for v in value for x in _finite_numbers(v)]
+    return [float(value)] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
+
+
+def test_demo_smallest_size_writes_a_valid_report(tmp_path: Path):
+    out = tmp_path / "demo"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "demo",
+        "--out",
+        str(out),
+        "--videos",
+        "8",
+        "--classes",
+        "2",
+        "--steps",
+        "6",
+        "--batch-size",
+        "4",
+        "--num-samples",
+        "4",
+        "--sample-steps",
+        "2",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "report:" in proc.stdout
+
+    assert validate_store(out / "cache.zarr") == []
+    assert validate_shards(out / "shards", verify_hashes=True) == []
+    for run in ("aligned", "baseline"):
+        rows = [json.loads(line) for line in (out / "runs" / run / "log.jsonl").read_text().splitlines()]
+        assert rows and rows[-1]["step"] == 6
+        assert all(math.isfinite(r["loss"]) for r in rows)
+        grid = Image.open(out / "runs" / run / "samples" / "grid.gif")
+        assert grid.format == "GIF" and grid.n_frames == 8
+    for png in ("loss_curves.png", "alignment_cosine.png"):
+        image = Image.open(out / png)
+        image.verify()
+        assert image.size[0] > 100
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["fvd"]) == {"aligned", "baseline"}
+    numbers = _finite_numbers({k: summary[k] for k in ("fvd", "final_flow_loss", "seconds")})
+    assert numbers and all(math.isfinite(x) for x in numbers)
+    assert all(v >= 0 for v in summary["fvd"].values())
+    iicr = json.loads((out / "iicr.json").read_text())
+    assert set(iicr["encoders"]) == {"dino", "sam2", "videomae"}
+    assert all(0.0 <= r["intra"] <= 1.0 + 1e-6 for r in iicr["encoders"].values())
+
+    report = (out / "report.md").read_text()
+    for section in ("## Training", "## Samples", "## FVD", "## IICR"):
+        assert section in report
+    for target in ("loss_curves.png", "alignment_cosine.png", "runs/aligned/samples/grid.gif"):
+        assert f"]({target})" in report and (out / target).is_file()
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and page.count("data:image/gif;base64,") == 2
+    assert "<table>" in page
