@@ -252,3 +252,22 @@ def test_pack_refuses_incomplete_store(full_store: Path, tmp_path):
 def test_replace_keeps_config_dataclass():  # guards the dataclass stays copyable for presets
     cfg = replace(ExtractConfig(), frames=4)
     assert cfg.frames == 4
+
+
+def test_info_summarises_store_and_verifies_shards(full_store: Path, tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    runner_ = CliRunner()
+    result = runner_.invoke(main, ["info", str(full_store)])
+    assert result.exit_code == 0, result.output
+    assert "zarr feature store" in result.output and "blocks 3/3 done" in result.output
+    assert "dino" in result.output and "valid        yes" in result.output
+    out = tmp_path / "shards"
+    assert runner_.invoke(main, ["pack", str(full_store), "--out", str(out), "--samples-per-shard", "3"]).exit_code == 0
+    result = runner_.invoke(main, ["info", str(out), "--verify"])
+    assert result.exit_code == 0 and "all shards match their sha256" in result.output
+    (out / "shard-000000.tar").write_bytes(b"x" * (out / "shard-000000.tar").stat().st_size)
+    result = runner_.invoke(main, ["info", str(out), "--verify"])
+    assert result.exit_code != 0 and "shard-000000.tar is corrupt" in result.output

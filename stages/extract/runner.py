@@ -325,6 +325,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
         frames=cfg.frames, stride=cfg.stride, clips_per_video=cfg.clips_per_video, size=cfg.size
     )
     source = V.discover(cfg.data)
+    models = load_models(cfg, device)  # before probing: a missing weight fails at once
     refs, skipped, _ = V.plan_clips(source, spec_clip, progress=show)
     if not refs:
         raise ExtractError(
@@ -333,7 +334,6 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
             if skipped
             else f"no videos found in {cfg.data}"
         )
-    models = load_models(cfg, device)
     latent_shape, grid = token_grid(cfg, models.vae)
     spec = build_spec(cfg, source, models, grid)
     encoders_layout, target_dim = _encoder_layout(models)
