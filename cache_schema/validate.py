@@ -35,7 +35,8 @@ def _is_url(path: str) -> bool:
     return "://" in path
 
 
-def _open_group(path: str | Path):
+def open_group(path: str | Path):
+    """The store's zarr group, read-only (our report.json/configs beside the arrays do not warn)."""
     import warnings
 
     import zarr
@@ -100,7 +101,7 @@ def read_layout(path_or_layout: str | Path | dict[str, Any]) -> dict[str, Any]:
     if kind == "shards":
         return read_index(path_or_layout)
     if kind == "store":
-        return dict(_open_group(path_or_layout).attrs)
+        return dict(open_group(path_or_layout).attrs)
     raise CacheError(f"{path_or_layout} is neither a zarr feature store nor a shard folder")
 
 
@@ -108,7 +109,7 @@ def validate_store(path: str | Path, require_complete: bool = True) -> list[str]
     """Schema-v1 errors of a zarr store (empty list = valid)."""
     errors: list[str] = []
     try:
-        group = _open_group(path)
+        group = open_group(path)
     except CacheError as exc:
         return [str(exc)]
     attrs = dict(group.attrs)

@@ -40,7 +40,9 @@ class _Cfg:
 def test_precedence_defaults_file_flags_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"steps": 20, "lr": 0.01, "name": "file", "encoders": ["sam2"]}))
-    cfg = resolve_config(_Cfg, path, ["lr=3e-4", "encoders=dino,videomae", "flag=true"], {"steps": 30, "name": None})
+    cfg = resolve_config(
+        _Cfg, path, ["lr=3e-4", "encoders=dino,videomae", "flag=true"], {"steps": 30, "name": None}
+    )
     assert cfg == _Cfg(steps=30, lr=3e-4, name="file", encoders=["dino", "videomae"], depth=None, flag=True)
     save_config(cfg, tmp_path / "resolved.yaml")
     assert yaml.safe_load((tmp_path / "resolved.yaml").read_text())["encoders"] == ["dino", "videomae"]
@@ -60,8 +62,19 @@ def test_bad_config_keys_and_values_are_named(tmp_path):
 def test_extract_with_missing_weights_fails_at_once_naming_the_flag(synth_videos, tmp_path):
     result = CliRunner().invoke(
         main,
-        ["extract", "--data", str(synth_videos), "--out", str(tmp_path / "s.zarr"), "--encoders", "dino",
-         "--dino-model", str(tmp_path / "no-such-model"), "--preset", "tiny"],
+        [
+            "extract",
+            "--data",
+            str(synth_videos),
+            "--out",
+            str(tmp_path / "s.zarr"),
+            "--encoders",
+            "dino",
+            "--dino-model",
+            str(tmp_path / "no-such-model"),
+            "--preset",
+            "tiny",
+        ],
     )
     assert result.exit_code != 0
     assert "--dino-model" in result.output and "no-such-model" in result.output

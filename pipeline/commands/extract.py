@@ -80,7 +80,9 @@ def extract(config_file, overrides, **flags):
             click.echo(f"  ... and {len(result.skipped) - 10} more (see report.json)")
     if result.dry_run:
         click.echo(
-            f"dry run: projected store size about {human_bytes(result.timings['projected_bytes'])}; nothing written"
+            f"dry run: {human_bytes(result.timings['bytes_per_clip'])} per clip with --codec {cfg.codec} "
+            f"(measured on one clip), projected store size {human_bytes(result.timings['projected_bytes'])}; "
+            "nothing written"
         )
         return
     if result.invalid_clips:

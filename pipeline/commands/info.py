@@ -51,13 +51,11 @@ def _layout_lines(layout: dict) -> None:
 
 
 def _store(path: str) -> None:
-    import zarr
-
     from cache_schema import constants as C
-    from cache_schema import validate_store
+    from cache_schema import open_group, validate_store
     from pipeline.summary import human_bytes
 
-    group = zarr.open_group(path, mode="r")
+    group = open_group(path)
     attrs = dict(group.attrs)
     click.echo(f"zarr feature store: {path}")
     _layout_lines(attrs)
@@ -105,7 +103,7 @@ def _run(path: Path) -> None:
 
     cfg = yaml.safe_load((path / "config.yaml").read_text()) or {}
     click.echo(f"training run: {path}")
-    for key in ("model", "shards", "steps", "batch_size", "lambda_align", "encoders", "align_depth"):
+    for key in ("model", "shards", "steps", "batch_size", "align_lambda", "encoders", "align_depth"):
         if key in cfg:
             click.echo(f"{key:<13}{cfg[key]}")
     log = path / "log.jsonl"

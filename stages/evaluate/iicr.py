@@ -237,9 +237,10 @@ def iicr_from_store(
     figures are added when the store has labels. Returns {"store", "num_clips", "encoders": {...}}.
     """
     import dask.array as da
-    import zarr
 
-    group = zarr.open_group(str(path), mode="r")
+    from cache_schema import open_group
+
+    group = open_group(path)
     attrs = dict(group.attrs)
     if "targets" not in group:
         raise ValueError(f"{path}: no 'targets' array; is this a feature store made by `pipeline extract`?")

@@ -384,9 +384,9 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     )
     if cfg.dry_run:
         result.dry_run = True
-        result.timings["projected_bytes"] = plan.projected_bytes(
-            bytes_per_value_compressed=2.0 if cfg.codec == "none" else 1.6
-        )
+        per_clip = _measured_bytes_per_clip(cfg, source, refs, spec_clip, models, grid)
+        result.timings["bytes_per_clip"] = per_clip
+        result.timings["projected_bytes"] = per_clip * plan.num_clips
         return result
 
     # create or reopen the store (rank 0 decides; the others wait)
@@ -488,6 +488,53 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     if distributed:
         torch.distributed.destroy_process_group()
     return result
+
+
+def _measured_bytes_per_clip(cfg: ExtractConfig, source, refs, spec_clip, models: Models, grid) -> float:
+    """Run the models on one clip and compress its arrays with the chosen codec, one chunk each
+    (as the store does): the dry run's size projection rests on real features, not a guess."""
+    from .store import compressors_for
+
+    clip = next((r for r in refs[:8] if _try_read(source, r, spec_clip) is not None), None)
+    if clip is None:
+        raise ExtractError("--dry-run could not decode any of the first clips to measure their size")
+    frames = torch.from_numpy(_try_read(source, clip, spec_clip))[None].to(resolve_device(cfg.device))
+    latents, targets = compute_batch(frames, models, grid, defaultdict(float))
+    codecs = compressors_for(cfg.codec, cfg.codec_level) or []
+    total = 0
+    for array in (latents[0].astype(np.float16), targets[0].astype(np.float16)):
+        data = array.tobytes()
+        for codec in codecs:
+            data = _encode_bytes(codec, data, array.dtype.itemsize)
+        total += len(data)
+    return float(total)
+
+
+def _encode_bytes(codec, data: bytes, itemsize: int) -> bytes:
+    """Compress with the numcodecs equivalent of a zarr v3 codec (same algorithm and settings)."""
+    import numcodecs
+
+    config = codec.to_dict()["configuration"]
+    if config.get("cname") is not None:  # blosc
+        shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[
+            str(getattr(config["shuffle"], "value", config["shuffle"]))
+        ]
+        compressor = numcodecs.Blosc(
+            cname=str(getattr(config["cname"], "value", config["cname"])),
+            clevel=config["clevel"],
+            shuffle=shuffle,
+            typesize=itemsize,
+        )
+    else:
+        compressor = numcodecs.Zstd(level=config["level"])
+    return compressor.encode(data)
+
+
+def _try_read(source, ref, spec_clip):
+    try:
+        return V.read_clip(source.entries[ref.video_index], ref.start_frame, spec_clip)
+    except V.VideoDecodeError:
+        return None
 
 
 def _write_report(out: str, result: ExtractResult) -> None:

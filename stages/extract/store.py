@@ -53,10 +53,6 @@ class StorePlan:
         start = block * self.block_size
         return start, min(start + self.block_size, self.num_clips)
 
-    def projected_bytes(self, bytes_per_value_compressed: float = 2.0) -> int:
-        per_clip = int(np.prod(self.latent_shape)) + int(np.prod(self.grid)) * self.target_dim
-        return int(self.num_clips * per_clip * bytes_per_value_compressed)
-
 
 def create_store(url: str, plan: StorePlan, attrs: dict[str, Any], codec: str, level: int) -> zarr.Group:
     """Create every array and write the attributes and the per-clip metadata (rank 0 only)."""

@@ -17,7 +17,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from cache_schema import SCHEMA_VERSION, validate_store
+from cache_schema import SCHEMA_VERSION, open_group, validate_store
 from cache_schema import constants as C
 
 
@@ -45,9 +45,8 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 def write_shard(cache: str, out: str, name: str, clips: list[int]) -> dict[str, Any]:
     """Write one shard with the given clip rows; returns its index entry (name, samples, bytes, sha256)."""
     import webdataset as wds
-    import zarr
 
-    group = zarr.open_group(cache, mode="r")
+    group = open_group(cache)
     sources = group.attrs["sources"]
     lo, hi = clips[0], clips[-1] + 1  # clips are contiguous valid rows except skipped invalid ones
     latents = group[C.LATENTS][lo:hi]
@@ -107,7 +106,6 @@ def plan_shards(valid: np.ndarray, samples_per_shard: int) -> list[list[int]]:
 def run_pack(cfg: PackConfig) -> dict[str, Any]:
     """Pack the store into shards in parallel and write index.json; returns the index."""
     import dask
-    import zarr
 
     if not cfg.cache or not cfg.out:
         raise PackError("both CACHE and --out are required")
@@ -116,7 +114,7 @@ def run_pack(cfg: PackConfig) -> dict[str, Any]:
     errors = validate_store(cfg.cache)
     if errors:
         raise PackError("cannot pack: " + "; ".join(errors))
-    group = zarr.open_group(cfg.cache, mode="r")
+    group = open_group(cfg.cache)
     attrs = dict(group.attrs)
     shards = plan_shards(group[C.VALID][:], cfg.samples_per_shard)
     if not shards:
