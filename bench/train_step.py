@@ -9,8 +9,10 @@ the trainer's WebDataset loader from shards written here with random data of the
 counted, which flatters `online`).
 
 CPU default: the tiny preset (tiny VideoDiT, tiny random-initialised encoders of the real
-classes). On a GPU: `--preset none --model B/2 --frames 16 --size 256` with the default
-encoders (weights from --dino-model/--sam2-model/--videomae-model or the HF cache), bf16.
+classes). GPU default: `--preset random-full --model B/2 --frames 16 --size 256`, bf16, with
+full-size random-initialised copies of the default encoders (real architectures and costs,
+meaningless features; no download). `--preset none` (or any --dino-model/--sam2-model/
+--videomae-model flag) uses real weights from those flags or the HF cache.
 Prints a table and writes JSON (`--out FILE.json`).
 """
 
@@ -36,6 +38,11 @@ from stages.train.align import AlignmentHead
 from stages.train.data import LoaderSpec, build_loader, iterate_steps, shard_urls
 from stages.train.loop import Trainee, update_ema
 
+REAL_IDS = {
+    "dino": "facebook/dinov2-base",
+    "sam2": "facebook/sam2.1-hiera-base-plus",
+    "videomae": "MCG-NJU/videomae-base",
+}
 SPATIAL_FACTOR = 8  # SD-style image VAE: latents are frames / 1 x size / 8, 4 channels
 
 
@@ -108,8 +115,13 @@ def load_encoders(args: argparse.Namespace, device: torch.device) -> dict:
         from stages.common.presets import tiny_models
 
         sources = tiny_models(names=names)
+    elif args.preset == "random-full":
+        from stages.common.presets import full_size_random_models
+
+        sources = full_size_random_models(names=[n for n in names if not getattr(args, f"{n}_model")])
+        sources |= {n: getattr(args, f"{n}_model") for n in names if getattr(args, f"{n}_model")}
     else:
-        sources = {n: getattr(args, f"{n}_model") for n in names}
+        sources = {n: getattr(args, f"{n}_model") or REAL_IDS[n] for n in names}
     dtype = torch.bfloat16 if device.type == "cuda" else None
     return {n: load_encoder(n, sources[n], device=device, dtype=dtype) for n in names}
 
@@ -232,7 +244,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument(
-        "--preset", default=None, help="'tiny' (CPU default) or 'none' (real encoders; GPU default)"
+        "--preset",
+        default=None,
+        choices=["tiny", "random-full", "none"],
+        help="tiny (CPU default) | random-full (GPU default: full-size random encoders) | none (real weights)",
     )
     ap.add_argument("--model", default=None, help="VideoDiT size [tiny on CPU, B/2 on GPU]")
     ap.add_argument("--frames", type=int, default=None, help="frames per clip [8 tiny, 16]")
@@ -244,9 +259,8 @@ def main() -> None:
         "--repeats", type=int, default=3, help="interleaved timing rounds; the median is reported"
     )
     ap.add_argument("--encoders", default="dino,sam2,videomae")
-    ap.add_argument("--dino-model", default="facebook/dinov2-base")
-    ap.add_argument("--sam2-model", default="facebook/sam2.1-hiera-base-plus")
-    ap.add_argument("--videomae-model", default="MCG-NJU/videomae-base")
+    for name, hub_id in REAL_IDS.items():
+        ap.add_argument(f"--{name}-model", default=None, help=f"hub id or folder [{hub_id}]")
     ap.add_argument("--projector-dim", type=int, default=None, help="projector width [64 tiny, 2048]")
     ap.add_argument("--num-workers", type=int, default=2, help="loader workers for the training variants")
     ap.add_argument("--shuffle-buffer", type=int, default=64)
@@ -258,8 +272,10 @@ def main() -> None:
     device = torch.device(
         "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
     )
-    tiny = (args.preset or ("none" if device.type == "cuda" else "tiny")) == "tiny"
-    args.preset = "tiny" if tiny else "none"
+    weights_given = any(getattr(args, f"{n}_model") for n in REAL_IDS)
+    if args.preset is None:
+        args.preset = ("none" if weights_given else "random-full") if device.type == "cuda" else "tiny"
+    tiny = args.preset == "tiny"
     args.model = args.model or ("tiny" if tiny else "B/2")
     args.frames = args.frames or (8 if tiny else 16)
     args.size = args.size or (64 if tiny else 256)

@@ -15,7 +15,10 @@ from pipeline.summary import human_bytes, print_table
 @click.option("--out", type=str, help="Output zarr store (a folder or an fsspec URL).")
 @click.option("--encoders", type=str, help="Comma-separated subset and order of dino,sam2,videomae.")
 @click.option(
-    "--preset", type=click.Choice(["tiny"]), help="tiny: tiny random-initialised models, 8x64x64 clips."
+    "--preset",
+    type=click.Choice(["tiny", "random-full"]),
+    help="tiny: tiny random models, 8x64x64 clips; random-full: real architectures with random weights "
+    "(GPU throughput checks without downloads).",
 )
 @click.option("--frames", type=int, help="Frames per clip [16].")
 @click.option("--stride", type=int, help="Frame stride [3].")

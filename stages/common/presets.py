@@ -8,6 +8,11 @@ saved with the library's own ``save_pretrained`` and later loaded back by ``VAEW
 Shapes on 64 x 64 clips: VAE 8x spatial -> 8 x 8 latents (DiT grid 4 x 4 with patch 2);
 dino 56 px / patch 14 -> 4 x 4; sam2 64 px / stride 16 -> 4 x 4; videomae 32 px / patch 16,
 8 frames, tubelet 2 -> 4 x 2 x 2. The video VAE compresses time by 4.
+
+The ``random-full`` preset (``full_size_random_models``) builds the real default models'
+exact architectures (sd-vae-ft-ema, dinov2-base, sam2.1-hiera-base-plus, videomae-base) from
+hand-written configs with random weights: for throughput and memory measurement on machines
+that cannot download the checkpoints. Their features are meaningless.
 """
 
 from __future__ import annotations
@@ -18,20 +23,27 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 PRESET_VERSION = "tiny-v1"
+FULL_PRESET_VERSION = "random-full-v1"
 TINY_NAMES = ("vae", "video_vae", "dino", "sam2", "videomae")
 _DONE = ".complete"
 # torch's global RNG is shared by threads: one build at a time per process keeps seeds exact.
 _BUILD_LOCK = threading.Lock()
 
 
+def _home() -> Path:
+    return Path(
+        os.environ.get("ALIGN4GEN_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "align4gen")
+    )
+
+
 def default_root() -> Path:
     """``$ALIGN4GEN_HOME`` or ``~/.cache/align4gen``, subfolder ``tiny-v1``."""
-    base = os.environ.get("ALIGN4GEN_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "align4gen")
-    return Path(base) / PRESET_VERSION
+    return _home() / PRESET_VERSION
 
 
 def _tiny_vae(path: Path) -> None:
@@ -145,15 +157,22 @@ _BUILDERS: dict[str, Callable[[Path], None]] = {
 }
 
 
-def _build(name: str, target: Path, seed: int) -> None:
+def _build(
+    name: str,
+    target: Path,
+    seed: int,
+    builder: Callable[[Path], None] | None = None,
+    version: str = PRESET_VERSION,
+) -> None:
     """Build into a private temp folder, then rename into place (atomic; first writer wins)."""
+    builder = builder or _BUILDERS[name]
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            _BUILDERS[name](tmp)
-        (tmp / _DONE).write_text(f"{PRESET_VERSION} seed={seed}\n")
+            builder(tmp)
+        (tmp / _DONE).write_text(f"{version} seed={seed}\n")
         try:
             os.rename(tmp, target)
         except OSError:
@@ -162,6 +181,27 @@ def _build(name: str, target: Path, seed: int) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _ensure(
+    base: Path, names: list[str], seed: int, builders: dict[str, Callable[[Path], None]], version: str
+) -> dict[str, str]:
+    """Build each missing model folder under ``base``; ``{name: folder}``."""
+    paths: dict[str, str] = {}
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        for name in names:
+            target = base / name
+            if not (target / _DONE).exists():
+                if target.exists():  # a stale, incomplete folder from an old layout: replace it
+                    shutil.rmtree(target, ignore_errors=True)
+                _build(name, target, seed, builders[name], version)
+            paths[name] = str(target)
+    finally:
+        hf_logging.enable_progress_bar()
+    return paths
 
 
 def tiny_models(
@@ -181,18 +221,165 @@ def tiny_models(
     unknown = sorted(set(wanted) - set(TINY_NAMES))
     if unknown:
         raise ValueError(f"unknown tiny model(s) {unknown}; choose from {list(TINY_NAMES)}")
-    paths: dict[str, str] = {}
-    from transformers.utils import logging as hf_logging
+    return _ensure(base, wanted, seed, _BUILDERS, PRESET_VERSION)
 
-    hf_logging.disable_progress_bar()
-    try:
-        for name in wanted:
-            target = base / name
-            if not (target / _DONE).exists():
-                if target.exists():  # a stale, incomplete folder from an old layout: replace it
-                    shutil.rmtree(target, ignore_errors=True)
-                _build(name, target, seed)
-            paths[name] = str(target)
-    finally:
-        hf_logging.enable_progress_bar()
-    return paths
+
+# ------------------------------------------------------------------ random-full preset
+FULL_NAMES = ("vae", "dino", "sam2", "videomae")
+
+
+def _sd_vae_config() -> dict[str, Any]:
+    """stabilityai/sd-vae-ft-ema's config.json (its scaling factor is diffusers' default)."""
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "block_out_channels": [128, 256, 512, 512],
+        "layers_per_block": 2,
+        "act_fn": "silu",
+        "latent_channels": 4,
+        "norm_num_groups": 32,
+        "sample_size": 256,
+        "scaling_factor": 0.18215,
+    }
+
+
+def _dinov2_base_config() -> Any:
+    """facebook/dinov2-base: ViT-B/14, 518 px position grid, layer scale, no registers."""
+    from transformers import Dinov2Config
+
+    return Dinov2Config(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        mlp_ratio=4,
+        hidden_act="gelu",
+        layer_norm_eps=1e-6,
+        image_size=518,
+        patch_size=14,
+        num_channels=3,
+        qkv_bias=True,
+        layerscale_value=1.0,
+        use_swiglu_ffn=False,
+    )
+
+
+def _sam2_base_plus_config() -> Any:
+    """facebook/sam2.1-hiera-base-plus: Hiera B+ trunk (112 wide, 2 heads, stages 2-3-16-3) and
+    a 256-wide FPN neck, plus the prompt encoder and mask decoder at their (hub) defaults."""
+    from transformers import Sam2Config, Sam2HieraDetConfig, Sam2VisionConfig
+
+    backbone = Sam2HieraDetConfig(
+        hidden_size=112,
+        num_attention_heads=2,
+        image_size=[1024, 1024],
+        patch_kernel_size=[7, 7],
+        patch_stride=[4, 4],
+        patch_padding=[3, 3],
+        query_stride=[2, 2],
+        num_query_pool_stages=3,
+        blocks_per_stage=[2, 3, 16, 3],
+        embed_dim_per_stage=[112, 224, 448, 896],
+        num_attention_heads_per_stage=[2, 4, 8, 16],
+        window_size_per_stage=[8, 4, 14, 7],
+        global_attention_blocks=[12, 16, 20],
+        window_positional_embedding_background_size=[14, 14],
+        mlp_ratio=4.0,
+    )
+    vision = Sam2VisionConfig(
+        backbone_config=backbone,
+        backbone_channel_list=[896, 448, 224, 112],
+        backbone_feature_sizes=[[256, 256], [128, 128], [64, 64]],
+        fpn_hidden_size=256,
+        fpn_top_down_levels=[2, 3],
+        num_feature_levels=3,
+    )
+    return Sam2Config(
+        vision_config=vision,
+        prompt_encoder_config={"hidden_size": 256, "image_size": 1024, "patch_size": 16},
+        mask_decoder_config={"hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 8},
+    )
+
+
+def _videomae_base_config() -> Any:
+    """MCG-NJU/videomae-base's encoder: ViT-B/16, 16 frames, tubelet 2, 224 px, final norm."""
+    from transformers import VideoMAEConfig
+
+    return VideoMAEConfig(
+        image_size=224,
+        patch_size=16,
+        num_channels=3,
+        num_frames=16,
+        tubelet_size=2,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        hidden_act="gelu",
+        qkv_bias=True,
+        layer_norm_eps=1e-12,
+        use_mean_pooling=False,
+    )
+
+
+def _model_classes() -> dict[str, Any]:
+    from diffusers import AutoencoderKL
+    from transformers import Dinov2Model, Sam2Model, VideoMAEModel
+
+    return {"vae": AutoencoderKL, "dino": Dinov2Model, "sam2": Sam2Model, "videomae": VideoMAEModel}
+
+
+_FULL_CONFIGS: dict[str, Callable[[], Any]] = {
+    "vae": _sd_vae_config,
+    "dino": _dinov2_base_config,
+    "sam2": _sam2_base_plus_config,
+    "videomae": _videomae_base_config,
+}
+
+
+def full_size_config(name: str) -> Any:
+    """The hand-written config of one ``random-full`` model (a transformers config, or the
+    diffusers AutoencoderKL keyword arguments for ``vae``)."""
+    if name not in _FULL_CONFIGS:
+        raise ValueError(f"unknown full-size model '{name}'; choose from {list(FULL_NAMES)}")
+    return _FULL_CONFIGS[name]()
+
+
+def full_size_model(name: str) -> torch.nn.Module:
+    """A randomly initialised full-size model (on the current default device: build it under
+    ``torch.device("meta")`` to count parameters without allocating them)."""
+    cfg = full_size_config(name)
+    cls = _model_classes()[name]
+    return cls(**cfg) if isinstance(cfg, dict) else cls(cfg)
+
+
+def _save_full(name: str) -> Callable[[Path], None]:
+    def build(path: Path) -> None:
+        # fp32, like the real checkpoints, so a run loads and computes in the same dtypes
+        full_size_model(name).float().save_pretrained(path)
+
+    return build
+
+
+def full_size_random_models(
+    root: str | Path | None = None, seed: int = 0, names: Iterable[str] | None = None
+) -> dict[str, str]:
+    """Create (once) and return ``{name: local folder}`` for full-size random-initialised copies
+    of the default models: ``vae`` (sd-vae-ft-ema), ``dino`` (dinov2-base), ``sam2``
+    (sam2.1-hiera-base-plus), ``videomae`` (videomae-base), under ``root/random-full-v1``.
+
+    For throughput and memory measurement only: the architectures, shapes and costs are the
+    real ones, the random weights give meaningless features. Deterministic for a ``seed``,
+    safe across concurrent processes, fp32 safetensors (about 1.3 GB for all four); loaded by
+    ``VAEWrapper.load`` / ``load_encoder`` like a downloaded checkpoint.
+    """
+    base = (Path(root).expanduser() if root is not None else _home()) / FULL_PRESET_VERSION
+    if seed:
+        base = base / f"seed{seed}"
+    wanted = list(FULL_NAMES if names is None else names)
+    unknown = sorted(set(wanted) - set(FULL_NAMES))
+    if unknown:
+        raise ValueError(f"unknown full-size model(s) {unknown}; choose from {list(FULL_NAMES)}")
+    builders = {n: _save_full(n) for n in wanted}
+    return _ensure(base, wanted, seed, builders, FULL_PRESET_VERSION)

@@ -59,6 +59,9 @@ PRESETS: dict[str, dict] = {
         "num_workers": 0,
         "device": "cpu",
     },
+    # full-size random-initialised copies of the default models (throughput/memory measurement
+    # without downloads; features are meaningless); the real clip defaults
+    "random-full": {},
 }
 
 

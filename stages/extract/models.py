@@ -39,21 +39,34 @@ def resolve_device(name: str) -> torch.device:
 
 
 def model_sources(cfg: ExtractConfig) -> dict[str, str | None]:
-    """Where each model comes from: the tiny preset's local folders or the user's ids/paths."""
+    """Where each model comes from: a preset's local folders (``tiny``: tiny models;
+    ``random-full``: full-size random copies of the defaults) or the user's ids/paths.
+    Explicit flags win over the preset."""
     sources: dict[str, str | None] = {
         "vae": cfg.vae,
         "dino": cfg.dino_model,
         "sam2": cfg.sam2_model,
         "videomae": cfg.videomae_model,
     }
+    default_vae = cfg.vae == ExtractConfig.vae  # an explicit --vae wins over the preset
     if cfg.preset == "tiny":
         from stages.common.presets import tiny_models
 
         tiny = tiny_models()
-        if cfg.vae == ExtractConfig.vae:  # an explicit --vae wins over the preset
+        if default_vae:
             sources["vae"] = tiny["video_vae" if cfg.vae_kind == "video" else "vae"]
         for name in ("dino", "sam2", "videomae"):
             sources[name] = sources[name] or tiny[name]
+    elif cfg.preset == "random-full":
+        from stages.common.presets import full_size_random_models
+
+        # only what this run uses (each is a few hundred MB); no full-size video VAE exists here
+        wanted = [n for n in ("dino", "sam2", "videomae") if n in cfg.encoders and not sources[n]]
+        if default_vae and cfg.vae_kind == "image":
+            wanted.insert(0, "vae")
+        full = full_size_random_models(names=wanted)
+        for name, path in full.items():
+            sources[name] = path
     return sources
 
 
