@@ -296,3 +296,23 @@ def test_fsspec_urls_for_store_and_shards(synth_videos: Path):
     fs = fsspec.filesystem("memory")
     assert fs.exists("/extract-test/store.zarr/report.json")
     fs.rm("/extract-test", recursive=True)
+
+
+def test_pack_on_a_dask_distributed_scheduler(full_store: Path, tmp_path):
+    """`--scheduler ADDRESS` sends the shard tasks to a dask.distributed cluster (here in-process)."""
+    from dask.distributed import LocalCluster
+
+    local = run_pack(
+        PackConfig(cache=str(full_store), out=str(tmp_path / "local"), samples_per_shard=4, progress=False)
+    )
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        index = run_pack(
+            PackConfig(
+                cache=str(full_store),
+                out=str(tmp_path / "cluster"),
+                samples_per_shard=4,
+                scheduler=cluster.scheduler_address,
+                progress=False,
+            )
+        )
+    assert [s["sha256"] for s in index["shards"]] == [s["sha256"] for s in local["shards"]]

@@ -151,7 +151,7 @@ def _compute(tasks: list, cfg: PackConfig) -> list[dict[str, Any]]:
     import dask
 
     if cfg.scheduler not in ("threads", "processes", "synchronous"):
-        from dask.distributed import Client  # a cluster address; needs dask[distributed]
+        from dask.distributed import Client  # a dask.distributed scheduler address
 
         with Client(cfg.scheduler) as client:
             return list(client.gather(client.compute(tasks)))
