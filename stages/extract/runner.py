@@ -124,8 +124,6 @@ def _check_finite(latents: np.ndarray, targets: np.ndarray, clips: list[int], pl
 
 def run_extract(cfg: ExtractConfig) -> ExtractResult:
     """Run (or resume, or dry-run) an extraction; returns what was done."""
-    from tqdm import tqdm
-
     unknown = [e for e in cfg.encoders if e not in ("dino", "sam2", "videomae")]
     if unknown:
         raise ExtractError(f"unknown encoder '{unknown[0]}'; choose from dino, sam2, videomae")
@@ -208,19 +206,17 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
         result.timings["projected_bytes"] = per_clip * plan.num_clips
         return result
 
-    # create or reopen the store (rank 0 decides; the others wait)
-    if rank == 0:
-        group = open_store(cfg.out)
-        if group is not None and group.attrs.get("fingerprint") != attrs["fingerprint"]:
-            if not cfg.overwrite:
-                field_name = _first_difference(dict(group.attrs).get("spec", {}), spec)
-                raise ExtractError(
-                    f"{cfg.out} already holds a store made with a different config (field '{field_name}' differs); "
-                    "pass --overwrite to replace it or choose another --out"
-                )
-            group = None
-        if group is None:
-            group = create_store(cfg.out, plan, attrs, cfg.codec, cfg.codec_level)
+    # every rank checks an existing store (so all fail alike); rank 0 alone creates it
+    group = open_store(cfg.out)
+    stale = group is not None and group.attrs.get("fingerprint") != attrs["fingerprint"]
+    if stale and not cfg.overwrite:
+        field_name = _first_difference(dict(group.attrs).get("spec", {}), spec)
+        raise ExtractError(
+            f"{cfg.out} already holds a store made with a different config (field '{field_name}' differs); "
+            "pass --overwrite to replace it or choose another --out"
+        )
+    if rank == 0 and (group is None or stale):
+        create_store(cfg.out, plan, attrs, cfg.codec, cfg.codec_level)
     _barrier()
     group = open_store(cfg.out)
     done = group[C.BLOCK_DONE][:]
@@ -230,83 +226,109 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     timings: dict[str, float] = defaultdict(float)
     t_start = time.perf_counter()
     if todo:
-        dataset = V.ClipDataset(source, refs, spec_clip)
-        loader = DataLoader(
-            dataset,
-            batch_sampler=BlockSampler(todo, cfg.batch_size),
-            num_workers=cfg.num_workers,
-            collate_fn=keep_items,
-            pin_memory=device.type == "cuda",
-            prefetch_factor=4 if cfg.num_workers > 0 else None,
-            persistent_workers=False,
-        )
-        writer = BlockWriter(group, timings)
-        writer.start()
-        block_of = {start: (b, start, stop) for b, start, stop in todo}
-        pending: dict[str, list] = {"lat": [], "tgt": [], "valid": [], "clips": []}
-        current: tuple[int, int, int] | None = None
-        total = sum(stop - start for _, start, stop in todo)
-        bar = tqdm(
-            total=total,
-            desc=f"extract (rank {rank})" if world > 1 else "extract",
-            unit="clip",
-            disable=not cfg.progress,
-            dynamic_ncols=True,
-        )
-        t_wait = time.perf_counter()
-        try:
-            for items in loader:
-                timings["decode_wait"] += time.perf_counter() - t_wait
-                first = items[0]["index"]
-                if first in block_of:
-                    current = block_of[first]
-                ok = [it for it in items if it["frames"] is not None]
-                lat = np.zeros((len(items), *latent_shape), np.float32)
-                tgt = np.zeros((len(items), *grid, target_dim), np.float32)
-                if ok:
-                    frames = torch.stack([torch.as_tensor(it["frames"]) for it in ok]).to(
-                        device, non_blocking=True
-                    )
-                    lat_ok, tgt_ok = compute_batch(frames, models, grid, timings)
-                    rows = [i for i, it in enumerate(items) if it["frames"] is not None]
-                    lat[rows], tgt[rows] = lat_ok, tgt_ok
-                    _check_finite(lat_ok, tgt_ok, [it["index"] for it in ok], refs, source)
-                for it in items:
-                    if it["frames"] is None:
-                        video = source.entries[refs[it["index"]].video_index].path
-                        result.invalid_clips.append(
-                            {"clip": it["index"], "path": video, "reason": it["error"]}
-                        )
-                pending["lat"].append(lat)
-                pending["tgt"].append(tgt)
-                pending["valid"].append(np.array([it["frames"] is not None for it in items], np.uint8))
-                pending["clips"].extend(it["index"] for it in items)
-                bar.update(len(items))
-                assert current is not None
-                block, start, stop = current
-                if pending["clips"] and pending["clips"][-1] == stop - 1:
-                    writer.submit(
-                        block,
-                        start,
-                        np.concatenate(pending["lat"]),
-                        np.concatenate(pending["tgt"]),
-                        np.concatenate(pending["valid"]),
-                    )
-                    result.blocks_done += 1
-                    result.blocks_computed += 1
-                    pending = {"lat": [], "tgt": [], "valid": [], "clips": []}
-                t_wait = time.perf_counter()
-        finally:
-            bar.close()
-            writer.close()  # finished blocks are flushed even when interrupted
+        _run_blocks(cfg, todo, source, refs, spec_clip, models, group, result, timings, rank, world)
     timings["total"] = time.perf_counter() - t_start
     result.timings = dict(timings)
     _barrier()
+    if distributed:  # every rank's invalid clips go into the one report
+        gathered: list[list[dict[str, Any]]] = [[] for _ in range(world)]
+        torch.distributed.all_gather_object(gathered, result.invalid_clips)
+        result.invalid_clips = [clip for part in gathered for clip in part]
+    result.blocks_done = int(open_store(cfg.out, mode="r")[C.BLOCK_DONE][:].sum())
     if rank == 0:
         _write_report(cfg.out, result)
     if distributed:
         torch.distributed.destroy_process_group()
     return result
+
+
+def _run_blocks(
+    cfg: ExtractConfig,
+    todo: list[tuple[int, int, int]],
+    source: V.VideoSource,
+    refs: list[V.ClipRef],
+    spec_clip: V.ClipSpec,
+    models: Models,
+    group,
+    result: ExtractResult,
+    timings: dict[str, float],
+    rank: int,
+    world: int,
+) -> None:
+    """Decode (workers) -> models -> background writer, for this rank's unfinished blocks."""
+    from tqdm import tqdm
+
+    device = resolve_device(cfg.device)
+    latent_shape = tuple(group.attrs["latent_shape"])
+    grid = tuple(group.attrs["grid"])
+    target_dim = int(group.attrs["target_dim"])
+    dataset = V.ClipDataset(source, refs, spec_clip)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=BlockSampler(todo, cfg.batch_size),
+        num_workers=cfg.num_workers,
+        collate_fn=keep_items,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if cfg.num_workers > 0 else None,
+        persistent_workers=False,
+    )
+    writer = BlockWriter(group, timings)
+    writer.start()
+    block_of = {start: (b, start, stop) for b, start, stop in todo}
+    pending: dict[str, list] = {"lat": [], "tgt": [], "valid": [], "clips": []}
+    current: tuple[int, int, int] | None = None
+    total = sum(stop - start for _, start, stop in todo)
+    bar = tqdm(
+        total=total,
+        desc=f"extract (rank {rank})" if world > 1 else "extract",
+        unit="clip",
+        disable=not cfg.progress,
+        dynamic_ncols=True,
+    )
+    t_wait = time.perf_counter()
+    try:
+        for items in loader:
+            timings["decode_wait"] += time.perf_counter() - t_wait
+            first = items[0]["index"]
+            if first in block_of:
+                current = block_of[first]
+            ok = [it for it in items if it["frames"] is not None]
+            lat = np.zeros((len(items), *latent_shape), np.float32)
+            tgt = np.zeros((len(items), *grid, target_dim), np.float32)
+            if ok:
+                frames = torch.stack([torch.as_tensor(it["frames"]) for it in ok]).to(
+                    device, non_blocking=True
+                )
+                lat_ok, tgt_ok = compute_batch(frames, models, grid, timings)
+                rows = [i for i, it in enumerate(items) if it["frames"] is not None]
+                lat[rows], tgt[rows] = lat_ok, tgt_ok
+                _check_finite(lat_ok, tgt_ok, [it["index"] for it in ok], refs, source)
+            for it in items:
+                if it["frames"] is None:
+                    video = source.entries[refs[it["index"]].video_index].path
+                    result.invalid_clips.append({"clip": it["index"], "path": video, "reason": it["error"]})
+            pending["lat"].append(lat)
+            pending["tgt"].append(tgt)
+            pending["valid"].append(np.array([it["frames"] is not None for it in items], np.uint8))
+            pending["clips"].extend(it["index"] for it in items)
+            bar.update(len(items))
+            assert current is not None
+            block, start, stop = current
+            if pending["clips"] and pending["clips"][-1] == stop - 1:
+                writer.submit(
+                    block,
+                    start,
+                    np.concatenate(pending["lat"]),
+                    np.concatenate(pending["tgt"]),
+                    np.concatenate(pending["valid"]),
+                )
+                result.blocks_done += 1
+                result.blocks_computed += 1
+                pending = {"lat": [], "tgt": [], "valid": [], "clips": []}
+            t_wait = time.perf_counter()
+    finally:
+        bar.close()
+        writer.close()  # finished blocks are flushed even when interrupted
 
 
 def _write_report(out: str, result: ExtractResult) -> None:
