@@ -100,7 +100,6 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     timer = Timer()
-    tiny = cfg.preset in ("tiny", "small")
 
     with timer.step("synthesize videos"):
         data = out / "data"
@@ -109,14 +108,14 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                 data, videos=cfg.videos, classes=cfg.classes, frames=cfg.frames, size=cfg.size, seed=cfg.seed
             )
     with timer.step("extract (VAE + frozen encoders -> zarr)"):
-        values = preset_values("tiny") if tiny else {}
+        values = preset_values("tiny")  # tiny models of the real classes, unless given below
         values.update(
             {
                 "data": str(data),
                 "out": str(out / "cache.zarr"),
                 "encoders": list(cfg.encoders),
                 "device": cfg.device,
-                "size": cfg.size if not tiny else values["size"],
+                "size": cfg.size,
             }
         )
         for key in ("vae", "dino_model", "sam2_model", "videomae_model"):
@@ -137,7 +136,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     summaries = {}
     for name, lam in runs.items():
         with timer.step(f"train {name} (lambda={lam})"):
-            train_values = dict(TRAIN_PRESETS["tiny"]) if tiny else {}
+            train_values = dict(TRAIN_PRESETS["tiny"])
             train_values.update(
                 {
                     "shards": str(out / "shards"),
@@ -176,7 +175,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             detector=cfg.detector,
             detector_weights=weights,
             frames=cfg.fvd_frames,
-            resolution=cfg.size if not tiny else 64,
+            resolution=cfg.size,
             num_videos=cfg.videos,
             batch_size=8,
             device=cfg.device,
