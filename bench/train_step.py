@@ -19,8 +19,6 @@ Prints a table and writes JSON (`--out FILE.json`).
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
 import json
 import platform
 import tempfile
@@ -29,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 
 import cache_schema
 from pipeline.summary import format_table
 from stages.common.dit import build_video_dit, default_align_depth
+from stages.pack.packer import clip_sample, shard_index, write_index, write_tar
 from stages.train.align import AlignmentHead
 from stages.train.data import LoaderSpec, build_loader, iterate_steps, shard_urls
 from stages.train.loop import Trainee, update_ema
@@ -51,48 +49,30 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {gpu}"
 
 
-def _npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array)
-    return buf.getvalue()
-
-
 def write_shards(
     root: Path, n: int, latent_shape, grid, encoders: dict[str, int], per_shard: int = 64
 ) -> Path:
-    """Schema-v1 shards of random fp16 latents/targets with the layout the real run would have."""
+    """Schema-v1 shards of random fp16 latents/targets with the layout the real run would have,
+    written by the packer's own tar and index writers."""
     rng = np.random.default_rng(0)
     layout, start = [], 0
     for name, dim in encoders.items():
         layout.append({"name": name, "id": f"bench/{name}", "dim": dim, "start": start, "stop": start + dim})
         start += dim
     spec = {"bench": "train_step", "latent_shape": list(latent_shape), "grid": list(grid), "encoders": layout}
-    shards = []
-    for s in range(0, n, per_shard):
-        name = f"shard-{s // per_shard:06d}.tar"
-        with wds.TarWriter(str(root / name)) as sink:
-            for i in range(s, min(n, s + per_shard)):
-                target = rng.normal(size=(*grid, start)).astype(np.float16)
-                sink.write(
-                    {
-                        "__key__": f"{i:09d}",
-                        "latent.npy": _npy(rng.normal(size=latent_shape).astype(np.float16)),
-                        "target.npy": _npy(target),
-                        "cls": str(i % 10),
-                        "json": {"video": f"v{i}", "start_frame": 0, "clip_index": i, "label": i % 10},
-                    }
-                )
-        data = (root / name).read_bytes()
-        shards.append(
-            {
-                "name": name,
-                "samples": min(per_shard, n - s),
-                "bytes": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(),
-            }
-        )
-    index = {
-        "schema_version": 1,
+
+    def samples(lo: int, hi: int):
+        for i in range(lo, hi):
+            latent = rng.normal(size=latent_shape).astype(np.float16)
+            target = rng.normal(size=(*grid, start)).astype(np.float16)
+            meta = {"video": f"v{i}", "start_frame": 0, "clip_index": i, "label": i % 10}
+            yield clip_sample(i, latent, target, i % 10, meta)
+
+    entries = [
+        write_tar(str(root / f"shard-{s // per_shard:06d}.tar"), samples(s, min(n, s + per_shard)))
+        for s in range(0, n, per_shard)
+    ]
+    store_layout = {
         "fingerprint": cache_schema.fingerprint(spec),
         "spec": spec,
         "encoders": layout,
@@ -100,10 +80,8 @@ def write_shards(
         "latent_shape": list(latent_shape),
         "target_dim": start,
         "class_names": [f"c{k}" for k in range(10)],
-        "num_samples": n,
-        "shards": shards,
     }
-    (root / "index.json").write_text(json.dumps(index))
+    write_index(str(root), shard_index(store_layout, entries))
     return root
 
 

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,41 +43,90 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_shard(cache: str, out: str, name: str, clips: list[int]) -> dict[str, Any]:
-    """Write one shard with the given clip rows; returns its index entry (name, samples, bytes, sha256)."""
+def clip_sample(clip: int, latent: np.ndarray, target: np.ndarray, label: int, meta: dict[str, Any]) -> dict:
+    """One WebDataset sample of schema v1 (label < 0: unlabelled, no `cls`)."""
+    sample = {
+        "__key__": C.KEY_FORMAT.format(clip),
+        C.SAMPLE_LATENT: _npy_bytes(latent),
+        C.SAMPLE_TARGET: _npy_bytes(target),
+        C.SAMPLE_META: json.dumps(meta).encode(),
+    }
+    if label >= 0:
+        sample[C.SAMPLE_CLASS] = str(label).encode()
+    return sample
+
+
+def write_tar(path: str, samples: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Write samples to one tar (fixed mtime: reproducible bytes); returns name, samples, bytes, sha256."""
     import webdataset as wds
 
+    count = 0
+    with fsspec.open(path, "wb") as raw:
+        digest = _HashingWriter(raw)
+        with wds.TarWriter(digest, encoder=False, mtime=0.0) as sink:
+            for sample in samples:
+                sink.write(sample)
+                count += 1
+    return {
+        "name": path.rstrip("/").rsplit("/", 1)[-1],
+        "samples": count,
+        "bytes": digest.size,
+        "sha256": digest.hexdigest(),
+    }
+
+
+def shard_index(layout: dict[str, Any], entries: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """index.json of a shard folder: the store's layout fields, the shard entries, and `extra`."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        **{
+            key: layout[key]
+            for key in (
+                "fingerprint",
+                "spec",
+                "encoders",
+                "grid",
+                "latent_shape",
+                "target_dim",
+                "class_names",
+            )
+        },
+        "patch_size": layout.get("patch_size", [1, 2, 2]),
+        "num_samples": sum(e["samples"] for e in entries),
+        **extra,
+        "shards": entries,
+    }
+
+
+def write_index(out: str, index: dict[str, Any]) -> None:
+    with fsspec.open(f"{out.rstrip('/')}/{C.SHARD_INDEX}", "w") as fh:
+        json.dump(index, fh, indent=2)
+
+
+def write_shard(cache: str, out: str, name: str, clips: list[int]) -> dict[str, Any]:
+    """Write one shard with the given clip rows of the store; returns its index entry."""
     group = open_group(cache)
     sources = group.attrs["sources"]
-    lo, hi = clips[0], clips[-1] + 1  # clips are contiguous valid rows except skipped invalid ones
+    lo, hi = clips[0], clips[-1] + 1  # one contiguous read; invalid rows in between are skipped
     latents = group[C.LATENTS][lo:hi]
     targets = group[C.TARGETS][lo:hi]
     labels = group[C.LABELS][lo:hi]
     video_index = group[C.VIDEO_INDEX][lo:hi]
     start_frame = group[C.START_FRAME][lo:hi]
-    path = f"{out.rstrip('/')}/{name}"
-    with fsspec.open(path, "wb") as raw:
-        digest = _HashingWriter(raw)
-        with wds.TarWriter(digest, encoder=False, mtime=0.0) as sink:
-            for clip in clips:
-                row = clip - lo
-                label = int(labels[row])
-                meta = {
-                    "video": sources[int(video_index[row])],
-                    "start_frame": int(start_frame[row]),
-                    "clip_index": int(clip),
-                    "label": label if label >= 0 else None,
-                }
-                sample = {
-                    "__key__": C.KEY_FORMAT.format(clip),
-                    C.SAMPLE_LATENT: _npy_bytes(latents[row]),
-                    C.SAMPLE_TARGET: _npy_bytes(targets[row]),
-                    C.SAMPLE_META: json.dumps(meta).encode(),
-                }
-                if label >= 0:
-                    sample[C.SAMPLE_CLASS] = str(label).encode()
-                sink.write(sample)
-    return {"name": name, "samples": len(clips), "bytes": digest.size, "sha256": digest.hexdigest()}
+
+    def samples():
+        for clip in clips:
+            row = clip - lo
+            label = int(labels[row])
+            meta = {
+                "video": sources[int(video_index[row])],
+                "start_frame": int(start_frame[row]),
+                "clip_index": int(clip),
+                "label": label if label >= 0 else None,
+            }
+            yield clip_sample(clip, latents[row], targets[row], label, meta)
+
+    return write_tar(f"{out.rstrip('/')}/{name}", samples())
 
 
 class _HashingWriter(io.RawIOBase):
@@ -128,22 +178,9 @@ def run_pack(cfg: PackConfig) -> dict[str, Any]:
     names = [C.SHARD_PATTERN.format(i) for i in range(len(shards))]
     tasks = [dask.delayed(write_shard)(cfg.cache, cfg.out, n, s) for n, s in zip(names, shards, strict=True)]
     entries = _compute(tasks, cfg)
-    index = {
-        "schema_version": SCHEMA_VERSION,
-        "fingerprint": attrs["fingerprint"],
-        "spec": attrs["spec"],
-        "encoders": attrs["encoders"],
-        "grid": attrs["grid"],
-        "patch_size": attrs["patch_size"],
-        "latent_shape": attrs["latent_shape"],
-        "target_dim": attrs["target_dim"],
-        "class_names": attrs["class_names"],
-        "num_samples": sum(e["samples"] for e in entries),
-        "source_store": os.path.abspath(cfg.cache) if "://" not in cfg.cache else cfg.cache,
-        "shards": entries,
-    }
-    with fsspec.open(f"{cfg.out.rstrip('/')}/{C.SHARD_INDEX}", "w") as fh:
-        json.dump(index, fh, indent=2)
+    source = os.path.abspath(cfg.cache) if "://" not in cfg.cache else cfg.cache
+    index = shard_index(attrs, entries, source_store=source)
+    write_index(cfg.out, index)
     return index
 
 
