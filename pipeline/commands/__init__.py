@@ -1,0 +1,1 @@
+"""One module per subcommand; each imports its stage inside the command, when it runs."""
