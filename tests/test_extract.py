@@ -182,10 +182,9 @@ def test_two_ranks_write_the_same_store_as_one(full_store: Path, synth_videos: P
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",  # a free port, so parallel runs cannot collide
         "--nproc_per_node",
         "2",
-        "--master_port",
-        "29517",
         "-m",
         "pipeline.cli",
         "extract",
