@@ -139,16 +139,7 @@ class Variant:
         self.ema.load_state_dict(self.model.state_dict())
         self.params = [p for p in self.trainee.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=0.0)
-        spec = LoaderSpec(
-            urls=shard_urls(str(shards), layout),
-            seed=0,
-            batch_size=args.batch_size,
-            batches_per_step=1,
-            segment_steps=10**9,
-            shuffle_buffer=args.shuffle_buffer,
-            num_workers=args.num_workers,
-            pin_memory=device.type == "cuda",
-        )
+        spec = loader_spec(shards, layout, args, args.num_workers, pin_memory=device.type == "cuda")
         self.batches = iterate_steps(spec, 0)
         self.gen = torch.Generator(device=device).manual_seed(0)
         self.frames_shape = (args.batch_size, args.frames, args.size, args.size, 3)
@@ -195,9 +186,9 @@ class Variant:
         }
 
 
-def time_loader(shards: Path, layout: dict, args, workers: int) -> dict:
-    """Samples/s the loader alone delivers with `workers` processes (decode + collate, no model)."""
-    spec = LoaderSpec(
+def loader_spec(shards: Path, layout: dict, args, workers: int, pin_memory: bool = False) -> LoaderSpec:
+    """The trainer's loader over the bench shards: one endless segment, one batch per step."""
+    return LoaderSpec(
         urls=shard_urls(str(shards), layout),
         seed=0,
         batch_size=args.batch_size,
@@ -205,7 +196,13 @@ def time_loader(shards: Path, layout: dict, args, workers: int) -> dict:
         segment_steps=10**9,
         shuffle_buffer=args.shuffle_buffer,
         num_workers=workers,
+        pin_memory=pin_memory,
     )
+
+
+def time_loader(shards: Path, layout: dict, args, workers: int) -> dict:
+    """Samples/s the loader alone delivers with `workers` processes (decode + collate, no model)."""
+    spec = loader_spec(shards, layout, args, workers)
     it = iter(build_loader(spec, 0))
     for _ in range(max(2, 2 * workers)):  # workers started, buffers filled
         next(it)

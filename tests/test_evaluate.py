@@ -304,26 +304,16 @@ def test_cd_fvd_features_command_with_videomae_v2(tmp_path: Path) -> None:
     assert protocol["detector"] == "videomae-v2" and protocol["frames"] == 16
 
 
-def test_sample_then_evaluate_round_trip(synth_videos: Path, small_i3d_path: Path, tmp_path: Path) -> None:
+def test_sample_then_evaluate_round_trip(
+    synth_videos: Path, small_i3d_path: Path, tiny_vae: Path, tmp_path: Path
+) -> None:
     """A run directory (train stage layout) -> `pipeline sample` -> videos.npz -> `pipeline evaluate fvd`."""
     import yaml
-    from diffusers import AutoencoderKL
 
     from stages.common.dit import VideoDiT
 
     torch.manual_seed(0)
-    vae = tmp_path / "vae"
-    AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-    ).save_pretrained(vae)
+    vae = tiny_vae
     run = tmp_path / "run"
     step = run / "checkpoints" / "step-0000001"
     dit = VideoDiT(

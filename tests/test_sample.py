@@ -44,26 +44,6 @@ def _dit(seed: int, num_classes: int = CLASSES) -> VideoDiT:
     return model.eval()
 
 
-@pytest.fixture(scope="module")
-def tiny_vae(tmp_path_factory) -> Path:
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("vae") / "tiny-vae"
-    AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-    ).save_pretrained(path)
-    return path
-
-
 def _make_run(root: Path, vae: Path | None, num_classes: int = CLASSES) -> Path:
     """A run directory in the train stage's layout, with distinct raw and EMA weights."""
     run = root / "run"
