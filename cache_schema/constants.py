@@ -1,30 +1,36 @@
-"""Names and versions of the cache contract (schema v1). See ../README.md "Cache format"."""
+"""Names and versions of the cache contract (schema v2). See ../DESIGN.md section 3."""
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # zarr store: array names
 LATENTS = "latents"  # [N, C, T', h, w] float16, VAE posterior mean * scale
-TARGETS = "targets"  # [N, T, H, W, D] float16, fused per-encoder L2-normalised tokens
+TARGETS_GROUP = "targets"  # targets/<encoder>/values [N, T_e, H, W, *] and targets/<encoder>/scales
+TARGET_VALUES = "values"  # dtype and last axis by the encoder's target format (cache_schema.formats)
+TARGET_SCALES = "scales"  # float16 [N, T_e, H, W, groups]; absent for float16
+PCA_GROUP = "pca"  # pca/<encoder>/mean [D] and pca/<encoder>/components [k, D], float32
+PCA_MEAN = "mean"
+PCA_COMPONENTS = "components"
 LABELS = "labels"  # [N] int64, -1 = unlabelled
 VIDEO_INDEX = "video_index"  # [N] int32, index into attrs["sources"]
 START_FRAME = "start_frame"  # [N] int32
+FLIP = "flip"  # [N] uint8, 1 = horizontally mirrored frames (computed from the mirrored pixels)
 VALID = "valid"  # [N] uint8, 0 = clip failed at extraction
 BLOCK_DONE = "block_done"  # [num_blocks] uint8, 1 = block complete (written last)
 
-STORE_ARRAYS = (LATENTS, TARGETS, LABELS, VIDEO_INDEX, START_FRAME, VALID, BLOCK_DONE)
+STORE_ARRAYS = (LATENTS, LABELS, VIDEO_INDEX, START_FRAME, FLIP, VALID, BLOCK_DONE)
 
 # zarr store: required root attributes
 STORE_ATTRS = (
     "schema_version",
     "fingerprint",
     "spec",
+    "derived",
     "grid",
     "patch_size",
     "latent_shape",
     "encoders",
-    "target_dim",
     "class_names",
     "num_clips",
     "block_size",
@@ -37,20 +43,37 @@ REPORT_FILE = "report.json"
 # WebDataset shards
 SHARD_PATTERN = "shard-{:06d}.tar"
 SHARD_INDEX = "index.json"
-KEY_FORMAT = "{:09d}"
+LATENTS_ONLY_DIR = "latents-only"  # the same samples without targets (training after alignment ends)
+KEY_FORMAT = "{:09d}"  # the store row of the clip
 SAMPLE_LATENT = "latent.npy"
-SAMPLE_TARGET = "target.npy"
 SAMPLE_CLASS = "cls"
 SAMPLE_META = "json"
+SAMPLE_CHECKSUM = "crc32.txt"  # zlib crc32 (8 hex digits) of every other member, see checksum.py
+
+
+def pca_file(encoder: str) -> str:
+    """A shard set's PCA basis of one encoder (sha256 in index.json `pca_files`)."""
+    return f"pca-{encoder}.npz"
+
+
+def sample_values(encoder: str) -> str:
+    """Shard member holding an encoder's stored target values."""
+    return f"{encoder}.npy"
+
+
+def sample_scales(encoder: str) -> str:
+    """Shard member holding an encoder's quantisation scales (formats with scales only)."""
+    return f"{encoder}.scale.npy"
+
 
 INDEX_FIELDS = (
     "schema_version",
     "fingerprint",
     "spec",
+    "derived",
     "encoders",
     "grid",
     "latent_shape",
-    "target_dim",
     "class_names",
     "num_samples",
     "shards",
@@ -64,5 +87,10 @@ LAYOUT_FIELDS = (
     "patch_size",
     "latent_shape",
     "encoders",
-    "target_dim",
+)
+
+V1_MESSAGE = (
+    "was written by an older align4gen (cache schema v1: one fused float16 targets array). This "
+    "version reads schema v2 only; re-extract with `pipeline extract` (`--target-format float16` "
+    "keeps v1's float16 values) and pack again"
 )

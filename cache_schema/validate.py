@@ -1,7 +1,7 @@
-"""Reading and checking caches: a zarr store or a folder of WebDataset shards.
+"""Reading and checking caches: a zarr store or a folder of WebDataset shards (schema v2).
 
 Everything here returns or raises errors a user can act on: the path, the field, what was
-expected and what was found.
+expected and what was found. A schema-v1 cache is refused with the way to re-extract it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from .fingerprint import fingerprint
 
 
 class CacheError(ValueError):
-    """A cache that cannot be read or does not follow schema v1."""
+    """A cache that cannot be read or does not follow schema v2."""
 
 
 class CacheMismatch(CacheError):
@@ -31,6 +31,12 @@ class CacheMismatch(CacheError):
         )
 
 
+def content_fingerprint(spec: dict[str, Any], derived: dict[str, Any]) -> str:
+    """What a cache holds: the request (`spec`) and what was fitted or measured from it before
+    the first block was written (`derived`: PCA bases' sha256, fidelity)."""
+    return fingerprint({"spec": spec, "derived": derived})
+
+
 def _is_url(path: str) -> bool:
     return "://" in path
 
@@ -42,7 +48,7 @@ def open_group(path: str | Path):
     import zarr
 
     try:
-        with warnings.catch_warnings():  # report.json / configs beside the arrays are ours
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return zarr.open_group(str(path), mode="r")
     except Exception as exc:  # zarr raises several types for a missing/corrupt group
@@ -50,7 +56,7 @@ def open_group(path: str | Path):
 
 
 def kind_of(path: str | Path) -> str:
-    """'shards' (a folder with index.json), 'store' (zarr group), 'run' (has config.yaml + log), or 'unknown'."""
+    """'shards', 'store', 'run', 'zarr' (a zarr group that is not our store) or 'unknown'."""
     p = str(path)
     if _is_url(p):
         import fsspec
@@ -59,19 +65,19 @@ def kind_of(path: str | Path) -> str:
         if fs.exists(f"{root.rstrip('/')}/{C.SHARD_INDEX}"):
             return "shards"
         if fs.exists(f"{root.rstrip('/')}/zarr.json"):
-            return "store"
+            return "store" if "schema_version" in dict(open_group(p).attrs) else "zarr"
         return "unknown"
     pp = Path(p)
     if (pp / C.SHARD_INDEX).is_file():
         return "shards"
     if (pp / "zarr.json").is_file():
-        return "store"
+        return "store" if "schema_version" in dict(open_group(pp).attrs) else "zarr"
     if (pp / "config.yaml").is_file() and ((pp / "log.jsonl").exists() or (pp / "checkpoints").exists()):
         return "run"
     return "unknown"
 
 
-def _read_text(path: str) -> str:
+def read_text(path: str) -> str:
     if _is_url(path):
         import fsspec
 
@@ -80,17 +86,35 @@ def _read_text(path: str) -> str:
     return Path(path).read_text()
 
 
+def read_bytes(path: str) -> bytes:
+    if _is_url(path):
+        import fsspec
+
+        with fsspec.open(path, "rb") as fh:
+            return fh.read()
+    return Path(path).read_bytes()
+
+
 def read_index(path: str | Path) -> dict[str, Any]:
     """The shard folder's index.json."""
     index_path = f"{str(path).rstrip('/')}/{C.SHARD_INDEX}"
     try:
-        return json.loads(_read_text(index_path))
+        return json.loads(read_text(index_path))
     except FileNotFoundError:
         raise CacheError(
             f"{path} has no {C.SHARD_INDEX}: not a shard folder written by `pipeline pack`"
         ) from None
     except json.JSONDecodeError as exc:
         raise CacheError(f"{index_path} is not valid JSON: {exc}") from None
+
+
+def check_schema(version: Any, path: str | Path) -> None:
+    """Refuse a cache of another schema version, saying how to get a v2 one."""
+    if version == C.SCHEMA_VERSION:
+        return
+    if version == 1:
+        raise CacheError(f"{path} {C.V1_MESSAGE}")
+    raise CacheError(f"{path} has cache schema version {version!r}; this tool reads v{C.SCHEMA_VERSION}")
 
 
 def read_layout(path_or_layout: str | Path | dict[str, Any]) -> dict[str, Any]:
@@ -105,47 +129,55 @@ def read_layout(path_or_layout: str | Path | dict[str, Any]) -> dict[str, Any]:
     raise CacheError(f"{path_or_layout} is neither a zarr feature store nor a shard folder")
 
 
-def validate_store(path: str | Path, require_complete: bool = True) -> list[str]:
-    """Schema-v1 errors of a zarr store (empty list = valid)."""
+def _check_store_arrays(group: Any, attrs: dict[str, Any], path: str | Path) -> list[str]:
     errors: list[str] = []
+    n = int(attrs["num_clips"])
+    members = set(group.array_keys()) | set(group.group_keys())
+    for name in (*C.STORE_ARRAYS, C.TARGETS_GROUP):
+        if name not in members:
+            errors.append(f"{path}: missing array '{name}'")
+    if errors:
+        return errors
+    if tuple(group[C.LATENTS].shape) != (n, *attrs["latent_shape"]):
+        errors.append(
+            f"{path}: latents shape {tuple(group[C.LATENTS].shape)} != {(n, *attrs['latent_shape'])}"
+        )
+    for name in (C.LABELS, C.VIDEO_INDEX, C.START_FRAME, C.FLIP, C.VALID):
+        if tuple(group[name].shape) != (n,):
+            errors.append(f"{path}: {name} shape {tuple(group[name].shape)} != ({n},)")
+    grid = attrs["grid"]
+    for enc in attrs["encoders"]:
+        base = f"{C.TARGETS_GROUP}/{enc['name']}"
+        try:
+            values = group[f"{base}/{C.TARGET_VALUES}"]
+        except KeyError:
+            errors.append(f"{path}: missing array '{base}/{C.TARGET_VALUES}'")
+            continue
+        want = (n, int(enc["time_frames"]), grid[1], grid[2], int(enc["values"][0]))
+        if tuple(values.shape) != want:
+            errors.append(f"{path}: {base}/values shape {tuple(values.shape)} != {want}")
+        if enc.get("scales") and f"{base}/{C.TARGET_SCALES}" not in group:
+            errors.append(f"{path}: missing array '{base}/{C.TARGET_SCALES}'")
+    return errors
+
+
+def validate_store(path: str | Path, require_complete: bool = True) -> list[str]:
+    """Schema-v2 errors of a zarr store (empty list = valid)."""
     try:
         group = open_group(path)
     except CacheError as exc:
         return [str(exc)]
     attrs = dict(group.attrs)
+    try:
+        check_schema(attrs.get("schema_version"), path)
+    except CacheError as exc:
+        return [str(exc)]
     missing = [a for a in C.STORE_ATTRS if a not in attrs]
     if missing:
         return [f"{path}: missing attribute(s) {', '.join(missing)}"]
-    if attrs["schema_version"] != C.SCHEMA_VERSION:
-        errors.append(
-            f"{path}: schema_version is {attrs['schema_version']}, this tool reads {C.SCHEMA_VERSION}"
-        )
-    if fingerprint(attrs["spec"]) != attrs["fingerprint"]:
-        errors.append(f"{path}: fingerprint does not match the recorded spec (attributes edited or corrupt)")
-    names = set(group.array_keys())
-    for name in C.STORE_ARRAYS:
-        if name not in names:
-            errors.append(f"{path}: missing array '{name}'")
-    if errors:
-        return errors
-    n = int(attrs["num_clips"])
-    latents, targets = group[C.LATENTS], group[C.TARGETS]
-    expected_latent = (n, *attrs["latent_shape"])
-    if tuple(latents.shape) != expected_latent:
-        errors.append(f"{path}: latents shape {tuple(latents.shape)} != {expected_latent}")
-    expected_target = (n, *attrs["grid"], int(attrs["target_dim"]))
-    if tuple(targets.shape) != expected_target:
-        errors.append(f"{path}: targets shape {tuple(targets.shape)} != {expected_target}")
-    for name in (C.LABELS, C.VIDEO_INDEX, C.START_FRAME, C.VALID):
-        if tuple(group[name].shape) != (n,):
-            errors.append(f"{path}: {name} shape {tuple(group[name].shape)} != ({n},)")
-    stop = 0
-    for enc in attrs["encoders"]:
-        if enc.get("start") != stop or enc.get("stop", 0) <= enc.get("start", 0):
-            errors.append(f"{path}: encoder '{enc.get('name')}' channel slice is not contiguous")
-        stop = enc.get("stop", stop)
-    if stop != int(attrs["target_dim"]):
-        errors.append(f"{path}: encoder slices cover {stop} channels, target_dim is {attrs['target_dim']}")
+    if content_fingerprint(attrs["spec"], attrs["derived"]) != attrs["fingerprint"]:
+        return [f"{path}: fingerprint does not match the recorded spec (attributes edited or corrupt)"]
+    errors = _check_store_arrays(group, attrs, path)
     if require_complete and not errors:
         done = group[C.BLOCK_DONE][:]
         if int(done.sum()) != int(attrs["num_blocks"]):
@@ -181,25 +213,8 @@ def _size(path: str) -> int | None:
     return p.stat().st_size if p.is_file() else None
 
 
-def validate_shards(path: str | Path, verify_hashes: bool = False, progress: bool = False) -> list[str]:
-    """Schema-v1 errors of a shard folder; with `verify_hashes`, re-hash each shard and name corrupt ones."""
-    try:
-        index = read_index(path)
-    except CacheError as exc:
-        return [str(exc)]
-    missing = [f for f in C.INDEX_FIELDS if f not in index]
-    if missing:
-        return [f"{path}/{C.SHARD_INDEX}: missing field(s) {', '.join(missing)}"]
+def _check_shard_files(path: str | Path, shards: list[dict[str, Any]], verify_hashes: bool, progress: bool):
     errors: list[str] = []
-    if index["schema_version"] != C.SCHEMA_VERSION:
-        errors.append(
-            f"{path}: schema_version is {index['schema_version']}, this tool reads {C.SCHEMA_VERSION}"
-        )
-    if fingerprint(index["spec"]) != index["fingerprint"]:
-        errors.append(f"{path}: fingerprint does not match the recorded spec")
-    if sum(int(s["samples"]) for s in index["shards"]) != int(index["num_samples"]):
-        errors.append(f"{path}: per-shard sample counts do not add up to num_samples={index['num_samples']}")
-    shards = index["shards"]
     if progress:
         from tqdm import tqdm
 
@@ -209,44 +224,70 @@ def validate_shards(path: str | Path, verify_hashes: bool = False, progress: boo
         size = _size(shard_path)
         if size is None:
             errors.append(f"shard {shard['name']} is missing")
-            continue
-        if size != int(shard["bytes"]):
+        elif size != int(shard["bytes"]):
             errors.append(
                 f"shard {shard['name']} is corrupt: {size} bytes on disk, index says {shard['bytes']}"
             )
-            continue
-        if verify_hashes and _sha256(shard_path) != shard["sha256"]:
+        elif verify_hashes and _sha256(shard_path) != shard["sha256"]:
             errors.append(f"shard {shard['name']} is corrupt: sha256 differs from the index")
     return errors
+
+
+def validate_shards(path: str | Path, verify_hashes: bool = False, progress: bool = False) -> list[str]:
+    """Schema-v2 errors of a shard folder; with `verify_hashes`, re-hash each shard (and the PCA
+    bases) and name corrupt ones."""
+    try:
+        index = read_index(path)
+        check_schema(index.get("schema_version"), path)
+    except CacheError as exc:
+        return [str(exc)]
+    missing = [f for f in C.INDEX_FIELDS if f not in index]
+    if missing:
+        return [f"{path}/{C.SHARD_INDEX}: missing field(s) {', '.join(missing)}"]
+    errors: list[str] = []
+    if content_fingerprint(index["spec"], index["derived"]) != index["fingerprint"]:
+        errors.append(f"{path}: fingerprint does not match the recorded spec")
+    if sum(int(s["samples"]) for s in index["shards"]) != int(index["num_samples"]):
+        errors.append(f"{path}: per-shard sample counts do not add up to num_samples={index['num_samples']}")
+    for pca in (index.get("pca_files") or {}).values():
+        pca_path = f"{str(path).rstrip('/')}/{pca['name']}"
+        if _size(pca_path) is None:
+            errors.append(f"{path}: the PCA basis file {pca['name']} is missing")
+        elif hashlib.sha256(read_bytes(pca_path)).hexdigest() != pca["sha256"]:
+            errors.append(f"{path}: {pca['name']} is corrupt: sha256 differs from the index")
+    return errors + _check_shard_files(path, index["shards"], verify_hashes, progress)
+
+
+def _compare_encoders(want: list[Any], have: list[dict[str, Any]], where: str) -> None:
+    cached = {e["name"]: e for e in have or []}
+    for item in want:
+        name = item if isinstance(item, str) else item["name"]
+        if name not in cached:
+            raise CacheMismatch("encoders", name, sorted(cached), where)
+        if isinstance(item, str):
+            continue
+        for key, value in item.items():
+            if key != "name" and value != cached[name].get(key):
+                raise CacheMismatch(f"encoders.{name}.{key}", value, cached[name].get(key), where)
 
 
 def compatible(path_or_layout: str | Path | dict[str, Any], requested: dict[str, Any]) -> dict[str, Any]:
     """Check a cache against what a run asks for; raise CacheMismatch naming the first differing field.
 
-    `requested` may hold: schema_version, fingerprint, grid, patch_size, latent_shape, target_dim,
-    encoders (a list of names: any subset of the cached encoders, in any order, or full entries).
+    `requested` may hold: schema_version, fingerprint, grid, patch_size, latent_shape, encoders
+    (a list of names: any subset of the cached encoders, or entries whose keys must match).
     Returns the cache's layout on success.
     """
     layout = read_layout(path_or_layout)
     where = "" if isinstance(path_or_layout, dict) else str(path_or_layout)
     if layout.get("schema_version") != C.SCHEMA_VERSION:
-        raise CacheMismatch("schema_version", C.SCHEMA_VERSION, layout.get("schema_version"), where)
+        check_schema(layout.get("schema_version"), where or "the cache")
     for field in C.LAYOUT_FIELDS:
         if field not in requested or requested[field] is None:
             continue
         want, have = requested[field], layout.get(field)
         if field == "encoders":
-            cached = {e["name"]: e for e in have or []}
-            for item in want:
-                name = item if isinstance(item, str) else item["name"]
-                if name not in cached:
-                    raise CacheMismatch("encoders", name, sorted(cached), where)
-                if not isinstance(item, str):
-                    for key in ("dim", "id", "start", "stop"):
-                        if key in item and item[key] != cached[name].get(key):
-                            raise CacheMismatch(
-                                f"encoders.{name}.{key}", item[key], cached[name].get(key), where
-                            )
+            _compare_encoders(want, have, where)
             continue
         if isinstance(want, (list, tuple)):
             want, have = list(want), list(have) if have is not None else None
@@ -255,10 +296,13 @@ def compatible(path_or_layout: str | Path | dict[str, Any], requested: dict[str,
     return layout
 
 
-def encoder_slices(layout: dict[str, Any], names: list[str] | None = None) -> dict[str, tuple[int, int]]:
-    """name -> (start, stop) channel slice of `targets` for the chosen (default: all) encoders."""
-    cached = {e["name"]: (int(e["start"]), int(e["stop"])) for e in layout["encoders"]}
-    chosen = names or list(cached)
+def encoder_entries(layout: dict[str, Any], names: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """name -> the cache's layout entry (dim, format, time_frames, values, scales, pca) for the
+    chosen (default: all) encoders, in the order asked for."""
+    cached = {e["name"]: e for e in layout["encoders"]}
+    chosen = list(names or cached)
+    if len(set(chosen)) != len(chosen):
+        raise CacheError(f"encoders: {chosen} names an encoder twice")
     unknown = [n for n in chosen if n not in cached]
     if unknown:
         raise CacheMismatch("encoders", unknown[0], sorted(cached))

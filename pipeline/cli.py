@@ -63,29 +63,14 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name not in SUBCOMMANDS:
             return None
-        module_name, attr, help_text = SUBCOMMANDS[cmd_name]
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            return _not_implemented(cmd_name, help_text)
-        return getattr(module, attr)
+        module_name, attr, _ = SUBCOMMANDS[cmd_name]
+        return getattr(importlib.import_module(module_name), attr)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # Use the static help so `pipeline --help` stays fast and imports nothing heavy.
         rows = [(name, help_text) for name, (_, _, help_text) in SUBCOMMANDS.items()]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
-
-
-def _not_implemented(name: str, help_text: str) -> click.Command:
-    @click.command(name=name, help=help_text, context_settings={"ignore_unknown_options": True})
-    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-    def _cmd(args: tuple[str, ...]) -> None:
-        raise click.ClickException(f"`pipeline {name}` is not implemented yet")
-
-    return _cmd
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -7,7 +7,6 @@ Precedence (lowest to highest): dataclass defaults < `--config FILE.yaml` < expl
 from __future__ import annotations
 
 import dataclasses
-import json
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -163,22 +162,6 @@ def resolve_config(
         values = _merge(values, {k: v for k, v in flags.items() if v is not None and v != ()})
     values = _merge(values, parse_overrides(overrides))
     return _build(cls, values)
-
-
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """A JSON/YAML-safe dict of a (nested) dataclass config."""
-    data = dataclasses.asdict(cfg)
-    return json.loads(json.dumps(data, default=str))
-
-
-def save_config(cfg: Any, path: str | Path) -> Path:
-    """Write the resolved config as YAML (the record every output carries)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        yaml.safe_dump(config_to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg, sort_keys=False)
-    )
-    return path
 
 
 def config_options(func: Callable) -> Callable:

@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from pipeline.report import write_report
+from pipeline.report import DemoResult
 
 
 @dataclass
@@ -82,111 +82,115 @@ class Timer:
         return _Ctx()
 
 
-def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    """Run every stage and write the report; returns the summary (also in DIR/summary.json)."""
+def run_demo(cfg: DemoConfig) -> DemoResult:
+    """Run every stage on the synthetic set; returns what the report renders (resumes a killed demo)."""
+    from cache_schema import prepare_output
+
+    out = Path(cfg.out)
+    prepare_output(out, "demo")
+    timer = Timer()
+    with timer.step("synthesize videos"):
+        data = _synth(cfg, out)
+    with timer.step("extract (VAE + frozen encoders -> zarr)"):
+        extracted = _extract(cfg, out, data)
+    with timer.step("pack (zarr -> WebDataset shards)"):
+        _pack(out)
+    runs = {"aligned": cfg.align_lambda, "baseline": 0.0}
+    for name, lam in runs.items():
+        with timer.step(f"train {name} (lambda={lam})"):
+            _train(cfg, out, name, lam)
+    for name in runs:
+        with timer.step(f"sample {name}"):
+            _sample(cfg, out, name)
+    with timer.step("evaluate (FVD)"):
+        fvd = _fvd(cfg, out, data, runs)
+    with timer.step("analyze (IICR of the cached targets)"):
+        from stages.evaluate.iicr import iicr_from_store
+
+        iicr = iicr_from_store(str(out / "cache.zarr"), progress=False)
+        (out / "iicr.json").write_text(json.dumps(iicr, indent=2, default=str))
+    from cache_schema import RunDir
+
+    return DemoResult(
+        out=out,
+        preset=cfg.preset,
+        videos=cfg.videos,
+        classes=cfg.classes,
+        steps=cfg.steps,
+        encoders=list(cfg.encoders),
+        clips=extracted.num_clips,
+        target_format=extracted.layout["encoders"][0].get("format", "?"),
+        fidelity=extracted.fidelity,
+        logs={name: RunDir(out / "runs" / name).read_log() for name in runs},
+        grids={name: out / "runs" / name / "samples" / "grid.gif" for name in runs},
+        fvd=fvd,
+        iicr=iicr,
+        timings=timer.steps,
+    )
+
+
+def _synth(cfg: DemoConfig, out: Path) -> Path:
     from stages.common.synth import make_synthetic
-    from stages.evaluate.fvd import EvalConfig, compute_fvd
-    from stages.evaluate.iicr import iicr_from_store
-    from stages.evaluate.tiny import make_tiny_i3d
+
+    data = out / "data"
+    if not (data / "synth.json").is_file():
+        make_synthetic(
+            data, videos=cfg.videos, classes=cfg.classes, frames=cfg.frames, size=cfg.size, seed=cfg.seed
+        )
+    return data
+
+
+def _extract(cfg: DemoConfig, out: Path, data: Path):
     from stages.extract.config import ExtractConfig, preset_values
     from stages.extract.runner import run_extract
+
+    values = preset_values("tiny")  # tiny models of the real classes, unless given below
+    values.update({"data": str(data), "out": str(out / "cache.zarr"), "encoders": list(cfg.encoders),
+                   "device": cfg.device, "size": cfg.size})  # fmt: skip
+    for key in ("vae", "dino_model", "sam2_model", "videomae_model"):
+        if getattr(cfg, key):
+            values[key] = getattr(cfg, key)
+    return run_extract(ExtractConfig(**values))
+
+
+def _pack(out: Path) -> None:
     from stages.pack.packer import PackConfig, run_pack
-    from stages.sample import run_sample
-    from stages.sample.config import SampleConfig
+
+    config = PackConfig(cache=str(out / "cache.zarr"), out=str(out / "shards"), samples_per_shard=8,
+                        overwrite=True, progress=False)  # fmt: skip
+    run_pack(config)
+
+
+def _train(cfg: DemoConfig, out: Path, name: str, lam: float) -> None:
+    from cache_schema import RunDir
     from stages.train.config import PRESETS as TRAIN_PRESETS
     from stages.train.config import TrainConfig
     from stages.train.loop import train
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    timer = Timer()
+    run = out / "runs" / name
+    values = {**TRAIN_PRESETS["tiny"], "shards": str(out / "shards"), "out": str(run), "align_lambda": lam,
+              "steps": cfg.steps, "batch_size": cfg.batch_size, "seed": cfg.seed, "device": cfg.device,
+              "log_every": max(1, cfg.steps // 60), "checkpoint_every": cfg.steps, "sample_every": 0,
+              "resume": RunDir(run).exists()}  # fmt: skip
+    train(TrainConfig(**values), progress=True)
 
-    with timer.step("synthesize videos"):
-        data = out / "data"
-        if not data.exists():
-            make_synthetic(
-                data, videos=cfg.videos, classes=cfg.classes, frames=cfg.frames, size=cfg.size, seed=cfg.seed
-            )
-    with timer.step("extract (VAE + frozen encoders -> zarr)"):
-        values = preset_values("tiny")  # tiny models of the real classes, unless given below
-        values.update(
-            {
-                "data": str(data),
-                "out": str(out / "cache.zarr"),
-                "encoders": list(cfg.encoders),
-                "device": cfg.device,
-                "size": cfg.size,
-            }
-        )
-        for key in ("vae", "dino_model", "sam2_model", "videomae_model"):
-            if getattr(cfg, key):
-                values[key] = getattr(cfg, key)
-        extracted = run_extract(ExtractConfig(**values))
-    with timer.step("pack (zarr -> WebDataset shards)"):
-        run_pack(
-            PackConfig(
-                cache=str(out / "cache.zarr"),
-                out=str(out / "shards"),
-                samples_per_shard=8,
-                overwrite=True,
-                progress=False,
-            )
-        )
-    runs = {"aligned": cfg.align_lambda, "baseline": 0.0}
-    summaries = {}
-    for name, lam in runs.items():
-        with timer.step(f"train {name} (lambda={lam})"):
-            train_values = dict(TRAIN_PRESETS["tiny"])
-            train_values.update(
-                {
-                    "shards": str(out / "shards"),
-                    "out": str(out / "runs" / name),
-                    "align_lambda": lam,
-                    "steps": cfg.steps,
-                    "batch_size": cfg.batch_size,
-                    "seed": cfg.seed,
-                    "device": cfg.device,
-                    "log_every": max(1, cfg.steps // 60),
-                    "checkpoint_every": cfg.steps,
-                    "sample_every": cfg.steps,
-                    "resume": (out / "runs" / name / "checkpoints" / "latest").exists(),
-                }
-            )
-            summaries[name] = train(TrainConfig(**train_values), progress=True)
-    for name in runs:
-        with timer.step(f"sample {name}"):
-            run_sample(
-                SampleConfig(
-                    run=str(out / "runs" / name),
-                    out=str(out / "runs" / name / "samples"),
-                    num=cfg.num_samples,
-                    steps=cfg.sample_steps,
-                    seed=cfg.seed,
-                    device=cfg.device,
-                    batch_size=8,
-                )
-            )
-    fvd: dict[str, Any] = {}
-    with timer.step("evaluate (FVD)"):
-        weights = cfg.detector_weights
-        if weights is None:
-            weights = str(make_tiny_i3d(out / "detectors" / "tiny_i3d.pt"))
-        eval_cfg = EvalConfig(
-            detector=cfg.detector,
-            detector_weights=weights,
-            frames=cfg.fvd_frames,
-            resolution=cfg.size,
-            num_videos=cfg.videos,
-            batch_size=8,
-            device=cfg.device,
-            cache_dir=str(out / "fvd-stats"),
-            progress=False,
-        )
-        for name in runs:
-            fvd[name] = compute_fvd(data, out / "runs" / name / "samples" / "videos.npz", eval_cfg)
-        (out / "metrics.json").write_text(json.dumps(fvd, indent=2, default=str))
-    with timer.step("analyze (IICR of the cached targets)"):
-        iicr = iicr_from_store(str(out / "cache.zarr"), progress=False)
-        (out / "iicr.json").write_text(json.dumps(iicr, indent=2, default=str))
-    summary = write_report(out, cfg, extracted, fvd, iicr, timer.steps)
-    return summary
+
+def _sample(cfg: DemoConfig, out: Path, name: str) -> None:
+    from stages.sample import SampleConfig, run_sample
+
+    run = out / "runs" / name
+    run_sample(SampleConfig(run=str(run), out=str(run / "samples"), num=cfg.num_samples, steps=cfg.sample_steps,
+                            seed=cfg.seed, device=cfg.device, batch_size=8))  # fmt: skip
+
+
+def _fvd(cfg: DemoConfig, out: Path, data: Path, runs: dict[str, float]) -> dict[str, Any]:
+    from stages.evaluate.fvd import EvalConfig, compute_fvd
+    from stages.evaluate.tiny import make_tiny_i3d
+
+    weights = cfg.detector_weights or str(make_tiny_i3d(out / "detectors" / "tiny_i3d.pt"))
+    eval_cfg = EvalConfig(detector=cfg.detector, detector_weights=weights, frames=cfg.fvd_frames,
+                          resolution=cfg.size, num_videos=cfg.videos, batch_size=8, device=cfg.device,
+                          cache_dir=str(out / "fvd-stats"), progress=False)  # fmt: skip
+    fvd = {name: compute_fvd(data, out / "runs" / name / "samples" / "videos.npz", eval_cfg) for name in runs}
+    (out / "metrics.json").write_text(json.dumps(fvd, indent=2, default=str))
+    return fvd

@@ -6,25 +6,37 @@ import base64
 import html
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
 from pipeline.summary import format_table
 
-if TYPE_CHECKING:
-    from pipeline.demo import DemoConfig
 
+@dataclass
+class DemoResult:
+    """What the demo produced, as the report shows it (the demo builds it; nothing here runs a stage)."""
 
-def _read_log(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return _flatten_cos([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+    out: Path
+    preset: str
+    videos: int
+    classes: int
+    steps: int
+    encoders: list[str]
+    clips: int
+    target_format: str
+    fidelity: dict[str, Any]  # encoder -> {"mean", "p1", ...} of the cached targets
+    logs: dict[str, list[dict[str, Any]]]  # run name -> log rows (read through cache_schema.RunDir)
+    grids: dict[str, Path]  # run name -> sample GIF grid
+    fvd: dict[str, dict[str, Any]]
+    iicr: dict[str, Any]
+    timings: list[tuple[str, float]] = field(default_factory=list)
 
 
 def _flatten_cos(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """log.jsonl keeps cosine similarity as {"cos_sim": {encoder: value}}; flatten to cos_<encoder>."""
+    """log rows keep cosine similarity as {"cos_sim": {encoder: value}}; flatten to cos_<encoder>."""
     flat = []
     for row in rows:
         row = dict(row)
@@ -90,60 +102,42 @@ def _last(rows: list[dict[str, Any]], key: str) -> float | None:
     return float(values[-1]) if values else None
 
 
-def write_report(
-    out: Path,
-    cfg: DemoConfig,
-    extracted,
-    fvd: dict[str, Any],
-    iicr: dict[str, Any],
-    steps: list[tuple[str, float]],
-) -> dict[str, Any]:
-    """report.md + report.html (images embedded) + summary.json; prints the one-screen summary."""
-    logs = {name: _read_log(out / "runs" / name / "log.jsonl") for name in ("aligned", "baseline")}
-    plots = plot_curves(out, logs)
-    grids = {name: out / "runs" / name / "samples" / "grid.gif" for name in logs}
-
+def _tables(r: DemoResult, logs: dict[str, list[dict[str, Any]]]) -> dict[str, tuple[list[str], list[list]]]:
     train_rows = []
     for name, rows in logs.items():
         cos = {k[4:]: _last(rows, k) for k in _cos_keys(rows)}
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in cos.items() if v is not None) or "n/a"
         train_rows.append(
-            [
-                name,
-                _last(rows, "step"),
-                _last(rows, "flow_loss"),
-                _last(rows, "align_loss"),
-                ", ".join(f"{k} {v:.3f}" for k, v in cos.items() if v is not None) or "n/a",
-            ]
+            [name, _last(rows, "step"), _last(rows, "flow_loss"), _last(rows, "align_loss"), shown]
         )
     fvd_rows = [
-        [name, r["metric"], round(r["value"], 3), r["n_real"], r["n_fake"]] for name, r in fvd.items()
+        [name, x["metric"], round(x["value"], 3), x["n_real"], x["n_fake"]] for name, x in r.fvd.items()
     ]
-    iicr_rows = []
-    for name, r in iicr["encoders"].items():
-        iicr_rows.append(
-            [
-                name,
-                r["dim"],
-                _round(r.get("intra")),
-                _round(r.get("inter_video")),
-                _round(r.get("iicr_video")),
-                _round(r.get("iicr_class")),
-            ]
-        )
-    step_rows = [[name, round(seconds, 1)] for name, seconds in steps]
-    tables = {
+    iicr_rows = [
+        [name, x["dim"], _round(x.get("intra")), _round(x.get("inter_video")), _round(x.get("iicr_video")),
+         _round(x.get("iicr_class"))]
+        for name, x in r.iicr["encoders"].items()
+    ]  # fmt: skip
+    fidelity_rows = [
+        [n, r.target_format, _round(f.get("mean")), _round(f.get("p1"))] for n, f in r.fidelity.items()
+    ]
+    return {
         "train": (["run", "steps", "flow loss", "align loss", "cosine to targets (last)"], train_rows),
+        "fidelity": (["encoder", "format", "cos mean", "cos p1"], fidelity_rows),
         "fvd": (["run", "metric", "value", "n real", "n fake"], fvd_rows),
         "iicr": (["encoder", "dim", "intra", "inter (videos)", "IICR (videos)", "IICR (classes)"], iicr_rows),
-        "time": (["step", "seconds"], step_rows),
+        "time": (["step", "seconds"], [[name, round(sec, 1)] for name, sec in r.timings]),
     }
-    md = [
+
+
+def _markdown(r: DemoResult, tables: dict[str, tuple[list[str], list[list]]]) -> list[str]:
+    return [
         "# align4gen demo report",
         "",
-        f"Synthetic set: {cfg.videos} videos, {cfg.classes} classes; preset `{cfg.preset}`; "
-        f"{extracted.num_clips} clips cached with encoders {', '.join(cfg.encoders)}; "
-        f"{cfg.steps} training steps per run. Models are tiny and random-initialised, so the numbers "
-        "show that every stage runs and how the curves move, not the method's quality.",
+        f"Synthetic set: {r.videos} videos, {r.classes} classes; preset `{r.preset}`; {r.clips} clips cached "
+        f"with encoders {', '.join(r.encoders)} as {r.target_format} targets; {r.steps} training steps per "
+        "run. Models are tiny and random-initialised, so the numbers show that every stage runs and how the "
+        "curves move, not the method's quality.",
         "",
         "## Training",
         "",
@@ -153,9 +147,13 @@ def write_report(
         "",
         "![alignment cosine](alignment_cosine.png)",
         "",
+        "## Cached targets: fidelity to the exact float32 targets",
+        "",
+        _md_table(*tables["fidelity"]),
+        "",
         "## Samples",
         "",
-        *[f"**{name}**\n\n![{name} samples](runs/{name}/samples/grid.gif)\n" for name in grids],
+        *[f"**{name}**\n\n![{name} samples](runs/{name}/samples/grid.gif)\n" for name in r.grids],
         "## FVD (tiny I3D stand-in detector)",
         "",
         _md_table(*tables["fvd"]),
@@ -173,25 +171,34 @@ def write_report(
         _md_table(*tables["time"]),
         "",
     ]
-    (out / "report.md").write_text("\n".join(md))
+
+
+def write_report(r: DemoResult) -> dict[str, Any]:
+    """report.md + report.html (images embedded) + summary.json; prints the one-screen summary."""
+    logs = {name: _flatten_cos(rows) for name, rows in r.logs.items()}
+    plots = plot_curves(r.out, logs)
+    tables = _tables(r, logs)
+    md = _markdown(r, tables)
+    (r.out / "report.md").write_text("\n".join(md))
     images = {"loss_curves.png": plots["loss"], "alignment_cosine.png": plots["cosine"]}
-    images.update({f"runs/{name}/samples/grid.gif": path for name, path in grids.items()})
-    (out / "report.html").write_text(_html(md, images))
+    images.update({f"runs/{name}/samples/grid.gif": path for name, path in r.grids.items()})
+    (r.out / "report.html").write_text(_html(md, images))
     summary = {
-        "out": str(out),
-        "clips": extracted.num_clips,
-        "fvd": {name: r["value"] for name, r in fvd.items()},
-        "iicr": {name: r.get("iicr_video") for name, r in iicr["encoders"].items()},
+        "out": str(r.out),
+        "clips": r.clips,
+        "fidelity": r.fidelity,
+        "fvd": {name: x["value"] for name, x in r.fvd.items()},
+        "iicr": {name: x.get("iicr_video") for name, x in r.iicr["encoders"].items()},
         "final_flow_loss": {name: _last(rows, "flow_loss") for name, rows in logs.items()},
-        "seconds": dict(steps),
+        "seconds": dict(r.timings),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (r.out / "summary.json").write_text(json.dumps(summary, indent=2))
     click.secho("\n== summary ==", bold=True)
-    for key in ("train", "fvd", "iicr"):
+    for key in ("train", "fidelity", "fvd", "iicr"):
         click.echo(format_table(*tables[key]))
         click.echo()
-    total = sum(s for _, s in steps)
-    click.echo(f"total {total:.0f}s   report: {out / 'report.md'} (and report.html)")
+    total = sum(s for _, s in r.timings)
+    click.echo(f"total {total:.0f}s   report: {r.out / 'report.md'} (and report.html)")
     return summary
 
 

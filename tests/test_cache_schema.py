@@ -6,9 +6,21 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import zarr
 
-from cache_schema import CacheMismatch, compatible, fingerprint, validate_shards
+from cache_schema import (
+    CacheError,
+    CacheMismatch,
+    compatible,
+    fingerprint,
+    sample_checksum,
+    validate_shards,
+    validate_store,
+    verify_checksum,
+    with_checksum,
+)
 from cache_schema.fingerprint import canonical_json
 
 SPEC = {
@@ -67,21 +79,14 @@ def test_canonical_json_is_compact_and_sorted():
 
 def _layout(**over):
     layout = {
-        "schema_version": 1,
+        "schema_version": 2,
         "fingerprint": fingerprint(SPEC),
         "grid": [16, 16, 16],
         "patch_size": [1, 2, 2],
         "latent_shape": [4, 16, 32, 32],
-        "target_dim": 768 + 1024,
         "encoders": [
-            {"name": "dino", "id": "facebook/dinov2-base", "dim": 768, "start": 0, "stop": 768},
-            {
-                "name": "sam2",
-                "id": "facebook/sam2.1-hiera-base-plus",
-                "dim": 1024,
-                "start": 768,
-                "stop": 1792,
-            },
+            {"name": "dino", "id": "facebook/dinov2-base", "dim": 768, "format": "int8"},
+            {"name": "sam2", "id": "facebook/sam2.1-hiera-base-plus", "dim": 1024, "format": "int8"},
         ],
     }
     layout.update(over)
@@ -113,9 +118,39 @@ def test_compatible_names_the_first_differing_field(request_, field):
     assert f"'{field}'" in str(info.value)
 
 
-def test_compatible_refuses_other_schema_version():
-    with pytest.raises(CacheMismatch, match="schema_version"):
-        compatible(_layout(schema_version=2), {})
+def test_v1_caches_are_refused_with_the_way_to_re_extract(tmp_path):
+    with pytest.raises(CacheError, match="re-extract with `pipeline extract`"):
+        compatible(_layout(schema_version=1), {})
+    # a v1 store as the previous version wrote it: one fused float16 `targets` array
+    group = zarr.open_group(str(tmp_path / "v1.zarr"), mode="w")
+    group.create_array("targets", shape=(2, 1, 2, 2, 8), dtype="float16")
+    group.attrs.update({"schema_version": 1, "fingerprint": "x", "spec": {}})
+    errors = validate_store(tmp_path / "v1.zarr")
+    assert len(errors) == 1 and "schema v1" in errors[0] and "--target-format float16" in errors[0]
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "index.json").write_text(json.dumps({"schema_version": 1, "shards": []}))
+    errors = validate_shards(tmp_path / "shards")
+    assert len(errors) == 1 and "re-extract" in errors[0]
+
+
+def test_sample_checksum_covers_every_member_and_its_name():
+    sample = {"__key__": "000000001", "latent.npy": b"\x01\x02", "dino.npy": b"abc", "cls": b"3"}
+    stamped = with_checksum(sample)
+    assert verify_checksum(stamped) is None
+    import zlib
+
+    crc = 0
+    for name in sorted(["latent.npy", "dino.npy", "cls"]):
+        crc = zlib.crc32(name.encode() + b"\0" + sample[name], crc)
+    assert sample_checksum(sample) == f"{crc:08x}"
+    for broken in (
+        {**stamped, "dino.npy": b"abd"},  # a flipped byte
+        {k: v for k, v in stamped.items() if k != "cls"},  # a lost member
+        {**stamped, "sam2.npy": stamped.pop("dino.npy")},  # a renamed member
+    ):
+        assert "fails the checksum" in verify_checksum(broken)
+    assert "no crc32.txt" in verify_checksum(sample)
+    np.testing.assert_equal(sample_checksum(sample), sample_checksum(dict(reversed(sample.items()))))
 
 
 def test_validate_shards_reports_missing_index(tmp_path):

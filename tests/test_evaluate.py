@@ -308,8 +308,7 @@ def test_sample_then_evaluate_round_trip(
     synth_videos: Path, small_i3d_path: Path, tiny_vae: Path, tmp_path: Path
 ) -> None:
     """A run directory (train stage layout) -> `pipeline sample` -> videos.npz -> `pipeline evaluate fvd`."""
-    import yaml
-
+    from cache_schema import RunDir
     from stages.common.dit import VideoDiT
 
     torch.manual_seed(0)
@@ -322,7 +321,7 @@ def test_sample_then_evaluate_round_trip(
     dit.save_pretrained(step / "model")
     dit.save_pretrained(step / "ema")
     (run / "checkpoints" / "latest").write_text("step-0000001\n")
-    (run / "config.yaml").write_text(yaml.safe_dump({"model": "tiny", "vae": str(vae), "latent_scale": 0.5}))
+    RunDir(run).write_config({"model": "tiny", "vae_spec": {"id": str(vae), "kind": "image", "scale": 0.5}})
 
     samples = tmp_path / "samples"
     res = CliRunner().invoke(
@@ -355,3 +354,98 @@ def test_sample_then_evaluate_round_trip(
     assert res.exit_code == 0, res.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_fake"] == 5 and metrics["n_real"] == 5 and metrics["value"] > 0
+
+
+# --------------------------------------------------------------------------- real subset rule
+
+
+def test_subset_rule_is_uniform_without_replacement_and_seeded() -> None:
+    cfg = fvd.EvalConfig(num_videos=3)
+    assert fvd.subset_indices(6, cfg) == [0, 1, 2] and fvd.subset_indices(2, cfg) == [0, 1]
+    picks = [
+        fvd.subset_indices(6, fvd.EvalConfig(num_videos=3, real_subset="random", subset_seed=s))
+        for s in range(2000)
+    ]
+    assert all(len(set(p)) == 3 and p == sorted(p) and max(p) < 6 for p in picks)
+    freq = np.bincount(np.concatenate(picks), minlength=6) / len(picks)
+    np.testing.assert_allclose(freq, 0.5, atol=0.04)  # each video is in a uniform 3-of-6 half the time
+    assert len({tuple(p) for p in picks}) == 20  # all C(6, 3) subsets occur
+    assert picks[7] == fvd.subset_indices(
+        6, fvd.EvalConfig(num_videos=3, real_subset="random", subset_seed=7)
+    )
+    with pytest.raises(ValueError, match="real_subset must be one of first, random, got 'all'"):
+        fvd.subset_indices(6, fvd.EvalConfig(real_subset="all"))
+
+
+def test_old_stats_keep_their_fingerprint_and_subsets_are_protocol_fields() -> None:
+    import hashlib
+
+    from cache_schema import canonical_json
+
+    old = {
+        "detector": "i3d",
+        "weights_sha256": "ab",
+        "frames": 16,
+        "frame_stride": 1,
+        "resolution": 256,
+        "count": 8,
+    }
+    first = {**old, "real_subset": "first", "subset_seed": None}
+    rand = {**old, "real_subset": "random", "subset_seed": 3}
+    # the fingerprint before the subset rule existed: sha256 of the six fields
+    assert fvd.protocol_fingerprint(old) == hashlib.sha256(canonical_json(old).encode()).hexdigest()
+    assert fvd.protocol_fingerprint(first) == fvd.protocol_fingerprint(old)
+    fvd.check_same_protocol(old, first)  # an old default stats file stays comparable
+    assert fvd.protocol_fingerprint(rand) != fvd.protocol_fingerprint(first)
+    assert fvd.protocol_fingerprint(rand) != fvd.protocol_fingerprint({**rand, "subset_seed": 4})
+    with pytest.raises(fvd.ProtocolMismatch, match="'real_subset' is 'first'") as info:
+        fvd.check_same_protocol(old, rand)
+    assert info.value.field == "real_subset"
+    with pytest.raises(fvd.ProtocolMismatch, match="'subset_seed'"):
+        fvd.check_same_protocol(rand, {**rand, "subset_seed": 4})
+
+
+def test_random_real_subset_on_real_videos(synth_videos: Path, small_i3d_path: Path, tmp_path: Path) -> None:
+    base = dict(detector="i3d", detector_weights=str(small_i3d_path), frames=8, resolution=64, batch_size=4)
+    base.update(device="cpu", progress=False)
+    det = fvd.build_detector(fvd.EvalConfig(**base))
+    every, _ = fvd.extract_features(det, synth_videos, fvd.EvalConfig(num_videos=6, **base))
+    assert len({tuple(np.round(f, 4)) for f in every}) == 6  # six distinguishable videos
+
+    def rows(cfg: fvd.EvalConfig) -> list[int]:
+        """Which of the six sorted videos a subset holds, by matching feature rows."""
+        feats, _ = fvd.extract_features(det, synth_videos, cfg)
+        return [int(np.abs(every - f).sum(1).argmin()) for f in feats]
+
+    first = rows(fvd.EvalConfig(num_videos=3, **base))
+    assert first == [0, 1, 2]  # sorted order: all three are class_00 videos
+    cfg = fvd.EvalConfig(num_videos=3, real_subset="random", subset_seed=5, **base)
+    picked = rows(cfg)
+    assert picked == rows(cfg) and picked != first and len(set(picked)) == 3
+    assert picked == fvd.subset_indices(6, cfg)
+    other = next(
+        s
+        for s in range(1, 50)
+        if fvd.subset_indices(6, fvd.EvalConfig(num_videos=3, real_subset="random", subset_seed=s)) != picked
+    )
+    assert rows(fvd.EvalConfig(num_videos=3, real_subset="random", subset_seed=other, **base)) != picked
+
+    # recorded in the protocol (stats file, CLI), and a different subset is a different protocol
+    st = fvd.compute_stats(det, synth_videos, cfg)
+    assert st.protocol["real_subset"] == "random" and st.protocol["subset_seed"] == 5
+    out = tmp_path / "stats.npz"
+    args = ["evaluate", "stats", "--videos", str(synth_videos), "--out", str(out), "--detector", "i3d",
+            "--detector-weights", str(small_i3d_path), "--frames", "8", "--resolution", "64", "--num-videos", "3",
+            "--device", "cpu", "--real-subset", "random", "--subset-seed", "5"]  # fmt: skip
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    saved = fvd.FeatureStats.load(out)
+    assert saved.protocol == st.protocol and saved.fingerprint == st.fingerprint
+    np.testing.assert_allclose(saved.mu, every[picked].astype(np.float64).mean(0), atol=1e-6)
+    first_stats = fvd.compute_stats(det, synth_videos, fvd.EvalConfig(num_videos=3, **base))
+    assert first_stats.protocol["real_subset"] == "first" and first_stats.protocol["subset_seed"] is None
+    first_stats.save(tmp_path / "first.npz")
+    res = CliRunner().invoke(
+        main, ["evaluate", "fvd", "--real", str(tmp_path / "first.npz"), "--fake", str(out)]
+    )
+    assert res.exit_code != 0 and "'real_subset'" in res.output

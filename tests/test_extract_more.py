@@ -19,28 +19,40 @@ import torch.nn.functional as F
 import webdataset as wds
 import zarr
 from click.testing import CliRunner
+from helpers import tiny_extract_config
 
 from cache_schema import constants as C
-from cache_schema import validate_store
+from cache_schema import formats, validate_store
 from pipeline.cli import main as cli_main
 from stages.common import video as V
 from stages.common.encoders import load_encoder
 from stages.common.presets import tiny_models
 from stages.common.resample import causal_groups, to_target
 from stages.common.vae import VAEWrapper
-from stages.extract import runner
+from stages.extract import budget, derive, runner
 from stages.extract.config import ExtractConfig, preset_values
 
 
-def tiny_config(data: Path, out: Path, **over) -> ExtractConfig:
-    values = {**preset_values("tiny"), "data": str(data), "out": str(out), "progress": False}
-    values.update(over)
-    return ExtractConfig(**values)
+def tiny_config(data: Path, out: Path | str, **over) -> ExtractConfig:
+    return tiny_extract_config(data, out, **{"block_size": preset_values("tiny")["block_size"], **over})
 
 
 def read_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of the store (targets/<enc>/values|scales, pca/... included), by path."""
     group = zarr.open_group(str(path), mode="r")
-    return {name: group[name][:] for name in C.STORE_ARRAYS}
+    return {name: obj[...] for name, obj in group.members(max_depth=None) if isinstance(obj, zarr.Array)}
+
+
+def reconstructed(group, name: str, row: int) -> np.ndarray:
+    """One clip's targets of one encoder [T,H,W,D] as a trainer rebuilds them from the store."""
+    enc = {e["name"]: e for e in group.attrs["encoders"]}[name]
+    values = group[f"targets/{name}/values"][row : row + 1]
+    scales = group[f"targets/{name}/scales"][row : row + 1] if enc["scales"] else None
+    basis = None
+    if enc["pca"]:
+        basis = {"mean": group[f"pca/{name}/mean"][:], "components": group[f"pca/{name}/components"][:]}
+    out = formats.reconstruct(values, scales, enc["format"], enc["stored_dim"], group.attrs["grid"][0], basis)
+    return out[0].numpy()
 
 
 @pytest.fixture
@@ -102,7 +114,10 @@ def test_video_vae_targets_average_each_causal_latent_step(video_vae_store, synt
     entry = source.entries[int(group[C.VIDEO_INDEX][clip])]
     frames = torch.from_numpy(V.read_clip(entry, int(group[C.START_FRAME][clip]), spec))[None]
     paths = tiny_models()
-    layout = {e["name"]: (e["start"], e["stop"]) for e in attrs["encoders"]}
+    assert [e["time_frames"] for e in attrs["encoders"]] == [
+        3,
+        3,
+    ]  # VideoMAE's 4 tubelets > 3 steps: DiT grid
 
     # dino, computed independently: per-frame tokens, groups [0], [1-4], [5-8], mean, resize, L2
     dino = load_encoder("dino", paths["dino"], input_size=112)
@@ -113,9 +128,9 @@ def test_video_vae_targets_average_each_causal_latent_step(video_vae_store, synt
     x = F.interpolate(x, size=(4, 4), mode="bilinear", align_corners=False, antialias=True)
     expected = x.permute(0, 2, 3, 1).numpy()
     expected /= np.linalg.norm(expected, axis=-1, keepdims=True)
-    start, stop = layout["dino"]
-    cached = group[C.TARGETS][clip][..., start:stop].astype(np.float32)
-    np.testing.assert_allclose(cached, expected, atol=3e-3)
+    cached = reconstructed(group, "dino", clip)
+    np.testing.assert_allclose(cached, expected, atol=0.02)
+    assert float(formats.token_cosines(cached, expected).min()) >= 0.999
     # and not the naive grouping of 3 frames per latent step
     naive = to_target(torch.from_numpy(per_frame)[None], attrs["grid"])[0].numpy()
     assert np.abs(cached - naive).max() > 1e-2
@@ -123,9 +138,9 @@ def test_video_vae_targets_average_each_causal_latent_step(video_vae_store, synt
     # videomae: its tubelet grid (4 steps) is interpolated to the 3 latent steps, as before
     videomae = load_encoder("videomae", paths["videomae"])
     expected_vm = to_target(videomae.features(frames), attrs["grid"])[0].numpy()
-    start, stop = layout["videomae"]
-    cached_vm = group[C.TARGETS][clip][..., start:stop].astype(np.float32)
-    np.testing.assert_allclose(cached_vm, expected_vm, atol=3e-3)
+    cached_vm = reconstructed(group, "videomae", clip)
+    np.testing.assert_allclose(cached_vm, expected_vm, atol=0.02)
+    assert float(formats.token_cosines(cached_vm, expected_vm).min()) >= 0.999
 
     vae = VAEWrapper.load(cfg.vae, kind="video", scale=cfg.latent_scale)
     latent = vae.encode(frames)[0].float().numpy()
@@ -153,7 +168,7 @@ def test_frames_that_do_not_fit_a_causal_vae_fail_clearly(synth_videos: Path, tm
 def _block_files(out: Path, block: int) -> dict[str, tuple[int, int]]:
     """(mtime_ns, size) of every file that holds block ``block``'s latents and targets."""
     files = {}
-    for name in (C.LATENTS, C.TARGETS):
+    for name in (C.LATENTS, "targets/dino/values", "targets/dino/scales"):
         for f in sorted((out / name / "c" / str(block)).rglob("*")):
             if f.is_file():
                 st = f.stat()
@@ -199,6 +214,8 @@ def _kill_mid_run(cmd: list[str], out: Path, log: Path, timeout: float = 180.0) 
 def test_sigkill_mid_run_then_rerun_gives_identical_store(
     synth_videos: Path, tmp_path, monkeypatch, one_thread
 ):
+    """With PCA: the resumed run reads the stored bases and fidelity (never refits), so the
+    store is bit-identical to an uninterrupted one."""
     args = [
         "extract",
         "--data",
@@ -215,6 +232,8 @@ def test_sigkill_mid_run_then_rerun_gives_identical_store(
         "2",
         "--num-workers",
         "0",
+        "--pca-dims",
+        "8",
     ]
     for attempt in range(3):
         out = tmp_path / f"killed{attempt}.zarr"
@@ -232,7 +251,10 @@ def test_sigkill_mid_run_then_rerun_gives_identical_store(
     finished = {b: _block_files(out, b) for b in np.flatnonzero(done)}
     assert all(finished.values())
 
-    # rerun the same command, in this process so the recomputed blocks can be counted
+    killed_attrs = dict(zarr.open_group(str(out), mode="r").attrs)
+    assert killed_attrs["derived"]["pca"]["dino"]["dims"] == 8
+
+    # rerun the same command, in this process so every model call can be counted
     real_compute = runner.compute_batch
     computed: list[int] = []
 
@@ -240,25 +262,37 @@ def test_sigkill_mid_run_then_rerun_gives_identical_store(
         computed.append(int(frames.shape[0]))
         return real_compute(frames, *a, **kw)
 
-    monkeypatch.setattr(runner, "compute_batch", counting_compute)
+    for module in (runner, derive, budget):  # the block loop, the PCA fit + fidelity, the size check
+        monkeypatch.setattr(module, "compute_batch", counting_compute)
     rerun = CliRunner().invoke(cli_main, [*args, "--out", str(out)])
     assert rerun.exit_code == 0, rerun.output
     assert f"done: {n_blocks}/{n_blocks} blocks" in rerun.output
-    # one clip per block and per batch: only the unfinished blocks were computed ...
+    # one clip per block and per batch: only the unfinished blocks were computed (no refit) ...
     assert sum(computed) == n_blocks - int(done.sum())
+    assert dict(zarr.open_group(str(out), mode="r").attrs)["derived"] == killed_attrs["derived"]
     # ... and the finished blocks' files were left untouched
     assert {b: _block_files(out, b) for b in finished} == finished
     report = json.loads((out / C.REPORT_FILE).read_text())
     assert report["runs"][-1]["blocks_done_after"] == n_blocks
     assert validate_store(out) == []
 
-    monkeypatch.setattr(runner, "compute_batch", real_compute)
+    for module in (runner, derive, budget):
+        monkeypatch.setattr(module, "compute_batch", real_compute)
     reference = tmp_path / "reference.zarr"
     runner.run_extract(
-        tiny_config(synth_videos, reference, encoders=["dino"], block_size=1, batch_size=1, clips_per_video=2)
+        tiny_config(
+            synth_videos,
+            reference,
+            encoders=["dino"],
+            block_size=1,
+            batch_size=1,
+            clips_per_video=2,
+            pca_dims=8,
+        )
     )
     expected, got = read_arrays(reference), read_arrays(out)
-    for name in C.STORE_ARRAYS:
+    assert set(got) == set(expected) and "pca/dino/components" in got
+    for name in expected:
         np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
     ref_attrs = zarr.open_group(str(reference), mode="r").attrs
     assert zarr.open_group(str(out), mode="r").attrs["fingerprint"] == ref_attrs["fingerprint"]
@@ -280,8 +314,11 @@ def _corrupt_packet(path: Path, decode_index: int) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_clip_failing_to_decode_is_marked_invalid_and_not_packed(synth_videos: Path, tmp_path):
-    data = tmp_path / "videos"
+@pytest.fixture(scope="module")
+def corrupt_store(synth_videos: Path, tmp_path_factory) -> tuple[Path, int, Path, runner.ExtractResult]:
+    """A store extracted from videos where one clip probes fine but fails to decode."""
+    tmp = tmp_path_factory.mktemp("corrupt")
+    data = tmp / "videos"
     shutil.copytree(synth_videos, data)
     source = V.discover(data)
     bad_index = 3
@@ -291,23 +328,34 @@ def test_clip_failing_to_decode_is_marked_invalid_and_not_packed(synth_videos: P
     spec = V.ClipSpec(frames=8, stride=1, clips_per_video=1, size=64)
     with pytest.raises(V.VideoDecodeError):
         V.read_clip(source.entries[bad_index], 2, spec)
-
-    out = tmp_path / "store.zarr"
+    out = tmp / "store.zarr"
     result = runner.run_extract(tiny_config(data, out, encoders=["dino"], block_size=2))
+    return out, bad_index, bad, result
+
+
+def test_clip_failing_to_decode_is_marked_invalid(corrupt_store):
+    out, bad_index, bad, result = corrupt_store
     assert result.num_clips == 6 and result.skipped == []
     group = zarr.open_group(str(out), mode="r")
     clip = int(np.flatnonzero(group[C.VIDEO_INDEX][:] == bad_index)[0])
     valid = group[C.VALID][:]
     assert valid.tolist() == [0 if i == clip else 1 for i in range(6)]
     assert group[C.BLOCK_DONE][:].all()
-    assert not group[C.TARGETS][clip].any() and not group[C.LATENTS][clip].any()
+    assert not group["targets/dino/values"][clip].any() and not group[C.LATENTS][clip].any()
     report = json.loads((out / C.REPORT_FILE).read_text())
     assert [c["clip"] for c in report["invalid_clips"]] == [clip]
     assert (
         Path(report["invalid_clips"][0]["path"]) == bad and "decode" in report["invalid_clips"][0]["reason"]
     )
+    # the fidelity sample leaves the undecodable clip out
+    assert report["fidelity"]["dino"]["clips"] == 5
     assert validate_store(out) == []
 
+
+def test_clip_failing_to_decode_is_not_packed(corrupt_store, tmp_path):
+    out, bad_index, _, _ = corrupt_store
+    group = zarr.open_group(str(out), mode="r")
+    clip = int(np.flatnonzero(group[C.VIDEO_INDEX][:] == bad_index)[0])
     shards = tmp_path / "shards"
     packed = CliRunner().invoke(
         cli_main, ["pack", str(out), "--out", str(shards), "--samples-per-shard", "4"]
@@ -319,5 +367,6 @@ def test_clip_failing_to_decode_is_marked_invalid_and_not_packed(synth_videos: P
     keys = []
     for sample in wds.WebDataset(urls, shardshuffle=False).decode():
         keys.append(int(sample["__key__"]))
-        np.testing.assert_array_equal(sample["target.npy"], group[C.TARGETS][keys[-1]])
-    assert keys == [i for i in range(6) if i != clip]
+        np.testing.assert_array_equal(sample["dino.npy"], group["targets/dino/values"][keys[-1]])
+        np.testing.assert_array_equal(sample["dino.scale.npy"], group["targets/dino/scales"][keys[-1]])
+    assert sorted(keys) == [i for i in range(6) if i != clip]  # v2 shards hold a seeded permutation

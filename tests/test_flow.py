@@ -8,6 +8,9 @@ import pytest
 import torch
 
 from stages.common.flow import (
+    REPA_SDE_LAST_T,
+    SAMPLER_CONVENTIONS,
+    SAMPLERS,
     GuidedVelocity,
     euler_maruyama_sample,
     euler_sample,
@@ -16,7 +19,7 @@ from stages.common.flow import (
     heun_sample,
     interpolate,
     sample_timesteps,
-    score_from_velocity,
+    time_grid,
     velocity_target,
 )
 
@@ -100,28 +103,21 @@ def test_velocity_field_matches_conditional_expectation():
     assert coef[1].item() == pytest.approx(-MU - slope * (1 - t) * MU, abs=0.01)
 
 
-def test_euler_and_heun_land_on_the_exact_map():
+@pytest.mark.parametrize("convention, heun_tol", [("repa", 2e-3), ("uniform", 1e-3)])
+def test_euler_and_heun_land_on_the_exact_map(convention, heun_tol):
     z = torch.randn(64, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     exact = MU + S * z
     err = {}
     for name, fn in (("euler", euler_sample), ("heun", heun_sample)):
         for steps in (10, 40):
-            out = fn(gaussian_velocity, z, num_steps=steps).double()
+            out = fn(gaussian_velocity, z, num_steps=steps, convention=convention).double()
             err[name, steps] = (out - exact).abs().max().item()
     assert err["euler", 40] < 0.07
-    assert err["heun", 40] < 1e-3
+    assert err["heun", 40] < heun_tol
     assert err["heun", 10] < err["euler", 10] / 5  # second order beats first order at equal steps
     assert err["euler", 40] < err["euler", 10] / 3  # first order: error ~ 1/steps
-    assert err["heun", 40] < err["heun", 10] / 8  # second order: error ~ 1/steps^2
-
-
-def test_score_from_velocity_matches_gaussian_score():
-    x = torch.randn(50, dtype=torch.float64)
-    for tv in (0.05, 0.3, 0.7, 1.0):
-        t = torch.full((50,), tv, dtype=torch.float64)
-        v = gaussian_velocity(x[:, None], t).squeeze(1)
-        exact = -(x - (1 - tv) * MU) / _sigma2(tv)
-        torch.testing.assert_close(score_from_velocity(x, v, t), exact)
+    # second order: error ~ 1/steps^2 (REPA's Euler last step is a local O(h^2) error too)
+    assert err["heun", 40] < err["heun", 10] / 8
 
 
 def test_euler_maruyama_matches_marginals():
@@ -132,11 +128,18 @@ def test_euler_maruyama_matches_marginals():
     assert out.std().item() == pytest.approx(S, abs=0.03)
     # stochastic: not the deterministic ODE map
     assert (out - (MU + S * z)).abs().mean() > 0.05
-    # diffusion_norm=0 reduces to Euler exactly
+    # uniform convention, diffusion_norm=0: exactly Euler on the same grid
     torch.testing.assert_close(
-        euler_maruyama_sample(gaussian_velocity, z[:16], num_steps=20, diffusion_norm=0.0, generator=g),
+        euler_maruyama_sample(
+            gaussian_velocity, z[:16], num_steps=20, diffusion_norm=0.0, generator=g, convention="uniform"
+        ),
         euler_sample(gaussian_velocity, z[:16], num_steps=20),
     )
+    uniform = euler_maruyama_sample(
+        gaussian_velocity, z, num_steps=100, generator=torch.Generator().manual_seed(1), convention="uniform"
+    )
+    assert uniform.mean().item() == pytest.approx(MU, abs=0.03)
+    assert uniform.std().item() == pytest.approx(S, abs=0.03)
 
 
 def _class_field(x, t, y):
@@ -200,3 +203,163 @@ def test_sampler_lookup_and_step_check():
     with pytest.raises(ValueError, match="num_steps"):
         euler_sample(gaussian_velocity, torch.zeros(1, 1), num_steps=0)
     assert math.isfinite(heun_sample(gaussian_velocity, torch.zeros(1, 1), num_steps=1).item())
+
+
+# ----------------------------------------------------------------------------- conventions
+# REPA's samplers.py (sihyun-yu/REPA) against the "uniform" rule: grids, evaluation counts, and
+# closed forms on the linear field v = c x, where every step multiplies x by a known factor.
+C = 0.7
+
+
+def _recording(field):
+    calls: list[tuple[float, int]] = []
+
+    def fn(x, t, y=None):
+        calls.append((round(float(t[0]), 12), x.shape[0]))
+        return field(x, t, y)
+
+    return fn, calls
+
+
+def _linear(x, t, y=None):
+    return C * x
+
+
+def _grid(n: int, stop: float = 0.0) -> list[float]:
+    if stop:
+        return [*torch.linspace(1.0, stop, n, dtype=torch.float64).tolist(), 0.0]
+    return torch.linspace(1.0, 0.0, n + 1, dtype=torch.float64).tolist()
+
+
+def _expected_times(sampler: str, convention: str, n: int) -> list[float]:
+    """Times the velocity is evaluated at, written out from REPA's loops / our old rule."""
+    if sampler == "euler-maruyama":
+        ts = _grid(n, REPA_SDE_LAST_T) if convention == "repa" else _grid(n)
+        return ts[:-1]
+    ts = _grid(n)
+    if sampler == "euler":
+        return ts[:-1]
+    out = []
+    for i in range(n):
+        out.append(ts[i])
+        if convention == "uniform" or i < n - 1:  # REPA: `if heun and (i < num_steps - 1)`
+            out.append(ts[i + 1])
+    return out
+
+
+@pytest.mark.parametrize("convention", SAMPLER_CONVENTIONS)
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_time_grid_and_evaluation_count(sampler, convention):
+    n = 5
+    fn, calls = _recording(_linear)
+    extra = {"generator": torch.Generator().manual_seed(0)} if sampler == "euler-maruyama" else {}
+    SAMPLERS[sampler](fn, torch.ones(2, 3), num_steps=n, convention=convention, **extra)
+    times = [t for t, _ in calls]
+    expected = _expected_times(sampler, convention, n)
+    assert times == pytest.approx(expected, abs=1e-6)
+    counts = {"euler": n, "heun": 2 * n - (convention == "repa"), "euler-maruyama": n}
+    assert len(times) == counts[sampler]
+    assert time_grid(sampler, n, convention)[:-1] == pytest.approx(
+        _grid(n, REPA_SDE_LAST_T if (sampler, convention) == ("euler-maruyama", "repa") else 0.0)[:-1]
+    )
+    if sampler == "heun":  # REPA never evaluates the model at t = 0
+        assert (0.0 in times) == (convention == "uniform")
+
+
+def _product(factors) -> float:
+    return math.prod(factors)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7])
+def test_closed_forms_on_a_linear_field(n):
+    """dx/dt = C x: an Euler step multiplies x by (1 + C dt), a Heun step by (1 + C dt + (C dt)^2 / 2)."""
+    x0 = torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64)
+    h = -1.0 / n
+    euler = (1 + C * h) ** n
+    heun_uniform = (1 + C * h + (C * h) ** 2 / 2) ** n
+    heun_repa = (1 + C * h + (C * h) ** 2 / 2) ** (n - 1) * (1 + C * h)
+    ts = _grid(n, REPA_SDE_LAST_T)
+    em_repa = _product(1 + C * (b - a) for a, b in zip(ts[:-1], ts[1:], strict=True))  # norm = 0: Euler
+    cases = {
+        ("euler", "repa"): euler,
+        ("euler", "uniform"): euler,
+        ("heun", "uniform"): heun_uniform,
+        ("heun", "repa"): heun_repa,
+        ("euler-maruyama", "uniform"): euler,
+        ("euler-maruyama", "repa"): em_repa,
+    }
+    for (sampler, convention), factor in cases.items():
+        extra = {"diffusion_norm": 0.0} if sampler == "euler-maruyama" else {}
+        out = SAMPLERS[sampler](_linear, x0, num_steps=n, convention=convention, **extra)
+        torch.testing.assert_close(out.double(), x0 * factor, rtol=1e-6, atol=1e-7)
+    # the exact flow is x0 * exp(-C); with one step REPA's Heun is exactly Euler
+    if n == 1:
+        assert heun_repa == euler
+    else:
+        assert abs(heun_repa - math.exp(-C)) < abs(euler - math.exp(-C))
+
+
+@pytest.mark.parametrize("convention", SAMPLER_CONVENTIONS)
+def test_euler_maruyama_last_step_adds_no_noise(convention):
+    n, norm = 6, 0.8
+    seen: list[tuple[torch.Tensor, float]] = []
+
+    def field(x, t, y=None):
+        seen.append((x.clone(), float(t[0])))
+        return gaussian_velocity(x, t)
+
+    z = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(5)
+    out = euler_maruyama_sample(
+        field, z, num_steps=n, diffusion_norm=norm, generator=g, convention=convention
+    )
+    x_last, t_last = seen[-1]
+    v = gaussian_velocity(x_last, torch.full((4,), t_last))
+    drift = v + norm * (x_last + (1 - t_last) * v)
+    # REPA: the SDE drift's mean step from 0.04 (`mean_x`); uniform: a plain ODE step
+    step = drift if convention == "repa" else v
+    torch.testing.assert_close(out, x_last + (0.0 - t_last) * step)
+    assert t_last == pytest.approx(REPA_SDE_LAST_T if convention == "repa" else 1.0 / n, abs=1e-6)
+    # exactly n - 1 noise draws were taken from the generator
+    ref = torch.Generator().manual_seed(5)
+    for _ in range(n - 1):
+        torch.randn(z.shape, generator=ref)
+    torch.testing.assert_close(torch.randn(3, generator=g), torch.randn(3, generator=ref))
+
+
+def test_euler_maruyama_per_sample_generators_ignore_the_batch():
+    z = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+
+    def gens(idx):
+        return [torch.Generator().manual_seed(100 + i) for i in idx]
+
+    whole = euler_maruyama_sample(gaussian_velocity, z, num_steps=8, generator=gens(range(5)))
+    parts = [
+        euler_maruyama_sample(gaussian_velocity, z[a:b], num_steps=8, generator=gens(range(a, b)))
+        for a, b in ((0, 2), (2, 5))
+    ]
+    torch.testing.assert_close(whole, torch.cat(parts))
+    with pytest.raises(ValueError, match="generators for a batch"):
+        euler_maruyama_sample(gaussian_velocity, z, num_steps=2, generator=gens(range(3)))
+
+
+def test_heun_corrector_guidance_follows_the_step_start_in_repa():
+    """Two steps 1 -> 0.5 -> 0, guidance only for t <= 0.6: REPA guides the corrector of the first
+    step (evaluated at 0.5) by t_cur = 1, i.e. not at all. Guided calls double the batch."""
+    y = torch.tensor([0, 1])
+    got = {}
+    for convention in SAMPLER_CONVENTIONS:
+        fn, calls = _recording(_class_field)
+        heun_sample(
+            fn, torch.ones(2, 3), num_steps=2, y=y, cfg_scale=2.0, guidance_interval=(0.0, 0.6),
+            null_class=3, convention=convention,
+        )  # fmt: skip
+        got[convention] = calls
+    assert got["repa"] == [(1.0, 2), (0.5, 2), (0.5, 4)]
+    assert got["uniform"] == [(1.0, 2), (0.5, 4), (0.5, 4), (0.0, 4)]
+
+
+def test_unknown_convention_is_refused():
+    for sampler in SAMPLERS.values():
+        with pytest.raises(ValueError, match="convention 'sde'"):
+            sampler(gaussian_velocity, torch.zeros(1, 1), num_steps=2, convention="sde")

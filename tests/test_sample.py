@@ -13,9 +13,11 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
+from cache_schema import RunDir
 from pipeline.cli import main
 from stages.common.dit import VideoDiT
-from stages.common.flow import euler_sample
+from stages.common.flow import euler_sample, heun_sample
+from stages.common.sampling import generate_latents, initial_noise, sample_labels
 from stages.common.vae import VAEWrapper
 from stages.sample import SampleConfig, run_sample
 from stages.sample.writers import NpzVideoWriter
@@ -52,8 +54,8 @@ def _make_run(root: Path, vae: Path | None, num_classes: int = CLASSES) -> Path:
     _dit(2, num_classes).save_pretrained(step / "ema")
     _dit(3, num_classes).save_pretrained(run / "checkpoints" / "step-0000005" / "ema")  # older, not latest
     (run / "checkpoints" / "latest").write_text("step-0000010\n")
-    config = {"model": "tiny", "vae": str(vae) if vae else None, "latent_scale": 0.5}
-    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    vae_spec = {"id": str(vae) if vae else None, "kind": "image", "scale": 0.5}
+    RunDir(run).write_config({"model": "tiny", "vae_spec": vae_spec})
     return run
 
 
@@ -118,8 +120,6 @@ def test_latents_match_direct_sampling_and_ema_choice(tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "ema3" / "latents.npz")["latents"], z_ema, atol=1e-5)
 
     # the same numbers from the EMA model and the public sampler directly
-    from stages.sample.run import initial_noise
-
     model = VideoDiT.from_pretrained(run / "checkpoints" / "step-0000010" / "ema").eval()
     noise = initial_noise(model, range(3), seed=3)
     with torch.no_grad():
@@ -160,9 +160,9 @@ def test_checkpoint_paths_class_flag_and_samplers(tmp_path, tiny_vae):
 
 def test_unconditional_model(tmp_path):
     run = _make_run(tmp_path, vae=None, num_classes=0)
-    s = run_sample(SampleConfig(run=str(run), num=2, steps=2))  # out defaults to RUN/samples
+    s = run_sample(SampleConfig(run=str(run), num=2, steps=2))  # out defaults to RUN/samples/<checkpoint>
     assert s["class_counts"] == {-1: 2}
-    assert np.load(run / "samples" / "latents.npz")["labels"].tolist() == [-1, -1]
+    assert np.load(run / "samples" / "step-0000010" / "latents.npz")["labels"].tolist() == [-1, -1]
     with pytest.raises(ValueError, match="unconditional"):
         run_sample(SampleConfig(run=str(run), num=1, steps=1, cfg=3.0))
 
@@ -177,7 +177,7 @@ def test_clear_errors(tmp_path):
     assert result.exit_code != 0 and "checkpoint not found" in result.output
     (tmp_path / "empty").mkdir()
     result = runner.invoke(main, ["sample", "--run", str(tmp_path / "empty")])
-    assert result.exit_code != 0 and "no checkpoints/" in result.output
+    assert result.exit_code != 0 and "is not a training run" in result.output
     result = runner.invoke(main, ["sample", "--run", str(tmp_path), "--guidance-interval", "0.9,0.1"])
     assert result.exit_code != 0 and "guidance_interval" in result.output
 
@@ -214,3 +214,60 @@ def test_sample_on_cuda_bf16(tmp_path, tiny_vae):
     z_gpu = np.load(tmp_path / "gpu" / "latents.npz")["latents"]
     z_cpu = np.load(tmp_path / "cpu" / "latents.npz")["latents"]
     assert np.abs(z_gpu - z_cpu).mean() < 0.05 * np.abs(z_cpu).mean() + 1e-3
+
+
+# ----------------------------------------------------------------------------- shared generation
+
+
+@pytest.mark.parametrize("sampler", ["euler", "euler-maruyama"])
+def test_generate_latents_ignores_batch_size_and_balances_labels(sampler):
+    model = _dit(1)
+    kwargs = dict(steps=3, sampler=sampler, seed=11, device="cpu")
+    z2, labels2 = generate_latents(model, 7, batch_size=2, **kwargs)
+    z3, labels3 = generate_latents(model, 7, batch_size=3, **kwargs)
+    assert z2.dtype == torch.float32 and z2.device.type == "cpu" and z2.shape == (7, 4, T, LATENT, LATENT)
+    torch.testing.assert_close(z2, z3, rtol=0, atol=1e-5)
+    assert labels2.tolist() == labels3.tolist() == [0, 1, 2, 0, 1, 2, 0]  # balanced round-robin
+    other, _ = generate_latents(model, 7, batch_size=3, **{**kwargs, "seed": 12})
+    assert (other - z2).abs().mean() > 0.1
+    # video i depends on (seed, i) only: the first 4 of 7 are the 4 of a shorter run
+    z4, _ = generate_latents(model, 4, batch_size=4, **kwargs)
+    torch.testing.assert_close(z4, z2[:4], rtol=0, atol=1e-5)
+
+
+def test_generate_latents_matches_the_sampler_and_keeps_mode():
+    model = _dit(2).train()
+    z, labels = generate_latents(model, 3, steps=4, sampler="heun", seed=5, class_=1, device="cpu")
+    assert labels.tolist() == [1, 1, 1] and model.training  # mode restored
+    noise = initial_noise(model.eval(), range(3), seed=5)
+    with torch.no_grad():
+        direct = heun_sample(lambda x, t, y: model(x, t, y), noise, num_steps=4, y=torch.tensor([1, 1, 1]))
+    torch.testing.assert_close(z, direct, rtol=0, atol=1e-5)
+    uniform, _ = generate_latents(model, 3, steps=4, sampler="heun", convention="uniform", seed=5, class_=1)
+    assert (uniform - z).abs().max() > 1e-4  # the conventions really differ for Heun
+    assert sample_labels(4, 0).tolist() == [-1] * 4
+    with pytest.raises(ValueError, match="convention 'sde'"):
+        generate_latents(model, 1, steps=1, convention="sde")
+    with pytest.raises(ValueError, match="unconditional"):
+        generate_latents(_dit(1, num_classes=0), 1, steps=1, cfg_scale=2.0)
+
+
+def test_sampler_convention_flag_is_validated_and_recorded(tmp_path):
+    assert SampleConfig().sampler_convention == "repa"
+    with pytest.raises(ValueError, match="sampler_convention: 'edm'"):
+        SampleConfig(run="r", sampler_convention="edm").validate()
+
+    run = _make_run(tmp_path, vae=None)
+    out = tmp_path / "uniform"
+    args = ["sample", "--run", str(run), "--out", str(out), "--num", "2", "--steps", "3", "--sampler", "heun",
+            "--sampler-convention", "uniform", "--device", "cpu"]  # fmt: skip
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "heun (uniform)" in result.output
+    assert yaml.safe_load((out / "config.yaml").read_text())["sampler_convention"] == "uniform"
+    assert json.loads((out / "summary.json").read_text())["sampler_convention"] == "uniform"
+    model = VideoDiT.from_pretrained(run / "checkpoints" / "step-0000010" / "ema")
+    expected, _ = generate_latents(model, 2, steps=3, sampler="heun", convention="uniform", seed=0)
+    np.testing.assert_allclose(np.load(out / "latents.npz")["latents"], expected.numpy(), atol=1e-5)
+    bad = CliRunner().invoke(main, [*args[:-4], "--sampler-convention", "edm"])
+    assert bad.exit_code != 0 and "edm" in bad.output

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -46,10 +50,39 @@ def test_same_seed_same_video_other_seed_differs(tmp_path: Path) -> None:
     for fa, fb, fc in zip(frames_a, frames_b, frames_c, strict=True):
         assert np.array_equal(fa, fb)
         assert np.abs(fa.astype(int) - fc.astype(int)).mean() > 10
-    # libx264 single-threaded is bit-exact: the files themselves are identical.
+    # the files themselves are identical (single-threaded x264 without the macroblock tree, see write_mp4)
     for pa, pb in zip(a.paths, b.paths, strict=True):
         assert Path(pa).read_bytes() == Path(pb).read_bytes()
     assert (tmp_path / "a" / "synth.json").read_text() == (tmp_path / "b" / "synth.json").read_text()
+
+
+_WRITE_SET = (
+    "import sys; from stages.common.synth import make_synthetic; "
+    "make_synthetic(sys.argv[1], videos=6, classes=3, frames=16, size=64, seed=7, progress=False)"
+)
+
+
+def _digests(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_separate_processes_write_byte_identical_files(tmp_path: Path) -> None:
+    """Regression: libx264's AVX-512 macroblock-tree kernels read uninitialised heap memory on
+    small frames, so the bytes depended on what the process had allocated before. Two processes
+    with different heap garbage (glibc's MALLOC_PERTURB_) must still write identical files."""
+    repo = Path(__file__).resolve().parents[1]
+    for name, perturb in (("a", "85"), ("b", "170")):
+        env = {**os.environ, "MALLOC_PERTURB_": perturb}
+        subprocess.run(
+            [sys.executable, "-c", _WRITE_SET, str(tmp_path / name)], cwd=repo, env=env, check=True
+        )
+    a, b = _digests(tmp_path / "a"), _digests(tmp_path / "b")
+    assert len(a) == 7 and a.keys() == b.keys()  # 6 videos + synth.json
+    assert [k for k in a if a[k] != b[k]] == []
 
 
 def test_decoded_pixels_match_rendered_frames(synth_videos: Path) -> None:

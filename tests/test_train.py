@@ -1,10 +1,8 @@
-"""Stage two on tiny shards: finite losses, alignment signal, exact resume, no encoder imports,
+"""Stage two on tiny v2 shards: finite losses, alignment signal, exact resume, no encoder imports,
 DDP with two gloo ranks, refusal of mismatched caches, NaN stop, SIGTERM checkpoint."""
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
 import signal
@@ -16,121 +14,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
+from helpers import LATENT_SHAPE, make_shards
 
 import cache_schema
+from cache_schema import RunDir
 from stages.train import NonFiniteLoss, TrainConfig, train
-from stages.train.checkpoint import latest_checkpoint
-from stages.train.report import read_log
 
 REPO = Path(__file__).resolve().parents[1]
-LATENT_SHAPE = (4, 4, 8, 8)  # C, T', h, w -> grid (4, 4, 4) with patch (1, 2, 2)
-GRID = (4, 4, 4)
-ENCODERS = [("dino", 8), ("sam2", 16)]
-CLASSES = ["left", "right"]
 
 
-def _npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array)
-    return buf.getvalue()
+def read_log(run: Path) -> list[dict]:
+    return RunDir(run).read_log()
 
 
-def _targets(latents: np.ndarray, maps: list[np.ndarray]) -> np.ndarray:
-    """Encoder-like targets with real signal: a fixed random linear map of each 2x2 latent patch,
-    L2-normalised per token and per encoder, concatenated (the contract's fused layout)."""
-    c, t, h, w = latents.shape
-    patches = (
-        latents.reshape(c, t, h // 2, 2, w // 2, 2).transpose(1, 2, 4, 0, 3, 5).reshape(t, h // 2, w // 2, -1)
-    )
-    parts = []
-    for m in maps:
-        feats = np.tanh(patches @ m)
-        parts.append(feats / np.linalg.norm(feats, axis=-1, keepdims=True))
-    return np.concatenate(parts, axis=-1)
-
-
-def make_shards(
-    root: Path,
-    num_samples: int = 48,
-    per_shard: int = 16,
-    seed: int = 0,
-    nan: bool = False,
-    spec_extra: dict | None = None,
-) -> Path:
-    """A schema-v1 shard folder (tars + index.json) following the cache contract exactly."""
-    rng = np.random.default_rng(seed)
-    maps = [
-        np.random.default_rng(100 + i).normal(size=(LATENT_SHAPE[0] * 4, dim))
-        for i, (_, dim) in enumerate(ENCODERS)
-    ]
-    encoders, start = [], 0
-    for name, dim in ENCODERS:
-        encoders.append({"name": name, "id": f"test/{name}", "dim": dim, "start": start, "stop": start + dim})
-        start += dim
-    spec = {
-        "dataset": {"source": "synthetic", "files": ["a.mp4", "b.mp4"]},
-        "clips": {"frames": 4, "stride": 1, "clips_per_video": 1, "size": 64},
-        "vae": {
-            "id": "test/vae",
-            "scale": 0.18215,
-            "latent_channels": 4,
-            "spatial_factor": 8,
-            "temporal_factor": 1,
-        },
-        "encoders": [{"name": n, "id": f"test/{n}", "input_size": 32, "dim": d} for n, d in ENCODERS],
-        "grid": list(GRID),
-        "patch_size": [1, 2, 2],
-        "fusion": "concat",
-        "dtype": "float16",
-        **(spec_extra or {}),
-    }
-    root.mkdir(parents=True, exist_ok=True)
-    shards = []
-    for s in range(0, num_samples, per_shard):
-        name = f"shard-{s // per_shard:06d}.tar"
-        with wds.TarWriter(str(root / name)) as sink:
-            for i in range(s, min(s + per_shard, num_samples)):
-                label = i % len(CLASSES)
-                latent = rng.normal(size=LATENT_SHAPE).astype(np.float32)
-                latent[:, :, :, : LATENT_SHAPE[3] // 2] += 1.0 if label else -1.0
-                if nan:
-                    latent[:] = np.nan
-                with np.errstate(invalid="ignore"):
-                    target = _targets(np.nan_to_num(latent), maps).astype(np.float16)
-                meta = {"video": f"v{i}.mp4", "start_frame": 0, "clip_index": i, "label": label}
-                sink.write(
-                    {
-                        "__key__": f"{i:09d}",
-                        "latent.npy": _npy(latent.astype(np.float16)),
-                        "target.npy": _npy(target),
-                        "cls": str(label),
-                        "json": meta,
-                    }
-                )
-        data = (root / name).read_bytes()
-        shards.append(
-            {
-                "name": name,
-                "samples": min(per_shard, num_samples - s),
-                "bytes": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(),
-            }
-        )
-    index = {
-        "schema_version": 1,
-        "fingerprint": cache_schema.fingerprint(spec),
-        "spec": spec,
-        "encoders": encoders,
-        "grid": list(GRID),
-        "latent_shape": list(LATENT_SHAPE),
-        "target_dim": start,
-        "class_names": CLASSES,
-        "num_samples": num_samples,
-        "shards": shards,
-    }
-    (root / "index.json").write_text(json.dumps(index, indent=1))
-    return root
+def latest_checkpoint(run: Path):
+    return RunDir(run).latest_checkpoint()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -170,22 +68,25 @@ def tiny(shards: Path, out: Path, **overrides) -> TrainConfig:
 def test_a_few_steps_write_the_run_directory(shards: Path, tmp_path: Path) -> None:
     summary = train(tiny(shards, tmp_path / "run"), progress=False)
     run = tmp_path / "run"
-    rows = read_log(run / "log.jsonl")
+    rows = read_log(run)
     assert [r["step"] for r in rows] == list(range(1, 7))
     for row in rows:
         assert np.isfinite([row["loss"], row["flow_loss"], row["align_loss"], row["grad_norm"]]).all()
         assert set(row["cos_sim"]) == {"dino", "sam2"}
         assert row["lr"] == pytest.approx(1e-3) and row["samples_per_s"] > 0
-    # the loss is the flow loss plus lambda times the alignment loss (negative cosine)
-    assert rows[-1]["loss"] == pytest.approx(rows[-1]["flow_loss"] + 0.5 * rows[-1]["align_loss"], rel=1e-4)
-    assert rows[-1]["align_loss"] == pytest.approx(-np.mean(list(rows[-1]["cos_sim"].values())), rel=1e-4)
+    # the loss is the flow loss plus the weighted alignment loss: lambda x mean over encoders of -cos
+    assert rows[-1]["loss"] == pytest.approx(rows[-1]["flow_loss"] + rows[-1]["align_loss"], rel=1e-4)
+    assert rows[-1]["align_loss"] == pytest.approx(
+        -0.5 * np.mean(list(rows[-1]["cos_sim"].values())), rel=1e-4
+    )
+    assert rows[-1]["align_weight"] == {"dino": 0.5, "sam2": 0.5}
     assert summary["align_depth"] == 1  # default_align_depth(4) for the tiny model
 
     import yaml
 
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     index = json.loads((shards / "index.json").read_text())
-    assert cfg["vae"] == "test/vae" and cfg["latent_scale"] == pytest.approx(0.18215)
+    assert cfg["vae_spec"]["id"] == "test/vae" and cfg["vae_spec"]["scale"] == pytest.approx(0.18215)
     assert cfg["expect_fingerprint"] == index["fingerprint"] and cfg["encoders"] == ["dino", "sam2"]
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-0000006"
     step_dir = latest_checkpoint(run)
@@ -211,7 +112,7 @@ def test_alignment_raises_cosine_similarity_only_when_on(shards: Path, tmp_path:
     def cos_curve(lam: float) -> list[float]:
         out = tmp_path / f"lam{lam}"
         train(tiny(shards, out, steps=30, checkpoint_every=30, align_lambda=lam), progress=False)
-        return [float(np.mean(list(r["cos_sim"].values()))) for r in read_log(out / "log.jsonl")]
+        return [float(np.mean(list(r["cos_sim"].values()))) for r in read_log(out)]
 
     on, off = cos_curve(0.5), cos_curve(0.0)
     gain_on = np.mean(on[-5:]) - np.mean(on[:3])
@@ -219,7 +120,7 @@ def test_alignment_raises_cosine_similarity_only_when_on(shards: Path, tmp_path:
     assert gain_on > 0.2, on
     assert gain_on > gain_off + 0.15, (on, off)
     # with lambda 0 the alignment term contributes nothing to the loss
-    row = read_log(tmp_path / "lam0.0" / "log.jsonl")[-1]
+    row = read_log(tmp_path / "lam0.0")[-1]
     assert row["loss"] == pytest.approx(row["flow_loss"], rel=1e-5)
 
 
@@ -245,7 +146,7 @@ def test_resume_reproduces_a_straight_run(shards: Path, tmp_path: Path) -> None:
         assert wa.keys() == wb.keys()
         for key in wa:
             torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6, msg=f"{part}.{key}")
-    la, lb = read_log(tmp_path / "straight" / "log.jsonl"), read_log(tmp_path / "split" / "log.jsonl")
+    la, lb = read_log(tmp_path / "straight"), read_log(tmp_path / "split")
     assert [r["step"] for r in lb] == list(range(1, 9))
     np.testing.assert_allclose([r["loss"] for r in la], [r["loss"] for r in lb], rtol=1e-5)
 
@@ -267,7 +168,7 @@ def test_mismatched_cache_is_refused_naming_the_field(shards: Path, tmp_path: Pa
 def test_encoder_subset_trains_one_projector(shards: Path, tmp_path: Path) -> None:
     summary = train(tiny(shards, tmp_path / "run", steps=2, encoders=["sam2"]), progress=False)
     assert summary["encoders"] == ["sam2"]
-    assert set(read_log(tmp_path / "run" / "log.jsonl")[-1]["cos_sim"]) == {"sam2"}
+    assert set(read_log(tmp_path / "run")[-1]["cos_sim"]) == {"sam2"}
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(shards: Path, tmp_path: Path) -> None:
@@ -349,7 +250,7 @@ def test_ddp_two_gloo_ranks(shards: Path, tmp_path: Path) -> None:
     cmd += ["--steps", "3", "--checkpoint-every", "3", "--device", "cpu", "--set", "projector_dim=32"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=150)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = read_log(run / "log.jsonl")
+    rows = read_log(run)
     assert [r["step"] for r in rows] == [1, 2, 3]  # rank 0 logs once per step
     assert rows[-1]["samples_seen"] == 3 * 4 * 2  # two ranks x batch 4
     import torch as _torch
@@ -372,9 +273,8 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(shards: Path, tmp_path: P
         "projector_dim=32",
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-    log = run / "log.jsonl"
     deadline = time.time() + 90
-    while time.time() < deadline and not (log.is_file() and len(read_log(log)) >= 3):
+    while time.time() < deadline and len(read_log(run)) < 3:
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
@@ -384,16 +284,31 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(shards: Path, tmp_path: P
     assert int(step.name.split("-")[1]) >= 3
 
 
-def test_periodic_samples_write_a_gif_grid(shards: Path, tmp_path: Path) -> None:
-    from PIL import Image
+def test_training_gifs_are_reproduced_by_pipeline_sample(shards: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+    from PIL import Image, ImageSequence
 
+    from pipeline.cli import main
     from stages.common.presets import tiny_models
 
     vae = tiny_models(tmp_path / "models", names=["vae"])["vae"]
     run = tmp_path / "run"
     train(tiny(shards, run, steps=2, sample_every=2, sample_steps=2, num_samples=4, vae=vae), progress=False)
-    gif = Image.open(run / "samples" / "step-0000002.gif")
-    assert gif.n_frames == LATENT_SHAPE[1] and gif.size == (2 * 64, 2 * 64)  # 2x2 grid of 64 px clips
+    args = ["sample", "--run", str(run), "--checkpoint", "step-0000002", "--num", "4", "--steps", "2",
+            "--seed", "0", "--vae", vae]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+
+    def frames(path: Path) -> list[np.ndarray]:
+        return [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(Image.open(path))]
+
+    during, after = (
+        frames(run / "samples" / "step-0000002.gif"),
+        frames(run / "samples" / "step-0000002" / "grid.gif"),
+    )
+    assert len(during) == LATENT_SHAPE[1] and len(during) == len(after)
+    for a, b in zip(during, after, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_loader_with_workers_is_deterministic_and_resumable(shards: Path) -> None:
@@ -407,7 +322,10 @@ def test_loader_with_workers_is_deterministic_and_resumable(shards: Path) -> Non
 
     def take(start: int, n: int) -> list[torch.Tensor]:
         stream = iterate_steps(spec, start)
-        return [next(stream)[0]["latent"] for _ in range(n)]
+        try:
+            return [next(stream)[0]["latent"] for _ in range(n)]
+        finally:
+            stream.close()
 
     straight = take(0, 6)
     again = take(0, 6)
@@ -422,5 +340,5 @@ def test_loader_with_workers_is_deterministic_and_resumable(shards: Path) -> Non
 def test_bf16_cuda_run(shards: Path, tmp_path: Path) -> None:
     run = tmp_path / "gpu"
     train(tiny(shards, run, steps=3, device="cuda", num_workers=2), progress=False)
-    rows = read_log(run / "log.jsonl")
+    rows = read_log(run)
     assert len(rows) == 3 and np.isfinite([r["loss"] for r in rows]).all()

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -125,3 +130,57 @@ def test_cuda_encode_close_to_cpu(tiny):
     assert gpu.dtype == torch.float16 and gpu.shape == cpu.shape
     torch.testing.assert_close(gpu.float().cpu(), cpu.float(), atol=0.05, rtol=0.05)
     assert VAEWrapper.load(tiny["vae"], device="cuda").decode(gpu).shape == x.shape
+
+
+# ----------------------------------------------------------------------------- pipeline repos
+
+_SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
+# loads the VAE by hub id from a hand-made offline cache in a fresh process (HF_HUB_CACHE is read
+# when huggingface_hub is imported) and saves its latents of a fixed clip
+_LOAD_BY_ID = """
+import sys, torch
+from huggingface_hub import hf_hub_download
+from stages.common.vae import VAEWrapper
+index = hf_hub_download("org/tiny-cogvideox", "model_index.json", local_files_only=True)
+assert "{snapshot}" in index, index
+vae = VAEWrapper.load("org/tiny-cogvideox", kind="video", scale=None)
+x = torch.randint(0, 256, (1, 8, 64, 64, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+torch.save(vae.encode(x), sys.argv[1])
+"""
+
+
+def _pipeline_folder(root: Path, vae: str, index: bool = True) -> Path:
+    """A diffusers pipeline layout as CogVideoX repos have: vae/ (+ model_index.json)."""
+    shutil.copytree(vae, root / "vae")
+    if index:
+        spec = {"_class_name": "CogVideoXPipeline", "vae": ["diffusers", "AutoencoderKLCogVideoX"]}
+        (root / "model_index.json").write_text(json.dumps(spec))
+    return root
+
+
+def test_video_vae_from_a_pipeline_folder_uses_its_vae_subfolder(tiny, tmp_path):
+    x = _clip(b=1, t=8)
+    want = VAEWrapper.load(tiny["video_vae"], kind="video", scale=None).encode(x)
+    for name, index in (("with-index", True), ("vae-only", False)):
+        folder = _pipeline_folder(tmp_path / name, tiny["video_vae"], index=index)
+        vae = VAEWrapper.load(str(folder), kind="video", scale=None)
+        assert vae.model_id == str(folder) and vae.temporal_factor == 4
+        torch.testing.assert_close(vae.encode(x), want, rtol=0, atol=0)
+
+
+def test_video_vae_by_hub_id_of_a_pipeline_repo(tiny, tmp_path):
+    cache = tmp_path / "hub"
+    repo = cache / "models--org--tiny-cogvideox"
+    _pipeline_folder(repo / "snapshots" / _SNAPSHOT, tiny["video_vae"])
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(_SNAPSHOT)
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "z.pt"
+    script = _LOAD_BY_ID.format(snapshot=_SNAPSHOT)
+    repo_root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(out)], cwd=repo_root, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    want = VAEWrapper.load(tiny["video_vae"], kind="video", scale=None).encode(_clip(b=1, t=8))
+    torch.testing.assert_close(torch.load(out), want, rtol=0, atol=0)

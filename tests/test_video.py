@@ -3,6 +3,7 @@ frames we wrote (resized independently with PIL)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from stages.common.synth import write_mp4
 from stages.common.video import (
     ClipDataset,
     ClipRef,
@@ -22,6 +24,8 @@ from stages.common.video import (
     clip_starts,
     collate_clips,
     discover,
+    manifest_from_ucf_split,
+    natural_key,
     plan_clips,
     read_clip,
     resize_crop,
@@ -261,7 +265,7 @@ def test_csv_and_jsonl_manifests(tmp_path: Path) -> None:
     ]
     jsonl.write_text("\n".join(json.dumps(x) if x else "" for x in lines) + "\n")
     source = discover(jsonl)
-    assert source.layout == "jsonl" and source.class_names is None
+    assert source.layout == "jsonl" and source.class_names == ["0", "1", "2", "3"]  # ints stay labelled
     assert [e.label for e in source.entries] == [3, 0, None]
     assert source.entries[1].path == str((data / "walk" / "w1.mp4").resolve())
     assert source.entries[2].kind == "frames"
@@ -290,3 +294,195 @@ def test_clear_errors_for_bad_sources(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(ValueError, match="unsupported video source"):
         discover(tmp_path / "notes.txt")
+
+
+# --------------------------------------------------------------------------- manifests with integer labels
+
+
+def test_integer_manifest_labels_give_class_names(tmp_path: Path) -> None:
+    write_mp4(tmp_path / "a.mp4", source_frames(8, 32, 48), fps=8)
+    csv_path = tmp_path / "ints.csv"
+    csv_path.write_text("path,label\na.mp4,2\na.mp4,\na.mp4,4\na.mp4,0\n")
+    source = discover(csv_path)
+    assert source.class_names == ["0", "1", "2", "3", "4"]  # up to the largest label, gaps included
+    assert [e.label for e in source.entries] == [2, None, 4, 0]
+    assert source.describe()["class_names"] == ["0", "1", "2", "3", "4"]
+    clips, skipped, _ = plan_clips(source, ClipSpec(frames=2, size=16), progress=False)
+    assert skipped == [] and len(clips) == 4
+
+    names = tmp_path / "names.csv"
+    names.write_text("path,label\na.mp4,zebra\na.mp4,ant\n")
+    assert discover(names).class_names == ["ant", "zebra"]
+    unlabelled = tmp_path / "none.csv"
+    unlabelled.write_text("path,label\na.mp4,\n")
+    assert discover(unlabelled).class_names is None
+
+
+def test_mixed_or_bad_manifest_labels_name_the_line(tmp_path: Path) -> None:
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_text("path,label\na.mp4,\nb.mp4,3\nc.mp4,walk\nd.mp4,run\n")
+    with pytest.raises(ValueError, match=r"mixed.csv:4: label 'walk' mixes name labels with int labels"):
+        discover(mixed)
+    jsonl = tmp_path / "mixed.jsonl"
+    jsonl.write_text('{"path": "a.mp4", "label": "walk"}\n{"path": "b.mp4", "label": 1}\n')
+    with pytest.raises(ValueError, match=r"mixed.jsonl:2: label 1 mixes int labels with name labels"):
+        discover(jsonl)
+    negative = tmp_path / "neg.csv"
+    negative.write_text("path,label\na.mp4,-1\n")
+    with pytest.raises(ValueError, match=r"neg.csv:2: integer labels must be >= 0, got -1"):
+        discover(negative)
+    boolean = tmp_path / "bool.jsonl"
+    boolean.write_text('{"path": "a.mp4", "label": true}\n')
+    with pytest.raises(ValueError, match=r"bool.jsonl:1: label must be an integer or a class name, got True"):
+        discover(boolean)
+
+
+def test_manifest_from_ucf_split(tmp_path: Path) -> None:
+    """A miniature copy of UCF-101's split files, in their published format."""
+    root = tmp_path / "UCF-101"
+    videos = {
+        "ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi": source_frames(10, 32, 48),
+        "Archery/v_Archery_g08_c01.avi": source_frames(10, 32, 48),
+        "YoYo/v_YoYo_g01_c02.avi": source_frames(10, 32, 48),
+    }
+    for rel, frames in videos.items():
+        write_video(root / rel, frames)
+    splits = tmp_path / "ucfTrainTestlist"
+    splits.mkdir()
+    (splits / "classInd.txt").write_text("1 ApplyEyeMakeup\r\n2 Archery\r\n3 YoYo\r\n")
+    (splits / "trainlist01.txt").write_text(
+        "ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1\r\nYoYo/v_YoYo_g01_c02.avi 3\r\n"
+    )
+    (splits / "testlist01.txt").write_text("Archery/v_Archery_g08_c01.avi\r\n\r\n")
+
+    train = manifest_from_ucf_split(
+        splits / "trainlist01.txt", splits / "classInd.txt", root, tmp_path / "m" / "train.csv"
+    )
+    source = discover(train)
+    assert source.layout == "csv" and source.class_names == ["ApplyEyeMakeup", "YoYo"]
+    assert [(Path(e.path).name, e.label) for e in source.entries] == [
+        ("v_ApplyEyeMakeup_g08_c01.avi", 0),
+        ("v_YoYo_g01_c02.avi", 1),
+    ]
+    clips, skipped, lengths = plan_clips(source, ClipSpec(frames=4, stride=2, size=16), progress=False)
+    assert skipped == [] and lengths == [10, 10] and len(clips) == 2
+
+    test = discover(
+        manifest_from_ucf_split(splits / "testlist01.txt", splits / "classInd.txt", root, tmp_path / "t.csv")
+    )
+    assert test.class_names == ["Archery"] and test.entries[0].path == str(
+        (root / "Archery" / "v_Archery_g08_c01.avi").resolve()
+    )
+
+    (splits / "bad.txt").write_text("YoYo/v_YoYo_g01_c02.avi 7\n")
+    with pytest.raises(ValueError, match=r"bad.txt:1: class id 7 is not in"):
+        manifest_from_ucf_split(splits / "bad.txt", splits / "classInd.txt", root, tmp_path / "x.csv")
+    (splits / "bad2.txt").write_text("Nope/v_Nope_g01_c01.avi\n")
+    with pytest.raises(ValueError, match=r"class folder 'Nope'"):
+        manifest_from_ucf_split(splits / "bad2.txt", splits / "classInd.txt", root, tmp_path / "x.csv")
+
+
+# --------------------------------------------------------------------------- natural frame order
+
+
+def test_frame_files_read_in_natural_order(tmp_path: Path) -> None:
+    """Unpadded names 1.png .. 40.png; each frame's grey level is 6 x its number, so a decoded
+    clip shows exactly which files were read."""
+    folder = tmp_path / "frames" / "clip"
+    folder.mkdir(parents=True)
+    for t in range(1, 41):
+        Image.fromarray(np.full((20, 30, 3), 6 * t, np.uint8)).save(folder / f"{t}.png")
+    source = discover(tmp_path / "frames")
+    spec = ClipSpec(frames=8, stride=1, size=16)
+    got = read_clip(source.entries[0], 22, spec)  # frames 23..30: crosses the 29 -> 3 -> 30 trap
+    assert got[:, 8, 8, 0].tolist() == [6 * t for t in range(23, 31)]
+    assert (got == got[:, :1, :1, :1]).all()  # constant images resize exactly
+    assert read_clip(source.entries[0], 0, ClipSpec(frames=40, stride=1, size=16))[:, 0, 0, 0].tolist() == [
+        6 * t for t in range(1, 41)
+    ]
+
+
+def test_natural_key_orders_mixed_names() -> None:
+    names = ["frame_10.png", "frame_2.png", "Frame_3.png", "frame_02.png", "b.png", "a10b2.png", "a10b10.png"]
+    order = sorted(names, key=natural_key)
+    assert order == [
+        "a10b2.png",
+        "a10b10.png",
+        "b.png",
+        "frame_02.png",
+        "frame_2.png",
+        "Frame_3.png",
+        "frame_10.png",
+    ]
+    assert sorted(reversed(names), key=natural_key) == order  # deterministic whatever the input order
+
+
+# --------------------------------------------------------------------------- clip variety
+
+
+def test_random_placement_reproducible_and_seeded() -> None:
+    spec = ClipSpec(frames=5, stride=3, clips_per_video=4, placement="random", seed=7)
+    last = 200 - spec.span
+    a = clip_starts(200, spec, video_key=(3, "walk/w1.avi"))
+    assert a == clip_starts(200, spec, video_key=(3, "walk/w1.avi"))
+    assert len(a) == 4 and len(set(a)) == 4 and a == sorted(a) and 0 <= a[0] and a[-1] <= last
+    other_seed = ClipSpec(frames=5, stride=3, clips_per_video=4, placement="random", seed=8)
+    assert clip_starts(200, other_seed, video_key=(3, "walk/w1.avi")) != a
+    assert clip_starts(200, spec, video_key=(4, "walk/w1.avi")) != a  # the video's identity matters
+    assert clip_starts(200, spec, video_key=(3, "walk/w2.avi")) != a
+    # Fewer possible starts than clips asked for: every start, once.
+    assert clip_starts(spec.span + 2, spec, video_key=(0, "x")) == [0, 1, 2]
+    assert clip_starts(spec.span - 1, spec, video_key=(0, "x")) == []
+    draws = np.concatenate([clip_starts(40, spec, video_key=(i, "v")) for i in range(400)])
+    assert draws.min() == 0 and draws.max() == 40 - spec.span  # the whole range is reachable
+    with pytest.raises(ValueError, match="'shuffle'"):
+        ClipSpec(placement="shuffle")
+    with pytest.raises(ValueError, match="seed"):
+        ClipSpec(seed=-1)
+
+
+def test_random_plan_on_real_videos(tmp_path: Path) -> None:
+    (tmp_path / "vids").mkdir()
+    for name in ("a", "b"):
+        write_mp4(tmp_path / "vids" / f"{name}.mp4", source_frames(60, 32, 48), fps=25)
+    source = discover(tmp_path / "vids")
+    spec = ClipSpec(frames=4, stride=2, clips_per_video=3, size=16, placement="random", seed=1)
+    clips, skipped, lengths = plan_clips(source, spec, progress=False)
+    assert skipped == [] and lengths == [60, 60] and len(clips) == 6
+    again, _, _ = plan_clips(source, spec, progress=False)
+    assert again == clips
+    per_video = [[c.start_frame for c in clips if c.video_index == i] for i in range(2)]
+    assert per_video[0] != per_video[1]  # same length, different identity: different draws
+    for i, starts in enumerate(per_video):
+        assert starts == clip_starts(60, spec, video_key=(i, f"{'ab'[i]}.mp4"))
+    reseeded, _, _ = plan_clips(source, dataclasses.replace(spec, seed=2), progress=False)
+    assert reseeded != clips
+
+
+def test_hflip_clips_are_exact_mirrors(tmp_path: Path) -> None:
+    (tmp_path / "vids").mkdir()
+    frames = source_frames(30, 48, 64)
+    write_mp4(tmp_path / "vids" / "a.mp4", frames, fps=25)
+    _write_frames(tmp_path / "folders" / "f", frames[:20], ".png")
+    spec = ClipSpec(frames=4, stride=2, clips_per_video=2, size=32, hflip=True)
+    for root in (tmp_path / "vids", tmp_path / "folders"):
+        source = discover(root)
+        clips, _, _ = plan_clips(source, spec, progress=False)
+        plain = ClipSpec(frames=4, stride=2, clips_per_video=2, size=32)
+        unflipped, _, _ = plan_clips(source, plain, progress=False)
+        assert [(c.start_frame, c.flip) for c in clips] == [
+            (c.start_frame, f) for c in unflipped for f in (False, True)
+        ]
+        dataset = ClipDataset(source, clips, spec)
+        for k in range(0, len(clips), 2):
+            a, b = dataset[k], dataset[k + 1]
+            assert (a["flip"], b["flip"]) == (False, True) and a["start_frame"] == b["start_frame"]
+            assert torch.equal(b["frames"], a["frames"].flip(2))
+            assert b["frames"].is_contiguous() and not torch.equal(a["frames"], b["frames"])
+        entry, start = source.entries[0], clips[0].start_frame
+        direct = read_clip(entry, start, spec)
+        mirrored = read_clip(entry, start, spec, flip=True)
+        assert mirrored.flags["C_CONTIGUOUS"] and np.array_equal(mirrored, direct[:, :, ::-1])
+        batch = collate_clips([dataset[0], dataset[1]])
+        assert batch["flip"] == [False, True]
+    assert ClipRef(0, 5) == ClipRef(0, 5, False)  # positional form used by other stages still works

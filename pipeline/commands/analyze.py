@@ -18,7 +18,10 @@ def _parse_models(items: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-@click.command(help="IICR (intra/inter consistency ratio) per encoder; writes iicr.json and a bar plot.")
+@click.command(
+    help="IICR (intra/inter consistency ratio) per encoder, and from a cache iREPA's spatial metrics "
+    "(LDS, CDS, RMSC); writes iicr.json, spatial.json and a bar plot."
+)
 @click.option(
     "--cache",
     type=click.Path(exists=True),
@@ -66,16 +69,23 @@ def analyze(
     device: str,
     no_per_position: bool,
 ) -> None:
+    from cache_schema import prepare_output
+    from pipeline.commands.common import cli_errors
     from stages.evaluate import iicr
 
     if bool(cache) == bool(videos):
         raise click.UsageError("give exactly one of --cache STORE or --videos DIR")
     names = [n.strip() for n in encoders.split(",") if n.strip()] if encoders else None
-    try:
+    spatial = None
+    with cli_errors():
+        prepare_output(out, "analysis", inputs={"--cache": cache, "--videos": videos})
         if cache:
+            from stages.evaluate.spatial import spatial_from_store
+
             result = iicr.iicr_from_store(
                 cache, names, per_position=not no_per_position, block_clips=block_clips
             )
+            spatial = spatial_from_store(cache, names, block_clips=block_clips)
         else:
             if not names:
                 raise click.UsageError("--videos needs --encoders, e.g. --encoders dino,sam2")
@@ -90,23 +100,35 @@ def analyze(
                 per_position=not no_per_position,
             )
             result = _from_videos(videos, names, preset, _parse_models(encoder_models), cfg)
-    except (ValueError, FileNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from exc
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "iicr.json").write_text(json.dumps(result, indent=2))
     plot = iicr.bar_plot(result, str(out_dir / "iicr.png"))
     click.echo(iicr.format_table(result))
-    click.echo(f"wrote {out_dir / 'iicr.json'} and {plot}")
+    if spatial is not None:
+        (out_dir / "spatial.json").write_text(json.dumps(spatial, indent=2))
+        _spatial_table(spatial)
+    click.echo(f"wrote {out_dir / 'iicr.json'}{' and spatial.json' if spatial else ''}, {plot}")
+
+
+def _spatial_table(spatial: dict) -> None:
+    from pipeline.summary import print_table
+
+    def f(x) -> str:
+        return "n/a" if x is None else f"{x:.4f}"
+
+    rows = [
+        (n, f(r["lds"]), f(r["cds"]), f(r["rmsc"]), f(r["local_cos"])) for n, r in spatial["encoders"].items()
+    ]
+    click.echo("\niREPA spatial structure (higher LDS/CDS: more local structure)")
+    print_table(["encoder", "LDS", "CDS", "RMSC", "cos(d=1)"], rows)
 
 
 def _from_videos(videos: str, names: list[str], preset: str | None, models: dict[str, str], cfg) -> dict:
-    import torch
-
     from stages.common.encoders import load_encoder
+    from stages.common.runtime import resolve_device
     from stages.evaluate import iicr
 
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    dev = resolve_device(cfg.device)
     if preset == "tiny":
         from stages.common.presets import tiny_models
 

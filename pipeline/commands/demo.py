@@ -5,14 +5,13 @@ from __future__ import annotations
 import click
 
 from pipeline.config import config_options
+from pipeline.demo import PRESETS
 
 
 @click.command("demo")
 @click.option("--out", type=str, help="Output folder [demo-out].")
 @click.option(
-    "--preset",
-    type=click.Choice(["tiny", "small"]),
-    help="tiny (CPU, minutes) or small (bigger data, longer).",
+    "--preset", type=click.Choice(list(PRESETS)), help="tiny (CPU, minutes) or small (bigger data, longer)."
 )
 @click.option("--videos", type=int, help="Synthetic videos [32].")
 @click.option("--classes", type=int, help="Synthetic classes [4].")
@@ -26,13 +25,18 @@ from pipeline.config import config_options
 @config_options
 def demo(config_file, overrides, **flags):
     """Synthesize videos, extract, pack, train with and without alignment, sample, evaluate
-    (FVD with a tiny detector), analyze (IICR), and write DIR/report.md + report.html."""
-    from pipeline.config import resolve_config, save_config
-    from pipeline.demo import PRESETS, DemoConfig, run_demo
+    (FVD with a tiny detector), analyze (IICR), and write DIR/report.md + report.html.
+    Rerunning the same command resumes a killed demo."""
+    from pipeline.commands.common import cli_errors, resolve_stage_config
+    from pipeline.demo import DemoConfig, run_demo
+    from pipeline.report import write_report
+    from stages.common.runtime import dump_config
 
     if flags.get("encoders") is not None:
         flags["encoders"] = [e.strip() for e in flags["encoders"].split(",") if e.strip()]
     base = dict(PRESETS[flags.get("preset") or "tiny"])
-    cfg = resolve_config(DemoConfig, config_file, overrides, flags, base=base)
-    save_config(cfg, f"{cfg.out}/demo_config.yaml")
-    run_demo(cfg)
+    cfg = resolve_stage_config(DemoConfig, config_file, overrides, flags, base)
+    with cli_errors():
+        result = run_demo(cfg)
+    dump_config(cfg, f"{cfg.out}/demo_config.yaml")
+    write_report(result)

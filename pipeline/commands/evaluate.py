@@ -34,6 +34,16 @@ def _common(func):
             help="Resize + center-crop size first (protocol; default 256).",
         ),
         click.option("--num-videos", type=int, default=None, help="Videos per set (protocol; default 2048)."),
+        click.option(
+            "--real-subset",
+            type=click.Choice(["first", "random"]),
+            default=None,
+            help="Which videos of a larger set: first in sorted order (StyleGAN-V) or a seeded uniform "
+            "sample (protocol; default first).",
+        ),
+        click.option(
+            "--subset-seed", type=int, default=None, help="Seed of --real-subset random (protocol; 0)."
+        ),
         click.option("--batch-size", type=int, default=None, help="Videos per detector batch."),
         click.option("--num-workers", type=int, default=None, help="Decoding workers for video folders."),
         click.option("--device", default=None, help="auto | cpu | cuda | cuda:N."),
@@ -118,7 +128,7 @@ def features(videos: str, out: str, config_file, overrides, **flags: Any) -> Non
 def fvd_cmd(
     real: str, fake: str, out: str | None, no_cache: bool, config_file, overrides, **flags: Any
 ) -> None:
-    from pipeline.config import config_to_dict
+    from stages.common.runtime import config_to_dict
     from stages.evaluate import fvd
 
     cfg = _config(config_file, overrides, **flags)

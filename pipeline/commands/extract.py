@@ -1,11 +1,21 @@
-"""`pipeline extract`: run the VAE and the frozen encoders once, write the zarr feature store."""
+"""`pipeline extract`: run the VAE and the frozen encoders once, write the zarr feature store.
+
+Choices and defaults come from `stages.common.registry`, `cache_schema.formats` and
+`ExtractConfig`, so the help text always shows what a run really uses.
+"""
 
 from __future__ import annotations
 
 import click
 
+from cache_schema.formats import TARGET_FORMATS
 from pipeline.config import config_options
 from pipeline.summary import human_bytes, print_table
+from stages.common import registry as R
+from stages.extract.config import CODEC_NAMES, PRESETS, TIME_GRIDS, ExtractConfig
+
+_D = ExtractConfig()
+_FORMATS_HELP = "; ".join(f"{name}: {spec.description}" for name, spec in TARGET_FORMATS.items())
 
 
 @click.command("extract")
@@ -13,87 +23,177 @@ from pipeline.summary import human_bytes, print_table
     "--data", type=str, help="Video folder (UCF-101 or frame-folder layout) or a CSV/JSONL manifest."
 )
 @click.option("--out", type=str, help="Output zarr store (a folder or an fsspec URL).")
-@click.option("--encoders", type=str, help="Comma-separated subset and order of dino,sam2,videomae.")
+@click.option(
+    "--encoders", type=str, help=f"Comma-separated subset and order of encoders [{','.join(_D.encoders)}]."
+)
 @click.option(
     "--preset",
-    type=click.Choice(["tiny", "random-full"]),
+    type=click.Choice(list(PRESETS)),
     help="tiny: tiny random models, 8x64x64 clips; random-full: real architectures with random weights "
     "(GPU throughput checks without downloads).",
 )
-@click.option("--frames", type=int, help="Frames per clip [16].")
-@click.option("--stride", type=int, help="Frame stride [3].")
-@click.option("--clips-per-video", type=int, help="Clips per video, evenly spaced [1].")
-@click.option("--size", type=int, help="Resize shorter side then center-crop to SIZE [256].")
-@click.option("--vae", type=str, help="VAE hub id or local folder [stabilityai/sd-vae-ft-ema].")
+@click.option("--frames", type=int, help=f"Frames per clip [{_D.frames}].")
+@click.option("--stride", type=int, help=f"Frame stride [{_D.stride}].")
+@click.option(
+    "--clips-per-video", type=int, help=f"Clips per video; every clip is a store row [{_D.clips_per_video}]."
+)
+@click.option(
+    "--clip-placement",
+    type=click.Choice(list(R.CLIP_PLACEMENTS)),
+    help=f"even: evenly spaced; random: seeded by --seed and the video [{_D.clip_placement}].",
+)
+@click.option("--hflip", is_flag=True, default=None, help="Add a mirrored copy of every clip (its own row).")
+@click.option(
+    "--seed", type=int, help=f"Seed of random placement and of the PCA/fidelity samples [{_D.seed}]."
+)
+@click.option("--size", type=int, help=f"Resize shorter side then center-crop to SIZE [{_D.size}].")
+@click.option(
+    "--vae",
+    type=str,
+    help=f"VAE hub id or local folder [{R.DEFAULT_VAE['image']}; video: {R.DEFAULT_VAE['video']}].",
+)
 @click.option(
     "--vae-kind",
-    type=click.Choice(["image", "video"]),
-    help="image: frame by frame; video: temporal compression.",
+    type=click.Choice(list(R.VAE_KINDS)),
+    help=f"image: per frame; video: temporal compression [{_D.vae_kind}].",
 )
 @click.option(
-    "--latent-scale", type=float, help="Latent scale factor [0.18215 for the SD VAE; a video VAE's own]."
+    "--latent-scale",
+    type=float,
+    help=f"Latent scale [{R.SD_LATENT_SCALE} for image VAEs; a video VAE's own].",
 )
-@click.option("--dino-model", type=str, help="DINOv2 hub id or local folder [facebook/dinov2-base].")
+@click.option("--dino-model", type=str, help=f"DINOv2 hub id or local folder [{R.ENCODERS['dino'].hub_id}].")
+@click.option("--sam2-model", type=str, help=f"SAM2.1 hub id or local folder [{R.ENCODERS['sam2'].hub_id}].")
 @click.option(
-    "--sam2-model", type=str, help="SAM2.1 hub id or local folder [facebook/sam2.1-hiera-base-plus]."
+    "--videomae-model", type=str, help=f"VideoMAE hub id or local folder [{R.ENCODERS['videomae'].hub_id}]."
 )
-@click.option("--videomae-model", type=str, help="VideoMAE hub id or local folder [MCG-NJU/videomae-base].")
-@click.option("--block-size", type=int, help="Clips per block = per zarr shard = unit of resume [16].")
-@click.option("--codec", type=click.Choice(["zstd", "blosc", "none"]), help="Compression [zstd].")
-@click.option("--batch-size", type=int, help="Clips per model batch [4].")
-@click.option("--num-workers", type=int, help="Decoding worker processes [4].")
-@click.option("--device", type=str, help="auto | cpu | cuda | cuda:N [auto].")
 @click.option(
-    "--dry-run", is_flag=True, default=None, help="Print clips, projected size and layout; write nothing."
+    "--dino-size", type=int, help="DINOv2 input px [DiT grid side x its patch: 224 for 256 px clips]."
+)
+@click.option(
+    "--target-format", type=click.Choice(list(TARGET_FORMATS)), help=f"{_FORMATS_HELP} [{_D.target_format}]."
+)
+@click.option(
+    "--time-grid",
+    type=click.Choice(list(TIME_GRIDS)),
+    help="native: an encoder with a coarser time grid (VideoMAE) is stored on it and interpolated on the "
+    f"trainer's device (exact); dit: everything on the DiT grid [{_D.time_grid}].",
+)
+@click.option(
+    "--pca-dims",
+    type=str,
+    help="PCA dims for every encoder (N) or per encoder (dino=256,videomae=256) [none].",
+)
+@click.option("--pca-fit-clips", type=int, help=f"Clips the PCA bases are fitted on [{_D.pca_fit_clips}].")
+@click.option(
+    "--fidelity-clips",
+    type=int,
+    help=f"Held-out clips the target fidelity is measured on [{_D.fidelity_clips}].",
+)
+@click.option(
+    "--block-size", type=int, help=f"Clips per block = per zarr shard = unit of resume [{_D.block_size}]."
+)
+@click.option("--codec", type=click.Choice(list(CODEC_NAMES)), help=f"Compression [{_D.codec}].")
+@click.option(
+    "--disk-budget",
+    type=str,
+    help="Refuse plans whose store + shards exceed SIZE (500G, 1.5T, 800MiB, 10GB; G = GiB like df -h).",
+)
+@click.option(
+    "--train-rate", type=float, help="Clips/s a trainer reads, for the dry run's bandwidth [per model size]."
+)
+@click.option("--batch-size", type=int, help=f"Clips per model batch [{_D.batch_size}].")
+@click.option("--num-workers", type=int, help=f"Decoding worker processes [{_D.num_workers}].")
+@click.option("--device", type=str, help=f"{R.DEVICE_HELP} [{_D.device}].")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    default=None,
+    help="Measure one clip, print sizes of every format; write nothing.",
 )
 @click.option("--overwrite", is_flag=True, default=None, help="Replace a store made with a different config.")
 @config_options
 def extract(config_file, overrides, **flags):
-    """Decode videos, run the VAE and frozen encoders, resample to the DiT grid, fuse, write zarr.
+    """Decode videos, run the VAE and frozen encoders, resample to the DiT grid, store compact targets.
 
     Rerunning the same command resumes a killed run; under torchrun the ranks split the blocks.
     """
-    from pipeline.config import resolve_config, save_config
-    from stages.extract.config import ExtractConfig, preset_values
+    from pipeline.commands.common import cli_errors, resolve_stage_config
+    from stages.common.runtime import dump_config
+    from stages.extract.config import preset_values
+    from stages.extract.runner import BudgetExceeded, run_extract
 
     if flags.get("encoders") is not None:
         flags["encoders"] = [e.strip() for e in flags["encoders"].split(",") if e.strip()]
-    cfg = resolve_config(
-        ExtractConfig, config_file, overrides, flags, base=preset_values(flags.get("preset"))
-    )
+    base = preset_values(flags.get("preset"))
+    cfg = resolve_stage_config(
+        ExtractConfig, config_file, overrides, flags, base=base
+    )  # usage errors name the key
+    with cli_errors():
+        try:
+            result = run_extract(cfg)
+        except BudgetExceeded as exc:
+            if exc.table is not None:  # show the projections the refusal is based on
+                _print_sizes(exc.table)
+            raise
+    _print_layout(result)
+    if result.dry_run:
+        if result.sizes is not None:  # rank 0 measured (under torchrun the others did not)
+            _print_sizes(result.sizes)
+        click.echo("dry run: nothing written")
+        return
+    if "://" not in cfg.out:
+        dump_config(cfg, f"{cfg.out.rstrip('/')}/extract_config.yaml")
+    _print_outcome(cfg, result)
 
-    from stages.common.encoders import WeightsNotFoundError
-    from stages.extract.runner import ExtractError, run_extract
 
-    try:
-        result = run_extract(cfg)
-    except (ExtractError, WeightsNotFoundError, ValueError, FileNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from None
-    rows = [(e["name"], e["dim"], f"[{e['start']}:{e['stop']}]") for e in result.layout["encoders"]]
+def _print_layout(result) -> None:
     click.echo(
         f"clips: {result.num_clips}   blocks: {result.blocks_total}   "
         f"grid (T,H,W): {tuple(result.layout['grid'])}   latent: {tuple(result.layout['latent_shape'])}"
     )
-    print_table(["encoder", "dim", "target channels"], rows)
+    rows = [
+        (e["name"], e["dim"], e["format"], e["stored_dim"], e["time_frames"], "yes" if e["pca"] else "no")
+        for e in result.layout["encoders"]
+    ]
+    print_table(["encoder", "dim", "format", "stored dim", "time frames", "pca"], rows)
     if result.skipped:
         click.echo(f"skipped {len(result.skipped)} video(s):")
         for s in result.skipped[:10]:
             click.echo(f"  {s['path']}: {s['reason']}")
         if len(result.skipped) > 10:
             click.echo(f"  ... and {len(result.skipped) - 10} more (see report.json)")
-    if result.dry_run:
-        click.echo(
-            f"dry run: {human_bytes(result.timings['bytes_per_clip'])} per clip with --codec {cfg.codec} "
-            f"(measured on one clip), projected store size {human_bytes(result.timings['projected_bytes'])}; "
-            "nothing written"
+
+
+def _print_sizes(table) -> None:
+    """Per-format sizes and, per trainer rate, the shard read bandwidth it needs."""
+    rows = [
+        (
+            r["format"],
+            human_bytes(r["bytes_per_clip"]),
+            human_bytes(r["store_bytes"]),
+            human_bytes(r["shard_bytes"]),
+            f"{r['vs_float16']:.2f}",
         )
-        return
+        for r in table.rows()
+    ]
+    click.echo(f"sizes for {table.current.clips} clips (measured on store row {table.measured_clip}):")
+    print_table(["format", "bytes/clip", "store", "shards (+latents-only)", "vs float16"], rows)
+    names = [r["format"] for r in table.rows()]
+    rate_rows = [
+        (label, f"{rate:.1f}", *(f"{r['read_gbps'][label]:.3f}" for r in table.rows()))
+        for label, rate in table.rates.items()
+    ]
+    click.echo("shard read bandwidth a trainer needs (GB/s), per H100 at its clip rate:")
+    print_table(["trainer", "clips/s", *names], rate_rows)
+
+
+def _print_outcome(cfg, result) -> None:
+    t = result.timings
     if result.invalid_clips:
         click.echo(
             f"{len(result.invalid_clips)} clip(s) failed to decode and are marked invalid (see report.json)"
         )
-    save_config(cfg, _config_path(cfg.out))
-    t = result.timings
     if result.invalid_clips or result.skipped:
         click.echo(f"report: {cfg.out.rstrip('/')}/report.json")
     if result.blocks_computed:
@@ -103,8 +203,20 @@ def extract(config_file, overrides, **flags):
         )
     else:
         click.echo(f"store complete: {result.blocks_total} blocks already done, nothing to do")
+    if result.fidelity:
+        rows = []
+        for name, f in result.fidelity.items():
+            ev = f.get("explained_variance")
+            rows.append(
+                (
+                    name,
+                    f"{f['mean']:.5f}",
+                    f"{f['p1']:.5f}",
+                    "-" if ev is None else f"{ev:.4f}",
+                    f["clips"],
+                    "yes" if f.get("held_out") else "no",
+                )
+            )
+        click.echo("target fidelity (cosine of stored vs exact targets, per token):")
+        print_table(["encoder", "mean", "p1", "pca explained var", "clips", "held out"], rows)
     click.echo(f"store: {cfg.out}")
-
-
-def _config_path(out: str) -> str:
-    return f"{out.rstrip('/')}/extract_config.yaml" if "://" not in out else "extract_config.yaml"

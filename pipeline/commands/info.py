@@ -1,4 +1,4 @@
-"""`pipeline info PATH`: one screen about a zarr store, a shard folder or a run directory."""
+"""`pipeline info PATH`: one screen about a feature store, a shard folder or a training run."""
 
 from __future__ import annotations
 
@@ -12,18 +12,26 @@ import click
 @click.argument("path", type=str)
 @click.option("--verify", is_flag=True, help="Re-hash every shard (shard folders) and name corrupt ones.")
 def info(path: str, verify: bool) -> None:
-    """Summarise PATH: a feature store, a shard folder or a training run."""
+    """Summarise PATH: a feature store, a shard folder or a training run, with the target
+    format and the measured fidelity of its targets."""
     from cache_schema import kind_of
+    from pipeline.commands.common import cli_errors
 
-    kind = kind_of(path)
-    if kind == "store":
-        _store(path)
-    elif kind == "shards":
-        _shards(path, verify)
-    elif kind == "run":
-        _run(Path(path))
-    else:
-        raise click.ClickException(f"{path} is not a feature store, a shard folder or a run directory")
+    with cli_errors():
+        kind = kind_of(path)
+        if kind == "store":
+            _store(path)
+        elif kind == "shards":
+            _shards(path, verify)
+        elif kind == "run":
+            _run(path)
+        elif kind == "zarr":
+            raise click.ClickException(
+                f"{path} is a zarr group but not an align4gen feature store (it has no schema_version "
+                "attribute); `pipeline extract` writes the stores this command describes"
+            )
+        else:
+            raise click.ClickException(f"{path} is not a feature store, a shard folder or a run directory")
 
 
 def _layout_lines(layout: dict) -> None:
@@ -40,14 +48,38 @@ def _layout_lines(layout: dict) -> None:
     spec = layout.get("spec", {})
     clips = spec.get("clips", {})
     if clips:
+        variety = f"{clips.get('clips_per_video', 1)} per video ({clips.get('placement', 'even')})"
+        flip = ", + mirrored copies" if clips.get("hflip") else ""
         click.echo(
-            f"clips        {clips.get('frames')} frames, stride {clips.get('stride')}, {clips.get('size')}px"
+            f"clips        {clips.get('frames')} frames, stride {clips.get('stride')}, {clips.get('size')}px; "
+            f"{variety}{flip}"
         )
     vae = spec.get("vae", {})
     if vae:
-        click.echo(f"vae          {vae.get('id')} (scale {vae.get('scale')})")
-    rows = [(e["name"], e.get("id", ""), e["dim"], f"[{e['start']}:{e['stop']}]") for e in layout["encoders"]]
-    print_table(["encoder", "model", "dim", "channels"], rows)
+        click.echo(f"vae          {vae.get('id')} ({vae.get('kind', 'image')}, scale {vae.get('scale')})")
+    fidelity = (layout.get("derived") or {}).get("fidelity", {})
+    pca = (layout.get("derived") or {}).get("pca", {})
+    rows = []
+    for e in layout["encoders"]:
+        fid = fidelity.get(e["name"], {})
+        stored = f"pca {e['stored_dim']}" if e.get("pca") else ""
+        rows.append(
+            (
+                e["name"],
+                e.get("id", ""),
+                e["dim"],
+                e.get("format", "?"),
+                f"T={e.get('time_frames')}" + (f", {stored}" if stored else ""),
+                _num(fid.get("mean")),
+                _num(fid.get("p1")),
+                _num((pca.get(e["name"]) or {}).get("explained_variance_ratio")),
+            )
+        )
+    print_table(["encoder", "model", "dim", "format", "stored", "cos mean", "cos p1", "pca var"], rows)
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.5f}"
 
 
 def _store(path: str) -> None:
@@ -58,15 +90,21 @@ def _store(path: str) -> None:
     group = open_group(path)
     attrs = dict(group.attrs)
     click.echo(f"zarr feature store: {path}")
+    errors = validate_store(path, require_complete=False)
+    if errors and "schema" in errors[0]:
+        raise click.ClickException(errors[0])
     _layout_lines(attrs)
-    done = group[C.BLOCK_DONE][:]
-    valid = group[C.VALID][:]
+    done, valid = group[C.BLOCK_DONE][:], group[C.VALID][:]
     click.echo(
-        f"clips        {attrs['num_clips']} ({int(valid.sum())} valid)   blocks {int(done.sum())}/{attrs['num_blocks']} done"
+        f"clips        {attrs['num_clips']} ({int(valid.sum())} valid)   "
+        f"blocks {int(done.sum())}/{attrs['num_blocks']} done"
     )
-    lat, tgt = group[C.LATENTS], group[C.TARGETS]
-    stored = lat.nbytes_stored() + tgt.nbytes_stored()
-    click.echo(f"size         {human_bytes(stored)} on disk, {human_bytes(lat.nbytes + tgt.nbytes)} raw")
+    arrays = [group[C.LATENTS]] + [group[f"{C.TARGETS_GROUP}/{k}"][a] for k in group[C.TARGETS_GROUP].group_keys()
+                                   for a in group[f"{C.TARGETS_GROUP}/{k}"].array_keys()]  # fmt: skip
+    stored = sum(a.nbytes_stored() for a in arrays)
+    click.echo(
+        f"size         {human_bytes(stored)} on disk, {human_bytes(sum(a.nbytes for a in arrays))} raw"
+    )
     report = Path(path) / C.REPORT_FILE
     if report.is_file():
         data = json.loads(report.read_text())
@@ -74,7 +112,6 @@ def _store(path: str) -> None:
             f"report       {len(data.get('skipped', []))} video(s) skipped, "
             f"{len(data.get('invalid_clips', []))} clip(s) invalid"
         )
-    errors = validate_store(path, require_complete=False)
     click.echo("valid        yes" if not errors else "problems:\n  " + "\n  ".join(errors))
 
 
@@ -82,12 +119,24 @@ def _shards(path: str, verify: bool) -> None:
     from cache_schema import read_index, validate_shards
     from pipeline.summary import human_bytes
 
+    errors = validate_shards(path, verify_hashes=verify, progress=verify)
+    if errors and "schema" in errors[0]:
+        raise click.ClickException(errors[0])
     index = read_index(path)
     click.echo(f"WebDataset shards: {path}")
     _layout_lines(index)
     total = sum(s["bytes"] for s in index["shards"])
-    click.echo(f"samples      {index['num_samples']} in {len(index['shards'])} shards ({human_bytes(total)})")
-    errors = validate_shards(path, verify_hashes=verify, progress=verify)
+    n = index["num_samples"]
+    click.echo(
+        f"samples      {n} in {len(index['shards'])} shards ({human_bytes(total)}, {human_bytes(total / max(1, n))}/sample)"
+    )
+    order = index.get("order") or {}
+    click.echo(f"order        {order.get('kind', 'store order')} (seed {order.get('seed', '-')})")
+    lean = index.get("latents_only")
+    if lean:
+        click.echo(
+            f"latents-only {lean['dir']}/: {human_bytes(lean['bytes'])} ({lean['bytes'] / max(1, total):.1%} of the bytes)"
+        )
     if errors:
         click.echo("problems:\n  " + "\n  ".join(errors))
         raise SystemExit(1)
@@ -98,26 +147,27 @@ def _shards(path: str, verify: bool) -> None:
     )
 
 
-def _run(path: Path) -> None:
-    import yaml
+def _run(path: str) -> None:
+    from cache_schema import RunDir
 
-    cfg = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    run = RunDir(path)
+    cfg = run.read_config()
     click.echo(f"training run: {path}")
-    for key in ("model", "shards", "steps", "batch_size", "align_lambda", "encoders", "align_depth"):
+    for key in ("model", "shards", "steps", "batch_size", "align_lambda", "align_schedule", "align_until",
+                "encoders", "projector", "target_norm", "align_depth"):  # fmt: skip
         if key in cfg:
-            click.echo(f"{key:<13}{cfg[key]}")
-    log = path / "log.jsonl"
-    if log.is_file():
-        lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        if lines:
-            last = lines[-1]
-            shown = {k: v for k, v in last.items() if isinstance(v, (int, float))}
-            click.echo(
-                "last log     "
-                + "  ".join(
-                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(shown.items())[:8]
-                )
-            )
-    latest = path / "checkpoints" / "latest"
-    if latest.is_file():
-        click.echo(f"checkpoint   {latest.read_text().strip()}")
+            click.echo(f"{key:<15}{cfg[key]}")
+    vae = cfg.get("vae_spec") or {}
+    if vae:
+        click.echo(f"{'vae':<15}{vae.get('id')} ({vae.get('kind', 'image')}, scale {vae.get('scale')})")
+    rows = run.read_log()
+    if rows:
+        last = rows[-1]
+        shown = {k: v for k, v in last.items() if isinstance(v, (int, float))}
+        click.echo("last log       " + "  ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(shown.items())[:8]))  # fmt: skip
+        skipped = (last.get("skipped") or {}).get("count", 0)
+        if skipped:
+            click.echo(f"{'skipped':<15}{skipped} corrupt sample(s) (keys in log.jsonl)")
+    latest = run.latest_checkpoint()
+    click.echo(f"{'checkpoint':<15}{latest.name if latest else 'none yet'} ({len(run.step_dirs())} kept)")

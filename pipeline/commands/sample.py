@@ -5,8 +5,13 @@ from __future__ import annotations
 import click
 
 from pipeline.config import config_options
-
-SAMPLERS = ("euler", "heun", "euler-maruyama")
+from stages.common.registry import (
+    DEFAULT_SAMPLER,
+    DEFAULT_SAMPLER_CONVENTION,
+    DEVICE_HELP,
+    SAMPLER_CONVENTIONS,
+    SAMPLER_NAMES,
+)
 
 
 @click.command("sample")
@@ -14,7 +19,7 @@ SAMPLERS = ("euler", "heun", "euler-maruyama")
     "--run",
     type=click.Path(file_okay=False),
     default=None,
-    help="Train run directory (uses its latest checkpoint).",
+    help="Train run directory (its latest checkpoint; --checkpoint step-XXXXXXX picks another).",
 )
 @click.option(
     "--checkpoint",
@@ -23,12 +28,21 @@ SAMPLERS = ("euler", "heun", "euler-maruyama")
     help="A step folder (model/ + ema/) or a save_pretrained folder.",
 )
 @click.option("--num", type=int, default=None, help="Number of videos [16].")
-@click.option("--out", type=click.Path(file_okay=False), default=None, help="Output folder [RUN/samples].")
+@click.option(
+    "--out", type=click.Path(file_okay=False), default=None, help="Output folder [RUN/samples/<checkpoint>]."
+)
 @click.option(
     "--sampler",
-    type=click.Choice(SAMPLERS),
+    type=click.Choice(SAMPLER_NAMES),
     default=None,
-    help="ODE (euler, heun) or SDE (euler-maruyama) [euler].",
+    help=f"ODE (euler, heun) or SDE (euler-maruyama) [{DEFAULT_SAMPLER}].",
+)
+@click.option(
+    "--sampler-convention",
+    type=click.Choice(SAMPLER_CONVENTIONS),
+    default=None,
+    help="repa: REPA's samplers.py (Heun skips its last corrector, Euler-Maruyama stops the noise at "
+    f"t=0.04 then takes one mean step); uniform: uniform grid, corrector on every step [{DEFAULT_SAMPLER_CONVENTION}].",
 )
 @click.option("--steps", type=int, default=None, help="Integration steps [50].")
 @click.option(
@@ -47,27 +61,24 @@ SAMPLERS = ("euler", "heun", "euler-maruyama")
 @click.option("--seed", type=int, default=None, help="Seed; video i's noise depends only on (seed, i) [0].")
 @click.option("--no-ema", is_flag=True, default=False, help="Use the raw model weights instead of the EMA.")
 @click.option("--vae", default=None, help="VAE hub id or local folder [the run's VAE]; none: latents only.")
-@click.option("--device", default=None, help="auto, cpu, cuda, cuda:1 ... [auto].")
+@click.option("--device", default=None, help=f"{DEVICE_HELP} [auto].")
 @config_options
 def sample(
     config_file: str | None, overrides: tuple[str, ...], cfg_scale: float | None, no_ema: bool, **flags
 ) -> None:
     """Generate videos: one mp4 each, a GIF grid, and videos.npz (uint8) for `pipeline evaluate`."""
-    from pipeline.config import resolve_config
-    from stages.common.vae import WeightsNotFoundError
+    from pipeline.commands.common import cli_errors, resolve_stage_config
     from stages.sample import SampleConfig, run_sample
 
     flags["cfg"] = cfg_scale
     flags["ema"] = False if no_ema else None
-    cfg = resolve_config(SampleConfig, config_file, overrides, flags)
-    try:
-        cfg.validate()
+    cfg = resolve_stage_config(SampleConfig, config_file, overrides, flags)
+    with cli_errors():
         summary = run_sample(cfg)
-    except (ValueError, FileNotFoundError, WeightsNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from exc
     outputs = summary["outputs"]
     click.echo(
-        f"sampled {summary['num']} videos ({summary['weights']} weights, {summary['sampler']}, {summary['steps']} steps, "
+        f"sampled {summary['num']} videos ({summary['weights']} weights, {summary['sampler']} "
+        f"({summary['sampler_convention']}), {summary['steps']} steps, "
         f"cfg {summary['cfg']}) in {summary['seconds']:.1f}s on {summary['device']}"
     )
     if not summary["decoded"]:

@@ -5,8 +5,15 @@ from __future__ import annotations
 import click
 
 from pipeline.config import config_options
-
-MODELS = ["tiny", "S/2", "B/2", "L/2", "XL/2"]
+from stages.common.registry import (
+    ALIGN_SCHEDULES,
+    DEFAULT_MODEL,
+    DEVICE_HELP,
+    MODEL_SIZES,
+    ON_CORRUPT,
+    PROJECTORS,
+    TARGET_NORMS,
+)
 
 
 @click.command("train")
@@ -17,79 +24,124 @@ MODELS = ["tiny", "S/2", "B/2", "L/2", "XL/2"]
 @click.option(
     "--preset", type=click.Choice(["tiny"]), help="tiny: tiny model, batch 4, 20 steps (tests, CPU demo)."
 )
-@click.option("--model", type=click.Choice(MODELS), help="VideoDiT size [XL/2].")
+@click.option("--model", type=click.Choice(list(MODEL_SIZES)), help=f"VideoDiT size [{DEFAULT_MODEL}].")
 @click.option("--steps", type=int, help="Optimizer steps [400000].")
 @click.option("--batch-size", type=int, help="Clips per rank per micro-step [32].")
 @click.option("--grad-accum", type=int, help="Micro-steps per optimizer step [1].")
 @click.option("--seed", type=int, help="Seed for init, noise and data order [0].")
 @click.option("--log-every", type=int, help="Steps between log.jsonl rows [100].")
 @click.option("--checkpoint-every", type=int, help="Steps between checkpoints [5000].")
+@click.option("--keep-checkpoints", type=int, help="Keep only the newest N checkpoints [all].")
 @click.option(
-    "--lambda", "align_lambda", type=float, help="Alignment loss weight; 0 turns alignment off [0.5]."
+    "--lambda",
+    "align_lambda",
+    type=str,
+    help="Alignment weight: one number for every encoder, or dino=0.5,sam2=0.25; 0 = off [0.5].",
 )
+@click.option(
+    "--align-schedule",
+    type=click.Choice(ALIGN_SCHEDULES),
+    help="Weight over steps (CREPA shapes) [constant].",
+)
+@click.option("--align-until", type=int, help="Alignment ends for good after this step (HASTE) [never].")
 @click.option(
     "--align-depth", type=int, help="Block whose output is aligned [8, or depth/3 for shallow models]."
 )
 @click.option("--encoders", type=str, help="Comma-separated subset of the cached encoders [all].")
-@click.option("--projector-dim", type=int, help="Projector MLP width [2048].")
-@click.option("--resume", is_flag=True, default=None, help="Continue from RUN/checkpoints/latest.")
+@click.option("--projector", type=click.Choice(PROJECTORS), help="REPA's MLP or iREPA's 3x3 conv [mlp].")
+@click.option("--projector-dim", type=int, help="MLP projector width [2048].")
+@click.option(
+    "--target-norm",
+    type=click.Choice(TARGET_NORMS),
+    help="Targets as cached, or iREPA's spatial z-score [token].",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    default=None,
+    help="Continue RUN from its latest checkpoint, with its own config.",
+)
 @click.option("--lr", type=float, help="AdamW learning rate [1e-4].")
 @click.option("--weight-decay", type=float, help="AdamW weight decay [0].")
 @click.option("--grad-clip", type=float, help="Gradient norm clip; 0 = off [1.0].")
 @click.option("--ema", type=float, help="EMA decay [0.9999].")
 @click.option("--num-workers", type=int, help="Loader worker processes per rank [4].")
 @click.option(
+    "--on-corrupt",
+    type=click.Choice(ON_CORRUPT),
+    help="A sample failing its checksum: stop, or skip and log [stop].",
+)
+@click.option(
     "--time-schedule", type=click.Choice(["uniform", "logit_normal"]), help="Flow time sampling [uniform]."
 )
-@click.option("--vae", type=str, help="VAE (hub id or folder) for periodic sample GIFs; none = no sampling.")
-@click.option("--sample-every", type=int, help="Steps between sample GIF grids (needs --vae) [5000].")
-@click.option("--device", type=str, help="auto | cpu | cuda [auto].")
+@click.option(
+    "--vae",
+    type=str,
+    help="VAE (hub id or folder) for periodic sample GIFs, e.g. the shards' VAE [none: no GIFs].",
+)
+@click.option("--sample-every", type=int, help="Steps between sample GIF grids; 0 = never [5000].")
+@click.option("--device", type=str, help=f"{DEVICE_HELP} [auto].")
 @config_options
 def train(config_file, overrides, preset, **flags):
     """Train a VideoDiT with flow matching and alignment to cached encoder targets.
 
-    Run under `torchrun --nproc_per_node N` for DDP. SIGTERM writes a checkpoint and exits 0;
-    rerun with --resume to continue.
+    Run under `torchrun --nproc_per_node N` for DDP. SIGTERM or Ctrl-C writes a checkpoint and
+    exits (0, or 130 after Ctrl-C); `--resume` continues with the run's own config, so flags are
+    needed only for what may change (steps, logging, workers, device, learning rate).
     """
-    from pipeline.config import resolve_config
-    from stages.train import PRESETS, NonFiniteLoss, TrainConfig
+    from pipeline.commands.common import cli_errors, resolve_stage_config
+    from stages.train import PRESETS, TrainConfig
     from stages.train import train as run_train
 
     if flags.get("encoders") is not None:
         flags["encoders"] = [e.strip() for e in flags["encoders"].split(",") if e.strip()]
-    cfg = resolve_config(TrainConfig, config_file, overrides, flags, base=PRESETS.get(preset or "", {}))
-    if not cfg.shards:
-        raise click.UsageError("--shards is required (a folder written by `pipeline pack`)")
-    if not cfg.out:
-        raise click.UsageError("--out is required (the run directory)")
-
-    import cache_schema
-    from stages.common.vae import WeightsNotFoundError
-
-    try:
+    base = PRESETS.get(preset or "", {})
+    if flags.get("resume"):
+        base = _resume_base(flags.get("out"), config_file, overrides)
+    cfg = resolve_stage_config(TrainConfig, config_file, overrides, flags, base)
+    with cli_errors():
         summary = run_train(cfg)
-    except (
-        cache_schema.CacheError,
-        NonFiniteLoss,
-        WeightsNotFoundError,
-        ValueError,
-        FileExistsError,
-        FileNotFoundError,
-    ) as exc:
-        raise click.ClickException(str(exc)) from None
+    _report(summary)
+
+
+def _resume_base(out: str | None, config_file, overrides) -> dict:
+    """--resume: the run's own resolved config is the base the flags change."""
+    from cache_schema import RunDir
+    from pipeline.commands.common import cli_errors
+    from pipeline.config import load_yaml, parse_overrides
+
+    if not out:
+        out = (load_yaml(config_file) if config_file else {}).get("out") or parse_overrides(overrides).get(
+            "out"
+        )
+    if not out:
+        raise click.UsageError("--resume needs --out RUN (the run directory to continue)")
+    with cli_errors():
+        previous = RunDir(out).require().read_config()
+    previous.pop("vae_spec", None)
+    return previous
+
+
+def _report(summary: dict) -> None:
     import os
 
     if int(os.environ.get("RANK", "0")) != 0:
         return
+    for note in summary.get("notes", []):
+        click.echo(f"note: {note}")
     row = summary["last_log"]
-    if summary["interrupted"]:
-        click.echo(f"stopped by SIGTERM at step {summary['step']}; resume with --resume")
     if row:
         cos = "  ".join(f"cos[{k}] {v:.3f}" for k, v in row["cos_sim"].items())
         click.echo(
             f"step {row['step']}  loss {row['loss']:.4f}  flow {row['flow_loss']:.4f}  "
             f"align {row['align_loss']:.4f}  {cos}  {row['samples_per_s']:.1f} samples/s"
         )
+    if summary.get("skipped"):
+        click.echo(f"skipped {summary['skipped']} corrupt sample(s); their keys are in log.jsonl")
     if summary["checkpoint"]:
         click.echo(f"checkpoint: {summary['checkpoint']}")
     click.echo(f"run: {summary['run_dir']}")
+    if summary["interrupted"]:
+        click.echo(f"stopped by {summary['interrupted']} at step {summary['step']}; continue with --resume")
+        if summary["interrupted"] == "SIGINT":
+            raise SystemExit(130)

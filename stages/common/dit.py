@@ -22,14 +22,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-# name -> (hidden size, depth, heads); widths and depths as in DiT/Latte, patch size 2.
-MODEL_SIZES: dict[str, tuple[int, int, int]] = {
-    "S/2": (384, 12, 6),
-    "B/2": (768, 12, 12),
-    "L/2": (1024, 24, 16),
-    "XL/2": (1152, 28, 16),
-    "tiny": (64, 4, 4),
-}
+from stages.common.registry import MODEL_SIZES  # name -> (hidden size, depth, heads)
 
 
 def default_align_depth(depth: int) -> int:
@@ -179,7 +172,6 @@ class VideoDiT(ModelMixin, ConfigMixin):
         mlp_ratio: float = 4.0,
         num_classes: int = 0,
         class_dropout: float = 0.1,
-        learn_sigma: bool = False,
     ):
         super().__init__()
         if sample_size % patch_size:
@@ -188,7 +180,7 @@ class VideoDiT(ModelMixin, ConfigMixin):
             raise ValueError(f"hidden_size must be divisible by 4 (2D sin-cos embedding), got {hidden_size}")
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.out_channels = in_channels
         self.gradient_checkpointing = False
 
         self.patch_embed = nn.Conv3d(
@@ -321,8 +313,6 @@ class VideoDiT(ModelMixin, ConfigMixin):
         out = self.final_layer(tokens, c)  # [B, T, H*W, p*p*C_out]
         out = out.reshape(b, frames, gh, gw, p, p, self.out_channels)
         out = out.permute(0, 6, 1, 2, 4, 3, 5).reshape(b, self.out_channels, frames, height, width)
-        if cfg.learn_sigma:  # the sigma channels are not used by flow matching
-            out = out[:, : cfg.in_channels]
         return out if return_hidden_at is None else (out, hidden)
 
 

@@ -13,6 +13,28 @@ SDE with the same marginals: for any diffusion g(t), dx = [v + g^2/2 * score] dt
 in t) keeps p_t. Its reverse-time form, run from t = 1 to 0, is dx = [v - g^2/2 * score] dt + g dW.
 We take g(t)^2 = 2 * diffusion_norm * t, which vanishes at the data end, so the drift is
 v + diffusion_norm * (x + (1 - t) v): no division by t anywhere.
+
+Sampler conventions (`convention=`, SAMPLER_CONVENTIONS). "repa" follows REPA's own sampler code,
+sihyun-yu/REPA `samplers.py` (`euler_sampler`, `euler_maruyama_sampler`, called by `generate.py`).
+REPA uses the SiT linear path with our orientation: alpha_t = 1 - t, sigma_t = t (t = 1 noise,
+t = 0 data), model output v = eps - x0, integration from t = 1 down to 0; its score
+(reverse_alpha_ratio * v - x) / var with var = t reduces to -(x + (1 - t) v) / t, and its
+`compute_diffusion(t) = 2 t` is our g^2 at diffusion_norm = 1. So no sign or time flip is needed:
+  - Euler (`euler_sampler`, heun=False): grid linspace(1, 0, N + 1), N evaluations. Same in both
+    conventions.
+  - Heun (`euler_sampler`, heun=True): same grid, but the trapezoidal corrector is skipped on the
+    last step (i = N - 1), which is a plain Euler step to t = 0, so the model is never evaluated
+    at t = 0: 2N - 1 evaluations. REPA decides whether the corrector's evaluation (at t_next) is
+    guided by the step's start time t_cur; "repa" does the same.
+  - Euler-Maruyama (`euler_maruyama_sampler`): grid linspace(1, 0.04, N) followed by 0, i.e. N - 1
+    stochastic steps on [1, 0.04] with drift v - g^2/2 * score and noise sqrt(g^2 |dt|) z, then one
+    last step from 0.04 to 0 that takes the same SDE drift (score term included, g^2 = 2 * 0.04)
+    and adds no noise (REPA returns this `mean_x`). N evaluations, N - 1 noise draws. REPA mixes
+    guidance into the drift rather than into v; the drift is affine in v, so the two agree.
+REPA integrates in float64; we keep float32 state (latents), which changes only rounding.
+"uniform" is this module's earlier rule: every sampler on linspace(1, 0, N + 1); Heun corrects on
+every step (2N evaluations, the last at t = 0); Euler-Maruyama makes N - 1 stochastic steps and
+ends with a plain Euler ODE step x + dt * v (no score term, no noise).
 """
 
 from __future__ import annotations
@@ -21,6 +43,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
+
+from stages.common.registry import SAMPLER_CONVENTIONS, SAMPLER_NAMES
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -76,12 +100,6 @@ def flow_loss(pred: torch.Tensor, target: torch.Tensor, reduction: str = "mean")
     raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
 
 
-def score_from_velocity(x: torch.Tensor, v: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
-    """grad log p_t(x) = -(x + (1 - t) v) / t for the linear path (derivation in the module doc)."""
-    t = _expand(t, x)
-    return -(x + (1 - t) * v) / t
-
-
 # ----------------------------------------------------------------------------- guidance
 
 
@@ -117,10 +135,18 @@ class GuidedVelocity:
             return torch.ones_like(t, dtype=torch.bool)
         return (t >= self.interval[0]) & (t <= self.interval[1])
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def __call__(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None,
+        guide_t: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Guided velocity at (x, t); `guide_t` (default t) is the time tested against the
+        interval, so a Heun corrector can follow its step's start time as REPA does."""
         if self.cfg_scale == 1.0 or y is None:
             return self.velocity_fn(x, t, y)
-        active = self._active(t)
+        active = self._active(t if guide_t is None else guide_t)
         if not bool(active.any()):
             return self.velocity_fn(x, t, y)
         null = torch.full_like(y, self.null_class)
@@ -144,14 +170,41 @@ def _prepare(
     return GuidedVelocity(velocity_fn, null_class, cfg_scale, guidance_interval)
 
 
-def _grid(num_steps: int, device: torch.device) -> torch.Tensor:
+REPA_SDE_LAST_T = 0.04  # REPA's Euler-Maruyama stops its stochastic steps here (samplers.py)
+
+
+def _check_convention(convention: str) -> None:
+    if convention not in SAMPLER_CONVENTIONS:
+        raise ValueError(
+            f"unknown sampler convention {convention!r}; choose from {', '.join(SAMPLER_CONVENTIONS)}"
+        )
+
+
+def time_grid(sampler: str, num_steps: int, convention: str = "repa") -> list[float]:
+    """The num_steps + 1 times a sampler steps through, from 1 (noise) to 0 (data); module doc."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    return torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64, device=device)
+    _check_convention(convention)
+    if _key(sampler) == "euler-maruyama" and convention == "repa":
+        head = torch.linspace(1.0, REPA_SDE_LAST_T, num_steps, dtype=torch.float64).tolist()
+        return [*head, 0.0]
+    return torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64).tolist()
 
 
-def _v(fn: VelocityFn, x: torch.Tensor, t: float, y: torch.Tensor | None) -> torch.Tensor:
+def _steps(sampler: str, num_steps: int, convention: str, progress: bool) -> tqdm:
+    """(t, t_next) pairs of the grid, as a progress bar that advances while being iterated."""
+    ts = time_grid(sampler, num_steps, convention)
+    steps = list(zip(ts[:-1], ts[1:], strict=True))
+    return tqdm(steps, desc=sampler, disable=not progress, leave=False)
+
+
+def _v(
+    fn: VelocityFn, x: torch.Tensor, t: float, y: torch.Tensor | None, guide_t: float | None = None
+) -> torch.Tensor:
     tt = torch.full((x.shape[0],), float(t), dtype=torch.float32, device=x.device)
+    if guide_t is not None and isinstance(fn, GuidedVelocity):
+        gt = torch.full_like(tt, float(guide_t))
+        return fn(x, tt, y, guide_t=gt).to(x.dtype)
     return fn(x, tt, y).to(x.dtype)
 
 
@@ -164,14 +217,13 @@ def euler_sample(
     guidance_interval: Sequence[float] | None = None,
     null_class: int | None = None,
     progress: bool = False,
+    convention: str = "repa",
 ) -> torch.Tensor:
-    """Euler ODE integration of dx/dt = v from t = 1 (noise) to t = 0 (data): num_steps evaluations."""
+    """Euler ODE integration of dx/dt = v from t = 1 (noise) to t = 0 (data): num_steps
+    evaluations on linspace(1, 0, num_steps + 1) under either convention (REPA's is the same)."""
     fn = _prepare(velocity_fn, cfg_scale, guidance_interval, null_class)
-    ts = _grid(num_steps, noise.device).tolist()
     x = noise.float()
-    for t, t_next in tqdm(
-        list(zip(ts[:-1], ts[1:], strict=True)), desc="euler", disable=not progress, leave=False
-    ):
+    for t, t_next in _steps("euler", num_steps, convention, progress):
         x = x + (t_next - t) * _v(fn, x, t, y)
     return x
 
@@ -185,19 +237,38 @@ def heun_sample(
     guidance_interval: Sequence[float] | None = None,
     null_class: int | None = None,
     progress: bool = False,
+    convention: str = "repa",
 ) -> torch.Tensor:
-    """Heun's second-order ODE method (trapezoidal corrector): 2 * num_steps evaluations."""
+    """Heun's second-order ODE method (trapezoidal corrector). "repa": no corrector on the last
+    step (2 * num_steps - 1 evaluations, none at t = 0); "uniform": every step (2 * num_steps)."""
     fn = _prepare(velocity_fn, cfg_scale, guidance_interval, null_class)
-    ts = _grid(num_steps, noise.device).tolist()
     x = noise.float()
-    for t, t_next in tqdm(
-        list(zip(ts[:-1], ts[1:], strict=True)), desc="heun", disable=not progress, leave=False
-    ):
+    steps = _steps("heun", num_steps, convention, progress)
+    for i, (t, t_next) in enumerate(steps):
         dt = t_next - t
         v = _v(fn, x, t, y)
         x_pred = x + dt * v
-        x = x + dt * 0.5 * (v + _v(fn, x_pred, t_next, y))
+        if convention == "repa" and i == len(steps) - 1:
+            x = x_pred
+            continue
+        guide_t = t if convention == "repa" else None
+        x = x + dt * 0.5 * (v + _v(fn, x_pred, t_next, y, guide_t=guide_t))
     return x
+
+
+def _sde_noise(
+    like: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator] | None
+) -> torch.Tensor:
+    """Standard normal noise shaped like `like`: one generator for the batch, or one per sample
+    (then a sample's noise does not depend on the batch it is in)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        device = generator.device if generator is not None else like.device
+        z = torch.randn(like.shape, generator=generator, device=device)
+    else:
+        if len(generator) != like.shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {like.shape[0]}")
+        z = torch.stack([torch.randn(like.shape[1:], generator=g, device=g.device) for g in generator])
+    return z.to(like.device, like.dtype)
 
 
 def euler_maruyama_sample(
@@ -210,39 +281,43 @@ def euler_maruyama_sample(
     null_class: int | None = None,
     progress: bool = False,
     diffusion_norm: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    convention: str = "repa",
 ) -> torch.Tensor:
     """Euler-Maruyama on the reverse SDE with g(t)^2 = 2 * diffusion_norm * t (module doc).
 
-    The last step to t = 0 is a plain Euler ODE step, so no fresh noise lands on the output.
+    num_steps evaluations; the last step adds no noise. "repa": stochastic steps down to
+    t = 0.04, then the SDE drift's mean step to 0; "uniform": uniform grid, plain ODE last step.
     """
     fn = _prepare(velocity_fn, cfg_scale, guidance_interval, null_class)
-    ts = _grid(num_steps, noise.device).tolist()
     x = noise.float()
-    steps = list(zip(ts[:-1], ts[1:], strict=True))
-    for i, (t, t_next) in enumerate(tqdm(steps, desc="euler-maruyama", disable=not progress, leave=False)):
+    steps = _steps("euler-maruyama", num_steps, convention, progress)
+    for i, (t, t_next) in enumerate(steps):
         dt = t_next - t  # negative
         v = _v(fn, x, t, y)
-        if i == len(steps) - 1:
-            x = x + dt * v
-            continue
         # v - g^2/2 * score with score = -(x + (1 - t) v) / t and g^2 = 2 * norm * t
         drift = v + diffusion_norm * (x + (1 - t) * v)
-        z = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device)
-        x = x + dt * drift + (2 * diffusion_norm * t * -dt) ** 0.5 * z.to(x.device, x.dtype)
+        if i == len(steps) - 1:
+            x = x + dt * (drift if convention == "repa" else v)
+            continue
+        z = _sde_noise(x, generator)
+        x = x + dt * drift + (2 * diffusion_norm * t * -dt) ** 0.5 * z
     return x
 
 
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
-    "euler": euler_sample,
-    "heun": heun_sample,
-    "euler-maruyama": euler_maruyama_sample,
-}
+# registry name -> sampler (the names are defined once in stages.common.registry)
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = dict(
+    zip(SAMPLER_NAMES, (euler_sample, heun_sample, euler_maruyama_sample), strict=True)
+)
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-").lower()
 
 
 def get_sampler(name: str) -> Callable[..., torch.Tensor]:
     """Sampler function by name: "euler", "heun" or "euler-maruyama"."""
-    key = name.replace("_", "-").lower()
+    key = _key(name)
     if key not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
     return SAMPLERS[key]

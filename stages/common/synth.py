@@ -162,9 +162,25 @@ def render_video(rng: np.random.Generator, label: int, frames: int, size: int) -
     return np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
 
 
+# Why `mbtree=0`: with the same frames and options, and x264 already single-threaded, libx264
+# (core 165 in the PyAV 18 wheels) wrote different bytes from run to run on an AVX-512 CPU (whole GOPs
+# re-encoded, decoded pixels up to ~20-30 grey levels apart). The output depended on the process's
+# heap contents: with glibc's MALLOC_PERTURB_ it became fixed for one perturb byte and changed with
+# the byte, i.e. x264 reads uninitialised memory. It went away with x264's asm limited to AVX2 (or
+# asm=0), with mbtree=0 or rc-lookahead=0, and at widths of 128 and 256 px (it showed at 32-112, 160,
+# 192): most likely the AVX-512 macroblock-tree kernels (mbtree_propagate_cost/_list, which AVX-512
+# swaps in) reading past a short lowres row. Turning the macroblock tree off removes that path on
+# every CPU and keeps the SIMD speed; the cost is a slightly larger file at the same CRF.
+_X264_OPTIONS = {
+    "crf": "18",
+    "preset": "medium",
+    "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0:mbtree=0",
+}
+
+
 def write_mp4(path: Path, frames: np.ndarray, fps: int, crf: int = 18) -> None:
-    """Write uint8 RGB [T, H, W, 3] as H.264 (libx264, yuv420p); single-threaded so the
-    bytes depend only on the pixels."""
+    """Write uint8 RGB [T, H, W, 3] as H.264 (libx264, yuv420p) whose bytes depend only on the
+    pixels: single-threaded codec context, and no macroblock tree (see `_X264_OPTIONS`)."""
     import av
 
     _, h, w, _ = frames.shape
@@ -173,7 +189,11 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int, crf: int = 18) -> None:
     with av.open(str(path), "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "medium", "threads": "1", "g": str(max(fps, 1))}
+        # PyAV defaults to thread_count=0 (auto) and slice threading; pin both (this also makes
+        # PyAV's rgb24 -> yuv420p conversion single-threaded, it reuses the codec's thread count).
+        stream.codec_context.thread_count = 1
+        stream.codec_context.thread_type = "NONE"
+        stream.options = {**_X264_OPTIONS, "crf": str(crf), "g": str(max(fps, 1))}
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)

@@ -8,6 +8,8 @@ way back to uint8 frames. Two kinds are supported:
   default ``stabilityai/sd-vae-ft-ema``, scale 0.18215, 8x spatial, no temporal compression).
 - ``kind="video"``: diffusers ``AutoencoderKLCogVideoX`` (default ``THUDM/CogVideoX-2b``,
   ``subfolder="vae"``), causal 3D VAE with temporal compression ``k`` read from its config.
+  Video VAEs usually ship inside a pipeline repo; any such repo (hub id or local folder) is
+  recognised and its ``vae/`` subfolder used (``_pipeline_vae_subfolder``).
 
 diffusers is imported lazily so importing this module (and ``WeightsNotFoundError``) is cheap.
 """
@@ -22,9 +24,8 @@ from typing import Any
 
 import torch
 
-DEFAULT_IMAGE_VAE = "stabilityai/sd-vae-ft-ema"
-DEFAULT_VIDEO_VAE = "THUDM/CogVideoX-2b"
-SD_SCALE = 0.18215
+from stages.common.registry import DEFAULT_VAE, VAE_KINDS
+from stages.common.registry import SD_LATENT_SCALE as SD_SCALE
 
 
 class WeightsNotFoundError(RuntimeError):
@@ -79,6 +80,30 @@ def load_errors() -> tuple[type[BaseException], ...]:
     return tuple(errs)
 
 
+def _repo_has(src: str, filename: str, local_only: bool) -> bool:
+    """Whether a local folder or a hub repo (cache only when `local_only`) holds `filename`."""
+    if os.path.isdir(src):
+        return os.path.isfile(os.path.join(src, filename))
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:  # a small file; from_pretrained would fetch it anyway
+        hf_hub_download(src, filename, local_files_only=local_only)
+    except (*load_errors(), EntryNotFoundError, ValueError):  # absent, not cached, offline, unreachable
+        return False
+    return True
+
+
+def _pipeline_vae_subfolder(src: str, local_only: bool) -> str | None:
+    """ "vae" when `src` is a diffusers pipeline (model_index.json at the root, or no root
+    config.json but a vae/config.json), as CogVideoX repos are; None for a bare VAE."""
+    if _repo_has(src, "model_index.json", local_only):
+        return "vae"
+    if not _repo_has(src, "config.json", local_only) and _repo_has(src, "vae/config.json", local_only):
+        return "vae"
+    return None
+
+
 @dataclass(frozen=True)
 class _Info:
     kind: str
@@ -102,7 +127,7 @@ class VAEWrapper:
         frame_batch: int = 32,
         amp: bool = True,
     ):
-        if kind not in ("image", "video"):
+        if kind not in VAE_KINDS:
             raise ValueError(f"VAE kind must be 'image' or 'video', got {kind!r}")
         self.model = model.eval().requires_grad_(False)
         self.kind = kind
@@ -134,22 +159,25 @@ class VAEWrapper:
         flag: str = "--vae",
         amp: bool = True,
     ) -> VAEWrapper:
-        """Load from a hub id or a local save_pretrained folder.
+        """Load from a hub id or a local save_pretrained folder (for a video VAE also a pipeline
+        repo or folder, whose ``vae/`` subfolder is used unless ``subfolder`` is given).
 
         ``scale=None`` takes ``scaling_factor`` from the model config (right for video VAEs,
         whose scale differs from SD's 0.18215). ``amp`` runs under bf16 autocast on CUDA
         (faster; latents are stored in fp16 anyway); pass False for full fp32 on GPU.
         """
-        if kind not in ("image", "video"):
+        if kind not in VAE_KINDS:
             raise ValueError(f"VAE kind must be 'image' or 'video', got {kind!r}")
         if id_or_path is None:
-            id_or_path = DEFAULT_IMAGE_VAE if kind == "image" else DEFAULT_VIDEO_VAE
+            id_or_path = DEFAULT_VAE[kind]
             if kind == "video" and subfolder is None:
                 subfolder = "vae"
         import diffusers
 
         klass = diffusers.AutoencoderKL if kind == "image" else diffusers.AutoencoderKLCogVideoX
         src, kwargs = hub_kwargs(id_or_path, flag)
+        if kind == "video" and subfolder is None:
+            subfolder = _pipeline_vae_subfolder(src, bool(kwargs.get("local_files_only")))
         if subfolder:
             kwargs["subfolder"] = subfolder
         try:

@@ -5,9 +5,23 @@ Three source layouts are recognised (DESIGN.md section 3):
 - ``classes``: a folder of class subfolders holding video files (UCF-101). Labels are the
   index of the class folder in sorted order.
 - ``frames``: a folder of frame folders (SkyTimelapse), possibly nested one level
-  (``root/video_x/clip_y/*.jpg``). Every leaf folder of images is one unlabelled video.
-- ``csv`` / ``jsonl``: a manifest with ``path`` and optional ``label`` (int or class name).
+  (``root/video_x/clip_y/*.jpg``). Every leaf folder of images is one unlabelled video; its
+  images are read in natural order (``frame_2`` before ``frame_10``).
+- ``csv`` / ``jsonl``: a manifest, see below.
   A folder of video files with no class subfolders is accepted too (``files``, unlabelled).
+
+Manifests have two columns (CSV header / JSONL keys): ``path`` (a video file or a frame folder;
+relative paths are relative to the manifest's folder) and optional ``label``. Labels are either
+all class names (classes = the sorted distinct names) or all integers >= 0 (classes ``"0"`` ..
+``str(max_label)``); mixing both is an error. A row with an empty label is unlabelled::
+
+    path,label
+    ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi,ApplyEyeMakeup
+    /data/sky/clip_0001,
+
+For UCF-101's official splits (``trainlist01.txt`` lines ``Class/v_Class_g08_c01.avi 1`` with
+1-based ids from ``classInd.txt``; ``testlist01.txt`` lines without ids), write a manifest with
+:func:`manifest_from_ucf_split`.
 
 Bad videos never stop a run: planning skips and reports them, and :class:`ClipDataset`
 returns decode errors instead of raising, so DataLoader workers keep going.
@@ -18,6 +32,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,21 +48,39 @@ VIDEO_EXTS = (".avi", ".mp4", ".mkv", ".mov", ".webm")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
+PLACEMENTS = ("even", "random")
+
+
 @dataclass
 class ClipSpec:
     """How clips are cut: ``frames`` frames ``stride`` apart, shorter side resized to ``size``
-    then center-cropped to ``size`` x ``size``; up to ``clips_per_video`` clips per video."""
+    then center-cropped to ``size`` x ``size``; up to ``clips_per_video`` clips per video.
+
+    ``placement="even"`` spreads the clips evenly (the middle one when there is one);
+    ``"random"`` draws distinct starts from a generator seeded by ``seed`` and the video's
+    identity, so plans are reproducible and do not depend on worker count. ``hflip`` adds a
+    horizontally mirrored copy of every clip (more variety for small datasets).
+    """
 
     frames: int = 16
     stride: int = 3
     clips_per_video: int = 1
     size: int = 256
+    placement: str = "even"
+    seed: int = 0
+    hflip: bool = False
 
     def __post_init__(self) -> None:
         for name in ("frames", "stride", "clips_per_video", "size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ClipSpec.{name} must be a positive integer, got {value!r}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"ClipSpec.placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"ClipSpec.seed must be an integer >= 0, got {self.seed!r}")
+        if not isinstance(self.hflip, bool):
+            raise ValueError(f"ClipSpec.hflip must be a bool, got {self.hflip!r}")
 
     @property
     def span(self) -> int:
@@ -76,17 +109,18 @@ class VideoSource:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def describe(self) -> dict[str, Any]:
-        """A JSON-able description (layout, classes, relative paths and labels) for fingerprints."""
+    def relative_path(self, entry: VideoEntry) -> str:
+        """The entry's path relative to the source (posix), or its full path when outside it."""
         root = Path(self.root)
         base = root.parent if root.is_file() else root
-        files = []
-        for entry in self.entries:
-            try:
-                rel = Path(entry.path).relative_to(base).as_posix()
-            except ValueError:
-                rel = Path(entry.path).as_posix()
-            files.append([rel, entry.label])
+        try:
+            return Path(entry.path).relative_to(base).as_posix()
+        except ValueError:
+            return Path(entry.path).as_posix()
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able description (layout, classes, relative paths and labels) for fingerprints."""
+        files = [[self.relative_path(entry), entry.label] for entry in self.entries]
         return {"layout": self.layout, "class_names": self.class_names, "files": files}
 
 
@@ -100,10 +134,12 @@ class Skipped:
 
 @dataclass
 class ClipRef:
-    """A clip: which video (index into ``VideoSource.entries``) and its first frame."""
+    """A clip: which video (index into ``VideoSource.entries``), its first frame, and whether
+    it is read horizontally mirrored."""
 
     video_index: int
     start_frame: int
+    flip: bool = False
 
 
 class VideoDecodeError(RuntimeError):
@@ -126,10 +162,18 @@ def _is_video(p: Path) -> bool:
     return p.is_file() and p.suffix.lower() in VIDEO_EXTS and _visible(p)
 
 
+def natural_key(name: str) -> tuple[tuple[Any, ...], str]:
+    """Sort key comparing digit runs as numbers (``frame_2`` < ``frame_10``); the name itself
+    breaks ties (``01`` vs ``1``), so any mix of names still sorts deterministically."""
+    parts = re.split(r"(\d+)", name)
+    # re.split with one group alternates text (even) and digits (odd): same types line up.
+    return tuple(int(x) if i % 2 else x.casefold() for i, x in enumerate(parts)), name
+
+
 def _images(folder: Path) -> list[Path]:
-    return sorted(
-        p for p in folder.iterdir() if p.is_file() and _visible(p) and p.suffix.lower() in IMAGE_EXTS
-    )
+    """Frame images of a folder in natural order: frame writers rarely zero-pad their numbers."""
+    images = [p for p in folder.iterdir() if p.is_file() and _visible(p) and p.suffix.lower() in IMAGE_EXTS]
+    return sorted(images, key=lambda p: natural_key(p.name))
 
 
 def _subdirs(folder: Path) -> list[Path]:
@@ -196,34 +240,48 @@ def _entry_for(base: Path, raw_path: str, where: str) -> tuple[str, str]:
     return str(p), "frames" if is_frames else "file"
 
 
+def _label_kind(lab: Any, where: str) -> tuple[str, int | str] | None:
+    """Classify one raw manifest label: None (no label), ("int", value) or ("name", text)."""
+    if lab is None or (isinstance(lab, str) and not lab.strip()):
+        return None
+    if isinstance(lab, bool) or not isinstance(lab, (int, str)):
+        raise ValueError(f"{where}: label must be an integer or a class name, got {lab!r}")
+    text = str(lab).strip()
+    if isinstance(lab, int) or re.fullmatch(r"[+-]?\d+", text):
+        value = int(text)
+        if value < 0:
+            raise ValueError(f"{where}: integer labels must be >= 0, got {value}")
+        return "int", value
+    return "name", text
+
+
 def _manifest_source(manifest: Path, rows: list[tuple[str, Any, str]], layout: str) -> VideoSource:
-    """Turn (path, raw label, where) rows into a source; labels are ints or class names."""
+    """Turn (path, raw label, where) rows into a source. Integer labels name classes
+    "0".."max" (so the store stays labelled); class names are indexed in sorted order."""
     if not rows:
         raise ValueError(f"manifest {manifest} lists no videos")
     base = manifest.resolve().parent
-    raw_labels = [lab for _, lab, _ in rows if lab is not None and str(lab).strip() != ""]
-    as_int: list[int] | None = []
-    for lab in raw_labels:
-        if isinstance(lab, bool):
-            as_int = None
-            break
-        if isinstance(lab, int) or (isinstance(lab, str) and re.fullmatch(r"[+-]?\d+", lab.strip())):
-            as_int.append(int(lab))
-        else:
-            as_int = None
-            break
+    kinds = [_label_kind(lab, where) for _, lab, where in rows]
+    first = next((i for i, k in enumerate(kinds) if k is not None), None)
     class_names: list[str] | None = None
-    if as_int is None:
-        class_names = sorted({str(lab).strip() for lab in raw_labels})
-    elif any(v < 0 for v in as_int):
-        raise ValueError(f"manifest {manifest}: integer labels must be >= 0")
+    if first is not None:
+        first_kind = kinds[first][0]
+        for k, (_, lab, where) in zip(kinds, rows, strict=True):
+            if k is not None and k[0] != first_kind:
+                raise ValueError(
+                    f"{where}: label {lab!r} mixes {k[0]} labels with {first_kind} labels "
+                    f"(first at {rows[first][2]}: {rows[first][1]!r}); use all integers or all class names"
+                )
+        values = [k[1] for k in kinds if k is not None]
+        if first_kind == "int":
+            class_names = [str(i) for i in range(max(int(v) for v in values) + 1)]
+        else:
+            class_names = sorted({str(v) for v in values})
     index = {name: i for i, name in enumerate(class_names or [])}
     entries = []
-    for raw_path, lab, where in rows:
+    for k, (raw_path, _, where) in zip(kinds, rows, strict=True):
         path, kind = _entry_for(base, raw_path, where)
-        label: int | None = None
-        if lab is not None and str(lab).strip() != "":
-            label = index[str(lab).strip()] if class_names is not None else int(lab)
+        label = None if k is None else (int(k[1]) if k[0] == "int" else index[str(k[1])])
         entries.append(VideoEntry(path, label, kind))
     return VideoSource(str(manifest.resolve()), entries, class_names, layout)
 
@@ -256,6 +314,66 @@ def _from_jsonl(manifest: Path) -> VideoSource:
                 raise ValueError(f"{where}: each line must be an object with a 'path' key")
             rows.append((str(obj["path"]), obj.get("label"), where))
     return _manifest_source(manifest, rows, "jsonl")
+
+
+def _read_class_ind(class_ind_file: Path) -> dict[int, str]:
+    """classInd.txt: lines ``<1-based id> <ClassName>``."""
+    classes: dict[int, str] = {}
+    for line_no, line in enumerate(class_ind_file.read_text(encoding="utf-8").splitlines(), start=1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 2 or not parts[0].isdigit():
+            raise ValueError(f"{class_ind_file}:{line_no}: expected '<id> <ClassName>', got {line!r}")
+        classes[int(parts[0])] = parts[1]
+    if not classes:
+        raise ValueError(f"{class_ind_file} lists no classes")
+    return classes
+
+
+def manifest_from_ucf_split(
+    split_file: str | Path, class_ind_file: str | Path, root: str | Path, out_csv: str | Path
+) -> Path:
+    """Write a CSV manifest (``path,label`` with class *names*) from a UCF-101 split list.
+
+    ``split_file`` is ``trainlistNN.txt`` (``Class/v_Class_g08_c01.avi 1``, 1-based ids from
+    ``classInd.txt``) or ``testlistNN.txt`` (no id: the class is the folder part). ``root`` is the
+    folder holding the class folders; paths are written absolute. Format as published with
+    the dataset (https://www.crcv.ucf.edu/data/UCF101.php, "The Train/Test Splits").
+    """
+    split_file, class_ind_file, out_csv = Path(split_file), Path(class_ind_file), Path(out_csv)
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"UCF-101 root folder not found: {root}")
+    classes = _read_class_ind(class_ind_file)
+    by_folder = {name.casefold(): name for name in classes.values()}
+    rows: list[tuple[str, str]] = []
+    for line_no, line in enumerate(split_file.read_text(encoding="utf-8").splitlines(), start=1):
+        parts = line.split()
+        if not parts:
+            continue
+        where = f"{split_file}:{line_no}"
+        rel = parts[0].replace("\\", "/")
+        folder = rel.split("/")[0] if "/" in rel else ""
+        if len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+            raise ValueError(f"{where}: expected '<Class/video.avi> [class id]', got {line!r}")
+        if len(parts) == 2:
+            if int(parts[1]) not in classes:
+                raise ValueError(f"{where}: class id {parts[1]} is not in {class_ind_file}")
+            name = classes[int(parts[1])]
+        elif folder.casefold() in by_folder:
+            name = by_folder[folder.casefold()]
+        else:
+            raise ValueError(f"{where}: class folder {folder!r} of {rel!r} is not in {class_ind_file}")
+        rows.append(((root / rel).as_posix(), name))
+    if not rows:
+        raise ValueError(f"{split_file} lists no videos")
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    with out_csv.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label"])
+        writer.writerows(rows)
+    return out_csv
 
 
 # --------------------------------------------------------------------------- probing, planning
@@ -304,12 +422,23 @@ def probe_length(entry: VideoEntry) -> int:
     return n
 
 
-def clip_starts(num_frames: int, spec: ClipSpec) -> list[int]:
-    """Start frames of up to ``clips_per_video`` clips: the middle clip when one is asked for,
-    otherwise evenly spaced from the first to the last possible start (duplicates dropped)."""
+def clip_starts(num_frames: int, spec: ClipSpec, video_key: tuple[int, str] | None = None) -> list[int]:
+    """Sorted distinct start frames of up to ``clips_per_video`` clips (fewer when the video
+    has fewer possible starts).
+
+    ``even``: the middle clip when one is asked for, otherwise evenly spaced from the first to
+    the last possible start. ``random``: drawn uniformly without replacement from a generator
+    seeded by ``spec.seed`` and ``video_key`` = (entry index, relative path), so a plan does not
+    depend on the order or the process in which videos are probed.
+    """
     last = num_frames - spec.span
     if last < 0:
         return []
+    if spec.placement == "random":
+        index, rel = video_key if video_key is not None else (0, "")
+        rng = np.random.default_rng([spec.seed, index, zlib.crc32(rel.encode("utf-8"))])
+        k = min(spec.clips_per_video, last + 1)
+        return sorted(int(x) for x in rng.choice(last + 1, size=k, replace=False))
     if spec.clips_per_video == 1:
         return [last // 2]
     starts = np.round(np.linspace(0, last, spec.clips_per_video)).astype(int)
@@ -320,10 +449,12 @@ def plan_clips(
     source: VideoSource, spec: ClipSpec, progress: bool = True
 ) -> tuple[list[ClipRef], list[Skipped], list[int]]:
     """Probe every video and cut clips. Returns (clips, skipped videos, frame count per entry;
-    0 for unreadable ones). Unreadable or too-short videos are skipped, never fatal."""
+    0 for unreadable ones). Unreadable or too-short videos are skipped, never fatal. With
+    ``spec.hflip`` every clip comes twice, unflipped then flipped."""
     clips: list[ClipRef] = []
     skipped: list[Skipped] = []
     lengths: list[int] = []
+    flips = (False, True) if spec.hflip else (False,)
     for i, entry in enumerate(
         tqdm(source.entries, desc="probing videos", unit="video", disable=not progress)
     ):
@@ -334,11 +465,11 @@ def plan_clips(
             lengths.append(0)
             continue
         lengths.append(n)
-        starts = clip_starts(n, spec)
+        starts = clip_starts(n, spec, video_key=(i, source.relative_path(entry)))
         if not starts:
             skipped.append(Skipped(entry.path, f"too short: {n} frames < {spec.span} needed"))
             continue
-        clips.extend(ClipRef(i, s) for s in starts)
+        clips.extend(ClipRef(i, s, f) for s in starts for f in flips)
     return clips, skipped, lengths
 
 
@@ -394,11 +525,19 @@ def _read_frames_folder(entry: VideoEntry, indices: Sequence[int]) -> list[np.nd
     return out
 
 
-def read_clip(entry: VideoEntry, start: int, spec: ClipSpec, num_threads: int = 0) -> np.ndarray:
-    """Decode one clip as uint8 RGB [T, size, size, 3] (grayscale comes out as 3 equal channels).
+def read_clip(
+    entry: VideoEntry, start: int, spec: ClipSpec, num_threads: int = 0, flip: bool = False
+) -> np.ndarray:
+    """Decode one clip as uint8 RGB [T, size, size, 3] (grayscale comes out as 3 equal channels),
+    mirrored left-right after resize and crop when ``flip``.
 
     Raises :class:`VideoDecodeError` when the video or one of the clip's frames cannot be read.
     """
+    frames = _decode_clip(entry, start, spec, num_threads)
+    return np.ascontiguousarray(frames[:, :, ::-1]) if flip else frames
+
+
+def _decode_clip(entry: VideoEntry, start: int, spec: ClipSpec, num_threads: int) -> np.ndarray:
     if start < 0:
         raise ValueError(f"start frame must be >= 0, got {start}")
     indices = clip_indices(start, spec)
@@ -445,12 +584,14 @@ class ClipDataset(Dataset):
             "index": i,
             "video_index": ref.video_index,
             "start_frame": ref.start_frame,
+            "flip": ref.flip,
             "label": entry.label,
             "frames": None,
             "error": None,
         }
         try:
-            item["frames"] = torch.from_numpy(read_clip(entry, ref.start_frame, self.spec, self.num_threads))
+            frames = read_clip(entry, ref.start_frame, self.spec, self.num_threads, flip=ref.flip)
+            item["frames"] = torch.from_numpy(frames)
         except VideoDecodeError as exc:
             item["error"] = str(exc)
         return item
@@ -459,7 +600,7 @@ class ClipDataset(Dataset):
 def collate_clips(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Batch dataset items, keeping failures visible.
 
-    Returns ``index``/``video_index``/``start_frame``/``label``/``error`` as lists over all
+    Returns ``index``/``video_index``/``start_frame``/``flip``/``label``/``error`` as lists over all
     items, ``ok`` (bool per item), and ``frames``: uint8 [B_ok, T, H, W, 3] stacked from the
     items that decoded (``None`` if none did), in the order of ``ok_index``.
     """
@@ -469,6 +610,7 @@ def collate_clips(items: list[dict[str, Any]]) -> dict[str, Any]:
         "index": [it["index"] for it in items],
         "video_index": [it["video_index"] for it in items],
         "start_frame": [it["start_frame"] for it in items],
+        "flip": [it.get("flip", False) for it in items],
         "label": [it["label"] for it in items],
         "error": [it["error"] for it in items],
         "ok": ok,

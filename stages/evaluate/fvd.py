@@ -2,10 +2,22 @@
 
 A number is only comparable to another computed under the same protocol, so every stats
 file carries its protocol (detector, weights sha256, frames, frame stride, resolution, video
-count) and its fingerprint; comparing stats of different protocols is refused, naming the
-field. `count` is the number of videos the protocol asks for (StyleGAN-V: 2048); `n` is how
-many were actually used (a warning when fewer, or when n < feature dim). Stats follow
+count, subset rule) and its fingerprint; comparing stats of different protocols is refused,
+naming the field. `count` is the number of videos the protocol asks for (StyleGAN-V: 2048); `n`
+is how many were actually used (a warning when fewer, or when n < feature dim). Stats follow
 StyleGAN-V: mean and the biased (1/n) covariance of the features.
+
+Which videos, when a set holds more than `count` (`real_subset`): "first" (the default) takes
+the first `count` usable videos in sorted order (class folders, then file names), StyleGAN-V's
+rule. Its consequence on a class-folder dataset: the subset is a few classes, not a sample of
+the dataset. On UCF-101 (13,320 videos, 101 class folders; counts from the official split lists
+trainlist01 + testlist01) the first 2048 are the 15 classes ApplyEyeMakeup ... BodyWeightSquats
+(2010 videos) plus 38 Bowling videos: 16 of 101 classes. Numbers stay comparable with papers
+that used the same rule, but they measure those 16 classes. "random" takes a uniform sample of
+`count` usable videos without replacement, seeded by `subset_seed` (numpy default_rng); the rule
+and the seed are protocol fields, so stats of different subsets are refused as different
+protocols. The default adds nothing to the fingerprint: stats written before the rule existed
+keep their fingerprint and stay comparable with "first".
 """
 
 from __future__ import annotations
@@ -24,7 +36,9 @@ from tqdm.auto import tqdm
 
 from cache_schema import canonical_json
 
-PROTOCOL_FIELDS = ("detector", "weights_sha256", "frames", "frame_stride", "resolution", "count")
+_BASE_FIELDS = ("detector", "weights_sha256", "frames", "frame_stride", "resolution", "count")
+PROTOCOL_FIELDS = (*_BASE_FIELDS, "real_subset", "subset_seed")
+REAL_SUBSETS = ("first", "random")
 DEFAULT_CACHE = Path("~/.cache/align4gen/fvd-stats")
 
 
@@ -38,6 +52,10 @@ class EvalConfig:
     frame_stride: int = 1  # stride between those frames when cutting them from longer videos
     resolution: int = 256  # videos are resized (short side) + center-cropped to this first
     num_videos: int = 2048  # the protocol's video count (StyleGAN-V: 2048)
+    real_subset: str = (
+        "first"  # which videos of a larger set: "first" in sorted order | "random" (module doc)
+    )
+    subset_seed: int = 0  # seed of the "random" subset (part of the protocol then)
     batch_size: int = 8
     num_workers: int = 0
     device: str = "auto"
@@ -133,7 +151,13 @@ def build_detector(cfg: EvalConfig):
     return det
 
 
+def _check_subset(cfg: EvalConfig) -> None:
+    if cfg.real_subset not in REAL_SUBSETS:
+        raise ValueError(f"real_subset must be one of {', '.join(REAL_SUBSETS)}, got {cfg.real_subset!r}")
+
+
 def make_protocol(detector, cfg: EvalConfig) -> dict[str, Any]:
+    _check_subset(cfg)
     return {
         "detector": detector.name,
         "weights_sha256": detector.weights_sha256,
@@ -141,18 +165,46 @@ def make_protocol(detector, cfg: EvalConfig) -> dict[str, Any]:
         "frame_stride": cfg.frame_stride,
         "resolution": cfg.resolution,
         "count": cfg.num_videos,
+        "real_subset": cfg.real_subset,
+        "subset_seed": cfg.subset_seed if cfg.real_subset == "random" else None,
     }
 
 
+def _normalized(protocol: dict[str, Any]) -> dict[str, Any]:
+    """All protocol fields; a protocol without a subset rule (older files) is "first", and the
+    seed means nothing under "first"."""
+    out = {k: protocol.get(k) for k in _BASE_FIELDS}
+    out["real_subset"] = protocol.get("real_subset") or "first"
+    out["subset_seed"] = protocol.get("subset_seed") if out["real_subset"] != "first" else None
+    return out
+
+
 def protocol_fingerprint(protocol: dict[str, Any]) -> str:
-    return hashlib.sha256(canonical_json({k: protocol.get(k) for k in PROTOCOL_FIELDS}).encode()).hexdigest()
+    """sha256 of the protocol; the default subset rule is left out, so it equals the fingerprint
+    of the same protocol written before the rule was a field."""
+    norm = _normalized(protocol)
+    if norm["real_subset"] == "first":
+        norm = {k: norm[k] for k in _BASE_FIELDS}
+    return hashlib.sha256(canonical_json(norm).encode()).hexdigest()
 
 
 def check_same_protocol(real: dict[str, Any], fake: dict[str, Any]) -> None:
     """Raise :class:`ProtocolMismatch` naming the first differing protocol field."""
+    a, b = _normalized(real), _normalized(fake)
     for name in PROTOCOL_FIELDS:
-        if real.get(name) != fake.get(name):
-            raise ProtocolMismatch(name, real.get(name), fake.get(name))
+        if a[name] != b[name]:
+            raise ProtocolMismatch(name, a[name], b[name])
+
+
+def subset_indices(total: int, cfg: EvalConfig) -> list[int]:
+    """Which of `total` usable videos (in sorted order) the protocol takes, ascending: the first
+    `num_videos`, or a seeded uniform sample of them without replacement."""
+    _check_subset(cfg)
+    n = min(total, cfg.num_videos)
+    if cfg.real_subset == "first":
+        return list(range(n))
+    rng = np.random.default_rng(cfg.subset_seed)
+    return sorted(int(i) for i in rng.choice(total, size=n, replace=False))
 
 
 # --------------------------------------------------------------------------- video sources
@@ -177,7 +229,7 @@ def _load_video_array(path: Path) -> np.ndarray:
     return arr
 
 
-def _array_batches(arr: np.ndarray, cfg: EvalConfig, limit: int) -> Iterator[np.ndarray]:
+def _array_batches(arr: np.ndarray, cfg: EvalConfig, indices: list[int]) -> Iterator[np.ndarray]:
     from stages.common.video import clip_starts, resize_crop
 
     spec = _clip_spec(cfg)
@@ -187,8 +239,8 @@ def _array_batches(arr: np.ndarray, cfg: EvalConfig, limit: int) -> Iterator[np.
             f"videos have {arr.shape[1]} frames; the protocol needs {spec.span} ({cfg.frames} at stride {cfg.frame_stride})"
         )
     idx = [starts[0] + j * cfg.frame_stride for j in range(cfg.frames)]
-    for i in range(0, limit, cfg.batch_size):
-        batch = np.asarray(arr[i : i + cfg.batch_size][:, idx])
+    for i in range(0, len(indices), cfg.batch_size):
+        batch = np.asarray(arr[indices[i : i + cfg.batch_size]][:, idx])
         if batch.shape[2:4] != (cfg.resolution, cfg.resolution):
             batch = np.stack([resize_crop(v, cfg.resolution).numpy() for v in batch])
         yield batch
@@ -208,8 +260,9 @@ def _folder_batches(source, refs, cfg: EvalConfig, skipped: list[str]) -> Iterat
 
 
 def video_batches(path: str | Path, cfg: EvalConfig) -> tuple[Iterator[np.ndarray], int, list[str]]:
-    """uint8 batches [B, frames, R, R, 3] of up to `cfg.num_videos` videos from a folder (or
-    manifest) of videos, or an .npz/.npy holding `videos` [N, T, H, W, 3].
+    """uint8 batches [B, frames, R, R, 3] of up to `cfg.num_videos` videos (picked by
+    `cfg.real_subset`) from a folder (or manifest) of videos, or an .npz/.npy holding `videos`
+    [N, T, H, W, 3].
     Returns (batches, number of videos planned, list that collects skipped-video messages)."""
     p = Path(path).expanduser()
     if not p.exists():
@@ -217,14 +270,14 @@ def video_batches(path: str | Path, cfg: EvalConfig) -> tuple[Iterator[np.ndarra
     skipped: list[str] = []
     if p.is_file() and p.suffix in (".npz", ".npy"):
         arr = _load_video_array(p)
-        n = min(len(arr), cfg.num_videos)
-        return _array_batches(arr, cfg, n), n, skipped
+        chosen = subset_indices(len(arr), cfg)
+        return _array_batches(arr, cfg, chosen), len(chosen), skipped
     from stages.common.video import discover, plan_clips
 
     source = discover(p)
     refs, skip, _ = plan_clips(source, _clip_spec(cfg), progress=cfg.progress)
     skipped.extend(f"{s.path}: {s.reason}" for s in skip)
-    refs = refs[: cfg.num_videos]
+    refs = [refs[i] for i in subset_indices(len(refs), cfg)]
     if not refs:
         raise ValueError(f"no usable videos in {p} ({len(skip)} skipped)")
     return _folder_batches(source, refs, cfg, skipped), len(refs), skipped

@@ -233,66 +233,37 @@ def iicr_from_store(
 ) -> dict[str, Any]:
     """IICR per encoder over a cache store, read blockwise with dask (never loaded whole).
 
-    Uses the channel slices in attrs `encoders`; skips clips with valid == 0; inter-class
-    figures are added when the store has labels. Returns {"store", "num_clips", "encoders": {...}}.
+    Targets are reconstructed from their stored format as the trainer sees them; clips with
+    valid == 0 are skipped; inter-class figures are added when the store has labels.
+    Returns {"store", "num_clips", "encoders": {...}}.
     """
-    import dask.array as da
+    from stages.evaluate.store_targets import open_targets
 
-    from cache_schema import open_group
-
-    group = open_group(path)
-    attrs = dict(group.attrs)
-    if "targets" not in group:
-        raise ValueError(f"{path}: no 'targets' array; is this a feature store made by `pipeline extract`?")
-    enc_info = attrs.get("encoders") or []
-    if not enc_info:
-        raise ValueError(f"{path}: attrs list no encoders")
-    names = [e["name"] for e in enc_info]
-    chosen = encoders or names
-    unknown = [n for n in chosen if n not in names]
-    if unknown:
-        raise ValueError(f"encoder(s) {', '.join(unknown)} not in the store; it holds {', '.join(names)}")
-    targets = da.from_zarr(group["targets"])
-    n, t, h, w, _ = targets.shape
-    video_index = np.asarray(group["video_index"][:]) if "video_index" in group else np.arange(n)
-    labels = np.asarray(group["labels"][:]) if "labels" in group else np.full(n, -1)
-    valid = np.asarray(group["valid"][:]).astype(bool) if "valid" in group else np.ones(n, bool)
+    store = open_targets(path, encoders, block_clips)
+    t, h, w = store.grid
+    valid, video_index, labels = store.valid, store.video_index, store.labels
     has_labels = bool((labels[valid] >= 0).any())
-    step = block_clips or max(1, int(targets.chunks[0][0]))
-    last = _last_positions(video_index)
+    n, step = store.num_clips, store.block_clips
     by_end: dict[int, list[int]] = {}
-    for v, i in last.items():
+    for v, i in _last_positions(video_index).items():
         by_end.setdefault(min((i // step + 1) * step, n), []).append(v)
-
-    slices = {e["name"]: (int(e["start"]), int(e["stop"])) for e in enc_info}
-    accs = {name: IICRAccumulator(slices[name][1] - slices[name][0], (h, w), per_position) for name in chosen}
-    lo_all = min(slices[c][0] for c in chosen)
-    hi_all = max(slices[c][1] for c in chosen)
-    for start in tqdm(range(0, n, step), desc="IICR", unit="block", disable=not progress):
-        stop = min(start + step, n)
-        keep = valid[start:stop]
-        done = by_end.get(stop, [])
-        if keep.any():
-            block = targets[start:stop, ..., lo_all:hi_all].compute()[keep]
-        for name in chosen:
-            lo, hi = slices[name]
+    accs = {name: IICRAccumulator(int(e["dim"]), (h, w), per_position) for name, e in store.encoders.items()}
+    blocks = tqdm(store.blocks(), total=-(-n // step), desc="IICR", unit="block", disable=not progress)
+    for start, stop, dense in blocks:
+        keep, done = valid[start:stop], by_end.get(stop, [])
+        for name, acc in accs.items():
             if keep.any():
-                accs[name].update(
-                    block[..., lo - lo_all : hi - lo_all],
-                    video_index[start:stop][keep],
-                    labels[start:stop][keep] if has_labels else None,
-                    close_videos=done,
-                )
+                acc.update(dense[name], video_index[start:stop][keep],
+                           labels[start:stop][keep] if has_labels else None, close_videos=done)  # fmt: skip
             else:
-                accs[name].close(done)
-    results = {name: accs[name].result() for name in chosen}
+                acc.close(done)
     return {
         "store": str(path),
         "num_clips": int(valid.sum()),
         "skipped_invalid": int((~valid).sum()),
         "grid": [t, h, w],
         "labels": has_labels,
-        "encoders": results,
+        "encoders": {name: acc.result() for name, acc in accs.items()},
     }
 
 

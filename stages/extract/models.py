@@ -1,29 +1,39 @@
-"""The frozen models of stage one and the work on one batch: VAE latents and fused targets.
+"""The frozen models of stage one and the work on one batch: VAE latents and per-encoder targets.
 
 Loading happens before anything else so that a missing weight fails at once; the token grid
 follows from the clip spec and the VAE (including causal video VAEs with temporal compression).
+Each encoder's stored quantity is decided here (`TargetPlan`): tokens on the DiT grid,
+L2-normalised, or - for an encoder whose own time grid is coarser than the DiT grid (VideoMAE's
+tubelets) under ``time_grid="native"`` - its own time steps, resampled in space only and not
+normalised, which `cache_schema.formats.reconstruct` turns into the same targets on the device.
 """
 
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from stages.common import video as V
+from cache_schema import formats
+from stages.common import registry as R
 from stages.common.encoders import VideoMAEEncoder, load_encoder
-from stages.common.resample import causal_temporal_mean, fuse, to_target
+from stages.common.resample import (
+    causal_temporal_mean,
+    l2_normalize_tokens,
+    resample_spatial,
+    resample_temporal,
+    to_target,
+)
 from stages.common.vae import VAEWrapper
 
 from .config import ExtractConfig
 
 
 class ExtractError(RuntimeError):
-    """Extraction cannot go on (bad config, NaN features, mismatched existing store)."""
+    """Extraction cannot go on (bad config, NaN features, mismatched existing store, budget)."""
 
 
 @dataclass
@@ -32,54 +42,110 @@ class Models:
     encoders: dict[str, Any]
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+@dataclass(frozen=True)
+class TargetPlan:
+    """How one encoder's targets are stored (one `encoders` layout entry of the store)."""
+
+    name: str
+    id: str
+    dim: int
+    input_size: int
+    format: str
+    time_frames: int  # T_e
+    native: bool  # own (coarser) time grid, not L2-normalised
+    pca_dims: int | None
+
+    @property
+    def stored_dim(self) -> int:
+        return self.pca_dims or self.dim
+
+    def entry(self) -> dict[str, Any]:
+        layout = formats.stored_layout(self.format, self.stored_dim)
+        values, scales = layout["values"], layout["scales"]
+        return {
+            "name": self.name,
+            "id": self.id,
+            "dim": self.dim,
+            "input_size": self.input_size,
+            "format": self.format,
+            "time_frames": self.time_frames,
+            "stored_dim": self.stored_dim,
+            "values": [values[0], values[1]],
+            "scales": None if scales is None else [scales[0], scales[1]],
+            "pca": self.pca_dims is not None,
+        }
+
+    def spec(self, pca_fit_clips: int) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "id": self.id,
+            "input_size": self.input_size,
+            "dim": self.dim,
+            "format": self.format,
+            "time_grid": "native" if self.native else "dit",
+            "pca_dims": self.pca_dims,
+            "pca_fit_clips": pca_fit_clips if self.pca_dims else None,
+        }
+
+
+@dataclass
+class Features:
+    """One batch on the model's device: fp16 latents and each encoder's stored quantity (float32)."""
+
+    latents: torch.Tensor
+    quantities: dict[str, torch.Tensor]
 
 
 def model_sources(cfg: ExtractConfig) -> dict[str, str | None]:
     """Where each model comes from: a preset's local folders (``tiny``: tiny models;
-    ``random-full``: full-size random copies of the defaults) or the user's ids/paths.
-    Explicit flags win over the preset."""
+    ``random-full``: full-size random copies of the defaults) or the user's ids/paths, else the
+    registry's hub ids (VAE None: `VAEWrapper.load` takes DEFAULT_VAE[kind], with the video VAE's
+    subfolder). Explicit flags win over the preset."""
     sources: dict[str, str | None] = {
         "vae": cfg.vae,
         "dino": cfg.dino_model,
         "sam2": cfg.sam2_model,
         "videomae": cfg.videomae_model,
     }
-    default_vae = cfg.vae == ExtractConfig.vae  # an explicit --vae wins over the preset
+    default_vae = cfg.vae is None
     if cfg.preset == "tiny":
         from stages.common.presets import tiny_models
 
         tiny = tiny_models()
         if default_vae:
             sources["vae"] = tiny["video_vae" if cfg.vae_kind == "video" else "vae"]
-        for name in ("dino", "sam2", "videomae"):
+        for name in R.ENCODERS:
             sources[name] = sources[name] or tiny[name]
     elif cfg.preset == "random-full":
         from stages.common.presets import full_size_random_models
 
         # only what this run uses (each is a few hundred MB); no full-size video VAE exists here
-        wanted = [n for n in ("dino", "sam2", "videomae") if n in cfg.encoders and not sources[n]]
+        wanted = [n for n in R.ENCODERS if n in cfg.encoders and not sources[n]]
         if default_vae and cfg.vae_kind == "image":
             wanted.insert(0, "vae")
-        full = full_size_random_models(names=wanted)
-        for name, path in full.items():
-            sources[name] = path
+        sources.update(full_size_random_models(names=wanted))
+    for name, defaults in R.ENCODERS.items():
+        sources[name] = sources[name] or defaults.hub_id
     return sources
 
 
 def load_models(cfg: ExtractConfig, device: torch.device) -> Models:
+    """VAE first, then the clip/VAE fit is checked (nothing else loaded yet), then the encoders."""
     sources = model_sources(cfg)
-    sizes = {"dino": cfg.dino_size, "sam2": cfg.sam2_size, "videomae": cfg.videomae_size}
     scale = cfg.latent_scale
     if scale is None and cfg.vae_kind == "image":
-        scale = 0.18215  # the SD VAE's factor (Latte); video VAEs carry their own in their config
+        scale = R.SD_LATENT_SCALE  # video VAEs carry their own scaling_factor
     vae = VAEWrapper.load(sources["vae"], kind=cfg.vae_kind, scale=scale, device=device)
+    token_grid(cfg, vae)  # --size / --frames against this VAE, before the encoders load
+    sizes = {"dino": cfg.dino_size, "sam2": cfg.sam2_size, "videomae": cfg.videomae_size}
+    side = cfg.size // vae.spatial_factor // cfg.patch_size
     encoders = {}
     for name in cfg.encoders:
-        encoders[name] = load_encoder(name, sources.get(name), device=device, input_size=sizes.get(name))
+        enc = load_encoder(name, sources[name], device=device, input_size=sizes[name])
+        if name == "dino" and cfg.dino_size is None and enc.input_size != side * enc.patch:
+            # REPA: DINOv2's patch grid equals the DiT grid (224 px for 256 px clips), no resampling
+            enc = type(enc)(enc.model, enc.model_id, side * enc.patch, device=device)
+        encoders[name] = enc
     return Models(vae=vae, encoders=encoders)
 
 
@@ -118,11 +184,41 @@ def latent_frames(frames: int, vae: VAEWrapper) -> int:
 
 def token_grid(cfg: ExtractConfig, vae: VAEWrapper) -> tuple[tuple[int, int, int, int], tuple[int, int, int]]:
     """(latent_shape [C,T',h,w], DiT grid [T',h/p,w/p]) for this clip spec and VAE."""
+    unit = vae.spatial_factor * cfg.patch_size
+    if cfg.size % unit:
+        fits = ", ".join(str(unit * j) for j in (max(1, cfg.size // unit), cfg.size // unit + 1))
+        raise ExtractError(
+            f"size: {cfg.size} is not a multiple of {unit} (VAE '{vae.model_id}' spatial factor "
+            f"{vae.spatial_factor} x patch {cfg.patch_size}); use e.g. {fits}"
+        )
     t_lat = latent_frames(cfg.frames, vae)
     h = cfg.size // vae.spatial_factor
-    if h % cfg.patch_size:
-        raise ExtractError(f"latent size {h} is not divisible by patch size {cfg.patch_size}; change --size")
     return (vae.latent_channels, t_lat, h, h), (t_lat, h // cfg.patch_size, h // cfg.patch_size)
+
+
+def plan_targets(cfg: ExtractConfig, models: Models, grid: tuple[int, int, int]) -> list[TargetPlan]:
+    """Per encoder: format, stored time grid and PCA dims; refuses PCA dims above an encoder's dim."""
+    dims = cfg.pca_dims_by_encoder()
+    plans = []
+    for name, enc in models.encoders.items():
+        own_t = enc.grid(cfg.frames)[0] if isinstance(enc, VideoMAEEncoder) else cfg.frames
+        native = cfg.time_grid == "native" and own_t < grid[0]
+        k = dims.get(name)
+        if k is not None and k > enc.dim:
+            raise ExtractError(f"pca_dims: {name}={k} exceeds the encoder's feature dim {enc.dim}")
+        plans.append(
+            TargetPlan(
+                name=name,
+                id=enc.model_id,
+                dim=enc.dim,
+                input_size=enc.input_size,
+                format=cfg.target_format,
+                time_frames=own_t if native else grid[0],
+                native=native,
+                pca_dims=k,
+            )
+        )
+    return plans
 
 
 def _per_frame(enc: Any, tokens: torch.Tensor, frames: torch.Tensor) -> bool:
@@ -130,81 +226,82 @@ def _per_frame(enc: Any, tokens: torch.Tensor, frames: torch.Tensor) -> bool:
     return not isinstance(enc, VideoMAEEncoder) and tokens.shape[1] == frames.shape[1]
 
 
+def _timed(key: str, device: torch.device, timings: dict[str, float], fn):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+    return out
+
+
 @torch.no_grad()
 def compute_batch(
-    frames: torch.Tensor, models: Models, grid: tuple[int, int, int], timings: dict[str, float]
-) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 frames [B,T,H,W,3] -> (latents fp16 [B,C,T',h,w], fused targets fp16 [B,T,H,W,D]).
+    frames: torch.Tensor,
+    models: Models,
+    plans: list[TargetPlan],
+    grid: tuple[int, int, int],
+    timings: dict[str, float],
+) -> Features:
+    """uint8 frames [B,T,H,W,3] -> latents and each encoder's stored quantity, on the device.
 
     With a causal video VAE, image-encoder features are averaged over the frames of each latent
-    step (frame 0 alone, then groups of k); VideoMAE's tubelet grid is interpolated in time.
+    step (frame 0 alone, then groups of k); VideoMAE's tubelets are interpolated in time
+    (DiT grid) or kept (native grid).
     """
-
-    def timed(key: str, fn):
-        if frames.device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = fn()
-        if frames.device.type == "cuda":
-            torch.cuda.synchronize()
-        timings[key] += time.perf_counter() - t0
-        return out
-
-    latents = timed("vae", lambda: models.vae.encode(frames))
+    latents = _timed("vae", frames.device, timings, lambda: models.vae.encode(frames))
     k = causal_factor(models.vae)
-    per_encoder = {}
-    for name, enc in models.encoders.items():
-        tokens = timed(f"encoder:{name}", lambda enc=enc: enc.features(frames)).float()
+    quantities = {}
+    for plan in plans:
+        enc = models.encoders[plan.name]
+        tokens = _timed(f"encoder:{plan.name}", frames.device, timings, lambda enc=enc: enc.features(frames))
+        tokens = tokens.float()
         if k > 1 and _per_frame(enc, tokens, frames):
-            # DESIGN.md 6: average an image encoder's frames over each causal latent step
-            tokens = causal_temporal_mean(tokens, k)
-        per_encoder[name] = to_target(tokens, grid)
-    targets, _ = fuse(per_encoder, list(models.encoders))
-    return latents.float().cpu().numpy(), targets.float().cpu().numpy()
+            tokens = causal_temporal_mean(tokens, k)  # DESIGN.md 6
+        if plan.native:
+            quantities[plan.name] = resample_spatial(tokens, grid[1:]).contiguous()
+        else:
+            quantities[plan.name] = to_target(tokens, grid)
+    return Features(latents=latents, quantities=quantities)
 
 
-def measured_bytes_per_clip(cfg: ExtractConfig, source, refs, spec_clip, models: Models, grid) -> float:
-    """Run the models on one clip and compress its arrays with the chosen codec, one chunk each
-    (as the store does): the dry run's size projection rests on real features, not a guess."""
-    from .store import compressors_for  # noqa: PLC0415 - only the dry run needs it
-
-    clip = next((r for r in refs[:8] if _try_read(source, r, spec_clip) is not None), None)
-    if clip is None:
-        raise ExtractError("--dry-run could not decode any of the first clips to measure their size")
-    frames = torch.from_numpy(_try_read(source, clip, spec_clip))[None].to(resolve_device(cfg.device))
-    latents, targets = compute_batch(frames, models, grid, defaultdict(float))
-    codecs = compressors_for(cfg.codec, cfg.codec_level) or []
-    total = 0
-    for array in (latents[0].astype(np.float16), targets[0].astype(np.float16)):
-        data = array.tobytes()
-        for codec in codecs:
-            data = _encode_bytes(codec, data, array.dtype.itemsize)
-        total += len(data)
-    return float(total)
+def exact_target(quantity: torch.Tensor, plan: TargetPlan, grid: tuple[int, int, int]) -> torch.Tensor:
+    """The float32 target on the DiT grid that a stored quantity stands for (fidelity reference)."""
+    if not plan.native:
+        return quantity
+    return l2_normalize_tokens(resample_temporal(quantity, grid[0]))
 
 
-def _encode_bytes(codec, data: bytes, itemsize: int) -> bytes:
-    """Compress with the numcodecs equivalent of a zarr v3 codec (same algorithm and settings)."""
-    import numcodecs
-
-    config = codec.to_dict()["configuration"]
-    if config.get("cname") is not None:  # blosc
-        shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[
-            str(getattr(config["shuffle"], "value", config["shuffle"]))
-        ]
-        compressor = numcodecs.Blosc(
-            cname=str(getattr(config["cname"], "value", config["cname"])),
-            clevel=config["clevel"],
-            shuffle=shuffle,
-            typesize=itemsize,
-        )
-    else:
-        compressor = numcodecs.Zstd(level=config["level"])
-    return compressor.encode(data)
+def encode_quantity(
+    quantity: torch.Tensor, plan: TargetPlan, basis: dict[str, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """PCA-project (if the plan has PCA) then quantise with the plan's format, on the device."""
+    x = formats.pca_project(quantity, basis) if plan.pca_dims else quantity
+    return formats.encode(x, plan.format)
 
 
-def _try_read(source, ref, spec_clip):
-    try:
-        return V.read_clip(source.entries[ref.video_index], ref.start_frame, spec_clip)
-    except V.VideoDecodeError:
-        return None
+def encode_batch(
+    features: Features,
+    plans: list[TargetPlan],
+    bases: dict[str, dict[str, torch.Tensor]],
+    timings: dict[str, float],
+) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray | None]]]:
+    """Features -> compact CPU arrays: latents fp16, per encoder (values, scales | None)."""
+    t0 = time.perf_counter()
+    targets = {}
+    for plan in plans:
+        values, scales = encode_quantity(features.quantities[plan.name], plan, bases.get(plan.name))
+        targets[plan.name] = (values.cpu().numpy(), None if scales is None else scales.cpu().numpy())
+    latents = features.latents.to(torch.float16).cpu().numpy()
+    timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - t0
+    return latents, targets
+
+
+def nonfinite_rows(features: Features) -> list[int]:
+    """Batch rows with a NaN/Inf in the latents or any encoder's quantity (one device sync)."""
+    bad = ~torch.isfinite(features.latents.float()).flatten(1).all(1)
+    for q in features.quantities.values():
+        bad |= ~torch.isfinite(q).flatten(1).all(1)
+    return bad.nonzero().flatten().cpu().tolist()

@@ -1,42 +1,49 @@
-"""Stage one, top to bottom: plan clips -> load frozen models -> per block: decode, VAE,
-encoders, resample + fuse -> zarr (block-atomic, resumable, rank-split).
+"""Stage one, top to bottom: plan clips -> load frozen models -> (new store: size check, PCA fit,
+fidelity, create) -> per block: decode, VAE, encoders, resample, PCA, quantise -> zarr
+(block-atomic, resumable, rank-split).
 
 Decoding runs in DataLoader worker processes ahead of the models; zarr writes run in a
-background thread so they overlap the next block's compute.
+background thread so they overlap the next block's compute. The store is created or reopened
+in `open_or_create_store` alone; a block is written by `writer.BlockWriter` alone.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+import zarr
 
-from cache_schema import SCHEMA_VERSION, fingerprint
+from cache_schema import SCHEMA_VERSION, OutputLock, canonical_json, content_fingerprint, formats
 from cache_schema import constants as C
+from cache_schema.bases import store_bases
+from cache_schema.outputs import (
+    LOCK,
+    OutputError,
+    check_not_overlapping,
+    clear_artifact,
+    inspect_output,
+    is_stale,
+    prepare_output,
+    read_lock,
+)
+from stages.common import runtime
 from stages.common import video as V
 
+from .budget import BudgetExceeded, SizeTable, check_budget, check_free_disk, size_table
 from .config import ExtractConfig
-from .models import (
-    ExtractError,
-    Models,
-    compute_batch,
-    load_models,
-    measured_bytes_per_clip,
-    resolve_device,
-    token_grid,
-)
+from .derive import derive
+from .job import Job, check_finite, decoding, to_device
+from .models import ExtractError, compute_batch, encode_batch, load_models, plan_targets, token_grid
 from .store import StorePlan, create_store, open_store, read_json, write_json
-from .writer import BlockSampler, BlockWriter, keep_items
+from .writer import BlockBuffer, BlockSampler, BlockWriter
 
-__all__ = ["ExtractError", "ExtractResult", "compute_batch", "run_extract"]
+__all__ = ["BudgetExceeded", "ExtractError", "ExtractResult", "compute_batch", "run_extract"]
 
 
 @dataclass
@@ -50,100 +57,27 @@ class ExtractResult:
     invalid_clips: list[dict[str, Any]]
     timings: dict[str, float] = field(default_factory=dict)
     dry_run: bool = False
-    layout: dict[str, Any] = field(default_factory=dict)
+    layout: dict[str, Any] = field(default_factory=dict)  # fingerprint, grid, latent_shape, encoders
+    # per encoder: mean, p1, tokens, clips, held_out, explained_variance (None without PCA)
+    fidelity: dict[str, dict[str, Any]] = field(default_factory=dict)
+    samples: dict[str, int] = field(default_factory=dict)  # fidelity / pca_fit / shared clip counts
+    sizes: SizeTable | None = None  # dry run: the measured projections
 
 
-def _dist_info() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def _init_distributed(device: torch.device) -> bool:
-    rank, world = _dist_info()
-    if world <= 1 or torch.distributed.is_initialized():
-        return False
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    torch.distributed.init_process_group(backend=backend)
-    return True
-
-
-def build_spec(cfg: ExtractConfig, source: V.VideoSource, models: Models, grid: tuple[int, int, int]) -> dict:
-    """The fingerprinted description of what the store holds."""
-    return {
-        "dataset": source.describe(),
-        "clips": {
-            "frames": cfg.frames,
-            "stride": cfg.stride,
-            "clips_per_video": cfg.clips_per_video,
-            "size": cfg.size,
-        },
-        "vae": {
-            "id": models.vae.model_id,
-            "kind": cfg.vae_kind,
-            "scale": models.vae.scale,
-            "latent_channels": models.vae.latent_channels,
-            "spatial_factor": models.vae.spatial_factor,
-            "temporal_factor": models.vae.temporal_factor,
-        },
-        "encoders": [
-            {"name": n, "id": e.model_id, "input_size": e.input_size, "dim": e.dim}
-            for n, e in models.encoders.items()
-        ],
-        "grid": list(grid),
-        "patch_size": [1, cfg.patch_size, cfg.patch_size],
-        "fusion": cfg.fusion,
-        "dtype": "float16",
-    }
-
-
-def _encoder_layout(models: Models) -> tuple[list[dict[str, Any]], int]:
-    layout, start = [], 0
-    for name, enc in models.encoders.items():
-        layout.append(
-            {"name": name, "id": enc.model_id, "dim": enc.dim, "start": start, "stop": start + enc.dim}
-        )
-        start += enc.dim
-    return layout, start
-
-
-def _check_finite(latents: np.ndarray, targets: np.ndarray, clips: list[int], plan_refs, source) -> None:
-    for row, clip in enumerate(clips):
-        if not (np.isfinite(latents[row]).all() and np.isfinite(targets[row]).all()):
-            video = source.entries[plan_refs[clip].video_index].path
-            raise ExtractError(
-                f"non-finite features (NaN/Inf) for clip {clip} of video {video}; "
-                "the block was not written: check the video and the model weights/dtype"
-            )
-
-
-def run_extract(cfg: ExtractConfig) -> ExtractResult:
-    """Run (or resume, or dry-run) an extraction; returns what was done."""
-    unknown = [e for e in cfg.encoders if e not in ("dino", "sam2", "videomae")]
-    if unknown:
-        raise ExtractError(f"unknown encoder '{unknown[0]}'; choose from dino, sam2, videomae")
-    if not cfg.encoders:
-        raise ExtractError("--encoders is empty: name at least one of dino, sam2, videomae")
-    if cfg.fusion != "concat":
-        raise ExtractError(f"fusion '{cfg.fusion}' is not supported; the only fusion is 'concat'")
-    if not cfg.data or not cfg.out:
-        raise ExtractError("both --data and --out are required")
-    device = resolve_device(cfg.device)
-    distributed = _init_distributed(device)
-    rank, world = _dist_info()
-    show = cfg.progress and rank == 0
-
-    spec_clip = V.ClipSpec(
-        frames=cfg.frames, stride=cfg.stride, clips_per_video=cfg.clips_per_video, size=cfg.size
+def prepare(cfg: ExtractConfig, dist: runtime.DistInfo) -> Job:
+    """Load the models (a missing weight or a clip that does not fit the VAE fails here) and plan clips."""
+    clip_spec = V.ClipSpec(
+        frames=cfg.frames,
+        stride=cfg.stride,
+        clips_per_video=cfg.clips_per_video,
+        size=cfg.size,
+        placement=cfg.clip_placement,
+        seed=cfg.seed,
+        hflip=cfg.hflip,
     )
     source = V.discover(cfg.data)
-    models = load_models(cfg, device)  # before probing: a missing weight fails at once
-    refs, skipped, _ = V.plan_clips(source, spec_clip, progress=show)
+    models = load_models(cfg, dist.device)
+    refs, skipped, lengths = V.plan_clips(source, clip_spec, progress=cfg.progress and dist.is_main)
     if not refs:
         raise ExtractError(
             f"no usable clips in {cfg.data}: {len(skipped)} video(s) skipped "
@@ -152,191 +86,308 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
             else f"no videos found in {cfg.data}"
         )
     latent_shape, grid = token_grid(cfg, models.vae)
-    spec = build_spec(cfg, source, models, grid)
-    encoders_layout, target_dim = _encoder_layout(models)
-    labels = np.array(
-        [
-            source.entries[r.video_index].label if source.entries[r.video_index].label is not None else -1
-            for r in refs
-        ],
-        dtype=np.int64,
-    )
-    plan = StorePlan(
-        num_clips=len(refs),
-        block_size=cfg.block_size,
-        latent_shape=latent_shape,
-        grid=grid,
-        target_dim=target_dim,
-        labels=labels,
-        video_index=np.array([r.video_index for r in refs], dtype=np.int32),
-        start_frame=np.array([r.start_frame for r in refs], dtype=np.int32),
-    )
-    attrs = {
-        "schema_version": SCHEMA_VERSION,
-        "fingerprint": fingerprint(spec),
-        "spec": spec,
-        "grid": list(grid),
+    plans = plan_targets(cfg, models, grid)
+    return Job(cfg, dist, source, clip_spec, refs, skipped, lengths, models, latent_shape, grid, plans)
+
+
+def build_spec(job: Job) -> dict[str, Any]:
+    """The fingerprinted request: what the store holds, independent of how it was computed."""
+    cfg, vae = job.cfg, job.models.vae
+    return {
+        "dataset": job.source.describe(),
+        "clips": {
+            "frames": cfg.frames,
+            "stride": cfg.stride,
+            "clips_per_video": cfg.clips_per_video,
+            "placement": cfg.clip_placement,
+            "seed": cfg.seed,
+            "hflip": cfg.hflip,
+            "size": cfg.size,
+        },
+        "vae": {
+            "id": vae.model_id,
+            "kind": vae.kind,
+            "scale": vae.scale,
+            "latent_channels": vae.latent_channels,
+            "spatial_factor": vae.spatial_factor,
+            "temporal_factor": vae.temporal_factor,
+        },
+        "encoders": [p.spec(cfg.pca_fit_clips) for p in job.plans],
+        "grid": list(job.grid),
         "patch_size": [1, cfg.patch_size, cfg.patch_size],
-        "latent_shape": list(latent_shape),
-        "encoders": encoders_layout,
-        "target_dim": target_dim,
-        "class_names": source.class_names,
+        "fusion": cfg.fusion,
+        "fidelity_clips": cfg.fidelity_clips,
+        "seed": cfg.seed,
+    }
+
+
+def store_plan(job: Job) -> StorePlan:
+    entries = job.source.entries
+    return StorePlan(
+        num_clips=job.num_clips,
+        block_size=job.cfg.block_size,
+        latent_shape=job.latent_shape,
+        grid=job.grid,
+        encoders=[p.entry() for p in job.plans],
+        labels=np.array(
+            [-1 if entries[r.video_index].label is None else entries[r.video_index].label for r in job.refs],
+            np.int64,
+        ),
+        video_index=np.array([r.video_index for r in job.refs], np.int32),
+        start_frame=np.array([r.start_frame for r in job.refs], np.int32),
+        flip=np.array([r.flip for r in job.refs], np.uint8),
+    )
+
+
+def store_attrs(job: Job, spec: dict[str, Any], derived: dict[str, Any], plan: StorePlan) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "fingerprint": content_fingerprint(spec, derived),
+        "spec": spec,
+        "derived": derived,
+        "grid": list(job.grid),
+        "patch_size": list(spec["patch_size"]),
+        "latent_shape": list(job.latent_shape),
+        "encoders": plan.encoders,
+        "class_names": job.source.class_names,
         "num_clips": plan.num_clips,
         "block_size": plan.block_size,
         "num_blocks": plan.num_blocks,
         "sources": [f[0] for f in spec["dataset"]["files"]],
-        "source_root": os.path.abspath(source.root),
-        "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
+        "source_root": os.path.abspath(job.source.root),
+        "config": runtime.config_to_dict(job.cfg),
     }
-    skipped_report = [{"path": s.path, "reason": s.reason} for s in skipped]
-    result = ExtractResult(
-        out=cfg.out,
-        num_clips=plan.num_clips,
-        blocks_done=0,
-        blocks_total=plan.num_blocks,
-        blocks_computed=0,
-        skipped=skipped_report,
-        invalid_clips=[],
-        layout={k: attrs[k] for k in ("fingerprint", "grid", "latent_shape", "encoders", "target_dim")},
-    )
-    if cfg.dry_run:
-        result.dry_run = True
-        per_clip = measured_bytes_per_clip(cfg, source, refs, spec_clip, models, grid)
-        result.timings["bytes_per_clip"] = per_clip
-        result.timings["projected_bytes"] = per_clip * plan.num_clips
-        return result
 
-    # every rank checks an existing store (so all fail alike); rank 0 alone creates it
-    group = open_store(cfg.out)
-    stale = group is not None and group.attrs.get("fingerprint") != attrs["fingerprint"]
-    if stale and not cfg.overwrite:
-        field_name = _first_difference(dict(group.attrs).get("spec", {}), spec)
-        raise ExtractError(
-            f"{cfg.out} already holds a store made with a different config (field '{field_name}' differs); "
-            "pass --overwrite to replace it or choose another --out"
+
+def check_plan(job: Job, spec: dict[str, Any]) -> bool:
+    """Rank 0, writing nothing: False when a store of this spec exists (resume); True when one must
+    be created, after refusing another config (unless --overwrite) or a plan that does not fit."""
+    cfg = job.cfg
+    try:
+        group = open_store(cfg.out)
+    except ValueError as exc:  # a store of another schema version
+        if not cfg.overwrite:
+            raise ExtractError(str(exc)) from None
+        group = None
+    if group is not None:
+        old = dict(group.attrs).get("spec", {})
+        if canonical_json(old) == canonical_json(spec):
+            return False
+        if not cfg.overwrite:
+            raise ExtractError(
+                f"{cfg.out} already holds a store made with a different config (field "
+                f"'{_first_difference(old, spec)}' differs); pass --overwrite to replace it or choose another --out"
+            )
+    table = size_table(job)
+    budget = cfg.budget_bytes()
+    if budget is not None:
+        check_budget(job, table, budget)
+    else:
+        check_free_disk(job, table, runtime.free_bytes(cfg.out))
+    return True
+
+
+def _create(job: Job, spec: dict[str, Any]) -> dict[str, int]:
+    """Rank 0: fit and measure `derived`, then create the store; returns the sample sizes."""
+    cfg = job.cfg
+    derived, bases, samples = derive(job)
+    plan = store_plan(job)
+    clear_artifact(cfg.out, "store")  # only our own entries (nothing when the folder is new)
+    create_store(cfg.out, plan, store_attrs(job, spec, derived, plan), cfg.codec, cfg.codec_level, bases)
+    return samples
+
+
+def open_or_create_store(
+    job: Job, result: ExtractResult, spec: dict[str, Any], create: bool
+) -> tuple[zarr.Group, dict[str, dict[str, torch.Tensor]]]:
+    """The one place the store is created or reopened: (group, PCA bases on the device)."""
+    # any failure on rank 0 (NaN, I/O) is raised on every rank alike
+    samples = runtime.run_on_main(lambda: _create(job, spec)) if create else None
+    group = open_store(job.cfg.out)
+    if group is None:
+        raise ExtractError(f"{job.cfg.out}: the store rank 0 created cannot be opened here")
+    attrs = dict(group.attrs)
+    result.layout = {k: attrs[k] for k in ("fingerprint", "grid", "latent_shape", "encoders")}
+    result.fidelity = fidelity_table(attrs["derived"])
+    result.samples = samples or {}
+    bases = {n: formats.basis_tensors(b, job.device) for n, b in store_bases(group).items()}
+    return group, bases
+
+
+def fidelity_table(derived: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """derived -> per encoder {mean, p1, tokens, clips, held_out, explained_variance}."""
+    pca = derived.get("pca", {})
+    out = {}
+    for name, fid in derived.get("fidelity", {}).items():
+        out[name] = {**fid, "explained_variance": pca.get(name, {}).get("explained_variance_ratio")}
+    return out
+
+
+def run_extract(cfg: ExtractConfig) -> ExtractResult:
+    """Run (or resume, or dry-run) an extraction; returns what was done."""
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        raise ExtractError(str(exc)) from None
+    owns_group = not _initialized()  # torchrun's group is ours to tear down unless a caller made it
+    dist = runtime.setup_distributed(cfg.device)
+    lock = None
+    try:
+        runtime.run_on_main(lambda: check_output(cfg))  # refused at once, before any model loads
+        job = prepare(cfg, dist)
+        result = ExtractResult(
+            out=cfg.out,
+            num_clips=job.num_clips,
+            blocks_done=0,
+            blocks_total=-(-job.num_clips // cfg.block_size),
+            blocks_computed=0,
+            skipped=[{"path": s.path, "reason": s.reason} for s in job.skipped],
+            invalid_clips=[],
+            layout={
+                "grid": list(job.grid),
+                "latent_shape": list(job.latent_shape),
+                "encoders": [p.entry() for p in job.plans],
+            },
         )
-    if rank == 0 and (group is None or stale):
-        create_store(cfg.out, plan, attrs, cfg.codec, cfg.codec_level)
-    _barrier()
-    group = open_store(cfg.out)
+        if cfg.dry_run:
+            result.dry_run = True
+            result.sizes = runtime.run_on_main(lambda: _dry_run(job))
+            return result
+        t_start = time.perf_counter()
+        spec = build_spec(job)
+        # nothing is written before the models loaded, the plan fits and the store matches
+        create = runtime.run_on_main(lambda: check_plan(job, spec), share=True)
+        lock = runtime.run_on_main(lambda: claim_output(cfg))
+        try:
+            group, bases = open_or_create_store(job, result, spec, create)
+            _extract_blocks(job, group, bases, result, t_start)
+        except OSError as exc:
+            if not runtime.is_disk_full(exc):
+                raise
+            resume = "Finished blocks are kept: free space and rerun the same command to resume."
+            raise ExtractError(runtime.disk_full_message(exc, cfg.out, resume)) from None
+        return result
+    finally:
+        if lock is not None:
+            lock.release()
+        if owns_group and dist.distributed:
+            runtime.teardown_distributed()
+
+
+def check_output(cfg: ExtractConfig) -> None:
+    """Rank 0, writing nothing: refuse an --out that holds anything but our store, overlaps
+    --data, or is being written by another process."""
+    check_not_overlapping(cfg.out, {"--data": cfg.data})
+    if inspect_output(cfg.out, "store") == "ours":
+        holder = read_lock(cfg.out)
+        lock_file = Path(cfg.out) / LOCK
+        if holder is not None and holder.job != runtime.job_id() and not is_stale(holder, lock_file):
+            raise OutputError(f"{cfg.out} is being written by {holder.describe()}; only one writer at a time")
+
+
+def claim_output(cfg: ExtractConfig) -> OutputLock:
+    """Rank 0: mark --out as our store and hold its lock while extracting."""
+    prepare_output(cfg.out, "store", inputs={"--data": cfg.data})
+    return OutputLock(cfg.out, "pipeline extract", job=runtime.job_id()).acquire()
+
+
+def _initialized() -> bool:
+    import torch.distributed as tdist
+
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def _dry_run(job: Job) -> SizeTable:
+    table = size_table(job)
+    budget = job.cfg.budget_bytes()
+    if budget is not None:
+        check_budget(job, table, budget)
+    return table
+
+
+def _extract_blocks(job: Job, group, bases, result: ExtractResult, t_start: float) -> None:
+    """This rank's unfinished blocks, then the merged report (rank 0)."""
+    cfg, dist = job.cfg, job.dist
     done = group[C.BLOCK_DONE][:]
-    mine = [b for b in range(plan.num_blocks) if b % world == rank]
-    todo = [(b, *plan.block_range(b)) for b in mine if not done[b]]
+    todo = []
+    for b in range(len(done)):
+        if b % dist.world_size == dist.rank and not done[b]:
+            start = b * cfg.block_size
+            todo.append((b, start, min(start + cfg.block_size, job.num_clips)))
     result.blocks_done = int(done.sum())
-    timings: dict[str, float] = defaultdict(float)
-    t_start = time.perf_counter()
     if todo:
-        _run_blocks(cfg, todo, source, refs, spec_clip, models, group, result, timings, rank, world)
-    timings["total"] = time.perf_counter() - t_start
-    result.timings = dict(timings)
-    _barrier()
-    if distributed:  # every rank's invalid clips go into the one report
-        gathered: list[list[dict[str, Any]]] = [[] for _ in range(world)]
-        torch.distributed.all_gather_object(gathered, result.invalid_clips)
-        result.invalid_clips = [clip for part in gathered for clip in part]
+        _run_blocks(job, todo, group, bases, result)
+    job.timings["total"] = time.perf_counter() - t_start
+    result.timings = dict(job.timings)
+    runtime.barrier()
+    # every rank's invalid clips go into the one report
+    result.invalid_clips = [c for part in runtime.all_gather_objects(result.invalid_clips) for c in part]
     result.blocks_done = int(open_store(cfg.out, mode="r")[C.BLOCK_DONE][:].sum())
-    if rank == 0:
+    if dist.is_main:
         _write_report(cfg.out, result)
-    if distributed:
-        torch.distributed.destroy_process_group()
-    return result
 
 
-def _run_blocks(
-    cfg: ExtractConfig,
-    todo: list[tuple[int, int, int]],
-    source: V.VideoSource,
-    refs: list[V.ClipRef],
-    spec_clip: V.ClipSpec,
-    models: Models,
-    group,
-    result: ExtractResult,
-    timings: dict[str, float],
-    rank: int,
-    world: int,
-) -> None:
-    """Decode (workers) -> models -> background writer, for this rank's unfinished blocks."""
+def _run_blocks(job: Job, todo: list[tuple[int, int, int]], group, bases, result: ExtractResult) -> None:
+    """Decode (workers) -> models -> compact arrays -> background writer, block by block."""
     from tqdm import tqdm
 
-    device = resolve_device(cfg.device)
-    latent_shape = tuple(group.attrs["latent_shape"])
-    grid = tuple(group.attrs["grid"])
-    target_dim = int(group.attrs["target_dim"])
-    dataset = V.ClipDataset(source, refs, spec_clip)
-    loader = DataLoader(
-        dataset,
-        batch_sampler=BlockSampler(todo, cfg.batch_size),
-        num_workers=cfg.num_workers,
-        collate_fn=keep_items,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=4 if cfg.num_workers > 0 else None,
-        persistent_workers=False,
-    )
-    writer = BlockWriter(group, timings)
+    cfg = job.cfg
+    encoders = list(group.attrs["encoders"])
+    buffers: dict[int, BlockBuffer] = {}
+    bounds = {b: (start, stop) for b, start, stop in todo}
+    writer = BlockWriter(group, job.timings)
     writer.start()
-    block_of = {start: (b, start, stop) for b, start, stop in todo}
-    pending: dict[str, list] = {"lat": [], "tgt": [], "valid": [], "clips": []}
-    current: tuple[int, int, int] | None = None
-    total = sum(stop - start for _, start, stop in todo)
     bar = tqdm(
-        total=total,
-        desc=f"extract (rank {rank})" if world > 1 else "extract",
+        total=sum(stop - start for _, start, stop in todo),
+        desc=f"extract (rank {job.dist.rank})" if job.dist.distributed else "extract",
         unit="clip",
         disable=not cfg.progress,
         dynamic_ncols=True,
     )
-    t_wait = time.perf_counter()
     try:
-        for items in loader:
-            timings["decode_wait"] += time.perf_counter() - t_wait
-            first = items[0]["index"]
-            if first in block_of:
-                current = block_of[first]
-            ok = [it for it in items if it["frames"] is not None]
-            lat = np.zeros((len(items), *latent_shape), np.float32)
-            tgt = np.zeros((len(items), *grid, target_dim), np.float32)
-            if ok:
-                frames = torch.stack([torch.as_tensor(it["frames"]) for it in ok]).to(
-                    device, non_blocking=True
-                )
-                lat_ok, tgt_ok = compute_batch(frames, models, grid, timings)
-                rows = [i for i, it in enumerate(items) if it["frames"] is not None]
-                lat[rows], tgt[rows] = lat_ok, tgt_ok
-                _check_finite(lat_ok, tgt_ok, [it["index"] for it in ok], refs, source)
-            for it in items:
-                if it["frames"] is None:
-                    video = source.entries[refs[it["index"]].video_index].path
-                    result.invalid_clips.append({"clip": it["index"], "path": video, "reason": it["error"]})
-            pending["lat"].append(lat)
-            pending["tgt"].append(tgt)
-            pending["valid"].append(np.array([it["frames"] is not None for it in items], np.uint8))
-            pending["clips"].extend(it["index"] for it in items)
-            bar.update(len(items))
-            assert current is not None
-            block, start, stop = current
-            if pending["clips"] and pending["clips"][-1] == stop - 1:
-                writer.submit(
-                    block,
-                    start,
-                    np.concatenate(pending["lat"]),
-                    np.concatenate(pending["tgt"]),
-                    np.concatenate(pending["valid"]),
-                )
-                result.blocks_done += 1
-                result.blocks_computed += 1
-                pending = {"lat": [], "tgt": [], "valid": [], "clips": []}
+        with decoding(job, BlockSampler(todo, cfg.batch_size).batches) as batches:
             t_wait = time.perf_counter()
+            for items in batches:
+                job.timings["decode_wait"] = (
+                    job.timings.get("decode_wait", 0.0) + time.perf_counter() - t_wait
+                )
+                block = items[0]["index"] // cfg.block_size
+                if block not in buffers:
+                    buffers[block] = BlockBuffer(block, *bounds[block], job.latent_shape, job.grid, encoders)
+                _compute_items(job, items, buffers[block], bases, result)
+                bar.update(len(items))
+                if buffers[block].count(len(items)):
+                    writer.submit(buffers.pop(block))
+                    result.blocks_done += 1
+                    result.blocks_computed += 1
+                t_wait = time.perf_counter()
     finally:
         bar.close()
         writer.close()  # finished blocks are flushed even when interrupted
 
 
+def _compute_items(job: Job, items: list[dict[str, Any]], buf: BlockBuffer, bases, result) -> None:
+    frames = to_device(job, items)
+    if frames is not None:
+        ok = [it["index"] for it in items if it["frames"] is not None]
+        feats = compute_batch(frames, job.models, job.plans, job.grid, job.timings)
+        check_finite(job, feats, ok)
+        latents, targets = encode_batch(feats, job.plans, bases, job.timings)
+        buf.put(ok, latents, targets)
+    for it in items:
+        if it["frames"] is None:
+            result.invalid_clips.append(
+                {"clip": it["index"], "path": job.video_path(it["index"]), "reason": it["error"]}
+            )
+
+
 def _write_report(out: str, result: ExtractResult) -> None:
-    """report.json accumulates over resumed runs: skipped videos and invalid clips are kept."""
+    """report.json accumulates over resumed runs: skipped videos, invalid clips and samples are kept."""
     previous = read_json(out, C.REPORT_FILE) or {}
     invalid = {c["clip"]: c for c in previous.get("invalid_clips", [])}
     invalid.update({c["clip"]: c for c in result.invalid_clips})
     result.invalid_clips = [invalid[k] for k in sorted(invalid)]
+    result.samples = result.samples or previous.get("samples", {})
     runs = previous.get("runs", []) + [{"timings": result.timings, "blocks_done_after": result.blocks_done}]
     write_json(
         out,
@@ -346,6 +397,8 @@ def _write_report(out: str, result: ExtractResult) -> None:
             "blocks_total": result.blocks_total,
             "skipped": result.skipped,
             "invalid_clips": result.invalid_clips,
+            "fidelity": result.fidelity,
+            "samples": result.samples,
             "runs": runs,
         },
     )
@@ -357,7 +410,7 @@ def _first_difference(old: Any, new: Any, prefix: str = "") -> str:
         for key in sorted(set(old) | set(new)):
             if key not in old or key not in new:
                 return f"{prefix}{key}"
-            if old[key] != new[key] and not (isinstance(old[key], list) and list(old[key]) == list(new[key])):
+            if canonical_json({"v": old[key]}) != canonical_json({"v": new[key]}):
                 return _first_difference(old[key], new[key], f"{prefix}{key}.")
         return prefix.rstrip(".") or "spec"
     return prefix.rstrip(".") or "spec"

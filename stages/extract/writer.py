@@ -1,4 +1,5 @@
-"""Feeding and draining the models: block-aligned batches in, background zarr writes out."""
+"""Feeding and draining the models: block-aligned batches in, whole blocks out to a background
+zarr writer (data first, then the block's marker)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import queue
 import threading
 import time
 from typing import Any
+
+import numpy as np
 
 from .store import mark_block_done, write_block
 
@@ -31,6 +34,38 @@ def keep_items(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return items
 
 
+class BlockBuffer:
+    """One block's compact arrays on the CPU, filled batch by batch; rows of failed clips stay 0."""
+
+    def __init__(self, block: int, start: int, stop: int, latent_shape, grid, encoders: list[dict]) -> None:
+        self.block, self.start, self.stop = block, start, stop
+        n, (_, h, w) = stop - start, grid
+        self.latents = np.zeros((n, *latent_shape), np.float16)
+        self.targets: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+        for enc in encoders:
+            lead = (n, int(enc["time_frames"]), h, w)
+            values = np.zeros((*lead, enc["values"][0]), enc["values"][1])
+            scales = np.zeros((*lead, enc["scales"][0]), enc["scales"][1]) if enc["scales"] else None
+            self.targets[enc["name"]] = (values, scales)
+        self.valid = np.zeros(n, np.uint8)
+        self.filled = 0
+
+    def put(self, clips: list[int], latents: np.ndarray, targets: dict[str, tuple[Any, Any]]) -> None:
+        """Rows of decoded clips (store indices `clips`)."""
+        rows = np.asarray(clips, dtype=np.int64) - self.start
+        self.latents[rows] = latents
+        for name, (values, scales) in targets.items():
+            self.targets[name][0][rows] = values
+            if scales is not None:
+                self.targets[name][1][rows] = scales
+        self.valid[rows] = 1
+
+    def count(self, n: int) -> bool:
+        """Account for n clips of this block (decoded or not); True once the block is complete."""
+        self.filled += n
+        return self.filled == self.stop - self.start
+
+
 class BlockWriter(threading.Thread):
     """Writes finished blocks in the background so zarr I/O overlaps compute."""
 
@@ -42,31 +77,30 @@ class BlockWriter(threading.Thread):
 
     def run(self) -> None:
         while True:
-            job = self.jobs.get()
-            if job is None:
+            buf = self.jobs.get()
+            if buf is None:
                 return
             if self.error is not None:
                 continue
-            block, start, latents, targets, valid = job
             try:
                 t0 = time.perf_counter()
-                write_block(self.group, start, latents, targets, valid)
-                mark_block_done(self.group, block)
-                self.timings["write"] += time.perf_counter() - t0
+                write_block(self.group, buf.start, buf.latents, buf.targets, buf.valid)
+                mark_block_done(self.group, buf.block)
+                self.timings["write"] = self.timings.get("write", 0.0) + time.perf_counter() - t0
             except BaseException as exc:  # surfaced by the main thread
                 self.error = exc
 
-    def submit(self, *job) -> None:
+    def submit(self, buf: BlockBuffer) -> None:
         if self.error is not None:
             raise self.error
         t0 = time.perf_counter()
-        self.jobs.put(job)  # blocks only when the writer is two blocks behind
-        self.timings["write_wait"] += time.perf_counter() - t0
+        self.jobs.put(buf)  # blocks only when the writer is two blocks behind
+        self.timings["write_wait"] = self.timings.get("write_wait", 0.0) + time.perf_counter() - t0
 
     def close(self) -> None:
         t0 = time.perf_counter()
         self.jobs.put(None)
         self.join()
-        self.timings["write_wait"] += time.perf_counter() - t0
+        self.timings["write_wait"] = self.timings.get("write_wait", 0.0) + time.perf_counter() - t0
         if self.error is not None:
             raise self.error

@@ -1,8 +1,11 @@
-"""zarr store -> WebDataset tar shards, one dask task per shard, plus index.json.
+"""zarr store -> WebDataset tar shards, one dask task per shard, plus index.json (schema v2).
 
-Each task reads its own contiguous run of clips straight from zarr and writes one tar, so the
-work scales from the local scheduler to a dask.distributed cluster without change. Tars are
-written with a fixed mtime: the same store always packs to byte-identical shards.
+Rows are written in a seeded permutation of the store's valid rows, so every shard's class mix
+follows the dataset's (a store is written in extraction order, which is class order, and a
+1,000-sample shuffle buffer cannot undo that). Each task reads its rows straight from zarr and
+writes two tars: the full samples and the same samples with latents only (same keys, same
+order), which a trainer reads once alignment has ended. Every sample carries a crc32 of its
+payload. Tars are written with a fixed mtime: the same store always packs to the same bytes.
 """
 
 from __future__ import annotations
@@ -18,12 +21,15 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from cache_schema import SCHEMA_VERSION, open_group, validate_store
+from cache_schema import SCHEMA_VERSION, OutputError, OutputLock, open_group, prepare_output, validate_store
 from cache_schema import constants as C
+from cache_schema.bases import store_bases, write_shard_bases
+from cache_schema.checksum import with_checksum
+from stages.common.runtime import disk_full_message, is_disk_full
 
 
 class PackError(RuntimeError):
-    """The store cannot be packed (invalid or incomplete)."""
+    """The store cannot be packed (invalid or incomplete), or --out is refused."""
 
 
 @dataclass
@@ -31,102 +37,45 @@ class PackConfig:
     cache: str = ""
     out: str = ""
     samples_per_shard: int = 256
+    seed: int = 0  # the row permutation
     scheduler: str = "threads"  # threads | processes | synchronous | a dask.distributed address
     workers: int | None = None
     overwrite: bool = False
     progress: bool = True
 
+    def validate(self) -> None:
+        if not self.cache or not self.out:
+            raise ValueError("both CACHE and --out are required")
+        if self.samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard must be >= 1, got {self.samples_per_shard}")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
 
-def _npy_bytes(array: np.ndarray) -> bytes:
+
+def npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
     return buf.getvalue()
 
 
-def clip_sample(clip: int, latent: np.ndarray, target: np.ndarray, label: int, meta: dict[str, Any]) -> dict:
-    """One WebDataset sample of schema v1 (label < 0: unlabelled, no `cls`)."""
-    sample = {
-        "__key__": C.KEY_FORMAT.format(clip),
-        C.SAMPLE_LATENT: _npy_bytes(latent),
-        C.SAMPLE_TARGET: _npy_bytes(target),
-        C.SAMPLE_META: json.dumps(meta).encode(),
-    }
+def clip_sample(
+    row: int,
+    latent: np.ndarray,
+    targets: dict[str, tuple[np.ndarray, np.ndarray | None]],
+    label: int,
+    meta: dict[str, Any],
+) -> dict[str, bytes]:
+    """One schema-v2 sample: latent, each encoder's values (+ scales), class, meta, crc32.
+    `targets` empty gives the latents-only sample."""
+    sample: dict[str, Any] = {"__key__": C.KEY_FORMAT.format(row), C.SAMPLE_LATENT: npy_bytes(latent)}
+    for name, (values, scales) in targets.items():
+        sample[C.sample_values(name)] = npy_bytes(values)
+        if scales is not None:
+            sample[C.sample_scales(name)] = npy_bytes(scales)
+    sample[C.SAMPLE_META] = json.dumps(meta, sort_keys=True).encode()
     if label >= 0:
         sample[C.SAMPLE_CLASS] = str(label).encode()
-    return sample
-
-
-def write_tar(path: str, samples: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """Write samples to one tar (fixed mtime: reproducible bytes); returns name, samples, bytes, sha256."""
-    import webdataset as wds
-
-    count = 0
-    with fsspec.open(path, "wb") as raw:
-        digest = _HashingWriter(raw)
-        with wds.TarWriter(digest, encoder=False, mtime=0.0) as sink:
-            for sample in samples:
-                sink.write(sample)
-                count += 1
-    return {
-        "name": path.rstrip("/").rsplit("/", 1)[-1],
-        "samples": count,
-        "bytes": digest.size,
-        "sha256": digest.hexdigest(),
-    }
-
-
-def shard_index(layout: dict[str, Any], entries: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    """index.json of a shard folder: the store's layout fields, the shard entries, and `extra`."""
-    return {
-        "schema_version": SCHEMA_VERSION,
-        **{
-            key: layout[key]
-            for key in (
-                "fingerprint",
-                "spec",
-                "encoders",
-                "grid",
-                "latent_shape",
-                "target_dim",
-                "class_names",
-            )
-        },
-        "patch_size": layout.get("patch_size", [1, 2, 2]),
-        "num_samples": sum(e["samples"] for e in entries),
-        **extra,
-        "shards": entries,
-    }
-
-
-def write_index(out: str, index: dict[str, Any]) -> None:
-    with fsspec.open(f"{out.rstrip('/')}/{C.SHARD_INDEX}", "w") as fh:
-        json.dump(index, fh, indent=2)
-
-
-def write_shard(cache: str, out: str, name: str, clips: list[int]) -> dict[str, Any]:
-    """Write one shard with the given clip rows of the store; returns its index entry."""
-    group = open_group(cache)
-    sources = group.attrs["sources"]
-    lo, hi = clips[0], clips[-1] + 1  # one contiguous read; invalid rows in between are skipped
-    latents = group[C.LATENTS][lo:hi]
-    targets = group[C.TARGETS][lo:hi]
-    labels = group[C.LABELS][lo:hi]
-    video_index = group[C.VIDEO_INDEX][lo:hi]
-    start_frame = group[C.START_FRAME][lo:hi]
-
-    def samples():
-        for clip in clips:
-            row = clip - lo
-            label = int(labels[row])
-            meta = {
-                "video": sources[int(video_index[row])],
-                "start_frame": int(start_frame[row]),
-                "clip_index": int(clip),
-                "label": label if label >= 0 else None,
-            }
-            yield clip_sample(clip, latents[row], targets[row], label, meta)
-
-    return write_tar(f"{out.rstrip('/')}/{name}", samples())
+    return with_checksum(sample)
 
 
 class _HashingWriter(io.RawIOBase):
@@ -144,47 +93,167 @@ class _HashingWriter(io.RawIOBase):
         self.raw.write(data)
         return len(data)
 
-    def hexdigest(self) -> str:
-        return self._hash.hexdigest()
+
+class TarSink:
+    """One shard tar being written (fixed mtime: reproducible bytes); `entry()` is its index row."""
+
+    def __init__(self, path: str) -> None:
+        import webdataset as wds
+
+        self.path, self.count = path, 0
+        self._file = fsspec.open(path, "wb").open()
+        self._hashing = _HashingWriter(self._file)
+        self._tar = wds.TarWriter(self._hashing, encoder=False, mtime=0.0)
+
+    def write(self, sample: dict[str, Any]) -> None:
+        self._tar.write(sample)
+        self.count += 1
+
+    def close(self) -> dict[str, Any]:
+        self._tar.close()
+        self._file.close()
+        return {
+            "name": self.path.rstrip("/").rsplit("/", 1)[-1],
+            "samples": self.count,
+            "bytes": self._hashing.size,
+            "sha256": self._hashing._hash.hexdigest(),
+        }
 
 
-def plan_shards(valid: np.ndarray, samples_per_shard: int) -> list[list[int]]:
-    rows = np.flatnonzero(valid).tolist()
+def write_tar(path: str, samples: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Write samples to one tar; returns its index entry (name, samples, bytes, sha256)."""
+    sink = TarSink(path)
+    for sample in samples:
+        sink.write(sample)
+    return sink.close()
+
+
+def _target_arrays(group, encoders: list[dict[str, Any]]) -> dict[str, tuple[Any, Any]]:
+    """name -> (values array, scales array or None), opened once per task."""
+    arrays = {}
+    for enc in encoders:
+        base = f"{C.TARGETS_GROUP}/{enc['name']}"
+        scales = group[f"{base}/{C.TARGET_SCALES}"] if enc.get("scales") else None
+        arrays[enc["name"]] = (group[f"{base}/{C.TARGET_VALUES}"], scales)
+    return arrays
+
+
+def write_shard(cache: str, out: str, name: str, rows: list[int]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Write one shard (and its latents-only twin) with the given store rows, in that order."""
+    group = open_group(cache)
+    attrs = group.attrs
+    sources, encoders = attrs["sources"], attrs["encoders"]
+    labels, video_index = group[C.LABELS][:], group[C.VIDEO_INDEX][:]
+    start_frame, flip = group[C.START_FRAME][:], group[C.FLIP][:]
+    latents, target_arrays = group[C.LATENTS], _target_arrays(group, encoders)
+    full = TarSink(f"{out.rstrip('/')}/{name}")
+    lean = TarSink(f"{out.rstrip('/')}/{C.LATENTS_ONLY_DIR}/{name}")
+    for row in rows:
+        latent = latents[row]
+        targets = {n: (v[row], None if s is None else s[row]) for n, (v, s) in target_arrays.items()}
+        label = int(labels[row])
+        meta = {
+            "video": sources[int(video_index[row])],
+            "start_frame": int(start_frame[row]),
+            "flip": bool(flip[row]),
+            "clip_index": int(row),
+            "label": label if label >= 0 else None,
+        }
+        full.write(clip_sample(row, latent, targets, label, meta))
+        lean.write(clip_sample(row, latent, {}, label, meta))
+    return full.close(), lean.close()
+
+
+def plan_shards(valid: np.ndarray, samples_per_shard: int, seed: int) -> list[list[int]]:
+    """Valid store rows in a seeded permutation, cut into shards."""
+    rows = np.flatnonzero(valid)
+    rows = rows[np.random.default_rng(seed).permutation(len(rows))].tolist()
     return [rows[i : i + samples_per_shard] for i in range(0, len(rows), samples_per_shard)]
 
 
+def shard_index(layout: dict[str, Any], entries: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """index.json of a shard folder: the store's layout fields, the shard entries, and `extra`."""
+    keys = ("fingerprint", "spec", "derived", "encoders", "grid", "latent_shape", "class_names")
+    return {
+        "schema_version": SCHEMA_VERSION,
+        **{key: layout[key] for key in keys},
+        "patch_size": layout.get("patch_size", [1, 2, 2]),
+        "num_samples": sum(e["samples"] for e in entries),
+        **extra,
+        "shards": entries,
+    }
+
+
+def write_index(out: str, index: dict[str, Any]) -> None:
+    with fsspec.open(f"{out.rstrip('/')}/{C.SHARD_INDEX}", "w") as fh:
+        json.dump(index, fh, indent=2)
+
+
+def _prepare_out(cfg: PackConfig) -> None:
+    state = prepare_output(cfg.out, "shards", overwrite=cfg.overwrite, inputs={"CACHE": cfg.cache})
+    fs, root = fsspec.core.url_to_fs(cfg.out)
+    if state == "ours" and not cfg.overwrite and fs.exists(f"{root}/{C.SHARD_INDEX}"):
+        raise PackError(f"{cfg.out} already holds shards; pass --overwrite to replace them")
+    fs.makedirs(f"{root}/{C.LATENTS_ONLY_DIR}", exist_ok=True)
+
+
 def run_pack(cfg: PackConfig) -> dict[str, Any]:
-    """Pack the store into shards in parallel and write index.json; returns the index."""
+    """Pack the store into shards in parallel and write both index.json files; returns the index."""
     import dask
 
-    if not cfg.cache or not cfg.out:
-        raise PackError("both CACHE and --out are required")
-    if cfg.samples_per_shard < 1:
-        raise PackError("--samples-per-shard must be at least 1")
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        raise PackError(str(exc)) from None
     errors = validate_store(cfg.cache)
     if errors:
         raise PackError("cannot pack: " + "; ".join(errors))
     group = open_group(cfg.cache)
     attrs = dict(group.attrs)
-    shards = plan_shards(group[C.VALID][:], cfg.samples_per_shard)
+    shards = plan_shards(group[C.VALID][:], cfg.samples_per_shard, cfg.seed)
     if not shards:
         raise PackError(f"{cfg.cache} has no valid clips to pack")
-    fs, root = fsspec.core.url_to_fs(cfg.out)
-    if fs.exists(f"{root}/{C.SHARD_INDEX}") and not cfg.overwrite:
-        raise PackError(f"{cfg.out} already holds shards; pass --overwrite to replace them")
-    fs.makedirs(root, exist_ok=True)
-    for stale in fs.glob(f"{root}/shard-*.tar"):
-        fs.rm(stale)
-    names = [C.SHARD_PATTERN.format(i) for i in range(len(shards))]
-    tasks = [dask.delayed(write_shard)(cfg.cache, cfg.out, n, s) for n, s in zip(names, shards, strict=True)]
-    entries = _compute(tasks, cfg)
-    source = os.path.abspath(cfg.cache) if "://" not in cfg.cache else cfg.cache
-    index = shard_index(attrs, entries, source_store=source)
-    write_index(cfg.out, index)
+    try:
+        _prepare_out(cfg)
+        lock = OutputLock(cfg.out, "pipeline pack").acquire()
+    except OutputError as exc:
+        raise PackError(str(exc)) from None
+    try:
+        names = [C.SHARD_PATTERN.format(i) for i in range(len(shards))]
+        tasks = [
+            dask.delayed(write_shard)(cfg.cache, cfg.out, n, s) for n, s in zip(names, shards, strict=True)
+        ]
+        try:
+            pairs = _compute(tasks, cfg)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            raise PackError(
+                disk_full_message(exc, cfg.out, "Free space and rerun the same command.")
+            ) from None
+        source = os.path.abspath(cfg.cache) if "://" not in cfg.cache else cfg.cache
+        order = {"kind": "permutation", "seed": cfg.seed}
+        lean_index = shard_index(attrs, [p[1] for p in pairs], order=order, latents_only=True)
+        write_index(f"{cfg.out.rstrip('/')}/{C.LATENTS_ONLY_DIR}", lean_index)
+        index = shard_index(
+            attrs,
+            [p[0] for p in pairs],
+            order=order,
+            pca_files=write_shard_bases(cfg.out, store_bases(group)),
+            latents_only={
+                "dir": C.LATENTS_ONLY_DIR,
+                "num_samples": lean_index["num_samples"],
+                "bytes": sum(p[1]["bytes"] for p in pairs),
+            },
+            source_store=source,
+        )
+        write_index(cfg.out, index)  # last: a folder with index.json is a complete shard set
+    finally:
+        lock.release()
     return index
 
 
-def _compute(tasks: list, cfg: PackConfig) -> list[dict[str, Any]]:
+def _compute(tasks: list, cfg: PackConfig) -> list:
     import dask
 
     if cfg.scheduler not in ("threads", "processes", "synchronous"):

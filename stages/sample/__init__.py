@@ -1,8 +1,8 @@
 """`pipeline sample`: a trained VideoDiT checkpoint -> videos (mp4, GIF grid, npz for evaluation)."""
 
-from stages.sample.config import SAMPLER_NAMES, SampleConfig
+from stages.sample.config import SampleConfig
 
-__all__ = ["SAMPLER_NAMES", "SampleConfig", "run_sample"]
+__all__ = ["SampleConfig", "run_sample"]
 
 
 def run_sample(cfg: SampleConfig):  # noqa: ANN201 - re-exported lazily to keep import light

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SAMPLER_NAMES = ("euler", "heun", "euler-maruyama")
+from stages.common.registry import (
+    DEFAULT_SAMPLER,
+    DEFAULT_SAMPLER_CONVENTION,
+    GIF_FPS,
+    GIF_GRID_MAX,
+    SAMPLER_CONVENTIONS,
+    SAMPLER_NAMES,
+    VAE_KINDS,
+)
+from stages.common.runtime import check_device
 
 
 @dataclass
@@ -14,8 +23,9 @@ class SampleConfig:
     run: str | None = None  # a train run directory (uses RUN/checkpoints/latest)
     checkpoint: str | None = None  # a step folder (model/ + ema/) or a save_pretrained folder
     num: int = 16
-    out: str | None = None  # default: RUN/samples when --run is given
-    sampler: str = "euler"
+    out: str | None = None  # default: RUN/samples/<checkpoint name> when --run is given
+    sampler: str = DEFAULT_SAMPLER
+    sampler_convention: str = DEFAULT_SAMPLER_CONVENTION  # repa: REPA's last steps; uniform: uniform grid
     steps: int = 50
     cfg: float = 1.0  # classifier-free guidance scale; 1 = no guidance
     guidance_interval: list[float] | None = None  # [t_lo, t_hi]: guide only there (t=1 noise)
@@ -23,13 +33,13 @@ class SampleConfig:
     batch_size: int = 8
     seed: int = 0
     ema: bool = True  # EMA weights when the checkpoint has them
-    vae: str | None = None  # None: the run's VAE (RUN/config.yaml); none at all: latents only
+    vae: str | None = None  # None: the run's VAE (its vae_spec); "none": latents only
     vae_kind: str | None = None  # "image" (per-frame AutoencoderKL) or "video"; None: the run's, else image
-    latent_scale: float | None = None  # None: the run's value, else 0.18215
+    latent_scale: float | None = None  # None: the run's value, else SD's (image) or the video VAE's own
     device: str = "auto"
     precision: str = "bf16"  # bf16 autocast on CUDA; CPU always runs fp32
-    fps: int = 8
-    grid_max: int = 16  # videos shown in the GIF grid
+    fps: int = GIF_FPS
+    grid_max: int = GIF_GRID_MAX  # videos shown in the GIF grid
     diffusion_norm: float = 1.0  # euler-maruyama only: g(t)^2 = 2 * diffusion_norm * t
     save_latents: bool = False  # also write latents.npz (always written when there is no VAE)
 
@@ -37,11 +47,14 @@ class SampleConfig:
         """Raise ValueError naming the key for values no run can use."""
         checks: list[tuple[bool, str]] = [
             (bool(self.run) or bool(self.checkpoint), "give --run RUN or --checkpoint PATH"),
-            (bool(self.out) or bool(self.run), "out: an output folder (--out) is required with --checkpoint"),
             (self.num >= 1, "num must be >= 1"),
             (
                 self.sampler in SAMPLER_NAMES,
                 f"sampler: {self.sampler!r} is not one of {', '.join(SAMPLER_NAMES)}",
+            ),
+            (
+                self.sampler_convention in SAMPLER_CONVENTIONS,
+                f"sampler_convention: {self.sampler_convention!r} is not one of {', '.join(SAMPLER_CONVENTIONS)}",
             ),
             (self.steps >= 1, "steps must be >= 1"),
             (self.cfg >= 0, "cfg (guidance scale) must be >= 0"),
@@ -49,7 +62,7 @@ class SampleConfig:
             (self.class_ is None or self.class_ >= 0, "class must be >= 0"),
             (self.precision in ("bf16", "fp32"), "precision must be bf16 or fp32"),
             (
-                self.vae_kind in (None, "image", "video"),
+                self.vae_kind is None or self.vae_kind in VAE_KINDS,
                 f"vae_kind must be image or video, got {self.vae_kind!r}",
             ),
             (self.fps >= 1, "fps must be >= 1"),
@@ -67,3 +80,4 @@ class SampleConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        check_device(self.device)

@@ -1,13 +1,12 @@
-"""Output writers: one mp4 per video, a GIF grid, and a streamed `videos.npz` for evaluation."""
+"""Output writers: one mp4 per video and a streamed `videos.npz` for evaluation (the GIF grid is
+stages.common.sampling.write_gif_grid, shared with the trainer's periodic samples)."""
 
 from __future__ import annotations
 
-import math
 import zipfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from stages.common.synth import write_mp4
 
@@ -23,31 +22,6 @@ def _even(frames: np.ndarray) -> np.ndarray:
 def write_video(path: Path, frames: np.ndarray, fps: int) -> None:
     """One uint8 RGB video [T, H, W, 3] as H.264 mp4."""
     write_mp4(path, _even(np.ascontiguousarray(frames)), fps=fps)
-
-
-def grid_frames(videos: np.ndarray, pad: int = 2) -> np.ndarray:
-    """[N, T, H, W, 3] -> [T, rows*(H+pad)-pad, cols*(W+pad)-pad, 3], near-square, white gaps."""
-    n, t, h, w, _ = videos.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    out = np.full((t, rows * (h + pad) - pad, cols * (w + pad) - pad, 3), 255, dtype=np.uint8)
-    for i in range(n):
-        r, c = divmod(i, cols)
-        out[:, r * (h + pad) : r * (h + pad) + h, c * (w + pad) : c * (w + pad) + w] = videos[i]
-    return out
-
-
-def write_gif_grid(path: Path, videos: np.ndarray, fps: int) -> None:
-    """An animated GIF showing the videos side by side, looping."""
-    frames = [Image.fromarray(f) for f in grid_frames(videos)]
-    frames[0].save(
-        path,
-        save_all=True,
-        append_images=frames[1:],
-        duration=max(1, round(1000 / fps)),
-        loop=0,
-        optimize=False,
-    )
 
 
 class NpzVideoWriter:

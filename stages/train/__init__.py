@@ -1,6 +1,7 @@
 """Stage two: train a VideoDiT from WebDataset shards alone (no encoder code is imported)."""
 
 from .config import PRESETS, TrainConfig
-from .loop import NonFiniteLoss, train
+from .loop import train
+from .step import NonFiniteLoss
 
 __all__ = ["PRESETS", "NonFiniteLoss", "TrainConfig", "train"]

@@ -5,8 +5,39 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-MODEL_NAMES = ("tiny", "S/2", "B/2", "L/2", "XL/2")
+from stages.common.registry import (
+    ALIGN_SCHEDULES,
+    DEFAULT_MODEL,
+    MODEL_SIZES,
+    ON_CORRUPT,
+    PROJECTORS,
+    TARGET_NORMS,
+)
+from stages.common.runtime import check_device
+
 TIME_SCHEDULES = ("uniform", "logit_normal")
+PRECISIONS = ("bf16", "fp32")
+
+# What a resumed run must keep: the weights, the optimizer state or the data order depend on it.
+# Everything else (steps, logging, workers, device, lr, ...) may change on --resume.
+RESUME_FIXED = (
+    "model",
+    "class_dropout",
+    "align_lambda",
+    "align_depth",
+    "align_schedule",
+    "align_until",
+    "encoders",
+    "projector",
+    "projector_dim",
+    "target_norm",
+    "time_schedule",
+    "batch_size",
+    "grad_accum",
+    "seed",
+    "shuffle_buffer",
+    "expect_fingerprint",
+)
 
 
 @dataclass
@@ -16,14 +47,18 @@ class TrainConfig:
     shards: str = ""
     out: str = ""
     # model
-    model: str = "XL/2"
+    model: str = DEFAULT_MODEL
     class_dropout: float = 0.1
     gradient_checkpointing: bool = False
-    # alignment
-    align_lambda: float = 0.5  # CLI: --lambda; 0 turns alignment off
+    # alignment (REPA; schedules after HASTE/CREPA; target norm and conv projector after iREPA)
+    align_lambda: float | str = 0.5  # CLI --lambda: one number, or "dino=0.5,sam2=0.25"; 0 = off
+    align_schedule: str = "constant"
+    align_until: int | None = None  # alignment ends for good after this step (HASTE)
     align_depth: int | None = None  # None: stages.common.dit.default_align_depth(depth)
     encoders: list[str] = field(default_factory=list)  # empty: every cached encoder
+    projector: str = "mlp"
     projector_dim: int = 2048
+    target_norm: str = "token"
     # flow matching
     time_schedule: str = "uniform"
     # optimisation
@@ -32,15 +67,17 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 1e-4
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # 0 = off
     ema: float = 0.9999
     seed: int = 0
     # data
     num_workers: int = 4
     shuffle_buffer: int = 1000
+    on_corrupt: str = "stop"
     # bookkeeping
     log_every: int = 100
     checkpoint_every: int = 5000
+    keep_checkpoints: int | None = None  # None: keep every checkpoint
     sample_every: int = 5000
     sample_steps: int = 25
     num_samples: int = 8
@@ -49,35 +86,81 @@ class TrainConfig:
     precision: str = "bf16"  # bf16 autocast on CUDA; CPU always runs fp32
     # what the cache must be; None = whatever the shards hold (config.yaml records the value used)
     expect_fingerprint: str | None = None
-    vae: str | None = None  # VAE for periodic sample GIFs; config.yaml records the cache's VAE id
-    latent_scale: float | None = None  # filled from the shards' spec
+    vae: str | None = None  # VAE (id or folder) for periodic sample GIFs; None: no GIFs. Kind and
+    # scale come from the shards' VAE spec
 
     def validate(self) -> None:
-        """Raise ValueError on values no run can use, naming the key."""
+        """Raise ValueError on values no run can use, naming the key and the allowed range."""
         checks: list[tuple[bool, str]] = [
             (bool(self.shards), "shards: a shard folder (written by `pipeline pack`) is required"),
             (bool(self.out), "out: a run directory is required"),
-            (self.model in MODEL_NAMES, f"model: {self.model!r} is not one of {', '.join(MODEL_NAMES)}"),
+            (self.model in MODEL_SIZES, f"model: {self.model!r} is not one of {', '.join(MODEL_SIZES)}"),
+            (0.0 <= self.class_dropout < 1.0, f"class_dropout must be in [0, 1), got {self.class_dropout}"),
+            (
+                self.align_schedule in ALIGN_SCHEDULES,
+                f"align_schedule: {self.align_schedule!r} not in {ALIGN_SCHEDULES}",
+            ),
+            (
+                self.align_until is None or self.align_until >= 1,
+                f"align_until must be >= 1, got {self.align_until}",
+            ),
+            (self.align_depth is None or self.align_depth >= 1, "align_depth must be >= 1"),
+            (len(set(self.encoders)) == len(self.encoders), f"encoders: {self.encoders} names one twice"),
+            (self.projector in PROJECTORS, f"projector: {self.projector!r} not in {PROJECTORS}"),
+            (self.projector_dim >= 1, "projector_dim must be >= 1"),
+            (self.target_norm in TARGET_NORMS, f"target_norm: {self.target_norm!r} not in {TARGET_NORMS}"),
             (
                 self.time_schedule in TIME_SCHEDULES,
                 f"time_schedule: {self.time_schedule!r} not in {TIME_SCHEDULES}",
             ),
-            (self.steps >= 1, "steps must be >= 1"),
-            (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.grad_accum >= 1, "grad_accum must be >= 1"),
-            (self.align_lambda >= 0, "lambda (align_lambda) must be >= 0"),
-            (self.align_depth is None or self.align_depth >= 1, "align_depth must be >= 1"),
-            (0.0 <= self.ema < 1.0, "ema must be in [0, 1)"),
-            (self.lr > 0, "lr must be > 0"),
-            (self.log_every >= 1, "log_every must be >= 1"),
-            (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
-            (self.num_workers >= 0, "num_workers must be >= 0"),
-            (self.projector_dim >= 1, "projector_dim must be >= 1"),
-            (self.precision in ("bf16", "fp32"), "precision must be bf16 or fp32"),
+            (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}"),
+            (0.0 <= self.ema < 1.0, f"ema must be in [0, 1), got {self.ema}"),
+            (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
+            (self.shuffle_buffer >= 1, f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}"),
+            (self.on_corrupt in ON_CORRUPT, f"on_corrupt: {self.on_corrupt!r} not in {ON_CORRUPT}"),
+            (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
+            (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
+            (self.keep_checkpoints is None or self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+            (self.sample_every >= 0, f"sample_every must be >= 0 (0 = never), got {self.sample_every}"),
+            (self.sample_steps >= 1 and self.num_samples >= 1, "sample_steps and num_samples must be >= 1"),
+            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        check_device(self.device)
+        from .align import parse_lambdas
+
+        parse_lambdas(self.align_lambda, list(self.encoders) or _names_in(self.align_lambda))
+
+
+def _names_in(value: float | str) -> list[str]:
+    """Encoder names a per-encoder lambda mentions (to validate it before the cache is read)."""
+    if isinstance(value, str) and "=" in value:
+        return [part.split("=", 1)[0].strip() for part in value.split(",") if part.strip()]
+    return ["any"]
+
+
+def resume_changes(previous: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """The RESUME_FIXED fields whose value differs from the run being resumed."""
+    from dataclasses import asdict
+
+    now = asdict(cfg)
+    changed = []
+    for key in RESUME_FIXED:
+        if key not in previous or now.get(key) is None:
+            continue
+        old, new = previous[key], now[key]
+        if isinstance(old, (list, tuple)) or isinstance(new, (list, tuple)):
+            old, new = list(old or []), list(new or [])
+        if str(old) != str(new):
+            changed.append(f"{key} (run: {previous[key]!r}, now: {now[key]!r})")
+    return changed
 
 
 # Small values for tests and the CPU demo: every path runs in seconds.

@@ -1,26 +1,99 @@
-"""Run outputs besides checkpoints: the loss plot and periodic sample GIF grids."""
+"""What a run shows besides checkpoints: log rows, TensorBoard, the loss plot, sample GIF grids."""
 
 from __future__ import annotations
 
-import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-
-def read_log(path: str | Path) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from cache_schema import RunDir
 
 
-def plot_losses(log_path: str | Path, out_path: str | Path) -> Path | None:
-    """Loss curves (total, flow, alignment) and cosine similarity per encoder; None if no log rows."""
-    rows = read_log(log_path)
+class RunLogger:
+    """Averages step metrics over a log window and writes one row per log step (rank 0)."""
+
+    def __init__(self, run: RunDir, enabled: bool, samples_per_step: int, start_step: int) -> None:
+        self.run, self.enabled, self.samples_per_step = run, enabled, samples_per_step
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(
+                str(run.tensorboard), purge_step=start_step + 1 if start_step else None
+            )
+        self.skipped: list[str] = []
+        self.skipped_total = 0
+        self.last_row: dict[str, Any] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        self.window: dict[str, Any] = {"start": time.perf_counter(), "steps": 0, "cos_steps": 0, "cos": {}}
+        for key in ("loss", "flow_loss", "align_loss", "grad_norm"):
+            self.window[key] = 0.0
+
+    def restart_clock(self) -> None:
+        """Exclude checkpoint or sampling time from the throughput figure."""
+        self.window["start"] = time.perf_counter()
+
+    def add(self, metrics: Any, skipped: list[str]) -> None:
+        w = self.window
+        w["steps"] += 1
+        for key in ("loss", "flow_loss", "align_loss", "grad_norm"):
+            w[key] += getattr(metrics, key)
+        if metrics.cos:
+            w["cos_steps"] += 1
+            for name, value in metrics.cos.items():
+                w["cos"][name] = w["cos"].get(name, 0.0) + value
+        self.skipped.extend(skipped)
+
+    def row(self, step: int, lr: float, weights: dict[str, float]) -> dict[str, Any]:
+        """Close the window at `step`: write the row (and the skipped keys) and return it."""
+        w = self.window
+        n = max(1, w["steps"])
+        elapsed = max(time.perf_counter() - w["start"], 1e-9)
+        self.skipped_total += len(self.skipped)
+        row = {
+            "step": step,
+            "loss": w["loss"] / n,
+            "flow_loss": w["flow_loss"] / n,
+            "align_loss": w["align_loss"] / n,
+            "cos_sim": {k: v / max(1, w["cos_steps"]) for k, v in w["cos"].items()},
+            "align_weight": dict(weights),
+            "lr": lr,
+            "grad_norm": w["grad_norm"] / n,
+            "samples_per_s": w["steps"] * self.samples_per_step / elapsed,
+            "samples_seen": step * self.samples_per_step,
+            "skipped": {"count": self.skipped_total, "keys": list(self.skipped)},
+        }
+        if self.enabled:
+            self.run.append_log(row)
+            self._scalars(row)
+        self.skipped = []
+        self.last_row = row
+        self.reset()
+        return row
+
+    def _scalars(self, row: dict[str, Any]) -> None:
+        step = row["step"]
+        for key in ("loss", "flow_loss", "align_loss", "lr", "grad_norm", "samples_per_s"):
+            self.writer.add_scalar(f"train/{key}", row[key], step)
+        for name, value in row["cos_sim"].items():
+            self.writer.add_scalar(f"align/cos_{name}", value, step)
+        for name, value in row["align_weight"].items():
+            self.writer.add_scalar(f"align/weight_{name}", value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.enabled:
+            plot_losses(self.run.read_log(), self.run.loss_plot)
+
+
+def plot_losses(rows: list[dict[str, Any]], out_path: str | Path) -> Path | None:
+    """Loss curves (total, flow, alignment) and cosine similarity per encoder; None if no rows."""
     if not rows:
         return None
     import matplotlib
@@ -49,54 +122,25 @@ def plot_losses(log_path: str | Path, out_path: str | Path) -> Path | None:
     return out_path
 
 
-def video_grid(frames: np.ndarray, columns: int | None = None) -> np.ndarray:
-    """uint8 [B, T, H, W, 3] -> [T, rows*H, cols*W, 3] tiles (blank tiles fill the last row)."""
-    b, t, h, w, c = frames.shape
-    cols = columns or math.ceil(math.sqrt(b))
-    rows = math.ceil(b / cols)
-    grid = np.zeros((t, rows * h, cols * w, c), dtype=np.uint8)
-    for i in range(b):
-        r, k = divmod(i, cols)
-        grid[:, r * h : (r + 1) * h, k * w : (k + 1) * w] = frames[i]
-    return grid
+def write_samples(
+    ema: torch.nn.Module, vae: Any, run: RunDir, step: int, cfg: Any, device, use_bf16: bool
+) -> Path:
+    """A GIF grid from the EMA weights, made exactly as `pipeline sample --run RUN --checkpoint
+    step-XXXXXXX --num N --steps S --seed SEED` makes its grid.gif (same noise, labels, sampler, grid)."""
+    from cache_schema.run import step_dir_name
+    from stages.common.registry import GIF_FPS, GIF_GRID_MAX
+    from stages.common.sampling import generate_latents, write_gif_grid
 
-
-def write_gif(frames: np.ndarray, path: str | Path, fps: int = 8) -> Path:
-    """uint8 [T, H, W, 3] -> looping GIF."""
-    from PIL import Image
-
-    images = [Image.fromarray(f) for f in frames]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
-    return path
-
-
-@torch.no_grad()
-def sample_latents(
-    model: torch.nn.Module,
-    shape: tuple[int, ...],
-    num_samples: int,
-    steps: int,
-    device: torch.device,
-    seed: int,
-    autocast: bool,
-) -> torch.Tensor:
-    """Euler ODE samples from the (EMA) model, classes cycling through the label set; fp32 latents."""
-    from stages.common.flow import euler_sample
-
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    noise = torch.randn((num_samples, *shape), generator=gen).to(device)
-    null = model.config.num_classes
-    y = torch.arange(num_samples, device=device) % null if null > 0 else None
-
-    def velocity(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            return model(x, t, labels).float()
-
-    was_training = model.training
-    model.eval()
+    was_training = ema.training
+    ema.eval()
     try:
-        return euler_sample(velocity, noise, num_steps=steps, y=y)
+        latents, _ = generate_latents(
+            ema, cfg.num_samples, steps=cfg.sample_steps, seed=cfg.seed, device=device, autocast=use_bf16
+        )
     finally:
-        model.train(was_training)
+        ema.train(was_training)
+    frames = vae.decode(latents.to(device)).numpy()
+    path = run.samples / f"{step_dir_name(step)}.gif"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_gif_grid(path, frames[:GIF_GRID_MAX], GIF_FPS)
+    return path

@@ -1,0 +1,73 @@
+"""What every subcommand does the same way: build its validated config, turn known failures
+into one clear message (exit 1) instead of a traceback, and refuse bad values (exit 2)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any, TypeVar
+
+import click
+
+T = TypeVar("T")
+
+
+def resolve_stage_config(
+    cls: type[T], config_file: str | None, overrides: tuple[str, ...], flags: Mapping[str, Any], base=None
+) -> T:
+    """The stage config from defaults < base < file < flags < --set, validated (a usage error names the key)."""
+    from pipeline.config import ConfigError, resolve_config
+
+    cfg = resolve_config(cls, config_file, overrides, flags, base=base)
+    validate = getattr(cfg, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    return cfg
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    import cache_schema
+    from stages.common.vae import WeightsNotFoundError
+
+    return (
+        cache_schema.CacheError,
+        cache_schema.OutputError,
+        WeightsNotFoundError,
+        ValueError,
+        FileExistsError,
+        FileNotFoundError,
+        RuntimeError,
+    )
+
+
+def user_message(exc: BaseException) -> str | None:
+    """The one-line message for a failure a user can act on, or None for a bug (keep the traceback)."""
+    from stages.common.runtime import disk_full_message, is_disk_full, worker_error_message
+
+    if is_disk_full(exc):
+        return disk_full_message(exc, "the output", "Free space and rerun the same command to resume.")
+    if isinstance(exc, OSError) and not isinstance(exc, (FileExistsError, FileNotFoundError)):
+        return None
+    if isinstance(exc, _known_errors()):
+        return worker_error_message(exc)
+    return None
+
+
+@contextlib.contextmanager
+def cli_errors() -> Iterator[None]:
+    """Known failures -> `Error: <message>` and exit 1 (a disk-full OSError names the file and the
+    free space). ALIGN4GEN_DEBUG=1 keeps the traceback instead."""
+    import os
+
+    try:
+        yield
+    except click.ClickException:
+        raise
+    except Exception as exc:
+        message = user_message(exc)
+        if message is None or os.environ.get("ALIGN4GEN_DEBUG"):
+            raise
+        raise click.ClickException(message) from None

@@ -1,0 +1,187 @@
+"""The one definition of "generate N videos' latents from a VideoDiT", shared by `pipeline sample`
+and the trainer's periodic sample GIFs, so a GIF seen during training can be reproduced exactly
+with `pipeline sample` (same seed, labels, sampler, convention, steps).
+
+Reproducibility rules: video i's initial noise depends only on (seed, i), and so does its
+Euler-Maruyama noise (one generator per video), so the batch size never changes a sample; labels
+are a balanced round-robin over the classes (video i has class i % num_classes) unless one class is
+asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from stages.common.flow import get_sampler
+from stages.common.registry import SAMPLER_CONVENTIONS
+
+_NOISE_STRIDE = 1_000_003  # initial-noise seed of video i: seed * _NOISE_STRIDE + i (kept from `sample`)
+
+
+def sample_labels(num: int, num_classes: int, class_: int | None = None) -> np.ndarray:
+    """Labels for `num` videos: all `class_`, a balanced round-robin over classes, or -1 (none)."""
+    if num_classes <= 0:
+        if class_ is not None:
+            raise ValueError(f"class {class_} was given but the model is unconditional (num_classes=0)")
+        return np.full(num, -1, dtype=np.int64)
+    if class_ is not None:
+        if not 0 <= class_ < num_classes:
+            raise ValueError(
+                f"--class {class_} is out of range: the model has {num_classes} classes (0..{num_classes - 1})"
+            )
+        return np.full(num, class_, dtype=np.int64)
+    return np.arange(num, dtype=np.int64) % num_classes
+
+
+def _latent_shape(model: torch.nn.Module, shape: Sequence[int] | None) -> tuple[int, ...]:
+    if shape is not None:
+        return tuple(int(s) for s in shape)
+    c = model.config
+    return (c.in_channels, c.num_frames, c.sample_size, c.sample_size)
+
+
+def initial_noise(
+    model: torch.nn.Module, indices: Sequence[int], seed: int, shape: Sequence[int] | None = None
+) -> torch.Tensor:
+    """Noise [len(indices), C, T, h, w] on the CPU, video i from its own generator seeded by
+    (seed, i): independent of batch size. `shape` (C, T, h, w) defaults to the model config's."""
+    size = _latent_shape(model, shape)
+    out = [
+        torch.randn(size, generator=torch.Generator().manual_seed(seed * _NOISE_STRIDE + i)) for i in indices
+    ]
+    return torch.stack(out)
+
+
+def sde_generators(indices: Sequence[int], seed: int) -> list[torch.Generator]:
+    """One CPU generator per video for Euler-Maruyama's step noise, seeded by (seed, i) through a
+    SeedSequence so the stream never coincides with an initial-noise stream."""
+    gens = []
+    for i in indices:
+        state = np.random.SeedSequence([seed, i, 1]).generate_state(2, dtype=np.uint32)
+        gens.append(torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1))
+    return gens
+
+
+def _velocity_fn(model: torch.nn.Module, device: torch.device, autocast: bool) -> Callable:
+    """The model as a velocity field; bf16 autocast only on CUDA (CPU always runs fp32)."""
+    use_amp = autocast and device.type == "cuda"
+
+    def fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
+        with torch.no_grad(), amp:
+            return model(x, t, y).float()
+
+    return fn
+
+
+def _check(num: int, batch_size: int, steps: int, convention: str) -> None:
+    if num < 1:
+        raise ValueError(f"num must be >= 1, got {num}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if convention not in SAMPLER_CONVENTIONS:
+        raise ValueError(
+            f"unknown sampler convention {convention!r}; choose from {', '.join(SAMPLER_CONVENTIONS)}"
+        )
+
+
+@torch.no_grad()
+def generate_latents(
+    model: torch.nn.Module,
+    num: int,
+    *,
+    steps: int,
+    sampler: str = "euler",
+    convention: str = "repa",
+    seed: int = 0,
+    cfg_scale: float = 1.0,
+    guidance_interval: Sequence[float] | None = None,
+    class_: int | None = None,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    autocast: bool = False,
+    diffusion_norm: float = 1.0,
+    progress: bool = False,
+    shape: Sequence[int] | None = None,
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Sample `num` latents from `model` (already on `device`; None: the model's device).
+
+    Returns (float32 latents [num, C, T, h, w] on the CPU, int64 labels [num], -1 if unconditional).
+    The model runs in eval mode and is put back in its previous mode afterwards.
+    """
+    _check(num, batch_size, steps, convention)
+    sample_fn = get_sampler(sampler)
+    is_sde = sample_fn is get_sampler("euler-maruyama")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    num_classes = int(model.config.num_classes)
+    labels = sample_labels(num, num_classes, class_)
+    conditional = num_classes > 0
+    if (cfg_scale != 1.0 or guidance_interval) and not conditional:
+        raise ValueError(
+            "cfg_scale (--cfg) / guidance_interval need a class-conditional model; this one is unconditional"
+        )
+    velocity = _velocity_fn(model, device, autocast)
+    out: list[torch.Tensor] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for lo in tqdm(range(0, num, batch_size), desc="sample", disable=not progress, leave=False):
+            idx = range(lo, min(lo + batch_size, num))
+            noise = initial_noise(model, idx, seed, shape).to(device)
+            y = torch.from_numpy(labels[idx.start : idx.stop]).to(device) if conditional else None
+            extra = (
+                {"diffusion_norm": diffusion_norm, "generator": sde_generators(idx, seed)} if is_sde else {}
+            )
+            z = sample_fn(
+                velocity,
+                noise,
+                num_steps=steps,
+                y=y,
+                cfg_scale=cfg_scale,
+                guidance_interval=guidance_interval,
+                null_class=model.null_class,
+                convention=convention,
+                **extra,
+            )
+            if not torch.isfinite(z).all():
+                raise FloatingPointError(f"non-finite latents in the batch starting at video {lo}")
+            out.append(z.float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out), labels
+
+
+def grid_frames(videos: np.ndarray, pad: int = 2) -> np.ndarray:
+    """[N, T, H, W, 3] -> [T, rows*(H+pad)-pad, cols*(W+pad)-pad, 3], near-square, white gaps."""
+    n, t, h, w, _ = videos.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    out = np.full((t, rows * (h + pad) - pad, cols * (w + pad) - pad, 3), 255, dtype=np.uint8)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        out[:, r * (h + pad) : r * (h + pad) + h, c * (w + pad) : c * (w + pad) + w] = videos[i]
+    return out
+
+
+def write_gif_grid(path: Path, videos: np.ndarray, fps: int) -> None:
+    """An animated GIF showing the videos side by side, looping."""
+    from PIL import Image
+
+    frames = [Image.fromarray(f) for f in grid_frames(videos)]
+    frames[0].save(
+        path,
+        save_all=True,
+        append_images=frames[1:],
+        duration=max(1, round(1000 / fps)),
+        loop=0,
+        optimize=False,
+    )

@@ -1,0 +1,185 @@
+"""The training state and how it is built, saved and loaded (torchtitan's "state" in one place).
+
+TrainState holds everything a step changes: the VideoDiT, its EMA, the alignment head (None
+once alignment has ended, or when it never ran), AdamW, and the per-rank generator of noise,
+timesteps and class dropout. `save_state` / `load_state` write and read a checkpoint folder in
+the run directory's layout (cache_schema.run): a resume restores all of it exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cache_schema import run as R
+from stages.common.dit import VideoDiT, build_video_dit, default_align_depth
+
+from .align import AlignmentHead
+from .config import TrainConfig
+from .data import derive_seed
+
+PROJECTOR_GROUP = "projectors"
+
+
+@dataclass
+class TrainState:
+    model: VideoDiT
+    ema: VideoDiT
+    head: AlignmentHead | None
+    optimizer: torch.optim.Optimizer
+    gen: torch.Generator
+    align_depth: int
+    step: int = 0
+    ddp_model: nn.Module | None = None  # DistributedDataParallel wrappers under torchrun
+    ddp_head: nn.Module | None = None
+
+    def parameters(self) -> list[nn.Parameter]:
+        """What the optimizer updates (and gradient clipping sees)."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    @property
+    def forward_model(self) -> nn.Module:
+        return self.ddp_model or self.model
+
+    @property
+    def forward_head(self) -> nn.Module | None:
+        return None if self.head is None else (self.ddp_head or self.head)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Accumulate gradients locally (DDP) for all but the last micro-batch."""
+        with contextlib.ExitStack() as stack:
+            for wrapper in (self.ddp_model, self.ddp_head if self.head is not None else None):
+                if wrapper is not None:
+                    stack.enter_context(wrapper.no_sync())
+            yield
+
+
+def wrap_ddp(state: TrainState, device: torch.device) -> None:
+    """Wrap the model and the head for gradient all-reduce across torchrun ranks."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [device.index] if device.type == "cuda" else None
+    state.ddp_model = DDP(state.model, device_ids=ids)
+    if state.head is not None and any(p.requires_grad for p in state.head.parameters()):
+        state.ddp_head = DDP(state.head, device_ids=ids)
+
+
+def build_model(cfg: TrainConfig, layout: dict[str, Any]) -> VideoDiT:
+    channels, frames, height, _ = layout["latent_shape"]
+    return build_video_dit(
+        cfg.model,
+        in_channels=channels,
+        num_frames=frames,
+        sample_size=height,
+        num_classes=len(layout.get("class_names") or []),
+        class_dropout=cfg.class_dropout,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+    )
+
+
+def build_state(
+    cfg: TrainConfig,
+    layout: dict[str, Any],
+    encoder_dims: dict[str, int],
+    lambdas: dict[str, float],
+    device: torch.device,
+    rank: int = 0,
+    with_head: bool = True,
+) -> TrainState:
+    """A fresh state, identical on every rank (seeded); the head only while alignment runs."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, layout).to(device)
+    depth = model.config.depth
+    align_depth = cfg.align_depth or default_align_depth(depth)
+    if align_depth > depth:
+        raise ValueError(f"align_depth {align_depth} is deeper than the model ({depth} blocks)")
+    head = None
+    if with_head:
+        head = AlignmentHead(
+            model.config.hidden_size,
+            encoder_dims,
+            cfg.projector_dim,
+            projector=cfg.projector,
+            grid=tuple(layout["grid"]),
+            target_norm=cfg.target_norm,
+        ).to(device)
+        for name, weight in lambdas.items():  # never trained: no gradient, no optimizer state
+            if weight == 0.0:
+                head.projectors[name.replace(".", "_")].requires_grad_(False)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    groups = [{"params": list(model.parameters()), "name": "model"}]
+    trainable = [p for p in head.parameters() if p.requires_grad] if head is not None else []
+    if trainable:
+        groups.append({"params": trainable, "name": PROJECTOR_GROUP})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **_fused(device))
+    gen = torch.Generator(device=device).manual_seed(derive_seed("noise", cfg.seed, rank))
+    return TrainState(model, ema, head, optimizer, gen, align_depth)
+
+
+def _fused(device: torch.device) -> dict[str, bool]:
+    """Fused AdamW on CUDA (one kernel for all parameters); the default elsewhere."""
+    return {"fused": True} if device.type == "cuda" else {}
+
+
+def drop_alignment(state: TrainState) -> None:
+    """Alignment has ended for good: the projectors leave the optimizer, the state and checkpoints."""
+    if state.head is None:
+        return
+    head_params = {id(p) for p in state.head.parameters()}
+    for param in list(state.optimizer.state):
+        if id(param) in head_params:
+            del state.optimizer.state[param]
+    state.optimizer.param_groups[:] = [
+        g for g in state.optimizer.param_groups if g.get("name") != PROJECTOR_GROUP
+    ]
+    state.head, state.ddp_head = None, None
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+        e.lerp_(p.detach(), 1.0 - decay)
+
+
+def save_state(folder: Path, state: TrainState, extra: dict[str, Any]) -> None:
+    """Fill one checkpoint folder (RunDir.publish_checkpoint makes it the `latest`)."""
+    state.model.save_pretrained(folder / R.MODEL_WEIGHTS, safe_serialization=True)
+    state.ema.save_pretrained(folder / R.EMA_WEIGHTS, safe_serialization=True)
+    if state.head is not None:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state.head.state_dict().items()}
+        save_file(tensors, folder / R.PROJECTORS_FILE)
+    payload = {**extra, "step": state.step, "optimizer": state.optimizer.state_dict()}
+    torch.save(payload, folder / R.TRAIN_STATE_FILE)
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise R.RunError(f"{folder} holds no safetensors weights")
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        weights.update(load_file(f))
+    return weights
+
+
+def load_state(folder: Path, state: TrainState) -> dict[str, Any]:
+    """Load weights, EMA, projectors and optimizer in place; returns the rest of the saved state."""
+    state.model.load_state_dict(_weights(folder / R.MODEL_WEIGHTS))
+    state.ema.load_state_dict(_weights(folder / R.EMA_WEIGHTS))
+    if state.head is not None:
+        projector_file = folder / R.PROJECTORS_FILE
+        if not projector_file.is_file():
+            raise R.RunError(f"{folder} has no {R.PROJECTORS_FILE} but this run still aligns to encoders")
+        state.head.load_state_dict(load_file(projector_file))
+    saved = torch.load(folder / R.TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
+    state.optimizer.load_state_dict(saved.pop("optimizer"))
+    state.step = int(saved["step"])
+    return saved

@@ -1,0 +1,164 @@
+"""One optimizer step, callable on its own (the trainer's loop and bench/train_step.py use it).
+
+`prepare_batch` moves a loader batch to the device and reconstructs each encoder's targets
+there from their stored format (dequantise, PCA, time interpolation, L2 normalisation), so the
+loader moves compact bytes. `train_step` runs the micro-batches (forward, backward), clips,
+syncs the losses once across ranks, refuses a non-finite step before the weights change,
+then steps AdamW and the EMA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from cache_schema.formats import reconstruct
+from stages.common.flow import flow_loss, interpolate, sample_timesteps, velocity_target
+
+from .state import TrainState, update_ema
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or gradient became NaN/Inf; the run stops and keeps its last good checkpoint."""
+
+
+@dataclass
+class StepConfig:
+    """What a step needs besides the state and the batch."""
+
+    device: torch.device
+    encoders: dict[str, dict[str, Any]]  # cache layout entries of the targets to reconstruct
+    bases: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # PCA bases on the device
+    frames: int = 1  # DiT grid T: targets are interpolated to it
+    use_bf16: bool = False
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    time_schedule: str = "uniform"
+    world_size: int = 1
+
+
+@dataclass
+class StepMetrics:
+    loss: float
+    flow_loss: float
+    align_loss: float
+    grad_norm: float
+    cos: dict[str, float]
+    stop_requested: bool
+
+
+def prepare_batch(batch: dict[str, Any], cfg: StepConfig, with_targets: bool = True) -> dict[str, Any]:
+    """Loader batch -> device tensors: x0 float32 latents, labels, dense targets {encoder: [B,T,H,W,D]}."""
+    dev = cfg.device
+    out: dict[str, Any] = {
+        "x0": batch["latent"].to(dev, non_blocking=True).float(),
+        "label": batch["label"].to(dev, non_blocking=True),
+        "targets": {},
+    }
+    if with_targets:
+        for name, entry in cfg.encoders.items():
+            values, scales = batch["targets"][name]
+            out["targets"][name] = reconstruct(
+                values.to(dev, non_blocking=True),
+                None if scales is None else scales.to(dev, non_blocking=True),
+                entry["format"],
+                int(entry["stored_dim"]),
+                frames=cfg.frames,
+                basis=cfg.bases.get(name),
+            )
+    return out
+
+
+def _labels(labels: torch.Tensor, model: nn.Module, gen: torch.Generator):
+    """Class ids (unlabelled -> null class) and this step's class-dropout mask, or (None, None)."""
+    null = model.null_class
+    if null is None:
+        return None, None
+    y = torch.where(labels < 0, torch.full_like(labels, null), labels)
+    drop = torch.rand(y.shape[0], generator=gen, device=y.device) < model.config.class_dropout
+    return y, drop
+
+
+def micro_step(
+    state: TrainState, batch: dict[str, Any], cfg: StepConfig, weights: dict[str, float] | None, measure: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Losses of one micro-batch: (total, flow, weighted alignment, cosine per encoder)."""
+    x0 = batch["x0"]
+    y, drop = _labels(batch["label"], state.model, state.gen)
+    t = sample_timesteps(x0.shape[0], cfg.time_schedule, state.gen, cfg.device)
+    eps = torch.randn(x0.shape, generator=state.gen, device=cfg.device)
+    depth = state.align_depth if (state.head is not None and (weights is not None or measure)) else None
+    with torch.autocast(cfg.device.type, dtype=torch.bfloat16, enabled=cfg.use_bf16):
+        out = state.forward_model(interpolate(x0, eps, t), t, y, force_drop_ids=drop, return_hidden_at=depth)
+        velocity, hidden = out if depth is not None else (out, None)
+        flow = flow_loss(velocity, velocity_target(x0, eps))
+        align, cos = torch.zeros_like(flow), {}
+        if hidden is not None and weights is not None:
+            align, cos = state.forward_head(hidden, batch["targets"], weights)
+        elif hidden is not None:  # alignment off: the frozen projectors only measure
+            with torch.no_grad():
+                _, cos = state.head(hidden.detach(), batch["targets"], dict.fromkeys(state.head.names, 0.0))
+    return flow + align, flow, align, cos
+
+
+def train_step(
+    state: TrainState,
+    batches: list[dict[str, Any]],
+    cfg: StepConfig,
+    weights: dict[str, float] | None,
+    measure: bool = False,
+    stop: bool = False,
+) -> StepMetrics:
+    """One optimizer step over the micro-batches (already on the device, see prepare_batch).
+
+    `weights` are the per-encoder alignment weights of this step (None: no alignment loss);
+    `measure` records cosines even without alignment; `stop` is this rank's stop request,
+    OR-ed across ranks."""
+    names = list(state.head.names) if state.head is not None else []
+    totals = torch.zeros(3, device=cfg.device)
+    cos_totals = torch.zeros(len(names), device=cfg.device)
+    for i, batch in enumerate(batches):
+        with state.no_sync() if i < len(batches) - 1 else contextlib.nullcontext():
+            loss, flow, align, cos = micro_step(state, batch, cfg, weights, measure)
+            (loss / cfg.grad_accum).backward()
+        totals += torch.stack([loss, flow, align]).detach().float() / cfg.grad_accum
+        if cos:
+            cos_totals += torch.stack([cos[n] for n in names]).detach().float() / cfg.grad_accum
+    params = state.parameters()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    flags = torch.tensor([float(stop)], device=cfg.device)
+    stats = torch.cat([totals, cos_totals, grad_norm.detach().float().reshape(1).to(cfg.device), flags])
+    if cfg.world_size > 1:  # one sync per step: averaged losses, the stop flag
+        dist.all_reduce(stats)
+        stats /= cfg.world_size
+    values = stats.tolist()
+    metrics = StepMetrics(
+        loss=values[0],
+        flow_loss=values[1],
+        align_loss=values[2],
+        grad_norm=values[-2],
+        cos=dict(zip(names, values[3 : 3 + len(names)], strict=True))
+        if (weights is not None or measure)
+        else {},
+        stop_requested=values[-1] > 0,
+    )
+    if not all(
+        math.isfinite(v) for v in (metrics.loss, metrics.flow_loss, metrics.align_loss, metrics.grad_norm)
+    ):
+        state.optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLoss(
+            f"non-finite loss at step {state.step + 1} (loss={metrics.loss}, flow={metrics.flow_loss}, "
+            f"align={metrics.align_loss}, grad_norm={metrics.grad_norm}); stopped without updating the weights"
+        )
+    state.optimizer.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    update_ema(state.ema, state.model, cfg.ema_decay)
+    state.step += 1
+    return metrics

@@ -1,0 +1,250 @@
+"""`pipeline train` under bad conditions: corrupt samples, failing workers, a killed parent, two
+writers, Ctrl-C, bad values, and resumes that read the run's own config."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from helpers import make_shards
+
+from cache_schema import RunDir
+from stages.train import TrainConfig, train
+from stages.train.data import CorruptSample
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return make_shards(tmp_path_factory.mktemp("shards"), num_samples=32, per_shard=8)
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", "train", *args]
+
+
+def tiny_args(shards: Path, out: Path, *extra: str) -> list[str]:
+    return cli("--shards", str(shards), "--out", str(out), "--preset", "tiny", "--device", "cpu",
+               "--set", "projector_dim=16", *extra)  # fmt: skip
+
+
+def run_cli(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, env=_env(), timeout=timeout)
+
+
+def invoke(args: list[str]) -> subprocess.CompletedProcess:
+    """The same command in this process (click's runner): exit code and stderr, without the
+    seconds a fresh interpreter takes to import torch."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    result = CliRunner().invoke(main, args[3:])  # drop "python -m pipeline.cli"
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
+def corrupt_copy(shards: Path, dest: Path, member_suffix: str = "latent.npy") -> str:
+    """Copy the shard set and flip 64 bytes inside one sample's payload; returns that sample's key."""
+    shutil.copytree(shards, dest)
+    tar_path = dest / "shard-000001.tar"
+    with tarfile.open(tar_path) as tar:
+        member = [m for m in tar.getmembers() if m.name.endswith(member_suffix)][2]
+    with open(tar_path, "r+b") as fh:
+        fh.seek(member.offset_data + 128)
+        data = bytearray(fh.read(64))
+        fh.seek(member.offset_data + 128)
+        fh.write(bytes(b ^ 0xFF for b in data))
+    return member.name.split(".")[0]
+
+
+def tiny(shards: Path, out: Path, **overrides) -> TrainConfig:
+    values = dict(shards=str(shards), out=str(out), model="tiny", batch_size=4, steps=4, log_every=1,
+                  checkpoint_every=2, num_workers=0, shuffle_buffer=8, projector_dim=16, device="cpu")  # fmt: skip
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def test_corrupt_payload_stops_naming_shard_and_key(shards: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    key = corrupt_copy(shards, bad)
+    with pytest.raises(CorruptSample, match=rf"shard-000001.tar sample {key}.*checksum"):
+        train(tiny(bad, tmp_path / "run", steps=40), progress=False)
+
+
+def test_corrupt_sample_with_workers_ends_within_seconds(shards: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    key = corrupt_copy(shards, bad)
+    start = time.time()
+    proc = run_cli(tiny_args(bad, tmp_path / "run", "--steps", "60", "--num-workers", "2"), timeout=90)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert time.time() - start < 60
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "shard-000001.tar" in errors[0] and key in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_skip_logs_every_skipped_key_and_a_count(shards: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    key = corrupt_copy(shards, bad)
+    summary = train(tiny(bad, tmp_path / "run", steps=20, on_corrupt="skip"), progress=False)
+    rows = RunDir(tmp_path / "run").read_log()
+    keys = [k for r in rows for k in r["skipped"]["keys"]]
+    assert summary["skipped"] == rows[-1]["skipped"]["count"] == len(keys) >= 1
+    assert all(key in k and "shard-000001.tar" in k for k in keys)
+
+
+def test_nan_stop_with_workers_does_not_hang(tmp_path: Path) -> None:
+    bad = make_shards(tmp_path / "nan", num_samples=16, per_shard=8, nan=True)
+    start = time.time()
+    proc = run_cli(tiny_args(bad, tmp_path / "run", "--num-workers", "2"), timeout=90)
+    assert proc.returncode == 1 and "non-finite loss" in proc.stderr, proc.stderr[-2000:]
+    assert time.time() - start < 60
+
+
+def _children(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def test_loader_workers_die_with_a_killed_parent(shards: Path, tmp_path: Path) -> None:
+    args = tiny_args(shards, tmp_path / "run", "--steps", "100000", "--num-workers", "2", "--log-every", "1")
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    deadline = time.time() + 60
+    while time.time() < deadline and len(RunDir(tmp_path / "run").read_log()) < 2:
+        time.sleep(0.2)
+    workers = _children(proc.pid)
+    assert len(workers) >= 2
+    proc.kill()
+    proc.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, [p.pid for p in alive]
+
+
+def test_a_second_writer_is_refused_naming_the_first(shards: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    first = subprocess.Popen(
+        tiny_args(shards, run, "--steps", "100000", "--log-every", "1"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and len(RunDir(run).read_log()) < 1:
+            time.sleep(0.2)
+        second = run_cli(tiny_args(shards, run, "--steps", "3", "--resume"))
+        assert (
+            second.returncode == 1 and "being written by" in second.stderr and str(first.pid) in second.stderr
+        )
+    finally:
+        first.send_signal(signal.SIGINT)
+        out, err = first.communicate(timeout=60)
+    # Ctrl-C: the step finishes, a checkpoint is written, exit code 130
+    assert first.returncode == 130, err[-2000:]
+    assert RunDir(run).latest_checkpoint() is not None and "SIGINT" in out + err
+
+
+def test_resume_reads_the_runs_own_config(shards: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    proc = invoke(tiny_args(shards, run, "--steps", "2", "--model", "tiny", "--lambda", "0.25"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # no --preset, no --model: the run's own config (tiny, lambda 0.25, projector_dim 16) is used
+    proc = invoke(cli("--out", str(run), "--resume", "--steps", "4"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert RunDir(run).latest_checkpoint().name == "step-0000004"
+    assert RunDir(run).read_log()[-1]["align_weight"] == {"dino": 0.25, "sam2": 0.25}
+    for flag, value, field in (("--model", "S/2", "model"), ("--projector-dim", "8", "projector_dim"),
+                               ("--lambda", "0.5", "align_lambda")):  # fmt: skip
+        proc = invoke(cli("--out", str(run), "--resume", "--steps", "6", flag, value))
+        assert proc.returncode == 1 and f"cannot change {field}" in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+
+
+def test_resume_of_a_missing_run_is_refused(tmp_path: Path) -> None:
+    proc = invoke(cli("--out", str(tmp_path / "typo"), "--resume"))
+    assert proc.returncode == 1 and "no training run at" in proc.stderr
+
+
+def test_a_torn_log_line_is_repaired_on_resume(shards: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(tiny(shards, run, steps=2), progress=False)
+    with (run / "log.jsonl").open("a") as fh:
+        fh.write('{"step": 3, "loss": 0.')  # a crash mid-write
+    with pytest.warns(UserWarning, match="torn last line"):
+        train(tiny(shards, run, steps=4, resume=True), progress=False)
+    assert [r["step"] for r in RunDir(run).read_log()] == [1, 2, 3, 4]
+    # a bad line anywhere else is named with its file and line
+    text = (run / "log.jsonl").read_text().splitlines()
+    (run / "log.jsonl").write_text("\n".join([text[0], "garbage", *text[1:]]) + "\n")
+    with pytest.raises(Exception, match=r"log.jsonl:2"):
+        RunDir(run).read_log()
+
+
+def test_keep_checkpoints_prunes_but_never_latest(shards: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(tiny(shards, run, steps=6, checkpoint_every=1, keep_checkpoints=2), progress=False)
+    names = [p.name for p in RunDir(run).step_dirs()]
+    assert names == ["step-0000005", "step-0000006"]
+    assert RunDir(run).latest_checkpoint().name == "step-0000006"
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (("--grad-clip", "-1"), "grad_clip must be >= 0"),
+        (("--set", "class_dropout=2"), "class_dropout must be in [0, 1)"),
+        (("--batch-size", "0"), "batch_size must be >= 1"),
+        (("--device", "tpu"), "device: 'tpu' is not one of"),
+        (("--encoders", "dino,dino"), "names one twice"),
+        (("--lambda", "dino=-1"), "must be a finite number >= 0"),
+    ],
+)
+def test_bad_values_are_refused_by_validation(shards: Path, tmp_path: Path, args, message) -> None:
+    proc = invoke(tiny_args(shards, tmp_path / "run", *args))
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_out_holding_user_files_or_a_file_is_refused(shards: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "important"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    proc = invoke(tiny_args(shards, folder))
+    assert (
+        proc.returncode == 1 and "notes.txt" in proc.stderr and (folder / "notes.txt").read_text() == "mine"
+    )
+    regular = tmp_path / "file.txt"
+    regular.write_text("mine")
+    proc = invoke(tiny_args(shards, regular))
+    assert proc.returncode == 1 and "is a file" in proc.stderr and regular.read_text() == "mine"
+    inside = shards / "run"
+    proc = invoke(tiny_args(shards, inside))
+    assert proc.returncode == 1 and "inside --shards" in proc.stderr and not inside.exists()
+
+
+def test_checkpoint_payload_is_loadable_after_resume_across_ranks_count(shards: Path, tmp_path: Path) -> None:
+    """A run resumed on another world size reseeds its noise streams and says so."""
+    run = tmp_path / "run"
+    train(tiny(shards, run, steps=2), progress=False)
+    folder = RunDir(run).latest_checkpoint()
+    state = torch.load(folder / "train_state.pt", weights_only=True)
+    state["rng"]["noise"] = state["rng"]["noise"] * 2
+    torch.save(state, folder / "train_state.pt")
+    summary = train(tiny(shards, run, steps=3, resume=True), progress=False)
+    assert any("reseeded" in n for n in summary["notes"])
+    assert json.loads(json.dumps(RunDir(run).read_log()[-1]))["step"] == 3
