@@ -11,14 +11,16 @@ meaningless statistics anyway. Each encoder's tokens are a per-channel mean + a 
 power-law spectrum (eigenvalue i ~ 1/i over a random orthonormal basis) that is smooth in
 space and time (a coarse random field upsampled, plus per-token noise) + a few heavy outlier
 channels (DINOv2-style "massive" channels: per-token absmax is set by them, which is what costs
-int8's per-token scale precision); dino/sam2 are then L2-normalised per token. The cosines below
+int8's per-token scale precision; dino 4 at 12 sigma, sam2 2 at 6, videomae 2 at 8, see
+ENCODERS); dino/sam2 are then L2-normalised per token. The cosines below
 follow from these assumptions; a real store's `derived.fidelity` (measured by extract on real
 features) is the figure to trust.
 
 Per format (float16, int8, int4, and int8 + PCA 256 for dino/videomae fitted on a separate
 sample of clips) it measures:
 - bytes per clip on disk (values + scales + latents, zstd level 3, one clip per chunk, as the
-  store writes them) and the ratio vs float16; VideoMAE at T=8 (native) vs T=16 (DiT grid);
+  store writes them) and the ratio vs float16 (the goals use this); beside it the shard tar bytes
+  per sample (uncompressed npy members: what the loader reads); VideoMAE at T=8 (native) vs T=16;
 - extract write MB/s: blocks written with the store's own writer (`stages.extract.store`:
   `create_store` / `write_block`), payload MB (uncompressed) per second, plus the encode cost;
 - pack MB/s: `stages.pack.packer.run_pack`, synchronous scheduler (one thread: `write_shard` per
@@ -476,7 +478,7 @@ def goals(res: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def print_report(res: dict[str, Any]) -> None:
+def print_sizes(res: dict[str, Any]) -> None:
     cases = res["formats"]
     print(
         f"\n{res['machine']}  {res['clips']} clips  grid {res['grid']}  latents {res['latent_shape']}  device {res['device']}"
@@ -490,6 +492,8 @@ def print_report(res: dict[str, Any]) -> None:
                 k,
                 f"{c['bytes_per_clip'] / 1e6:.3f}",
                 f"{c['ratio_vs_float16']:.2f}",
+                f"{c['pack']['tar_bytes_per_sample'] / 1e6:.3f}",
+                f"{c['shard_ratio_vs_float16']:.2f}",
                 " / ".join(f"{s[e.name] / 1e6:.2f}" for e in ENCODERS),
                 " / ".join(f"{fid[e.name]['mean']:.5f}" for e in ENCODERS),
                 " / ".join(f"{fid[e.name]['p1']:.4f}" for e in ENCODERS),
@@ -498,9 +502,22 @@ def print_report(res: dict[str, Any]) -> None:
     names = "/".join(e.name for e in ENCODERS)
     print(
         format_table(
-            ["format", "MB/clip", "x smaller", f"MB {names}", f"cos mean {names}", f"cos p1 {names}"], rows
+            [
+                "format",
+                "MB/clip (store)",
+                "x smaller",
+                "MB/sample (tar)",
+                "x smaller",
+                f"MB {names}",
+                f"cos mean {names}",
+                f"cos p1 {names}",
+            ],
+            rows,
         )
     )
+
+
+def print_speeds(cases: dict[str, Any], dequant_batch: int) -> None:
     rows = []
     for k, c in cases.items():
         lw = {r["workers"]: r for r in c["loader"]}
@@ -525,11 +542,14 @@ def print_report(res: dict[str, Any]) -> None:
                 "write MB/s",
                 "pack MB/s",
                 *loader_cols,
-                f"dequant ms/{res['dequant_batch']} clips",
+                f"dequant ms/{dequant_batch} clips",
             ],
             rows,
         )
     )
+
+
+def print_time_grid(cases: dict[str, Any]) -> None:
     rows = []
     for k, c in cases.items():
         tg = c["videomae_time_grid"]
@@ -544,6 +564,12 @@ def print_report(res: dict[str, Any]) -> None:
             )
         )
     print(format_table(["videomae", "MB/clip T=8", "MB/clip T=16", "T16/T8", "cos T=8", "cos T=16"], rows))
+
+
+def print_report(res: dict[str, Any]) -> None:
+    print_sizes(res)
+    print_speeds(res["formats"], res["dequant_batch"])
+    print_time_grid(res["formats"])
     print(
         format_table(
             ["goal", "measured", "result"],
@@ -614,6 +640,8 @@ def main() -> None:
     base = res["formats"].get("float16")
     for c in res["formats"].values():
         c["ratio_vs_float16"] = base["bytes_per_clip"] / c["bytes_per_clip"] if base else float("nan")
+        shards = c["pack"]["tar_bytes_per_sample"]  # tars are not compressed: what the loader reads
+        c["shard_ratio_vs_float16"] = base["pack"]["tar_bytes_per_sample"] / shards if base else float("nan")
     res["goals"] = goals(res)
     res["total_s"] = time.perf_counter() - started
     print_report(res)

@@ -1,5 +1,6 @@
 """Benchmark stage one: stage times (decode, VAE, each encoder, write), clips/s, and bytes per
-clip + read speed per codec (zstd, blosc+bitshuffle, none) on the same extracted data.
+clip + read speed per codec (zstd, blosc+bitshuffle, none) on the same extracted data (the
+store's default target format, int8; bench/cache.py compares the formats).
 
 CPU default: the tiny preset on the synthetic set. On a GPU the default is `--preset
 random-full`: full-size random-initialised copies of the default VAE and encoders (the real
@@ -24,12 +25,14 @@ import torch
 import zarr
 
 from cache_schema import constants as C
+from cache_schema.bases import store_bases
 from pipeline.summary import format_table
+from stages.common.runtime import resolve_device
 from stages.common.synth import make_synthetic
 from stages.extract.config import ExtractConfig, preset_values
-from stages.extract.models import model_sources, resolve_device
+from stages.extract.models import model_sources
 from stages.extract.runner import run_extract
-from stages.extract.store import StorePlan, create_store, write_block
+from stages.extract.store import CODEC_NAMES, StorePlan, create_store, scales_path, values_path, write_block
 
 
 def machine() -> str:
@@ -37,39 +40,53 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {gpu}"
 
 
-def codec_table(store: str, work: Path, level: int) -> list[dict]:
-    """Rewrite the extracted arrays with each codec; measure bytes per clip and full read speed."""
-    src = zarr.open_group(store, mode="r")
+def _copy_plan(src: zarr.Group) -> tuple[StorePlan, dict[str, tuple[np.ndarray, np.ndarray | None]]]:
+    """The extracted store's plan and its compact target arrays (read once)."""
     attrs = dict(src.attrs)
-    latents, targets = src[C.LATENTS][:], src[C.TARGETS][:]
-    n = latents.shape[0]
+    targets = {}
+    for enc in attrs["encoders"]:
+        scales = src[scales_path(enc["name"])][:] if enc["scales"] else None
+        targets[enc["name"]] = (src[values_path(enc["name"])][:], scales)
     plan = StorePlan(
-        num_clips=n,
+        num_clips=int(attrs["num_clips"]),
         block_size=int(attrs["block_size"]),
         latent_shape=tuple(attrs["latent_shape"]),
         grid=tuple(attrs["grid"]),
-        target_dim=int(attrs["target_dim"]),
+        encoders=attrs["encoders"],
         labels=src[C.LABELS][:],
         video_index=src[C.VIDEO_INDEX][:],
         start_frame=src[C.START_FRAME][:],
+        flip=src[C.FLIP][:],
     )
+    return plan, targets
+
+
+def codec_table(store: str, work: Path, level: int) -> list[dict]:
+    """Rewrite the extracted arrays with each codec (the store's own writer); measure bytes per
+    clip, write speed and the clip-by-clip read speed pack sees."""
+    src = zarr.open_group(store, mode="r")
+    attrs = dict(src.attrs)
+    plan, targets = _copy_plan(src)
+    latents, n = src[C.LATENTS][:], plan.num_clips
+    raw = latents.nbytes + sum(v.nbytes + (0 if s is None else s.nbytes) for v, s in targets.values())
     rows = []
-    for codec in ("zstd", "blosc", "none"):
+    for codec in CODEC_NAMES:
         path = str(work / f"codec-{codec}.zarr")
-        group = create_store(path, plan, attrs, codec, level)
+        group = create_store(path, plan, attrs, codec, level, store_bases(src))
         t0 = time.perf_counter()
         for b in range(plan.num_blocks):
             s, e = plan.block_range(b)
-            write_block(group, s, latents[s:e], targets[s:e], np.ones(e - s, np.uint8))
+            block = {k: (v[s:e], None if sc is None else sc[s:e]) for k, (v, sc) in targets.items()}
+            write_block(group, s, latents[s:e], block, np.ones(e - s, np.uint8))
         write_s = time.perf_counter() - t0
-        stored = group[C.LATENTS].nbytes_stored() + group[C.TARGETS].nbytes_stored()
-        reread = zarr.open_group(path, mode="r")
+        arrays = [group[C.LATENTS]] + [group[values_path(k)] for k in targets]
+        arrays += [group[scales_path(k)] for k, (_, sc) in targets.items() if sc is not None]
+        stored = sum(a.nbytes_stored() for a in arrays)
         t0 = time.perf_counter()
         for i in range(n):  # the access pattern of pack: clip by clip
-            reread[C.LATENTS][i]
-            reread[C.TARGETS][i]
+            for a in arrays:
+                a[i]
         read_s = time.perf_counter() - t0
-        raw = latents.nbytes + targets.nbytes
         rows.append(
             {
                 "codec": codec if codec != "blosc" else "blosc+bitshuffle",

@@ -60,7 +60,7 @@ from pipeline.summary import format_table
 from stages.common.registry import ENCODERS as ENCODER_DEFAULTS
 from stages.pack.packer import clip_sample, shard_index, write_index, write_tar
 from stages.train.config import TrainConfig
-from stages.train.data import LoaderSpec, build_loader, iterate_steps, shard_urls
+from stages.train.data import LoaderSpec, build_loader, iterate_steps, shard_urls, unpack
 from stages.train.state import TrainState, build_state, drop_alignment
 from stages.train.step import StepConfig, prepare_batch, train_step
 
@@ -282,7 +282,7 @@ class Variant:
         batch = prepare_batch(raw, self.cfg, with_targets=self.weights is not None and not self.encoders)
         self.wait_s += t1 - t0
         self.prepare_s += time.perf_counter() - t1
-        self.decoded_bytes += raw["latent"].nbytes + raw["target_bytes"]
+        self.decoded_bytes += unpack(raw)[0].nbytes + raw["target_bytes"]
         self.decoded_steps += 1
         if self.encoders:
             gen, dev = self.state.gen, self.cfg.device

@@ -4,8 +4,10 @@ A clip's fused float16 targets take 14.7 MB; the formats here shrink them:
 
 - ``float16``: the tokens as they are (the lossless baseline).
 - ``int8``: symmetric per-token quantisation, one float16 scale per token (``absmax / 127``).
-- ``int4``: symmetric per-group quantisation, one float16 scale per 32 consecutive channels,
-  codes in [-7, 7] packed two per byte (low nibble = even channel). Nothing is fitted to data.
+- ``int4``: each group of 32 consecutive channels is rotated by the fixed orthonormal 32-point
+  Hadamard matrix (as QuaRot/QuIP# do before 4-bit quantisation, so an outlier channel is spread
+  over its group), then quantised symmetrically with one float16 scale per group; codes in
+  [-7, 7] packed two per byte (low nibble = even channel). Nothing is fitted to data.
 
 Scales are computed in float32 and rounded *up* to the next float16 (so ``|x / scale|`` never
 exceeds the code range and a tiny nonzero scale never becomes 0); values are quantised against that
@@ -63,7 +65,11 @@ TARGET_FORMATS: dict[str, FormatSpec] = {
     "float16": FormatSpec("float16", 16, None, "float16 tokens, lossless (2 bytes/channel)"),
     "int8": FormatSpec("int8", 8, None, "int8 codes, one float16 scale per token (~1/2 of float16)"),
     "int4": FormatSpec(
-        "int4", 4, 32, "4-bit codes packed 2/byte, one float16 scale per 32 channels (~1/3.5 of float16)"
+        "int4",
+        4,
+        32,
+        "4-bit codes packed 2/byte after a fixed Hadamard rotation of each 32 channels, one float16 scale "
+        "per 32 channels (~1/3.5 of float16)",
     ),
 }
 DEFAULT_TARGET_FORMAT = "int8"
@@ -155,6 +161,30 @@ def _pad_groups(x: torch.Tensor, group: int) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], (d + pad) // group, group)
 
 
+def _hadamard(n: int, device: Any) -> torch.Tensor:
+    """The orthonormal Sylvester-Hadamard matrix H_n / sqrt(n) (symmetric: its own inverse)."""
+    import torch
+
+    h = torch.ones(1, 1, device=device)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / math.sqrt(n)
+
+
+def _rotate_groups(g: torch.Tensor, dim: int) -> torch.Tensor:
+    """Rotate each complete group [..., G, group] by the group-size Hadamard matrix (a short last
+    group stays as it is). Why: an outlier channel (DINOv2 has a few) would otherwise set its
+    group's scale and flatten the other 31 channels to code 0; the rotation spreads it over the
+    group, so 4-bit codes keep ~0.996 cosine with or without outliers. Fixed, not fitted to data."""
+    import torch
+
+    full = dim // g.shape[-1]
+    h = _hadamard(g.shape[-1], g.device)
+    if full == g.shape[-2]:
+        return g @ h
+    return torch.cat([g[..., :full, :] @ h, g[..., full:, :]], dim=-2)
+
+
 def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     """int8 codes [..., D] in [-8, 7] -> uint8 [..., D/2], low nibble = even channel."""
     import torch
@@ -192,7 +222,7 @@ def encode(x: Any, fmt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     if spec.group is None:
         s16 = _scale_up_f16(x.abs().amax(dim=-1, keepdim=True), spec.qmax)
         return _quantise(x, s16, spec.qmax), s16
-    g = _pad_groups(x, spec.group)
+    g = _rotate_groups(_pad_groups(x, spec.group), x.shape[-1])
     s16 = _scale_up_f16(g.abs().amax(dim=-1), spec.qmax)
     q = _quantise(g, s16.unsqueeze(-1), spec.qmax).flatten(-2)[..., : x.shape[-1]]
     return _pack_nibbles(q), s16
@@ -232,12 +262,8 @@ def decode(values: Any, scales: Any, fmt: str, dim: int, dtype: torch.dtype | No
     s = scales.to(device=values.device, dtype=torch.float32)
     if spec.group is None:
         return (values.float() * s).to(dtype)
-    codes = _unpack_nibbles(values).float()
-    if dim % spec.group == 0:
-        out = (codes.unflatten(-1, (dim // spec.group, spec.group)) * s.unsqueeze(-1)).flatten(-2)
-    else:
-        out = codes * s.repeat_interleave(spec.group, dim=-1)[..., :dim]
-    return out.to(dtype)
+    g = _pad_groups(_unpack_nibbles(values).float(), spec.group) * s.unsqueeze(-1)
+    return _rotate_groups(g, dim).flatten(-2)[..., :dim].to(dtype)
 
 
 # --------------------------------------------------------------------------------------------- PCA
@@ -408,9 +434,10 @@ def pca_reconstruct(coeffs: Any, basis: BasisLike) -> torch.Tensor:
 # ------------------------------------------------------------------------------- on-device rebuild
 
 
-def _resample_time(x: torch.Tensor, frames: int) -> torch.Tensor:
+def resample_time(x: torch.Tensor, frames: int) -> torch.Tensor:
     """[B,t,H,W,D] -> [B,frames,H,W,D]: group mean when t is a multiple of frames, else linear
-    interpolation (align_corners=False) - the same rule extraction applies on the DiT grid."""
+    interpolation (align_corners=False). Extraction brings tokens to the DiT grid with this same
+    function (stages.common.resample.resample_temporal), so a reader rebuilds what it stored."""
     import torch.nn.functional as F
 
     b, t, h, w, d = x.shape
@@ -446,7 +473,7 @@ def reconstruct(
     x = decode(values, scales, fmt, stored_dim)
     if basis is not None:
         x = pca_reconstruct(x, basis)
-    x = _resample_time(x, frames)
+    x = resample_time(x, frames)
     return (x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)).contiguous()
 
 

@@ -117,11 +117,11 @@ def write_marker(path: str | Path, kind: str) -> None:
         import fsspec
 
         with fsspec.open(f"{str(path).rstrip('/')}/{MARKER}", "w") as fh:
-            json.dump({"kind": kind, "tool": "align4gen", "created": time.time()}, fh)
+            json.dump({"kind": kind, "tool": "align4gen"}, fh)
         return
     Path(path).mkdir(parents=True, exist_ok=True)
     tmp = Path(path) / (MARKER + ".tmp")
-    tmp.write_text(json.dumps({"kind": kind, "tool": "align4gen", "created": time.time()}) + "\n")
+    tmp.write_text(json.dumps({"kind": kind, "tool": "align4gen"}) + "\n")  # no timestamp: same bytes per run
     os.replace(tmp, Path(path) / MARKER)
 
 
@@ -192,6 +192,8 @@ def _legacy_marker(path: Path) -> dict[str, Any] | None:
         return None
     if (path / "config.yaml").is_file() and (path / "checkpoints" / "latest").is_file():
         return {"kind": "run", "legacy": True}
+    if (path / "synth.json").is_file():
+        return {"kind": "synth", "legacy": True}
     return None
 
 

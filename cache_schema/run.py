@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .validate import CacheError
+from .validate import CacheError, read_yaml_mapping
 
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "log.jsonl"
@@ -115,17 +115,8 @@ class RunDir:
         return self
 
     def read_config(self) -> dict[str, Any]:
-        import yaml
-
-        try:
-            data = yaml.safe_load(self.config_file.read_text())
-        except FileNotFoundError:
-            raise RunError(f"{self.path} is not a training run: it has no {CONFIG_FILE}") from None
-        except yaml.YAMLError as exc:
-            raise RunError(f"{self.config_file} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise RunError(f"{self.config_file} does not hold a mapping of config keys")
-        return data
+        missing = f"{self.path} is not a training run: it has no {CONFIG_FILE}"
+        return read_yaml_mapping(self.config_file, RunError, missing)
 
     def write_config(self, config: dict[str, Any]) -> None:
         import yaml

@@ -77,22 +77,44 @@ def kind_of(path: str | Path) -> str:
     return "unknown"
 
 
-def read_text(path: str) -> str:
+def _open(path: str, mode: str):
+    """A file object for a local path or an fsspec URL (s3://, gs://, https://, ...)."""
     if _is_url(path):
         import fsspec
 
-        with fsspec.open(path, "r") as fh:
-            return fh.read()
-    return Path(path).read_text()
+        return fsspec.open(path, mode)
+    return open(path, mode)  # noqa: SIM115 - the caller's `with` closes it
+
+
+def read_text(path: str) -> str:
+    with _open(path, "r") as fh:
+        return fh.read()
 
 
 def read_bytes(path: str) -> bytes:
-    if _is_url(path):
-        import fsspec
+    with _open(path, "rb") as fh:
+        return fh.read()
 
-        with fsspec.open(path, "rb") as fh:
-            return fh.read()
-    return Path(path).read_bytes()
+
+def read_yaml_mapping(
+    path: str | Path, error: type[Exception], missing: str, label: str = "", allow_empty: bool = False
+) -> dict[str, Any]:
+    """A local YAML file that must hold a mapping. Every failure raises `error` naming the file:
+    `missing` when it does not exist, else "{label}{path} is not valid YAML" or "... must hold a
+    mapping"; an empty file is {} with `allow_empty`."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise error(missing) from None
+    except yaml.YAMLError as exc:
+        raise error(f"{label}{path} is not valid YAML: {exc}") from None
+    if not data and allow_empty:  # empty file (or a bare null, [] ...)
+        return {}
+    if not isinstance(data, dict):
+        raise error(f"{label}{path} must hold a mapping of keys to values")
+    return data
 
 
 def read_index(path: str | Path) -> dict[str, Any]:
@@ -161,6 +183,19 @@ def _check_store_arrays(group: Any, attrs: dict[str, Any], path: str | Path) -> 
     return errors
 
 
+def _header_errors(
+    meta: dict[str, Any], path: str | Path, required: tuple[str, ...], missing: str
+) -> list[str]:
+    """Errors that stop validation before any data is looked at: another schema version, or
+    required metadata (store attributes, index fields) absent, listed after `missing`."""
+    try:
+        check_schema(meta.get("schema_version"), path)
+    except CacheError as exc:
+        return [str(exc)]
+    absent = [f for f in required if f not in meta]
+    return [f"{missing} {', '.join(absent)}"] if absent else []
+
+
 def validate_store(path: str | Path, require_complete: bool = True) -> list[str]:
     """Schema-v2 errors of a zarr store (empty list = valid)."""
     try:
@@ -168,13 +203,9 @@ def validate_store(path: str | Path, require_complete: bool = True) -> list[str]
     except CacheError as exc:
         return [str(exc)]
     attrs = dict(group.attrs)
-    try:
-        check_schema(attrs.get("schema_version"), path)
-    except CacheError as exc:
-        return [str(exc)]
-    missing = [a for a in C.STORE_ATTRS if a not in attrs]
-    if missing:
-        return [f"{path}: missing attribute(s) {', '.join(missing)}"]
+    errors = _header_errors(attrs, path, C.STORE_ATTRS, f"{path}: missing attribute(s)")
+    if errors:
+        return errors
     if content_fingerprint(attrs["spec"], attrs["derived"]) != attrs["fingerprint"]:
         return [f"{path}: fingerprint does not match the recorded spec (attributes edited or corrupt)"]
     errors = _check_store_arrays(group, attrs, path)
@@ -191,13 +222,7 @@ def validate_store(path: str | Path, require_complete: bool = True) -> list[str]
 
 def _sha256(path: str, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
-    if _is_url(path):
-        import fsspec
-
-        opener = fsspec.open(path, "rb")
-    else:
-        opener = open(path, "rb")  # noqa: SIM115
-    with opener as fh:
+    with _open(path, "rb") as fh:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
@@ -238,13 +263,11 @@ def validate_shards(path: str | Path, verify_hashes: bool = False, progress: boo
     bases) and name corrupt ones."""
     try:
         index = read_index(path)
-        check_schema(index.get("schema_version"), path)
     except CacheError as exc:
         return [str(exc)]
-    missing = [f for f in C.INDEX_FIELDS if f not in index]
-    if missing:
-        return [f"{path}/{C.SHARD_INDEX}: missing field(s) {', '.join(missing)}"]
-    errors: list[str] = []
+    errors = _header_errors(index, path, C.INDEX_FIELDS, f"{path}/{C.SHARD_INDEX}: missing field(s)")
+    if errors:
+        return errors
     if content_fingerprint(index["spec"], index["derived"]) != index["fingerprint"]:
         errors.append(f"{path}: fingerprint does not match the recorded spec")
     if sum(int(s["samples"]) for s in index["shards"]) != int(index["num_samples"]):

@@ -21,7 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "data": (
         "pipeline.commands.data",
         "data",
-        "Datasets: generate the built-in synthetic set (`data synth`).",
+        "Datasets: the built-in synthetic set (`data synth`), UCF-101 split manifests (`data ucf-split`).",
     ),
     "extract": (
         "pipeline.commands.extract",

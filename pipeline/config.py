@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 import click
 import yaml
 
+from cache_schema.validate import read_yaml_mapping
+
 T = TypeVar("T")
 
 
@@ -133,14 +135,9 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+    """A `--config` file's keys (dashes read as underscores); an empty file is {}."""
+    missing = f"config file not found: {path}"
+    data = read_yaml_mapping(path, ConfigError, missing, label="config file ", allow_empty=True)
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 

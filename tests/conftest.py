@@ -29,6 +29,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: the tiny models are overhead-bound (faster on a shared CPU), and a
+    subprocess with OMP_NUM_THREADS=1 then computes the same floats bit for bit."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def synth_videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder of the built-in synthetic set: 6 H.264 videos, 2 classes, 12 frames, 64x64, seed 0."""

@@ -156,3 +156,27 @@ def test_sample_checksum_covers_every_member_and_its_name():
 def test_validate_shards_reports_missing_index(tmp_path):
     errors = validate_shards(tmp_path)
     assert errors and "index.json" in errors[0]
+
+
+def test_yaml_files_of_runs_and_configs_name_what_is_wrong(tmp_path) -> None:
+    """One reader (read_yaml_mapping) behind RunDir.read_config and `--config FILE`."""
+    from cache_schema import RunDir
+    from cache_schema.run import RunError
+    from pipeline.config import ConfigError, load_yaml
+
+    with pytest.raises(RunError, match="is not a training run: it has no config.yaml"):
+        RunDir(tmp_path).read_config()
+    (tmp_path / "config.yaml").write_text("model: tiny\nlr: [1\n")
+    with pytest.raises(RunError, match=r"config.yaml is not valid YAML"):
+        RunDir(tmp_path).read_config()
+    (tmp_path / "config.yaml").write_text("")  # an empty run config is an error, an empty --config is not
+    with pytest.raises(RunError, match="must hold a mapping"):
+        RunDir(tmp_path).read_config()
+    assert load_yaml(tmp_path / "config.yaml") == {}
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match=r"config file .*list.yaml must hold a mapping"):
+        load_yaml(tmp_path / "list.yaml")
+    (tmp_path / "ok.yaml").write_text("batch-size: 4\n")
+    assert load_yaml(tmp_path / "ok.yaml") == {"batch_size": 4}
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_yaml(tmp_path / "missing.yaml")

@@ -4,25 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import randomize_zero_inits, tiny_dit
 
 from stages.common.dit import MODEL_SIZES, VideoDiT, build_video_dit, default_align_depth, sincos_2d
 
 torch.set_num_threads(1)
-
-
-def _tiny(**kw) -> VideoDiT:
-    base = dict(in_channels=4, num_frames=3, sample_size=8, hidden_size=32, depth=2, num_heads=4)
-    base.update(kw)
-    return VideoDiT(**base)
-
-
-def _randomize_zero_inits(model: VideoDiT, seed: int = 0) -> None:
-    """Give the zero-initialised adaLN/final layers random values so outputs are non-trivial."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "adaLN_modulation" in name or "final_layer.linear" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
 
 
 @pytest.mark.parametrize(
@@ -30,7 +16,7 @@ def _randomize_zero_inits(model: VideoDiT, seed: int = 0) -> None:
     [(32, 2, 2, 2, 4, 4), (48, 3, 3, 4, 8, 4), (64, 4, 4, 1, 6, 3), (32, 1, 1, 5, 4, 16)],
 )
 def test_velocity_shape(hidden, depth, heads, frames, size, channels):
-    model = _tiny(
+    model = tiny_dit(
         hidden_size=hidden,
         depth=depth,
         num_heads=heads,
@@ -79,7 +65,7 @@ def test_default_align_depth():
 
 
 def test_zero_init_output_is_zero():
-    model = _tiny(num_classes=3)
+    model = tiny_dit(num_classes=3)
     v = model(torch.randn(2, 4, 3, 8, 8), torch.rand(2), torch.tensor([0, 2]))
     assert torch.count_nonzero(v) == 0
     # but the trunk is not degenerate: hidden states carry the input
@@ -88,8 +74,8 @@ def test_zero_init_output_is_zero():
 
 
 def test_return_hidden_at_shape_and_position():
-    model = _tiny(depth=3, num_frames=4, sample_size=8)
-    _randomize_zero_inits(model)
+    model = tiny_dit(depth=3, num_frames=4, sample_size=8)
+    randomize_zero_inits(model)
     x, t = torch.randn(2, 4, 4, 8, 8), torch.rand(2)
     v0 = model(x, t)
     hs = []
@@ -107,8 +93,8 @@ def test_temporal_mixing_only_through_temporal_blocks():
     """A one-block (spatial only) model never mixes frames; adding a temporal block does."""
     x, t = torch.randn(1, 4, 3, 8, 8), torch.rand(1)
     for depth, mixes in ((1, False), (2, True)):
-        model = _tiny(depth=depth)
-        _randomize_zero_inits(model)
+        model = tiny_dit(depth=depth)
+        randomize_zero_inits(model)
         x2 = x.clone()
         x2[:, :, 0] += 1.0  # perturb frame 0 only
         diff = (model(x2, t) - model(x, t)).abs().amax(dim=(0, 1, 3, 4))
@@ -117,8 +103,8 @@ def test_temporal_mixing_only_through_temporal_blocks():
 
 
 def test_save_load_round_trip(tmp_path):
-    model = _tiny(num_classes=5)
-    _randomize_zero_inits(model, seed=3)
+    model = tiny_dit(num_classes=5)
+    randomize_zero_inits(model, seed=3)
     model.eval()
     model.save_pretrained(tmp_path / "m")
     loaded = VideoDiT.from_pretrained(tmp_path / "m").eval()
@@ -130,8 +116,8 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_class_conditioning_and_null_class():
-    model = _tiny(num_classes=3)
-    _randomize_zero_inits(model)
+    model = tiny_dit(num_classes=3)
+    randomize_zero_inits(model)
     model.eval()
     x, t = torch.randn(2, 4, 3, 8, 8), torch.rand(2)
     y = torch.tensor([0, 1])
@@ -150,8 +136,8 @@ def test_class_conditioning_and_null_class():
 
 
 def test_class_dropout_in_training_mode():
-    model = _tiny(num_classes=3, class_dropout=1.0)
-    _randomize_zero_inits(model)
+    model = tiny_dit(num_classes=3, class_dropout=1.0)
+    randomize_zero_inits(model)
     x, t, y = torch.randn(2, 4, 3, 8, 8), torch.rand(2), torch.tensor([0, 1])
     model.train()
     v_train = model(x, t, y)
@@ -160,26 +146,26 @@ def test_class_dropout_in_training_mode():
 
 
 def test_unconditional_rejects_labels():
-    model = _tiny()
+    model = tiny_dit()
     with pytest.raises(ValueError, match="unconditional"):
         model(torch.randn(1, 4, 3, 8, 8), torch.rand(1), torch.tensor([0]))
 
 
 def test_bad_input_errors():
-    model = _tiny()
+    model = tiny_dit()
     with pytest.raises(ValueError, match="x must be"):
         model(torch.randn(1, 3, 3, 8, 8), torch.rand(1))
     with pytest.raises(ValueError, match="divisible"):
         model(torch.randn(1, 4, 3, 7, 8), torch.rand(1))
     with pytest.raises(ValueError, match="divisible"):
-        _tiny(num_heads=5)
+        tiny_dit(num_heads=5)
 
 
 def test_gradient_checkpointing_matches():
     torch.manual_seed(0)
-    a = _tiny()
-    _randomize_zero_inits(a)
-    b = _tiny()
+    a = tiny_dit()
+    randomize_zero_inits(a)
+    b = tiny_dit()
     b.load_state_dict(a.state_dict())
     b.enable_gradient_checkpointing()
     x, t = torch.randn(2, 4, 3, 8, 8), torch.rand(2)
@@ -194,8 +180,8 @@ def test_gradient_checkpointing_matches():
 
 @pytest.mark.gpu
 def test_bf16_autocast_on_cuda_matches_fp32():
-    model = _tiny(num_classes=3)
-    _randomize_zero_inits(model)
+    model = tiny_dit(num_classes=3)
+    randomize_zero_inits(model)
     model = model.cuda().eval()
     x, t, y = (
         torch.randn(2, 4, 3, 8, 8, device="cuda"),

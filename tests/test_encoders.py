@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
+from helpers import random_clip
 from transformers import (
     Dinov2Model,
     Dinov2WithRegistersConfig,
@@ -16,26 +17,16 @@ from transformers import (
 )
 
 from stages.common.encoders import ENCODERS, load_encoder
-from stages.common.presets import tiny_models
+from stages.common.presets import TINY_DINO, tiny_models
 from stages.common.vae import WeightsNotFoundError
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, str]:
     names = ["dino", "sam2", "videomae"]
     return tiny_models(tmp_path_factory.getbasetemp() / "align4gen-tiny", names=names)
-
-
-def _clip(b=2, t=4, h=64, w=64, seed=0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (b, t, h, w, 3), generator=g, dtype=torch.uint8)
 
 
 def _reference_pixels(frames: torch.Tensor, size: int, mode: TF.InterpolationMode) -> torch.Tensor:
@@ -53,7 +44,7 @@ def test_grid_shape_and_frozen(tiny, name, grid, dim):
     enc = load_encoder(name, tiny[name])
     assert enc.name == name and enc.model_id == tiny[name] and enc.dim == dim
     assert enc.grid(8) == grid
-    f = enc.features(_clip(b=2, t=8))
+    f = enc.features(random_clip(b=2, t=8))
     assert f.shape == (2, *grid, dim) and f.dtype == torch.float32 and torch.isfinite(f).all()
     assert not enc.model.training and not any(p.requires_grad for p in enc.model.parameters())
     assert enc.spec() == {"name": name, "id": tiny[name], "input_size": enc.input_size, "dim": dim}
@@ -62,7 +53,7 @@ def test_grid_shape_and_frozen(tiny, name, grid, dim):
 def test_dino_equals_direct_call(tiny):
     enc = load_encoder("dino", tiny["dino"])
     assert enc.input_size == 56
-    x = _clip(b=1, t=3, h=48, w=80)  # non-square: shorter side resized, centre crop
+    x = random_clip(b=1, t=3, h=48, w=80)  # non-square: shorter side resized, centre crop
     ref = Dinov2Model.from_pretrained(tiny["dino"]).eval()
     pix = _reference_pixels(x[0], 56, TF.InterpolationMode.BICUBIC)
     with torch.no_grad():
@@ -74,18 +65,10 @@ def test_dino_equals_direct_call(tiny):
 
 def test_dino_with_registers_drops_cls_and_registers(tmp_path):
     torch.manual_seed(0)
-    cfg = Dinov2WithRegistersConfig(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        mlp_ratio=2,
-        patch_size=14,
-        image_size=28,
-        num_register_tokens=2,
-    )
+    cfg = Dinov2WithRegistersConfig(**{**TINY_DINO, "image_size": 28}, num_register_tokens=2)
     Dinov2WithRegistersModel(cfg).save_pretrained(tmp_path / "reg")
     enc = load_encoder("dino", tmp_path / "reg", input_size=28)
-    x = _clip(b=1, t=2, h=32, w=32)
+    x = random_clip(b=1, t=2, h=32, w=32)
     ref = Dinov2WithRegistersModel.from_pretrained(tmp_path / "reg").eval()
     with torch.no_grad():
         out = ref(pixel_values=_reference_pixels(x[0], 28, TF.InterpolationMode.BICUBIC)).last_hidden_state
@@ -96,7 +79,7 @@ def test_dino_with_registers_drops_cls_and_registers(tmp_path):
 def test_sam2_equals_full_model_stride16_map(tiny):
     enc = load_encoder("sam2", tiny["sam2"])
     assert enc.input_size == 64
-    x = _clip(b=1, t=2, h=96, w=96)
+    x = random_clip(b=1, t=2, h=96, w=96)
     full = Sam2Model.from_pretrained(tiny["sam2"]).eval()
     pix = _reference_pixels(x[0], 64, TF.InterpolationMode.BILINEAR)
     with torch.no_grad():
@@ -114,7 +97,7 @@ def test_videomae_equals_direct_call_and_resamples_frames(tiny):
     enc = load_encoder("videomae", tiny["videomae"])
     assert (enc.input_size, enc.num_frames) == (32, 8)
     ref = VideoMAEModel.from_pretrained(tiny["videomae"]).eval()
-    x = _clip(b=2, t=16, h=40, w=40)
+    x = random_clip(b=2, t=16, h=40, w=40)
     # 16 frames -> the model's 8 by nearest index of linspace(0, 15, 8)
     picked = x[:, [0, 2, 4, 6, 9, 11, 13, 15]]
     pix = torch.stack([_reference_pixels(c, 32, TF.InterpolationMode.BILINEAR) for c in picked])
@@ -159,7 +142,7 @@ def test_wrong_model_and_bad_input(tiny):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("name", sorted(ENCODERS))
 def test_cuda_bf16_close_to_cpu(tiny, name):
-    x = _clip(b=1, t=8)
+    x = random_clip(b=1, t=8)
     cpu = load_encoder(name, tiny[name]).features(x)
     gpu = load_encoder(name, tiny[name], device="cuda").features(x)
     assert gpu.device.type == "cuda" and gpu.dtype == torch.float32

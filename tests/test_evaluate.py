@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import make_run, tiny_dit
 
 from pipeline.cli import main
 from stages.evaluate import fvd
@@ -57,6 +58,29 @@ def _tiny_vit(heads: int, init_values: float = 0.0, seed: int = 0):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return model
+
+
+# an FVD protocol as stats files recorded it before the real-subset fields existed
+PROTOCOL = {
+    "detector": "i3d",
+    "weights_sha256": "ab",
+    "frames": 16,
+    "frame_stride": 1,
+    "resolution": 256,
+    "count": 8,
+}
+
+
+def _fvd_args(real: Path, fake: Path, out: Path | None = None) -> list[str]:
+    """`pipeline evaluate fvd --real REAL --fake FAKE [--out OUT]`."""
+    args = ["evaluate", "fvd", "--real", str(real), "--fake", str(fake)]
+    return args if out is None else [*args, "--out", str(out)]
+
+
+def _i3d_args(weights: Path, frames: int, resolution: int) -> list[str]:
+    """The tiny I3D detector (`weights`) on the CPU, clips of `frames` frames at `resolution` px."""
+    args = ["--detector", "i3d", "--detector-weights", str(weights), "--frames", str(frames)]
+    return [*args, "--resolution", str(resolution), "--device", "cpu"]
 
 
 def _videos(n: int, t: int, h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -149,14 +173,7 @@ def test_stats_warn_when_fewer_videos_than_dims() -> None:
 
 
 def test_stats_of_different_protocols_are_refused(tmp_path: Path) -> None:
-    base = {
-        "detector": "i3d",
-        "weights_sha256": "ab",
-        "frames": 16,
-        "frame_stride": 1,
-        "resolution": 256,
-        "count": 8,
-    }
+    base = dict(PROTOCOL)
     feats = np.random.default_rng(0).normal(size=(40, 4))
     fvd.stats_from_features(feats, base).save(tmp_path / "a.npz")
     fvd.stats_from_features(feats, {**base, "frames": 8}).save(tmp_path / "b.npz")
@@ -165,13 +182,9 @@ def test_stats_of_different_protocols_are_refused(tmp_path: Path) -> None:
     with pytest.raises(fvd.ProtocolMismatch, match="'frames'") as info:
         fvd.compute_fvd(tmp_path / "a.npz", tmp_path / "b.npz", fvd.EvalConfig())
     assert info.value.field == "frames"
-    res = CliRunner().invoke(
-        main, ["evaluate", "fvd", "--real", str(tmp_path / "a.npz"), "--fake", str(tmp_path / "b.npz")]
-    )
+    res = CliRunner().invoke(main, _fvd_args(tmp_path / "a.npz", tmp_path / "b.npz"))
     assert res.exit_code != 0 and "'frames'" in res.output
-    res = CliRunner().invoke(
-        main, ["evaluate", "fvd", "--real", str(tmp_path / "a.npz"), "--fake", str(tmp_path / "a.npz")]
-    )
+    res = CliRunner().invoke(main, _fvd_args(tmp_path / "a.npz", tmp_path / "a.npz"))
     assert res.exit_code == 0, res.output
     assert "FVD" in res.output
 
@@ -183,17 +196,8 @@ def test_evaluate_commands_on_real_video_files(
     synth_videos: Path, small_i3d_path: Path, tmp_path: Path
 ) -> None:
     runner = CliRunner()
-    common = [
-        "--detector",
-        "i3d",
-        "--detector-weights",
-        str(small_i3d_path),
-        "--frames",
-        "8",
-        "--frame-stride",
-        "1",
-    ]
-    common += ["--resolution", "64", "--num-videos", "6", "--batch-size", "4", "--device", "cpu"]
+    common = _i3d_args(small_i3d_path, 8, 64)
+    common += ["--frame-stride", "1", "--num-videos", "6", "--batch-size", "4"]
     stats_path, feats_path = tmp_path / "real_stats.npz", tmp_path / "real_feats.npz"
     res = runner.invoke(
         main, ["evaluate", "stats", "--videos", str(synth_videos), "--out", str(stats_path), *common]
@@ -214,18 +218,7 @@ def test_evaluate_commands_on_real_video_files(
     np.savez(fake, videos=_videos(6, 10, 80, 96, seed=3))  # other size/length: cut + cropped to protocol
     cache = tmp_path / "cache"
     out = tmp_path / "eval"
-    args = [
-        "evaluate",
-        "fvd",
-        "--real",
-        str(synth_videos),
-        "--fake",
-        str(fake),
-        "--out",
-        str(out),
-        "--cache-dir",
-        str(cache),
-    ]
+    args = [*_fvd_args(synth_videos, fake, out), "--cache-dir", str(cache)]
     res = runner.invoke(main, [*args, *common])
     assert res.exit_code == 0, res.output
     metrics = json.loads((out / "metrics.json").read_text())
@@ -239,20 +232,7 @@ def test_evaluate_commands_on_real_video_files(
     assert res.exit_code == 0 and again["value"] == pytest.approx(metrics["value"], rel=1e-9)
     assert any("from cache" in w for w in again["warnings"])
 
-    res = runner.invoke(
-        main,
-        [
-            "evaluate",
-            "fvd",
-            "--real",
-            str(stats_path),
-            "--fake",
-            str(synth_videos),
-            "--out",
-            str(out),
-            *common,
-        ],
-    )
+    res = runner.invoke(main, [*_fvd_args(stats_path, synth_videos, out), *common])
     same = json.loads((out / "metrics.json").read_text())
     assert res.exit_code == 0, res.output
     assert abs(same["value"]) < 1e-3 * metrics["value"]  # same videos, same protocol -> ~0
@@ -284,16 +264,8 @@ def test_cd_fvd_features_command_with_videomae_v2(tmp_path: Path) -> None:
     np.savez(npz, videos=videos)
     out = tmp_path / "feats.npz"
     args = ["evaluate", "features", "--videos", str(npz), "--out", str(out), "--detector", "videomae-v2"]
-    args += [
-        "--detector-weights",
-        str(ckpt),
-        "--resolution",
-        "32",
-        "--num-videos",
-        "3",
-        "--set",
-        "num_heads=2",
-    ]
+    args += ["--detector-weights", str(ckpt), "--resolution", "32", "--num-videos", "3"]
+    args += ["--set", "num_heads=2"]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     with np.load(out) as data:
@@ -308,20 +280,10 @@ def test_sample_then_evaluate_round_trip(
     synth_videos: Path, small_i3d_path: Path, tiny_vae: Path, tmp_path: Path
 ) -> None:
     """A run directory (train stage layout) -> `pipeline sample` -> videos.npz -> `pipeline evaluate fvd`."""
-    from cache_schema import RunDir
-    from stages.common.dit import VideoDiT
-
     torch.manual_seed(0)
-    vae = tiny_vae
-    run = tmp_path / "run"
-    step = run / "checkpoints" / "step-0000001"
-    dit = VideoDiT(
-        in_channels=4, num_frames=4, sample_size=8, hidden_size=32, depth=2, num_heads=4, num_classes=2
-    )
-    dit.save_pretrained(step / "model")
-    dit.save_pretrained(step / "ema")
-    (run / "checkpoints" / "latest").write_text("step-0000001\n")
-    RunDir(run).write_config({"model": "tiny", "vae_spec": {"id": str(vae), "kind": "image", "scale": 0.5}})
+    dit = tiny_dit(num_frames=4, num_classes=2)
+    weights = {"step-0000001/model": dit, "step-0000001/ema": dit}
+    run = make_run(tmp_path / "run", tiny_vae, weights, latest="step-0000001")
 
     samples = tmp_path / "samples"
     res = CliRunner().invoke(
@@ -329,27 +291,8 @@ def test_sample_then_evaluate_round_trip(
     )
     assert res.exit_code == 0, res.output
     out = tmp_path / "eval"
-    args = [
-        "evaluate",
-        "fvd",
-        "--real",
-        str(synth_videos),
-        "--fake",
-        str(samples / "videos.npz"),
-        "--out",
-        str(out),
-    ]
-    args += [
-        "--detector",
-        "i3d",
-        "--detector-weights",
-        str(small_i3d_path),
-        "--frames",
-        "4",
-        "--resolution",
-        "16",
-    ]
-    args += ["--num-videos", "5", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    args = [*_fvd_args(synth_videos, samples / "videos.npz", out), *_i3d_args(small_i3d_path, 4, 16)]
+    args += ["--num-videos", "5", "--cache-dir", str(tmp_path / "cache")]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     metrics = json.loads((out / "metrics.json").read_text())
@@ -382,14 +325,7 @@ def test_old_stats_keep_their_fingerprint_and_subsets_are_protocol_fields() -> N
 
     from cache_schema import canonical_json
 
-    old = {
-        "detector": "i3d",
-        "weights_sha256": "ab",
-        "frames": 16,
-        "frame_stride": 1,
-        "resolution": 256,
-        "count": 8,
-    }
+    old = dict(PROTOCOL)  # the six fields before the subset rule existed
     first = {**old, "real_subset": "first", "subset_seed": None}
     rand = {**old, "real_subset": "random", "subset_seed": 3}
     # the fingerprint before the subset rule existed: sha256 of the six fields
@@ -434,9 +370,9 @@ def test_random_real_subset_on_real_videos(synth_videos: Path, small_i3d_path: P
     st = fvd.compute_stats(det, synth_videos, cfg)
     assert st.protocol["real_subset"] == "random" and st.protocol["subset_seed"] == 5
     out = tmp_path / "stats.npz"
-    args = ["evaluate", "stats", "--videos", str(synth_videos), "--out", str(out), "--detector", "i3d",
-            "--detector-weights", str(small_i3d_path), "--frames", "8", "--resolution", "64", "--num-videos", "3",
-            "--device", "cpu", "--real-subset", "random", "--subset-seed", "5"]  # fmt: skip
+    args = ["evaluate", "stats", "--videos", str(synth_videos), "--out", str(out)]
+    args += _i3d_args(small_i3d_path, 8, 64)
+    args += ["--num-videos", "3", "--real-subset", "random", "--subset-seed", "5"]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     saved = fvd.FeatureStats.load(out)
@@ -445,7 +381,5 @@ def test_random_real_subset_on_real_videos(synth_videos: Path, small_i3d_path: P
     first_stats = fvd.compute_stats(det, synth_videos, fvd.EvalConfig(num_videos=3, **base))
     assert first_stats.protocol["real_subset"] == "first" and first_stats.protocol["subset_seed"] is None
     first_stats.save(tmp_path / "first.npz")
-    res = CliRunner().invoke(
-        main, ["evaluate", "fvd", "--real", str(tmp_path / "first.npz"), "--fake", str(out)]
-    )
+    res = CliRunner().invoke(main, _fvd_args(tmp_path / "first.npz", out))
     assert res.exit_code != 0 and "'real_subset'" in res.output

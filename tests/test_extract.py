@@ -16,11 +16,10 @@ import pytest
 import torch
 import webdataset as wds
 import zarr
-from helpers import tiny_extract_config
+from helpers import decoded_rows, read_arrays, store_targets, tiny_extract_config
 
 from cache_schema import constants as C
 from cache_schema import formats, validate_shards, validate_store
-from stages.common import video as V
 from stages.common.encoders import load_encoder
 from stages.common.presets import tiny_models
 from stages.common.resample import to_target
@@ -35,28 +34,6 @@ def full_store(synth_videos: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("extract") / "store.zarr"
     runner.run_extract(tiny_extract_config(synth_videos, out))
     return out
-
-
-def read_arrays(path: Path | str) -> dict[str, np.ndarray]:
-    """Every array of the store (targets/<enc>/values|scales, pca/... included), by path."""
-    group = zarr.open_group(str(path), mode="r")
-    return {name: obj[...] for name, obj in group.members(max_depth=None) if isinstance(obj, zarr.Array)}
-
-
-def reconstructed(group, name: str, rows) -> torch.Tensor:
-    """An encoder's targets [B,T,H,W,D] as a trainer rebuilds them from the stored arrays."""
-    enc = {e["name"]: e for e in group.attrs["encoders"]}[name]
-    values = group[f"{C.TARGETS_GROUP}/{name}/{C.TARGET_VALUES}"][rows]
-    scales = group[f"{C.TARGETS_GROUP}/{name}/{C.TARGET_SCALES}"][rows] if enc["scales"] else None
-    basis = None
-    if enc["pca"]:
-        base = f"{C.PCA_GROUP}/{name}"
-        basis = {
-            "mean": group[f"{base}/{C.PCA_MEAN}"][:],
-            "components": group[f"{base}/{C.PCA_COMPONENTS}"][:],
-        }
-    frames = group.attrs["grid"][0]
-    return formats.reconstruct(values, scales, enc["format"], enc["stored_dim"], frames, basis)
 
 
 def test_store_shapes_and_attributes(full_store: Path):
@@ -95,7 +72,7 @@ def test_store_shapes_and_attributes(full_store: Path):
     # one clip per chunk, one block per shard
     assert values.chunks[0] == 1 and values.shards[0] == 2
     for enc in attrs["encoders"]:
-        norms = reconstructed(group, enc["name"], slice(None)).norm(dim=-1)
+        norms = store_targets(group, enc["name"], slice(None)).norm(dim=-1)
         torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-5, rtol=0)
     report = json.loads((full_store / C.REPORT_FILE).read_text())
     assert report["skipped"] == [] and report["invalid_clips"] == []
@@ -107,19 +84,15 @@ def test_store_shapes_and_attributes(full_store: Path):
 
 
 def test_cached_target_equals_direct_computation(full_store: Path, synth_videos: Path):
-    group = zarr.open_group(str(full_store), mode="r")
-    attrs = dict(group.attrs)
     clip = 3
-    source = V.discover(synth_videos)
-    spec = V.ClipSpec(frames=8, stride=1, clips_per_video=1, size=64)
-    entry = source.entries[int(group[C.VIDEO_INDEX][clip])]
-    frames = torch.from_numpy(V.read_clip(entry, int(group[C.START_FRAME][clip]), spec))[None]
+    group, frames = decoded_rows(full_store, synth_videos, [clip], frames=8)
+    attrs = dict(group.attrs)
     paths = tiny_models()
     grid = tuple(attrs["grid"])
     for enc in attrs["encoders"]:
         encoder = load_encoder(enc["name"], paths[enc["name"]])
         expected = to_target(encoder.features(frames), grid)
-        cached = reconstructed(group, enc["name"], slice(clip, clip + 1))
+        cached = store_targets(group, enc["name"], slice(clip, clip + 1))
         cos = formats.token_cosines(cached, expected)
         assert float(cos.min()) >= 0.999, enc["name"]
         torch.testing.assert_close(cached, expected, atol=0.02, rtol=0, msg=enc["name"])

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import webdataset as wds
 import zarr
 from click.testing import CliRunner
-from helpers import tiny_extract_config
+from helpers import decoded_rows, read_arrays, store_targets, tiny_extract_config
 
 from cache_schema import constants as C
 from cache_schema import formats, validate_store
@@ -37,31 +37,9 @@ def tiny_config(data: Path, out: Path | str, **over) -> ExtractConfig:
     return tiny_extract_config(data, out, **{"block_size": preset_values("tiny")["block_size"], **over})
 
 
-def read_arrays(path: Path) -> dict[str, np.ndarray]:
-    """Every array of the store (targets/<enc>/values|scales, pca/... included), by path."""
-    group = zarr.open_group(str(path), mode="r")
-    return {name: obj[...] for name, obj in group.members(max_depth=None) if isinstance(obj, zarr.Array)}
-
-
-def reconstructed(group, name: str, row: int) -> np.ndarray:
-    """One clip's targets of one encoder [T,H,W,D] as a trainer rebuilds them from the store."""
-    enc = {e["name"]: e for e in group.attrs["encoders"]}[name]
-    values = group[f"targets/{name}/values"][row : row + 1]
-    scales = group[f"targets/{name}/scales"][row : row + 1] if enc["scales"] else None
-    basis = None
-    if enc["pca"]:
-        basis = {"mean": group[f"pca/{name}/mean"][:], "components": group[f"pca/{name}/components"][:]}
-    out = formats.reconstruct(values, scales, enc["format"], enc["stored_dim"], group.attrs["grid"][0], basis)
-    return out[0].numpy()
-
-
-@pytest.fixture
-def one_thread():
-    """Same intra-op thread count in this process and in the subprocess, so floats match bit for bit."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def video_vae_config(data: Path, out: Path | str, **over) -> ExtractConfig:
+    """The tiny preset with the tiny causal video VAE (temporal compression 4) instead of the image VAE."""
+    return tiny_config(data, out, vae=tiny_models(names=["video_vae"])["video_vae"], vae_kind="video", **over)
 
 
 # --------------------------------------------------------------------------- causal video VAE
@@ -79,15 +57,8 @@ def test_causal_groups():
 def video_vae_store(synth_videos: Path, tmp_path_factory) -> tuple[Path, ExtractConfig]:
     out = tmp_path_factory.mktemp("video_vae") / "store.zarr"
     # dino at 112 px gives an 8x8 grid, so the spatial resampling to the 4x4 DiT grid is real
-    cfg = tiny_config(
-        synth_videos,
-        out,
-        vae=tiny_models(names=["video_vae"])["video_vae"],
-        vae_kind="video",
-        frames=9,
-        encoders=["dino", "videomae"],
-        dino_size=112,
-        block_size=3,
+    cfg = video_vae_config(
+        synth_videos, out, frames=9, encoders=["dino", "videomae"], dino_size=112, block_size=3
     )
     runner.run_extract(cfg)
     return out, cfg
@@ -106,13 +77,9 @@ def test_video_vae_store_has_causal_latent_grid(video_vae_store):
 
 def test_video_vae_targets_average_each_causal_latent_step(video_vae_store, synth_videos: Path):
     out, cfg = video_vae_store
-    group = zarr.open_group(str(out), mode="r")
-    attrs = dict(group.attrs)
     clip = 4
-    source = V.discover(synth_videos)
-    spec = V.ClipSpec(frames=9, stride=1, clips_per_video=1, size=64)
-    entry = source.entries[int(group[C.VIDEO_INDEX][clip])]
-    frames = torch.from_numpy(V.read_clip(entry, int(group[C.START_FRAME][clip]), spec))[None]
+    group, frames = decoded_rows(out, synth_videos, [clip], frames=9)
+    attrs = dict(group.attrs)
     paths = tiny_models()
     assert [e["time_frames"] for e in attrs["encoders"]] == [
         3,
@@ -128,7 +95,7 @@ def test_video_vae_targets_average_each_causal_latent_step(video_vae_store, synt
     x = F.interpolate(x, size=(4, 4), mode="bilinear", align_corners=False, antialias=True)
     expected = x.permute(0, 2, 3, 1).numpy()
     expected /= np.linalg.norm(expected, axis=-1, keepdims=True)
-    cached = reconstructed(group, "dino", clip)
+    cached = store_targets(group, "dino", slice(clip, clip + 1))[0].numpy()
     np.testing.assert_allclose(cached, expected, atol=0.02)
     assert float(formats.token_cosines(cached, expected).min()) >= 0.999
     # and not the naive grouping of 3 frames per latent step
@@ -138,7 +105,7 @@ def test_video_vae_targets_average_each_causal_latent_step(video_vae_store, synt
     # videomae: its tubelet grid (4 steps) is interpolated to the 3 latent steps, as before
     videomae = load_encoder("videomae", paths["videomae"])
     expected_vm = to_target(videomae.features(frames), attrs["grid"])[0].numpy()
-    cached_vm = reconstructed(group, "videomae", clip)
+    cached_vm = store_targets(group, "videomae", slice(clip, clip + 1))[0].numpy()
     np.testing.assert_allclose(cached_vm, expected_vm, atol=0.02)
     assert float(formats.token_cosines(cached_vm, expected_vm).min()) >= 0.999
 
@@ -149,14 +116,7 @@ def test_video_vae_targets_average_each_causal_latent_step(video_vae_store, synt
 
 def test_frames_that_do_not_fit_a_causal_vae_fail_clearly(synth_videos: Path, tmp_path):
     out = tmp_path / "never.zarr"
-    cfg = tiny_config(
-        synth_videos,
-        out,
-        vae=tiny_models(names=["video_vae"])["video_vae"],
-        vae_kind="video",
-        frames=8,
-        encoders=["dino"],
-    )
+    cfg = video_vae_config(synth_videos, out, frames=8, encoders=["dino"])
     with pytest.raises(runner.ExtractError, match=r"--frames 8 .*causal.*1 \+ 4\*j frames, e\.g\. 5, 9, 13"):
         runner.run_extract(cfg)
     assert not out.exists()

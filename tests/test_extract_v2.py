@@ -11,7 +11,7 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner
-from helpers import tiny_extract_config
+from helpers import clip_frames, decoded_rows, store_targets, tiny_extract_config
 
 from cache_schema import constants as C
 from cache_schema import formats, validate_store
@@ -35,28 +35,6 @@ def tiny_config(data: Path, out: Path | str, **over) -> ExtractConfig:
     return tiny_extract_config(data, out, **{"block_size": 3, **over})
 
 
-def stored_targets(group, name: str, rows) -> torch.Tensor:
-    """Targets [B,T,H,W,D] rebuilt from the stored arrays exactly as a trainer does."""
-    enc = {e["name"]: e for e in group.attrs["encoders"]}[name]
-    values = group[f"targets/{name}/values"][rows]
-    scales = group[f"targets/{name}/scales"][rows] if enc["scales"] else None
-    basis = None
-    if enc["pca"]:
-        basis = {"mean": group[f"pca/{name}/mean"][:], "components": group[f"pca/{name}/components"][:]}
-    return formats.reconstruct(
-        values, scales, enc["format"], enc["stored_dim"], group.attrs["grid"][0], basis
-    )
-
-
-def clip_frames(
-    source: V.VideoSource, group, row: int, spec: V.ClipSpec, flip: bool | None = None
-) -> torch.Tensor:
-    """uint8 [1,T,H,W,3] of a store row, decoded independently (mirrored as the row says)."""
-    entry = source.entries[int(group[C.VIDEO_INDEX][row])]
-    flip = bool(group[C.FLIP][row]) if flip is None else flip
-    return torch.from_numpy(V.read_clip(entry, int(group[C.START_FRAME][row]), spec, flip=flip))[None]
-
-
 # --------------------------------------------------------------------------- formats
 
 
@@ -78,10 +56,7 @@ def format_stores(synth_videos: Path, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def direct_targets(format_stores, synth_videos: Path) -> dict[str, torch.Tensor]:
     """Each encoder's exact targets for the 6 store rows, computed without the extract stage."""
-    group = zarr.open_group(str(format_stores["float16"]), mode="r")
-    source = V.discover(synth_videos)
-    spec = V.ClipSpec(frames=8, stride=1, size=64)
-    frames = torch.cat([clip_frames(source, group, row, spec) for row in range(6)])
+    group, frames = decoded_rows(format_stores["float16"], synth_videos, range(6), frames=8)
     paths = tiny_models()
     return {
         name: to_target(load_encoder(name, paths[name]).features(frames), group.attrs["grid"])
@@ -101,7 +76,7 @@ def test_each_format_reconstructs_the_real_encoders_targets(format_stores, direc
         assert enc["scales"] == (None if layout["scales"] is None else list(layout["scales"]))
         assert (f"targets/{enc['name']}/scales" in group) == (layout["scales"] is not None)
     for name, expected in direct_targets.items():
-        cos = formats.token_cosines(stored_targets(group, name, slice(None)), expected)
+        cos = formats.token_cosines(store_targets(group, name, slice(None)), expected)
         assert float(cos.mean()) >= MIN_COSINE[fmt], (name, float(cos.mean()))
         assert float(cos.min()) >= MIN_TOKEN_COSINE[fmt], (name, float(cos.min()))
         fid = attrs["derived"]["fidelity"][name]
@@ -200,7 +175,7 @@ def test_mirrored_rows_are_the_encoders_on_mirrored_frames(variety_store, synth_
     mirrored, plain = clip_frames(source, group, row, spec), clip_frames(source, group, row, spec, flip=False)
     torch.testing.assert_close(mirrored, plain.flip(3))
     videomae = load_encoder("videomae", paths["videomae"])
-    stored = stored_targets(group, "videomae", slice(row, row + 1))
+    stored = store_targets(group, "videomae", slice(row, row + 1))
     expected = to_target(videomae.features(mirrored), group.attrs["grid"])
     assert float(formats.token_cosines(stored, expected).min()) >= 0.998
     unflipped = to_target(videomae.features(plain), group.attrs["grid"])
@@ -236,7 +211,7 @@ def test_pca_basis_and_fidelity_come_from_disjoint_seeded_samples(variety_store,
     )
     assert "videomae" not in derived["pca"] and not group.attrs["encoders"][1]["pca"]
     # fidelity: the held-out rows' stored targets against the exact ones
-    cos = formats.token_cosines(stored_targets(group, "dino", fid_rows), direct(fid_rows))
+    cos = formats.token_cosines(store_targets(group, "dino", fid_rows), direct(fid_rows))
     fid = derived["fidelity"]["dino"]
     assert fid["clips"] == 4 and fid["held_out"] is True
     assert abs(fid["mean"] - float(cos.double().mean())) < 1e-5

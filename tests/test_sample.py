@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from helpers import make_run, randomize_zero_inits, tiny_dit
 from PIL import Image
 
-from cache_schema import RunDir
 from pipeline.cli import main
 from stages.common.dit import VideoDiT
 from stages.common.flow import euler_sample, heun_sample
@@ -29,34 +29,18 @@ T, LATENT, CLASSES = 3, 8, 3  # latent frames, latent size; the tiny VAE is 2x s
 
 def _dit(seed: int, num_classes: int = CLASSES) -> VideoDiT:
     torch.manual_seed(seed)
-    model = VideoDiT(
-        in_channels=4,
-        num_frames=T,
-        sample_size=LATENT,
-        hidden_size=32,
-        depth=2,
-        num_heads=4,
-        num_classes=num_classes,
-    )
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # leave adaLN-Zero so the velocity is not identically zero
-        for name, p in model.named_parameters():
-            if "adaLN_modulation" in name or "final_layer.linear" in name:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-    return model.eval()
+    model = tiny_dit(num_frames=T, sample_size=LATENT, num_classes=num_classes)
+    return randomize_zero_inits(model, seed, scale=0.1).eval()
 
 
 def _make_run(root: Path, vae: Path | None, num_classes: int = CLASSES) -> Path:
-    """A run directory in the train stage's layout, with distinct raw and EMA weights."""
-    run = root / "run"
-    step = run / "checkpoints" / "step-0000010"
-    _dit(1, num_classes).save_pretrained(step / "model")
-    _dit(2, num_classes).save_pretrained(step / "ema")
-    _dit(3, num_classes).save_pretrained(run / "checkpoints" / "step-0000005" / "ema")  # older, not latest
-    (run / "checkpoints" / "latest").write_text("step-0000010\n")
-    vae_spec = {"id": str(vae) if vae else None, "kind": "image", "scale": 0.5}
-    RunDir(run).write_config({"model": "tiny", "vae_spec": vae_spec})
-    return run
+    """A run directory with distinct raw and EMA weights, and an older (not latest) checkpoint."""
+    weights = {
+        "step-0000010/model": _dit(1, num_classes),
+        "step-0000010/ema": _dit(2, num_classes),
+        "step-0000005/ema": _dit(3, num_classes),
+    }
+    return make_run(root / "run", vae, weights, latest="step-0000010")
 
 
 def _read_mp4(path: Path) -> np.ndarray:

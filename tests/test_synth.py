@@ -81,7 +81,7 @@ def test_separate_processes_write_byte_identical_files(tmp_path: Path) -> None:
             [sys.executable, "-c", _WRITE_SET, str(tmp_path / name)], cwd=repo, env=env, check=True
         )
     a, b = _digests(tmp_path / "a"), _digests(tmp_path / "b")
-    assert len(a) == 7 and a.keys() == b.keys()  # 6 videos + synth.json
+    assert len(a) == 8 and a.keys() == b.keys()  # 6 videos, synth.json, the folder's marker
     assert [k for k in a if a[k] != b[k]] == []
 
 
@@ -127,8 +127,9 @@ def test_class_names_and_bad_arguments(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="not a folder"):
         make_synthetic(tmp_path / "file", videos=1, progress=False)
-    with pytest.raises(ValueError, match="not empty"):
+    with pytest.raises(ValueError, match=r"files that align4gen did not write \(file\)"):
         make_synthetic(tmp_path, videos=1, progress=False)
+    assert (tmp_path / "file").read_text() == "x"
 
 
 def test_rewrite_replaces_previous_set(tmp_path: Path) -> None:

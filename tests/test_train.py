@@ -4,23 +4,21 @@ DDP with two gloo ranks, refusal of mismatched caches, NaN stop, SIGTERM checkpo
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import LATENT_SHAPE, make_shards
+from helpers import LATENT_SHAPE, checkpoint_weights, make_shards, subprocess_env, tiny_train_config
 
 import cache_schema
 from cache_schema import RunDir
-from stages.train import NonFiniteLoss, TrainConfig, train
-
-REPO = Path(__file__).resolve().parents[1]
+from stages.train import NonFiniteLoss, train
 
 
 def read_log(run: Path) -> list[dict]:
@@ -31,13 +29,7 @@ def latest_checkpoint(run: Path):
     return RunDir(run).latest_checkpoint()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model is overhead-bound: one intra-op thread is faster on a shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -45,24 +37,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_shards(tmp_path_factory.mktemp("shards"))
 
 
-def tiny(shards: Path, out: Path, **overrides) -> TrainConfig:
-    values = dict(
-        shards=str(shards),
-        out=str(out),
-        model="tiny",
-        batch_size=4,
-        steps=6,
-        log_every=1,
-        checkpoint_every=3,
-        ema=0.99,
-        lr=1e-3,
-        num_workers=0,
-        shuffle_buffer=16,
-        projector_dim=64,
-        device="cpu",
-    )
-    values.update(overrides)
-    return TrainConfig(**values)
+tiny = partial(tiny_train_config, shuffle_buffer=16, projector_dim=64)
 
 
 def test_a_few_steps_write_the_run_directory(shards: Path, tmp_path: Path) -> None:
@@ -124,12 +99,6 @@ def test_alignment_raises_cosine_similarity_only_when_on(shards: Path, tmp_path:
     assert row["loss"] == pytest.approx(row["flow_loss"], rel=1e-5)
 
 
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(next(folder.glob("*.safetensors")))
-
-
 def test_resume_reproduces_a_straight_run(shards: Path, tmp_path: Path) -> None:
     # Grad accumulation, and a stop at step 5 inside the 8-step loader segment, so the resumed
     # loader must replay the part of the segment already consumed.
@@ -142,7 +111,7 @@ def test_resume_reproduces_a_straight_run(shards: Path, tmp_path: Path) -> None:
     b = latest_checkpoint(tmp_path / "split")
     assert a.name == b.name == "step-0000008"
     for part in ("model", "ema"):
-        wa, wb = _weights(a / part), _weights(b / part)
+        wa, wb = checkpoint_weights(a / part), checkpoint_weights(b / part)
         assert wa.keys() == wb.keys()
         for key in wa:
             torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6, msg=f"{part}.{key}")
@@ -180,16 +149,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(shards: Path, tmp_path: P
         train(tiny(bad, run, steps=4, checkpoint_every=1, resume=True), progress=False)
     assert latest_checkpoint(run).name == "step-0000002"
     assert torch.isfinite(
-        torch.stack([v.float().sum() for v in _weights(latest_checkpoint(run) / "model").values()])
+        torch.stack([v.float().sum() for v in checkpoint_weights(latest_checkpoint(run) / "model").values()])
     ).all()
 
 
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "pipeline.cli", "train", *args]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
 
 
 def test_cli_run_imports_no_encoder_code(shards: Path, tmp_path: Path) -> None:
@@ -218,7 +183,9 @@ def test_cli_run_imports_no_encoder_code(shards: Path, tmp_path: Path) -> None:
         "tiny",
     ]
     cmd += ["--steps", "2", "--device", "cpu", "--set", "projector_dim=32"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=120, cwd=tmp_path)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=subprocess_env(), timeout=120, cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("ENCODER_MODULES="))
     assert json.loads(line.split("=", 1)[1]) == []
@@ -237,7 +204,7 @@ def test_cli_run_imports_no_encoder_code(shards: Path, tmp_path: Path) -> None:
         ),
         capture_output=True,
         text=True,
-        env=_env(),
+        env=subprocess_env(),
         timeout=120,
     )
     assert proc.returncode != 0 and "fingerprint" in proc.stderr
@@ -248,7 +215,7 @@ def test_ddp_two_gloo_ranks(shards: Path, tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += ["-m", "pipeline.cli", "train", "--shards", str(shards), "--out", str(run), "--preset", "tiny"]
     cmd += ["--steps", "3", "--checkpoint-every", "3", "--device", "cpu", "--set", "projector_dim=32"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=150)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=150)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_log(run)
     assert [r["step"] for r in rows] == [1, 2, 3]  # rank 0 logs once per step
@@ -272,7 +239,9 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(shards: Path, tmp_path: P
         "--set",
         "projector_dim=32",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env()
+    )
     deadline = time.time() + 90
     while time.time() < deadline and len(read_log(run)) < 3:
         time.sleep(0.2)
@@ -312,7 +281,7 @@ def test_training_gifs_are_reproduced_by_pipeline_sample(shards: Path, tmp_path:
 
 
 def test_loader_with_workers_is_deterministic_and_resumable(shards: Path) -> None:
-    from stages.train.data import LoaderSpec, iterate_steps, shard_urls
+    from stages.train.data import LoaderSpec, iterate_steps, shard_urls, unpack
 
     index = json.loads((shards / "index.json").read_text())
     spec = LoaderSpec(
@@ -323,7 +292,7 @@ def test_loader_with_workers_is_deterministic_and_resumable(shards: Path) -> Non
     def take(start: int, n: int) -> list[torch.Tensor]:
         stream = iterate_steps(spec, start)
         try:
-            return [next(stream)[0]["latent"] for _ in range(n)]
+            return [unpack(next(stream)[0])[0].clone() for _ in range(n)]
         finally:
             stream.close()
 

@@ -9,49 +9,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import make_shards
+from helpers import checkpoint_weights, make_shards
+from helpers import tiny_train_config as tiny
 from safetensors.torch import load_file
 
 from cache_schema import RunDir
-from stages.train import TrainConfig, train
 from stages.train import data as D
+from stages.train import train
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     return make_shards(tmp_path_factory.mktemp("shards"), num_samples=32, per_shard=8)
-
-
-def tiny(shards: Path, out: Path, **overrides) -> TrainConfig:
-    values = dict(
-        shards=str(shards),
-        out=str(out),
-        model="tiny",
-        batch_size=4,
-        steps=6,
-        log_every=1,
-        checkpoint_every=3,
-        ema=0.99,
-        lr=1e-3,
-        num_workers=0,
-        shuffle_buffer=8,
-        projector_dim=32,
-        device="cpu",
-    )
-    values.update(overrides)
-    return TrainConfig(**values)
-
-
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(next(folder.glob("*.safetensors")))
 
 
 def test_alignment_ends_for_good_and_targets_are_never_decoded_after(shards: Path, tmp_path: Path) -> None:
@@ -102,7 +73,10 @@ def test_resume_before_and_after_the_switch_equals_a_straight_run(
     train(tiny(shards, tmp_path / "split", steps=7, resume=True, **common), progress=False)
     a, b = RunDir(tmp_path / "straight"), RunDir(tmp_path / "split")
     for part in ("model", "ema"):
-        wa, wb = _weights(a.latest_checkpoint() / part), _weights(b.latest_checkpoint() / part)
+        wa, wb = (
+            checkpoint_weights(a.latest_checkpoint() / part),
+            checkpoint_weights(b.latest_checkpoint() / part),
+        )
         for key in wa:
             torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6, msg=f"{part}.{key}")
     la, lb = a.read_log(), b.read_log()

@@ -4,34 +4,28 @@ writers, Ctrl-C, bad values, and resumes that read the run's own config."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import tarfile
 import time
+from functools import partial
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
-from helpers import make_shards
+from helpers import make_shards, subprocess_env, tiny_train_config
 
-from cache_schema import RunDir
-from stages.train import TrainConfig, train
+from cache_schema import CacheError, RunDir
+from stages.train import train
 from stages.train.data import CorruptSample
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     return make_shards(tmp_path_factory.mktemp("shards"), num_samples=32, per_shard=8)
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
 
 
 def cli(*args: str) -> list[str]:
@@ -44,7 +38,7 @@ def tiny_args(shards: Path, out: Path, *extra: str) -> list[str]:
 
 
 def run_cli(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(args, capture_output=True, text=True, env=_env(), timeout=timeout)
+    return subprocess.run(args, capture_output=True, text=True, env=subprocess_env(), timeout=timeout)
 
 
 def invoke(args: list[str]) -> subprocess.CompletedProcess:
@@ -72,11 +66,7 @@ def corrupt_copy(shards: Path, dest: Path, member_suffix: str = "latent.npy") ->
     return member.name.split(".")[0]
 
 
-def tiny(shards: Path, out: Path, **overrides) -> TrainConfig:
-    values = dict(shards=str(shards), out=str(out), model="tiny", batch_size=4, steps=4, log_every=1,
-                  checkpoint_every=2, num_workers=0, shuffle_buffer=8, projector_dim=16, device="cpu")  # fmt: skip
-    values.update(overrides)
-    return TrainConfig(**values)
+tiny = partial(tiny_train_config, steps=4, checkpoint_every=2, projector_dim=16)
 
 
 def test_corrupt_payload_stops_naming_shard_and_key(shards: Path, tmp_path: Path) -> None:
@@ -96,6 +86,20 @@ def test_corrupt_sample_with_workers_ends_within_seconds(shards: Path, tmp_path:
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "shard-000001.tar" in errors[0] and key in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_a_truncated_shard_is_named_or_skipped(shards: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    tar = bad / "shard-000002.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2 + 100])  # a copy cut short mid-member
+    with pytest.raises(CacheError, match=r"shard shard-000002.tar is corrupt: \d+ bytes on disk, index says"):
+        train(tiny(bad, tmp_path / "run", steps=40), progress=False)
+    summary = train(tiny(bad, tmp_path / "skip", steps=20, on_corrupt="skip"), progress=False)
+    assert summary["skipped"] >= 1 and summary["step"] == 20
+    assert any("shard-000002.tar is corrupt" in n for n in summary["notes"])
+    keys = [k for r in RunDir(tmp_path / "skip").read_log() for k in r["skipped"]["keys"]]
+    assert keys and all("shard-000002.tar" in k for k in keys), keys  # the cut sample, named
 
 
 def test_skip_logs_every_skipped_key_and_a_count(shards: Path, tmp_path: Path) -> None:
@@ -125,7 +129,7 @@ def _children(pid: int) -> list[psutil.Process]:
 
 def test_loader_workers_die_with_a_killed_parent(shards: Path, tmp_path: Path) -> None:
     args = tiny_args(shards, tmp_path / "run", "--steps", "100000", "--num-workers", "2", "--log-every", "1")
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=subprocess_env())
     deadline = time.time() + 60
     while time.time() < deadline and len(RunDir(tmp_path / "run").read_log()) < 2:
         time.sleep(0.2)
@@ -141,7 +145,7 @@ def test_a_second_writer_is_refused_naming_the_first(shards: Path, tmp_path: Pat
     run = tmp_path / "run"
     first = subprocess.Popen(
         tiny_args(shards, run, "--steps", "100000", "--log-every", "1"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
     )  # fmt: skip
     try:
         deadline = time.time() + 60
@@ -193,6 +197,14 @@ def test_a_torn_log_line_is_repaired_on_resume(shards: Path, tmp_path: Path) -> 
     (run / "log.jsonl").write_text("\n".join([text[0], "garbage", *text[1:]]) + "\n")
     with pytest.raises(Exception, match=r"log.jsonl:2"):
         RunDir(run).read_log()
+
+
+def test_resuming_a_finished_run_at_its_last_checkpoint(shards: Path, tmp_path: Path) -> None:
+    """Found by bench/soak.py: a kill after the final checkpoint, then --resume, must load it."""
+    run = tmp_path / "run"
+    train(tiny(shards, run, steps=2), progress=False)
+    summary = train(tiny(shards, run, steps=2, resume=True), progress=False)
+    assert summary["step"] == 2 and RunDir(run).latest_checkpoint().name == "step-0000002"
 
 
 def test_keep_checkpoints_prunes_but_never_latest(shards: Path, tmp_path: Path) -> None:

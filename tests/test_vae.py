@@ -14,14 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import AutoencoderKL, AutoencoderKLCogVideoX
+from helpers import random_clip
 
 from stages.common.presets import tiny_models
 from stages.common.vae import VAEWrapper, WeightsNotFoundError
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="module")
@@ -29,16 +25,11 @@ def tiny(tmp_path_factory) -> dict[str, str]:
     return tiny_models(tmp_path_factory.getbasetemp() / "align4gen-tiny", names=["vae", "video_vae"])
 
 
-def _clip(b=2, t=4, h=64, w=64, seed=0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (b, t, h, w, 3), generator=g, dtype=torch.uint8)
-
-
 def test_image_vae_matches_diffusers_posterior_mean(tiny):
     vae = VAEWrapper.load(tiny["vae"], kind="image", scale=0.18215)
     assert (vae.latent_channels, vae.spatial_factor, vae.temporal_factor) == (4, 8, 1)
     assert vae.model_id == tiny["vae"] and not any(p.requires_grad for p in vae.model.parameters())
-    x = _clip()
+    x = random_clip()
     z = vae.encode(x)
     assert z.shape == (2, 4, 4, 8, 8) and z.dtype == torch.float16
     assert z.shape[1:] == vae.latent_shape(4, 64, 64)
@@ -63,7 +54,7 @@ def test_video_vae_compresses_time(tiny):
     vae = VAEWrapper.load(tiny["video_vae"], kind="video", scale=None)
     ref = AutoencoderKLCogVideoX.from_pretrained(tiny["video_vae"]).eval()
     assert vae.temporal_factor == 4 and vae.scale == pytest.approx(ref.config.scaling_factor)
-    x = _clip(b=1, t=8)
+    x = random_clip(b=1, t=8)
     z = vae.encode(x)
     assert z.shape == (1, 4, 2, 8, 8) and z.dtype == torch.float16
     assert z.shape[1:] == vae.latent_shape(8, 64, 64)
@@ -124,7 +115,7 @@ def test_tiny_preset_is_deterministic_and_race_safe(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_encode_close_to_cpu(tiny):
-    x = _clip()
+    x = random_clip()
     cpu = VAEWrapper.load(tiny["vae"]).encode(x)
     gpu = VAEWrapper.load(tiny["vae"], device="cuda").encode(x)
     assert gpu.dtype == torch.float16 and gpu.shape == cpu.shape
@@ -159,7 +150,7 @@ def _pipeline_folder(root: Path, vae: str, index: bool = True) -> Path:
 
 
 def test_video_vae_from_a_pipeline_folder_uses_its_vae_subfolder(tiny, tmp_path):
-    x = _clip(b=1, t=8)
+    x = random_clip(b=1, t=8)
     want = VAEWrapper.load(tiny["video_vae"], kind="video", scale=None).encode(x)
     for name, index in (("with-index", True), ("vae-only", False)):
         folder = _pipeline_folder(tmp_path / name, tiny["video_vae"], index=index)
@@ -182,5 +173,5 @@ def test_video_vae_by_hub_id_of_a_pipeline_repo(tiny, tmp_path):
         [sys.executable, "-c", script, str(out)], cwd=repo_root, env=env, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    want = VAEWrapper.load(tiny["video_vae"], kind="video", scale=None).encode(_clip(b=1, t=8))
+    want = VAEWrapper.load(tiny["video_vae"], kind="video", scale=None).encode(random_clip(b=1, t=8))
     torch.testing.assert_close(torch.load(out), want, rtol=0, atol=0)

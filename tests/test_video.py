@@ -318,23 +318,25 @@ def test_integer_manifest_labels_give_class_names(tmp_path: Path) -> None:
     assert discover(unlabelled).class_names is None
 
 
-def test_mixed_or_bad_manifest_labels_name_the_line(tmp_path: Path) -> None:
-    mixed = tmp_path / "mixed.csv"
-    mixed.write_text("path,label\na.mp4,\nb.mp4,3\nc.mp4,walk\nd.mp4,run\n")
-    with pytest.raises(ValueError, match=r"mixed.csv:4: label 'walk' mixes name labels with int labels"):
-        discover(mixed)
-    jsonl = tmp_path / "mixed.jsonl"
-    jsonl.write_text('{"path": "a.mp4", "label": "walk"}\n{"path": "b.mp4", "label": 1}\n')
-    with pytest.raises(ValueError, match=r"mixed.jsonl:2: label 1 mixes int labels with name labels"):
-        discover(jsonl)
-    negative = tmp_path / "neg.csv"
-    negative.write_text("path,label\na.mp4,-1\n")
-    with pytest.raises(ValueError, match=r"neg.csv:2: integer labels must be >= 0, got -1"):
-        discover(negative)
-    boolean = tmp_path / "bool.jsonl"
-    boolean.write_text('{"path": "a.mp4", "label": true}\n')
-    with pytest.raises(ValueError, match=r"bool.jsonl:1: label must be an integer or a class name, got True"):
-        discover(boolean)
+@pytest.mark.parametrize(
+    "name,text,message",
+    [
+        ("mixed.csv", "path,label\na.mp4,\nb.mp4,3\nc.mp4,walk\nd.mp4,run\n",
+         r"mixed.csv:4: label 'walk' mixes name labels with int labels"),
+        ("mixed.jsonl", '{"path": "a.mp4", "label": "walk"}\n{"path": "b.mp4", "label": 1}\n',
+         r"mixed.jsonl:2: label 1 mixes int labels with name labels"),
+        ("neg.csv", "path,label\na.mp4,-1\n", r"neg.csv:2: integer labels must be >= 0, got -1"),
+        ("bool.jsonl", '{"path": "a.mp4", "label": true}\n',
+         r"bool.jsonl:1: label must be an integer or a class name, got True"),
+    ],
+)  # fmt: skip
+def test_mixed_or_bad_manifest_labels_name_the_line(
+    tmp_path: Path, name: str, text: str, message: str
+) -> None:
+    manifest = tmp_path / name
+    manifest.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        discover(manifest)
 
 
 def test_manifest_from_ucf_split(tmp_path: Path) -> None:

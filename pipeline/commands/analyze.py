@@ -4,8 +4,38 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
+
+from stages.evaluate.iicr import VideoIICRConfig
+
+_V = VideoIICRConfig()  # the --videos defaults shown in the help are the config's own
+
+# integer VideoIICRConfig fields set by flags of the same name (used with --videos)
+_CLIP_OPTIONS = {
+    "frames": "Frames per clip (--videos).",
+    "stride": "Frame stride (--videos).",
+    "clips_per_video": "Clips per video (--videos).",
+    "size": "Clip size in pixels (--videos).",
+    "max_videos": "Analyse at most this many videos (--videos).",
+    "batch_size": "Clips per encoder batch (--videos).",
+}
+
+
+def _clip_options(func):
+    """Add one integer option per _CLIP_OPTIONS field, in that order, defaulting to the config's."""
+    for name, text in reversed(_CLIP_OPTIONS.items()):
+        default = getattr(_V, name)
+        option = click.option(
+            "--" + name.replace("_", "-"),
+            type=int,
+            default=default,
+            show_default=default is not None,
+            help=text,
+        )
+        func = option(func)
+    return func
 
 
 def _parse_models(items: tuple[str, ...]) -> dict[str, str]:
@@ -25,32 +55,18 @@ def _parse_models(items: tuple[str, ...]) -> dict[str, str]:
 @click.option(
     "--cache",
     type=click.Path(exists=True),
-    default=None,
     help="Feature store (zarr) from `pipeline extract`.",
 )
-@click.option(
-    "--videos", type=click.Path(exists=True), default=None, help="Video folder: run the encoders directly."
-)
-@click.option("--encoders", default=None, help="Comma list (store: subset, default all; videos: required).")
-@click.option(
-    "--preset", type=click.Choice(["tiny"]), default=None, help="Use the tiny random-initialised encoders."
-)
+@click.option("--videos", type=click.Path(exists=True), help="Video folder: run the encoders directly.")
+@click.option("--encoders", help="Comma list (store: subset, default all; videos: required).")
+@click.option("--preset", type=click.Choice(["tiny"]), help="Use the tiny random-initialised encoders.")
 @click.option(
     "--encoder-model", "encoder_models", multiple=True, metavar="NAME=ID_OR_PATH", help="Weights per encoder."
 )
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--frames", type=int, default=16, show_default=True, help="Frames per clip (--videos).")
-@click.option("--stride", type=int, default=3, show_default=True, help="Frame stride (--videos).")
-@click.option("--clips-per-video", type=int, default=2, show_default=True, help="Clips per video (--videos).")
-@click.option("--size", type=int, default=256, show_default=True, help="Clip size in pixels (--videos).")
-@click.option("--max-videos", type=int, default=None, help="Analyse at most this many videos (--videos).")
-@click.option(
-    "--batch-size", type=int, default=4, show_default=True, help="Clips per encoder batch (--videos)."
-)
-@click.option(
-    "--block-clips", type=int, default=None, help="Clips per dask block (--cache; default: zarr chunk)."
-)
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda.")
+@_clip_options
+@click.option("--block-clips", type=int, help="Clips per dask block (--cache; default: zarr chunk).")
+@click.option("--device", default=_V.device, show_default=True, help="auto | cpu | cuda.")
 @click.option("--no-per-position", is_flag=True, default=False, help="Skip the per-token-position figures.")
 def analyze(
     cache: str | None,
@@ -59,16 +75,12 @@ def analyze(
     preset: str | None,
     encoder_models: tuple[str, ...],
     out: str,
-    frames: int,
-    stride: int,
-    clips_per_video: int,
-    size: int,
-    max_videos: int | None,
-    batch_size: int,
     block_clips: int | None,
-    device: str,
     no_per_position: bool,
+    **clip_options: Any,
 ) -> None:
+    """`clip_options`: the VideoIICRConfig fields given by flags (frames, stride, clips_per_video,
+    size, max_videos, batch_size, device), used with --videos."""
     from cache_schema import prepare_output
     from pipeline.commands.common import cli_errors
     from stages.evaluate import iicr
@@ -89,16 +101,7 @@ def analyze(
         else:
             if not names:
                 raise click.UsageError("--videos needs --encoders, e.g. --encoders dino,sam2")
-            cfg = iicr.VideoIICRConfig(
-                frames=frames,
-                stride=stride,
-                clips_per_video=clips_per_video,
-                size=size,
-                batch_size=batch_size,
-                max_videos=max_videos,
-                device=device,
-                per_position=not no_per_position,
-            )
+            cfg = VideoIICRConfig(**clip_options, per_position=not no_per_position)
             result = _from_videos(videos, names, preset, _parse_models(encoder_models), cfg)
     out_dir = Path(out)
     (out_dir / "iicr.json").write_text(json.dumps(result, indent=2))

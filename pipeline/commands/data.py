@@ -10,7 +10,7 @@ import click
 
 @click.group(name="data")
 def data() -> None:
-    """Datasets: generate the built-in synthetic set (`data synth`)."""
+    """Datasets: the built-in synthetic set (`data synth`), UCF-101 split manifests (`data ucf-split`)."""
 
 
 @data.command(name="synth")
@@ -37,7 +37,7 @@ def synth(out: str, videos: int, classes: int, frames: int, size: int, seed: int
         info = make_synthetic(
             out, videos=videos, classes=classes, frames=frames, size=size, seed=seed, fps=fps
         )
-    except ValueError as exc:
+    except ValueError as exc:  # includes a refused --out (cache_schema.OutputError)
         raise click.ClickException(str(exc)) from None
     elapsed = time.perf_counter() - start
     total_bytes = sum(Path(p).stat().st_size for p in info.paths)
@@ -49,3 +49,30 @@ def synth(out: str, videos: int, classes: int, frames: int, size: int, seed: int
     click.echo(f"  classes {classes}:")
     for k, name in enumerate(info.class_names):
         click.echo(f"    {k:>3}  {name:<28} {counts.get(k, 0)} videos")
+
+
+@data.command(name="ucf-split")
+@click.option("--split", "split_file", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="trainlist01.txt / testlist01.txt from UCF-101's official splits.")  # fmt: skip
+@click.option(
+    "--class-ind", required=True, type=click.Path(exists=True, dir_okay=False), help="classInd.txt."
+)
+@click.option(
+    "--root", required=True, type=click.Path(exists=True, file_okay=False), help="The UCF-101 folder."
+)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="CSV manifest to write.")
+def ucf_split(split_file: str, class_ind: str, root: str, out: str) -> None:
+    """Write a CSV manifest (path,label with class names) for one official UCF-101 split, to give
+    `pipeline extract --data MANIFEST.csv` exactly the split's videos."""
+    from pathlib import Path
+
+    from stages.common.video import manifest_from_ucf_split
+
+    if Path(out).exists():
+        raise click.ClickException(f"--out {out} already exists; choose another file name")
+    try:
+        path = manifest_from_ucf_split(split_file, class_ind, root, out)
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
+    rows = path.read_text().count("\n") - 1
+    click.echo(f"{rows} videos -> {path}")

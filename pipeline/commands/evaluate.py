@@ -58,14 +58,31 @@ def _common(func):
 
 
 def _config(config_file, overrides, **flags: Any):
-    from pipeline.config import resolve_config
+    from pipeline.commands.common import resolve_stage_config
     from stages.evaluate.fvd import EvalConfig
 
-    return resolve_config(EvalConfig, config_file, overrides, flags)
+    return resolve_stage_config(EvalConfig, config_file, overrides, flags)
 
 
-def _fail(exc: Exception) -> None:
-    raise click.ClickException(str(exc)) from exc
+def _file_out(out: str, overwrite: bool) -> None:
+    """A stats or features file is written only where no file is, or with --overwrite."""
+    target = Path(out)
+    if target.is_dir():
+        raise click.ClickException(
+            f"--out {out} is a folder; give a file name such as {out.rstrip('/')}/stats.npz"
+        )
+    if target.exists() and not overwrite:
+        raise click.ClickException(f"--out {out} already exists; pass --overwrite to replace it")
+
+
+def _videos_and_out(func):
+    func = click.option("--overwrite", is_flag=True, default=False, help="Replace an existing --out file.")(
+        func
+    )
+    func = click.option("--out", required=True, type=click.Path(), help="File (.npz) to write.")(func)
+    return click.option(
+        "--videos", required=True, type=click.Path(exists=True), help="Video folder, manifest or .npz/.npy."
+    )(func)
 
 
 @click.group(help="FVD and content-debiased FVD: `stats`, `features`, `fvd`.")
@@ -74,20 +91,16 @@ def evaluate() -> None:
 
 
 @evaluate.command(help="Feature mean/covariance of a video folder or .npz of videos, with its protocol.")
-@click.option(
-    "--videos", required=True, type=click.Path(exists=True), help="Video folder, manifest or .npz/.npy."
-)
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Stats file (.npz) to write.")
+@_videos_and_out
 @_common
-def stats(videos: str, out: str, config_file, overrides, **flags: Any) -> None:
+def stats(videos: str, out: str, overwrite: bool, config_file, overrides, **flags: Any) -> None:
+    from pipeline.commands.common import cli_errors
     from stages.evaluate import fvd
 
     cfg = _config(config_file, overrides, **flags)
-    try:
-        det = fvd.build_detector(cfg)
-        st = fvd.compute_stats(det, videos, cfg, cache=False)
-    except (ValueError, FileNotFoundError) as exc:
-        _fail(exc)
+    _file_out(out, overwrite)
+    with cli_errors():
+        st = fvd.compute_stats(fvd.build_detector(cfg), videos, cfg, cache=False)
     path = st.save(out)
     click.echo(f"{st.n} videos -> {path} (protocol {st.fingerprint[:12]}: {json.dumps(st.protocol)})")
     for w in st.warnings:
@@ -95,20 +108,17 @@ def stats(videos: str, out: str, config_file, overrides, **flags: Any) -> None:
 
 
 @evaluate.command(help="Raw detector features [n, D] of a video folder or .npz of videos.")
-@click.option(
-    "--videos", required=True, type=click.Path(exists=True), help="Video folder, manifest or .npz/.npy."
-)
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Features file (.npz) to write.")
+@_videos_and_out
 @_common
-def features(videos: str, out: str, config_file, overrides, **flags: Any) -> None:
+def features(videos: str, out: str, overwrite: bool, config_file, overrides, **flags: Any) -> None:
+    from pipeline.commands.common import cli_errors
     from stages.evaluate import fvd
 
     cfg = _config(config_file, overrides, **flags)
-    try:
+    _file_out(out, overwrite)
+    with cli_errors():
         det = fvd.build_detector(cfg)
         feats, skipped = fvd.extract_features(det, videos, cfg)
-    except (ValueError, FileNotFoundError) as exc:
-        _fail(exc)
     path = fvd.save_features(out, feats, fvd.make_protocol(det, cfg), videos)
     click.echo(f"features {feats.shape} -> {path}")
     for s in skipped:
@@ -128,18 +138,20 @@ def features(videos: str, out: str, config_file, overrides, **flags: Any) -> Non
 def fvd_cmd(
     real: str, fake: str, out: str | None, no_cache: bool, config_file, overrides, **flags: Any
 ) -> None:
+    from cache_schema import prepare_output
+    from pipeline.commands.common import cli_errors
     from stages.common.runtime import config_to_dict
     from stages.evaluate import fvd
 
     cfg = _config(config_file, overrides, **flags)
+    if out:
+        with cli_errors():
+            prepare_output(out, "evaluation", inputs={"--real": real, "--fake": fake})
     if no_cache:
         cfg.use_cache = False
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), cli_errors():
         warnings.simplefilter("ignore")  # collected into metrics["warnings"] and printed below
-        try:
-            metrics = fvd.compute_fvd(real, fake, cfg)
-        except (ValueError, FileNotFoundError) as exc:
-            _fail(exc)
+        metrics = fvd.compute_fvd(real, fake, cfg)
     metrics["config"] = config_to_dict(cfg)
     rows = [
         (metrics["metric"].upper(), f"{metrics['value']:.3f}"),
@@ -158,7 +170,6 @@ def fvd_cmd(
     for w in metrics["warnings"]:
         click.echo(f"warning: {w}", err=True)
     if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
         target = Path(out) / "metrics.json"
         target.write_text(json.dumps(metrics, indent=2))
         click.echo(f"wrote {target}")

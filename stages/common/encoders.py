@@ -31,7 +31,6 @@ this) overrides the default; an explicit ``input_size`` overrides both.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from pathlib import Path
 from typing import Any, ClassVar
@@ -39,7 +38,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from stages.common.vae import WeightsNotFoundError, hub_kwargs, load_errors
+from stages.common.vae import FrozenModel, hub_kwargs, weights_not_found_as_error
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,7 +58,7 @@ def resize_center_crop(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
     return x
 
 
-class FrozenEncoder:
+class FrozenEncoder(FrozenModel):
     """Common loading, preprocessing and batching; subclasses define ``_tokens``."""
 
     name: ClassVar[str] = ""
@@ -79,12 +78,10 @@ class FrozenEncoder:
         device: str | torch.device = "cpu",
         frame_batch: int = 32,
     ):
-        self.model = model.eval().requires_grad_(False).to(device)
+        super().__init__(model.to(device), device, frame_batch)
         self.model_id = str(model_id)
         self.input_size = int(input_size)
         self.dim = int(dim)
-        self.device = torch.device(device)
-        self.frame_batch = int(frame_batch)
 
     # --------------------------------------------------------------- loading
     @classmethod
@@ -104,9 +101,8 @@ class FrozenEncoder:
         bar = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
         try:
-            model, info = klass.from_pretrained(src, output_loading_info=True, **kwargs, **extra)
-        except load_errors() as e:
-            raise WeightsNotFoundError(str(id_or_path), cls.flag, f"{type(e).__name__}: {e}") from e
+            with weights_not_found_as_error(id_or_path, cls.flag):
+                model, info = klass.from_pretrained(src, output_loading_info=True, **kwargs, **extra)
         finally:
             if bar:
                 hf_logging.enable_progress_bar()
@@ -115,7 +111,7 @@ class FrozenEncoder:
             warnings.warn(
                 f"{cls.name}: {len(missing)} weights missing from '{id_or_path}' and randomly "
                 f"initialised (first: {missing[:3]})",
-                stacklevel=3,
+                stacklevel=4,  # the caller of load()
             )
         return model, missing
 
@@ -127,7 +123,21 @@ class FrozenEncoder:
         dtype: torch.dtype | None = None,
         input_size: int | None = None,
     ) -> FrozenEncoder:
+        """Load from a hub id or a local folder (default ``default_id``). Input size: ``input_size``,
+        else the one saved in the config (INPUT_SIZE_KEY), else the encoder's own default."""
+        id_or_path = id_or_path or cls.default_id
+        model = cls._load_model(id_or_path, dtype)
+        size = input_size or cls._saved_input_size(model.config) or cls._native_input_size(model.config)
+        return cls(model, str(id_or_path), size, device=device)
+
+    @classmethod
+    def _load_model(cls, id_or_path: str | Path, dtype: torch.dtype | None) -> torch.nn.Module:
+        """The pretrained model behind this encoder, checked to be the right kind."""
         raise NotImplementedError
+
+    @classmethod
+    def _native_input_size(cls, config: Any) -> int:
+        return cls.default_input_size
 
     @staticmethod
     def _saved_input_size(config: Any) -> int | None:
@@ -135,14 +145,6 @@ class FrozenEncoder:
         return int(v) if v else None
 
     # ----------------------------------------------------------- processing
-    def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def _param_dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
     def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 [N,H,W,3] -> normalised float [N,3,S,S] on the model's device and dtype."""
         x = frames.to(self.device).permute(0, 3, 1, 2).float() / 255.0
@@ -150,13 +152,6 @@ class FrozenEncoder:
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         return ((x - mean) / std).to(self._param_dtype())
-
-    @staticmethod
-    def _check_frames(frames: torch.Tensor) -> None:
-        if not isinstance(frames, torch.Tensor) or frames.dtype != torch.uint8:
-            raise TypeError("frames must be a uint8 tensor [B,T,H,W,3]")
-        if frames.ndim != 5 or frames.shape[-1] != 3:
-            raise ValueError(f"frames must have shape [B,T,H,W,3], got {tuple(frames.shape)}")
 
     def _tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised pixels [N,3,S,S] -> tokens [N,h,w,D] (image encoders)."""
@@ -195,9 +190,7 @@ class DinoEncoder(FrozenEncoder):
 
     name = "dino"
     flag = "--dino-model"
-    default_id = "facebook/dinov2-base"
-    default_input_size = 224
-    resize_mode = "bicubic"
+    default_id = "facebook/dinov2-base"  # input 224, bicubic resize: the base defaults
 
     def __init__(self, model: torch.nn.Module, model_id: str, input_size: int, **kw: Any):
         cfg = model.config
@@ -208,15 +201,13 @@ class DinoEncoder(FrozenEncoder):
         super().__init__(model, model_id, input_size, int(cfg.hidden_size), **kw)
 
     @classmethod
-    def load(cls, id_or_path=None, device="cpu", dtype=None, input_size=None) -> DinoEncoder:
+    def _load_model(cls, id_or_path: str | Path, dtype: torch.dtype | None) -> torch.nn.Module:
         from transformers import AutoModel
 
-        id_or_path = id_or_path or cls.default_id
         model, _ = cls._from_pretrained(AutoModel, id_or_path, dtype)
         if model.config.model_type not in ("dinov2", "dinov2_with_registers"):
             raise ValueError(f"'{id_or_path}' is a {model.config.model_type} model, not DINOv2")
-        size = input_size or cls._saved_input_size(model.config) or cls.default_input_size
-        return cls(model, str(id_or_path), size, device=device)
+        return model
 
     def grid(self, frames: int) -> tuple[int, int, int]:
         g = self.input_size // self.patch
@@ -244,11 +235,10 @@ class Sam2Encoder(FrozenEncoder):
         super().__init__(model, model_id, input_size, int(model.config.fpn_hidden_size), **kw)
 
     @classmethod
-    def load(cls, id_or_path=None, device="cpu", dtype=None, input_size=None) -> Sam2Encoder:
+    def _load_model(cls, id_or_path: str | Path, dtype: torch.dtype | None) -> torch.nn.Module:
         from transformers import Sam2VisionModel
         from transformers.utils import logging as hf_logging
 
-        id_or_path = id_or_path or cls.default_id
         # Hub checkpoints hold the whole Sam2Model; only its `vision_encoder.*` weights are read.
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # the unused mask decoder / memory keys are expected
@@ -263,8 +253,7 @@ class Sam2Encoder(FrozenEncoder):
                 f"'{id_or_path}' does not hold SAM2 image-encoder weights ({len(missing)} missing, "
                 f"e.g. {missing[:2]}); pass a SAM2 checkpoint with {cls.flag}"
             )
-        size = input_size or cls._saved_input_size(model.config) or cls.default_input_size
-        return cls(model, str(id_or_path), size, device=device)
+        return model
 
     def grid(self, frames: int) -> tuple[int, int, int]:
         g = self.input_size // self.stride
@@ -285,8 +274,7 @@ class VideoMAEEncoder(FrozenEncoder):
     name = "videomae"
     flag = "--videomae-model"
     default_id = "MCG-NJU/videomae-base"
-    default_input_size = 224
-    resize_mode = "bilinear"
+    resize_mode = "bilinear"  # input size: the model's image_size
 
     def __init__(self, model: torch.nn.Module, model_id: str, input_size: int, **kw: Any):
         cfg = model.config
@@ -300,13 +288,14 @@ class VideoMAEEncoder(FrozenEncoder):
         super().__init__(model, model_id, input_size, int(cfg.hidden_size), **kw)
 
     @classmethod
-    def load(cls, id_or_path=None, device="cpu", dtype=None, input_size=None) -> VideoMAEEncoder:
+    def _load_model(cls, id_or_path: str | Path, dtype: torch.dtype | None) -> torch.nn.Module:
         from transformers import VideoMAEModel
 
-        id_or_path = id_or_path or cls.default_id
-        model, _ = cls._from_pretrained(VideoMAEModel, id_or_path, dtype)
-        size = input_size or cls._saved_input_size(model.config) or int(model.config.image_size)
-        return cls(model, str(id_or_path), size, device=device)
+        return cls._from_pretrained(VideoMAEModel, id_or_path, dtype)[0]
+
+    @classmethod
+    def _native_input_size(cls, config: Any) -> int:
+        return int(config.image_size)  # fixed position embeddings
 
     def grid(self, frames: int) -> tuple[int, int, int]:
         g = self.input_size // self.patch

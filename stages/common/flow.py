@@ -40,11 +40,15 @@ ends with a plain Euler ODE step x + dt * v (no score term, no noise).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, NamedTuple, TypedDict
 
 import torch
 from tqdm.auto import tqdm
 
 from stages.common.registry import SAMPLER_CONVENTIONS, SAMPLER_NAMES
+
+if TYPE_CHECKING:  # typing.Unpack is Python 3.11+
+    from typing_extensions import Unpack
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -208,42 +212,60 @@ def _v(
     return fn(x, tt, y).to(x.dtype)
 
 
-def euler_sample(
+class SampleOptions(TypedDict, total=False):
+    """Keyword options every sampler takes (defaults in `_start`): class labels `y`, classifier-free
+    guidance (`cfg_scale`, `guidance_interval`, `null_class`), a progress bar, the grid convention."""
+
+    y: torch.Tensor | None
+    cfg_scale: float
+    guidance_interval: Sequence[float] | None
+    null_class: int | None
+    progress: bool
+    convention: str
+
+
+class _Setup(NamedTuple):
+    fn: VelocityFn
+    y: torch.Tensor | None
+    steps: tqdm
+    convention: str
+
+
+def _start(
+    sampler: str,
     velocity_fn: VelocityFn,
-    noise: torch.Tensor,
-    num_steps: int = 50,
+    num_steps: int,
     y: torch.Tensor | None = None,
     cfg_scale: float = 1.0,
     guidance_interval: Sequence[float] | None = None,
     null_class: int | None = None,
     progress: bool = False,
     convention: str = "repa",
+) -> _Setup:
+    """What every sampler starts from: the (guided) velocity and the steps of its time grid."""
+    fn = _prepare(velocity_fn, cfg_scale, guidance_interval, null_class)
+    return _Setup(fn, y, _steps(sampler, num_steps, convention, progress), convention)
+
+
+def euler_sample(
+    velocity_fn: VelocityFn, noise: torch.Tensor, num_steps: int = 50, **options: Unpack[SampleOptions]
 ) -> torch.Tensor:
     """Euler ODE integration of dx/dt = v from t = 1 (noise) to t = 0 (data): num_steps
     evaluations on linspace(1, 0, num_steps + 1) under either convention (REPA's is the same)."""
-    fn = _prepare(velocity_fn, cfg_scale, guidance_interval, null_class)
+    fn, y, steps, _ = _start("euler", velocity_fn, num_steps, **options)
     x = noise.float()
-    for t, t_next in _steps("euler", num_steps, convention, progress):
+    for t, t_next in steps:
         x = x + (t_next - t) * _v(fn, x, t, y)
     return x
 
 
 def heun_sample(
-    velocity_fn: VelocityFn,
-    noise: torch.Tensor,
-    num_steps: int = 50,
-    y: torch.Tensor | None = None,
-    cfg_scale: float = 1.0,
-    guidance_interval: Sequence[float] | None = None,
-    null_class: int | None = None,
-    progress: bool = False,
-    convention: str = "repa",
+    velocity_fn: VelocityFn, noise: torch.Tensor, num_steps: int = 50, **options: Unpack[SampleOptions]
 ) -> torch.Tensor:
     """Heun's second-order ODE method (trapezoidal corrector). "repa": no corrector on the last
     step (2 * num_steps - 1 evaluations, none at t = 0); "uniform": every step (2 * num_steps)."""
-    fn = _prepare(velocity_fn, cfg_scale, guidance_interval, null_class)
+    fn, y, steps, convention = _start("heun", velocity_fn, num_steps, **options)
     x = noise.float()
-    steps = _steps("heun", num_steps, convention, progress)
     for i, (t, t_next) in enumerate(steps):
         dt = t_next - t
         v = _v(fn, x, t, y)
@@ -275,23 +297,17 @@ def euler_maruyama_sample(
     velocity_fn: VelocityFn,
     noise: torch.Tensor,
     num_steps: int = 50,
-    y: torch.Tensor | None = None,
-    cfg_scale: float = 1.0,
-    guidance_interval: Sequence[float] | None = None,
-    null_class: int | None = None,
-    progress: bool = False,
     diffusion_norm: float = 1.0,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
-    convention: str = "repa",
+    **options: Unpack[SampleOptions],
 ) -> torch.Tensor:
     """Euler-Maruyama on the reverse SDE with g(t)^2 = 2 * diffusion_norm * t (module doc).
 
     num_steps evaluations; the last step adds no noise. "repa": stochastic steps down to
     t = 0.04, then the SDE drift's mean step to 0; "uniform": uniform grid, plain ODE last step.
     """
-    fn = _prepare(velocity_fn, cfg_scale, guidance_interval, null_class)
+    fn, y, steps, convention = _start("euler-maruyama", velocity_fn, num_steps, **options)
     x = noise.float()
-    steps = _steps("euler-maruyama", num_steps, convention, progress)
     for i, (t, t_next) in enumerate(steps):
         dt = t_next - t  # negative
         v = _v(fn, x, t, y)

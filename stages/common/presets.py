@@ -46,10 +46,15 @@ def default_root() -> Path:
     return _home() / PRESET_VERSION
 
 
-def _tiny_vae(path: Path) -> None:
-    from diffusers import AutoencoderKL
+# Configs of the tiny models: keyword arguments (diffusers VAEs) or a transformers config; the
+# encoders' configs carry the input size their loader should use (INPUT_SIZE_KEY).
+TINY_DINO: dict[str, Any] = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, patch_size=14, image_size=56
+)
 
-    model = AutoencoderKL(
+
+def _tiny_vae_config() -> dict[str, Any]:
+    return dict(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -61,13 +66,10 @@ def _tiny_vae(path: Path) -> None:
         sample_size=64,
         scaling_factor=0.18215,
     )
-    model.save_pretrained(path)
 
 
-def _tiny_video_vae(path: Path) -> None:
-    from diffusers import AutoencoderKLCogVideoX
-
-    model = AutoencoderKLCogVideoX(
+def _tiny_video_vae_config() -> dict[str, Any]:
+    return dict(
         block_out_channels=(8, 16, 16, 16),
         latent_channels=4,
         layers_per_block=1,
@@ -76,26 +78,19 @@ def _tiny_video_vae(path: Path) -> None:
         sample_height=64,
         sample_width=64,
     )
-    model.save_pretrained(path)
 
 
-def _tiny_dino(path: Path) -> None:
-    from transformers import Dinov2Config, Dinov2Model
+def _tiny_dino_config() -> Any:
+    from transformers import Dinov2Config
 
-    cfg = Dinov2Config(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        mlp_ratio=2,
-        patch_size=14,
-        image_size=56,
-    )
+    cfg = Dinov2Config(**TINY_DINO)
     cfg.align4gen_input_size = 56
-    Dinov2Model(cfg).save_pretrained(path)
+    return cfg
 
 
-def _tiny_sam2(path: Path) -> None:
-    from transformers import Sam2Config, Sam2HieraDetConfig, Sam2Model, Sam2VisionConfig
+def _tiny_sam2_config() -> Any:
+    """The full Sam2Model's config, as on the hub, so the encoder loader's key mapping is exercised."""
+    from transformers import Sam2Config, Sam2HieraDetConfig, Sam2VisionConfig
 
     backbone = Sam2HieraDetConfig(
         hidden_size=8,
@@ -126,12 +121,11 @@ def _tiny_sam2(path: Path) -> None:
         },
     )
     cfg.vision_config.align4gen_input_size = 64
-    # The full Sam2Model, as on the hub, so the encoder loader's key mapping is exercised.
-    Sam2Model(cfg).save_pretrained(path)
+    return cfg
 
 
-def _tiny_videomae(path: Path) -> None:
-    from transformers import VideoMAEConfig, VideoMAEModel
+def _tiny_videomae_config() -> Any:
+    from transformers import VideoMAEConfig
 
     cfg = VideoMAEConfig(
         image_size=32,
@@ -145,16 +139,48 @@ def _tiny_videomae(path: Path) -> None:
         use_mean_pooling=False,
     )
     cfg.align4gen_input_size = 32
-    VideoMAEModel(cfg).save_pretrained(path)
+    return cfg
 
 
-_BUILDERS: dict[str, Callable[[Path], None]] = {
-    "vae": _tiny_vae,
-    "video_vae": _tiny_video_vae,
-    "dino": _tiny_dino,
-    "sam2": _tiny_sam2,
-    "videomae": _tiny_videomae,
+_TINY_CONFIGS: dict[str, Callable[[], Any]] = {
+    "vae": _tiny_vae_config,
+    "video_vae": _tiny_video_vae_config,
+    "dino": _tiny_dino_config,
+    "sam2": _tiny_sam2_config,
+    "videomae": _tiny_videomae_config,
 }
+
+
+def _model_classes() -> dict[str, Any]:
+    from diffusers import AutoencoderKL, AutoencoderKLCogVideoX
+    from transformers import Dinov2Model, Sam2Model, VideoMAEModel
+
+    return {
+        "vae": AutoencoderKL,
+        "video_vae": AutoencoderKLCogVideoX,
+        "dino": Dinov2Model,
+        "sam2": Sam2Model,
+        "videomae": VideoMAEModel,
+    }
+
+
+def _instantiate(name: str, cfg: Any) -> torch.nn.Module:
+    """The model class of `name` built from keyword arguments (a dict) or a transformers config."""
+    cls = _model_classes()[name]
+    return cls(**cfg) if isinstance(cfg, dict) else cls(cfg)
+
+
+def _saver(name: str, config: Callable[[], Any]) -> Callable[[Path], None]:
+    """A builder that saves a freshly initialised `name` model of `config()` (fp32, like the real
+    checkpoints, so a run loads and computes in the same dtypes) with save_pretrained."""
+
+    def build(path: Path) -> None:
+        _instantiate(name, config()).float().save_pretrained(path)
+
+    return build
+
+
+_BUILDERS: dict[str, Callable[[Path], None]] = {n: _saver(n, f) for n, f in _TINY_CONFIGS.items()}
 
 
 def _build(
@@ -323,13 +349,6 @@ def _videomae_base_config() -> Any:
     )
 
 
-def _model_classes() -> dict[str, Any]:
-    from diffusers import AutoencoderKL
-    from transformers import Dinov2Model, Sam2Model, VideoMAEModel
-
-    return {"vae": AutoencoderKL, "dino": Dinov2Model, "sam2": Sam2Model, "videomae": VideoMAEModel}
-
-
 _FULL_CONFIGS: dict[str, Callable[[], Any]] = {
     "vae": _sd_vae_config,
     "dino": _dinov2_base_config,
@@ -349,17 +368,7 @@ def full_size_config(name: str) -> Any:
 def full_size_model(name: str) -> torch.nn.Module:
     """A randomly initialised full-size model (on the current default device: build it under
     ``torch.device("meta")`` to count parameters without allocating them)."""
-    cfg = full_size_config(name)
-    cls = _model_classes()[name]
-    return cls(**cfg) if isinstance(cfg, dict) else cls(cfg)
-
-
-def _save_full(name: str) -> Callable[[Path], None]:
-    def build(path: Path) -> None:
-        # fp32, like the real checkpoints, so a run loads and computes in the same dtypes
-        full_size_model(name).float().save_pretrained(path)
-
-    return build
+    return _instantiate(name, full_size_config(name))
 
 
 def full_size_random_models(
@@ -381,5 +390,5 @@ def full_size_random_models(
     unknown = sorted(set(wanted) - set(FULL_NAMES))
     if unknown:
         raise ValueError(f"unknown full-size model(s) {unknown}; choose from {list(FULL_NAMES)}")
-    builders = {n: _save_full(n) for n in wanted}
+    builders = {n: _saver(n, _FULL_CONFIGS[n]) for n in wanted}
     return _ensure(base, wanted, seed, builders, FULL_PRESET_VERSION)

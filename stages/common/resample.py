@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from cache_schema.formats import resample_time
+
 
 def _check_tokens(tokens: torch.Tensor) -> None:
     if not isinstance(tokens, torch.Tensor) or tokens.ndim != 5:
@@ -40,19 +42,15 @@ def resample_spatial(tokens: torch.Tensor, size: tuple[int, int]) -> torch.Tenso
 
 
 def resample_temporal(tokens: torch.Tensor, frames: int) -> torch.Tensor:
-    """[B,t,h,w,D] -> [B,T,h,w,D]: mean over groups of k = t/T frames, else linear interpolation."""
+    """[B,t,h,w,D] -> [B,T,h,w,D]: mean over groups of k = t/T frames, else linear interpolation.
+
+    The rule is the cache contract's (cache_schema.formats.resample_time, which the trainer's
+    on-device rebuild uses too); this checks the arguments first."""
     _check_tokens(tokens)
-    b, t, h, w, d = tokens.shape
     T = int(frames)
     if T < 1:
         raise ValueError(f"target number of frames must be >= 1, got {T}")
-    if t == T:
-        return tokens
-    if t % T == 0:
-        return tokens.reshape(b, T, t // T, h, w, d).mean(dim=2)
-    x = tokens.permute(0, 2, 3, 4, 1).reshape(b, h * w * d, t)
-    x = F.interpolate(x, size=T, mode="linear", align_corners=False)
-    return x.reshape(b, h, w, d, T).permute(0, 4, 1, 2, 3)
+    return resample_time(tokens, T)
 
 
 def resample_to_grid(tokens: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:

@@ -202,12 +202,15 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int, crf: int = 18) -> None:
 
 
 def _clear_previous(root: Path) -> None:
-    """Rewriting a synthetic set replaces it (no stale videos from a bigger earlier run); any
-    other non-empty folder is refused rather than mixed into the dataset."""
-    if not root.is_dir() or not any(root.iterdir()):
+    """Rewriting a synthetic set replaces its videos (no stale ones from a bigger earlier run);
+    any other non-empty folder is refused rather than mixed into the dataset (cache_schema.outputs),
+    and only our own video_*.mp4 files are deleted."""
+    from cache_schema.outputs import inspect_output, write_marker
+
+    state = inspect_output(root, "synth")
+    if state != "ours":
+        write_marker(root, "synth")
         return
-    if not (root / "synth.json").is_file():
-        raise ValueError(f"output folder {root} is not empty and holds no synthetic set (synth.json)")
     for folder in root.glob("class_*"):
         if folder.is_dir():
             for video in folder.glob("video_*.mp4"):
@@ -234,8 +237,6 @@ def make_synthetic(
     if size < 16 or size % 2:
         raise ValueError(f"size must be an even number >= 16 (H.264 yuv420p), got {size}")
     root = Path(out).expanduser()
-    if root.exists() and not root.is_dir():
-        raise ValueError(f"output path exists and is not a folder: {root}")
     _clear_previous(root)
     names = class_names(classes)
     for name in names:

@@ -80,6 +80,49 @@ def load_errors() -> tuple[type[BaseException], ...]:
     return tuple(errs)
 
 
+@contextlib.contextmanager
+def weights_not_found_as_error(id_or_path: str | Path, flag: str):
+    """Turn a loader's "these weights are not here" errors (load_errors) into a
+    WeightsNotFoundError that says which flag points at the weights."""
+    try:
+        yield
+    except load_errors() as e:
+        raise WeightsNotFoundError(str(id_or_path), flag, f"{type(e).__name__}: {e}") from e
+
+
+class FrozenModel:
+    """A pretrained model run for inference only: eval mode, no gradients, inputs in batches of
+    ``frame_batch`` frames on ``device``, bf16 autocast on CUDA when ``amp``. The VAE and the
+    encoders share this (uint8 clips in, their own outputs out)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: str | torch.device = "cpu",
+        frame_batch: int = 32,
+        amp: bool = True,
+    ):
+        self.model = model.eval().requires_grad_(False)
+        self.device = torch.device(device)
+        self.frame_batch = int(frame_batch)
+        self.amp = bool(amp)
+
+    def _autocast(self):
+        if self.device.type == "cuda" and self.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _param_dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @staticmethod
+    def _check_frames(frames: torch.Tensor) -> None:
+        if not isinstance(frames, torch.Tensor) or frames.dtype != torch.uint8:
+            raise TypeError("frames must be a uint8 tensor [B,T,H,W,3]")
+        if frames.ndim != 5 or frames.shape[-1] != 3:
+            raise ValueError(f"frames must have shape [B,T,H,W,3], got {tuple(frames.shape)}")
+
+
 def _repo_has(src: str, filename: str, local_only: bool) -> bool:
     """Whether a local folder or a hub repo (cache only when `local_only`) holds `filename`."""
     if os.path.isdir(src):
@@ -114,7 +157,7 @@ class _Info:
     temporal_factor: int
 
 
-class VAEWrapper:
+class VAEWrapper(FrozenModel):
     """uint8 clips <-> scaled fp16 latents, for an image VAE (per frame) or a video VAE."""
 
     def __init__(
@@ -129,11 +172,8 @@ class VAEWrapper:
     ):
         if kind not in VAE_KINDS:
             raise ValueError(f"VAE kind must be 'image' or 'video', got {kind!r}")
-        self.model = model.eval().requires_grad_(False)
+        super().__init__(model, device, frame_batch, amp)
         self.kind = kind
-        self.device = torch.device(device)
-        self.frame_batch = int(frame_batch)
-        self.amp = bool(amp)
         cfg = model.config
         n_blocks = len(cfg.block_out_channels)
         temporal = int(getattr(cfg, "temporal_compression_ratio", 1) or 1) if kind == "video" else 1
@@ -180,10 +220,8 @@ class VAEWrapper:
             subfolder = _pipeline_vae_subfolder(src, bool(kwargs.get("local_files_only")))
         if subfolder:
             kwargs["subfolder"] = subfolder
-        try:
+        with weights_not_found_as_error(id_or_path, flag):
             model = klass.from_pretrained(src, torch_dtype=dtype, low_cpu_mem_usage=False, **kwargs)
-        except load_errors() as e:
-            raise WeightsNotFoundError(str(id_or_path), flag, f"{type(e).__name__}: {e}") from e
         if scale is None:
             scale = float(getattr(model.config, "scaling_factor", SD_SCALE))
         return cls(model.to(device), kind, str(id_or_path), scale, device=device, amp=amp)
@@ -234,21 +272,6 @@ class VAEWrapper:
         }
 
     # -------------------------------------------------------------- conversion
-    def _autocast(self):
-        if self.device.type == "cuda" and self.amp:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def _param_dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    @staticmethod
-    def _check_frames(frames: torch.Tensor) -> None:
-        if not isinstance(frames, torch.Tensor) or frames.dtype != torch.uint8:
-            raise TypeError("frames must be a uint8 tensor [B,T,H,W,3]")
-        if frames.ndim != 5 or frames.shape[-1] != 3:
-            raise ValueError(f"frames must have shape [B,T,H,W,3], got {tuple(frames.shape)}")
-
     @torch.no_grad()
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 [B,T,H,W,3] -> fp16 latents [B,C,T',h,w] = posterior mean * scale (on the VAE's device)."""

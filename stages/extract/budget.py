@@ -20,6 +20,7 @@ import torch
 from cache_schema import formats
 from stages.common import registry as R
 from stages.common import video as V
+from stages.common.runtime import human_bytes
 
 from .job import Job
 from .models import ExtractError, compute_batch
@@ -253,12 +254,9 @@ def fitting(options: list[Option], limit: float, key: str) -> list[Option]:
 
 
 def size_text(n: float) -> str:
-    """Bytes in --disk-budget's own syntax (K, M, G, T = powers of 1024), e.g. '465.7G'."""
-    for unit in ("", "K", "M", "G", "T"):
-        if abs(n) < 1024 or unit == "T":
-            return f"{int(n)}B" if unit == "" else f"{n:.1f}{unit}"
-        n /= 1024
-    return f"{n:.1f}T"
+    """Bytes in --disk-budget's own syntax (K, M, G, T = powers of 1024), e.g. '465.7G': the
+    binary units and rounding of runtime.human_bytes, written without the space and 'iB'."""
+    return human_bytes(n).replace(" ", "").replace("iB", "")
 
 
 class BudgetExceeded(ExtractError):

@@ -20,7 +20,6 @@ import hashlib
 import io
 import json
 import random
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -32,6 +31,7 @@ from torch.utils.data import DataLoader
 
 from cache_schema import constants as C
 from cache_schema.checksum import verify_checksum
+from cache_schema.tars import TarFormatError, iter_samples, open_shard
 from stages.common.runtime import close_loader, worker_init
 
 # Decoded-byte counters of this process (the trainer's own when num_workers=0); each batch also
@@ -160,47 +160,104 @@ class DecodeSamples:
             except CorruptSample as exc:
                 if self.on_corrupt == "stop":
                     raise
-                _PENDING_SKIPS.append(f"{_where(sample)}: {exc}")
+                _PENDING_SKIPS.append(str(exc))
                 continue
             decoded["skipped"] = list(_PENDING_SKIPS)
             _PENDING_SKIPS.clear()
             yield decoded
 
 
-class TarErrors:
-    """webdataset handler for unreadable tars: stop naming the shard, or skip and report it."""
+class ReadShards:
+    """Shard URLs -> samples, with our fast tar reader (cache_schema.tars). An unreadable or
+    truncated tar stops the run naming the shard, or with on_corrupt="skip" is reported and the
+    stream goes on with the next shard."""
 
     def __init__(self, on_corrupt: str):
         self.on_corrupt = on_corrupt
 
-    def __call__(self, exc: Exception) -> bool:
-        text = str(exc.args[0]) if exc.args else type(exc).__name__
-        match = re.search(r" @ (\S+)", text)
-        shard = match.group(1).rsplit("/", 1)[-1].rstrip(">'\"") if match else "?"
-        message = f"shard {shard} is unreadable: {text.split(' @ ')[0]}"
-        if self.on_corrupt == "stop":
-            raise CorruptSample(message)
-        _PENDING_SKIPS.append(message)
-        return True
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        for shard in src:
+            url = shard["url"]
+            try:
+                with open_shard(url) as fh:
+                    yield from iter_samples(fh, url)
+            except (OSError, TarFormatError) as exc:
+                message = f"shard {url.rsplit('/', 1)[-1]} is unreadable: {exc}"
+                if self.on_corrupt == "stop":
+                    raise CorruptSample(message) from None
+                _PENDING_SKIPS.append(message)
+
+
+def _alloc(nbytes: int) -> torch.Tensor:
+    """A uint8 buffer; in a loader worker, straight in shared memory (no copy on the way out)."""
+    from torch.utils.data import get_worker_info
+
+    if get_worker_info() is not None:
+        return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(nbytes))
+    return torch.empty(nbytes, dtype=torch.uint8)
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack compact arrays (one copy, no dtype change); targets stay {name: (values, scales)}."""
-    first = samples[0]
-    targets = {}
-    for name, (_, scales) in first["targets"].items():
-        values = torch.from_numpy(np.stack([s["targets"][name][0] for s in samples]))
-        stacked = (
-            None if scales is None else torch.from_numpy(np.stack([s["targets"][name][1] for s in samples]))
-        )
-        targets[name] = (values, stacked)
+    """All of a batch's arrays in ONE contiguous uint8 buffer (16-byte aligned parts), plus their
+    layout: one shared-memory hand-off from the worker, one pinned copy, one host-to-device copy.
+    `unpack` turns it back into tensors (on any device) without copying."""
+    n = len(samples)
+    parts: list[tuple[str, str | None, np.dtype, tuple[int, ...]]] = [
+        ("latent", None, *_meta(samples[0]["latent"]))
+    ]
+    for name, (values, scales) in samples[0]["targets"].items():
+        parts.append((name, "values", *_meta(values)))
+        if scales is not None:
+            parts.append((name, "scales", *_meta(scales)))
+    layout, offset = [], 0
+    for key, role, dtype, shape in parts:
+        layout.append((key, role, dtype.str, shape, offset))
+        offset += -(-n * int(np.prod(shape)) * dtype.itemsize // 16) * 16
+    buffer = _alloc(offset)
+    flat = buffer.numpy()
+    for key, role, dtype, shape, start in layout:
+        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        for i, sample in enumerate(samples):
+            src = sample["latent"] if role is None else sample["targets"][key][0 if role == "values" else 1]
+            flat[start + i * size : start + (i + 1) * size] = src.reshape(-1).view(np.uint8)
     return {
-        "latent": torch.from_numpy(np.stack([s["latent"] for s in samples])),
-        "targets": targets,
+        "buffer": buffer,
+        "layout": layout,
+        "batch_size": n,
         "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
         "skipped": [k for s in samples for k in s["skipped"]],
         "target_bytes": sum(s["target_bytes"] for s in samples),
     }
+
+
+def _meta(array: np.ndarray) -> tuple[np.dtype, tuple[int, ...]]:
+    return array.dtype, tuple(array.shape)
+
+
+def unpack(batch: dict[str, Any], buffer: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """(latents [B, ...], {encoder: (values, scales | None)}) as views of `buffer` (default: the
+    batch's own; pass the batch buffer moved to a device to get device tensors)."""
+    buffer = batch["buffer"] if buffer is None else buffer
+    n, latent, targets = batch["batch_size"], None, {}
+    for key, role, dtype, shape, start in batch["layout"]:
+        torch_dtype = _TORCH_DTYPES[np.dtype(dtype)]
+        size = n * int(np.prod(shape)) * np.dtype(dtype).itemsize
+        view = buffer[start : start + size].view(torch_dtype).view(n, *shape)
+        if role is None:
+            latent = view
+        elif role == "values":
+            targets[key] = (view, None)
+        else:
+            targets[key] = (targets[key][0], view)
+    return latent, targets
+
+
+_TORCH_DTYPES = {
+    np.dtype(np.float16): torch.float16,
+    np.dtype(np.float32): torch.float32,
+    np.dtype(np.int8): torch.int8,
+    np.dtype(np.uint8): torch.uint8,
+}
 
 
 def build_dataset(spec: LoaderSpec, segment: int) -> wds.DataPipeline:
@@ -214,7 +271,7 @@ def build_dataset(spec: LoaderSpec, segment: int) -> wds.DataPipeline:
         ),
         wds.split_by_node,
         wds.split_by_worker,
-        wds.tarfile_to_samples(handler=TarErrors(spec.on_corrupt)),
+        ReadShards(spec.on_corrupt),
         SeededShuffle(spec.seed, segment, spec.shuffle_buffer),
         DecodeSamples(spec.encoders, spec.on_corrupt),
         wds.batched(spec.batch_size, collation_fn=collate, partial=False),
@@ -260,6 +317,41 @@ def iterate_steps(
     finally:
         if it is not None:
             close_loader(it)
+
+
+class DevicePrefetch:
+    """Steps of micro-batches whose bytes are already on the device: while step k computes, the
+    batches of step k+1 are copied host-to-device on a side CUDA stream (pinned memory), so the
+    transfer costs the step nothing. On the CPU it only passes the batches through."""
+
+    def __init__(self, steps: Iterator[list[dict[str, Any]]], device: torch.device):
+        self.steps, self.device = steps, device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._next: list[dict[str, Any]] | None = None
+
+    def _load(self) -> list[dict[str, Any]]:
+        batches = next(self.steps)
+        if self.stream is not None:
+            with torch.cuda.stream(self.stream):
+                for batch in batches:
+                    batch["device_buffer"] = batch["buffer"].to(self.device, non_blocking=True)
+        return batches
+
+    def __iter__(self) -> DevicePrefetch:
+        return self
+
+    def __next__(self) -> list[dict[str, Any]]:
+        current = self._next if self._next is not None else self._load()
+        if self.stream is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_stream(self.stream)
+            for batch in current:
+                batch["device_buffer"].record_stream(compute)
+        self._next = self._load()  # the next step's copy starts now, behind this step's compute
+        return current
+
+    def close(self) -> None:
+        self.steps.close()
 
 
 def latents_only(spec: LoaderSpec, lean_urls: list[str]) -> LoaderSpec:

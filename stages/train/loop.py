@@ -25,7 +25,7 @@ from stages.common import runtime
 
 from .align import alignment_active, parse_lambdas, schedule_weight
 from .config import TrainConfig, resume_changes
-from .data import LoaderSpec, derive_seed, iterate_steps, latents_only, shard_urls
+from .data import DevicePrefetch, LoaderSpec, derive_seed, iterate_steps, latents_only, shard_urls
 from .report import RunLogger, write_samples
 from .state import TrainState, build_state, drop_alignment, load_state, save_state, wrap_ddp
 from .step import NonFiniteLoss, StepConfig, prepare_batch, train_step
@@ -74,6 +74,9 @@ class StopFlag:
 def check_cache(cfg: TrainConfig) -> RunSetup:
     """The shards' layout and the chosen encoders, refusing a mismatch before building anything."""
     errors = cache_schema.validate_shards(cfg.shards)
+    damaged = [e for e in errors if e.startswith("shard ")]  # one shard's size: the loader can skip it
+    if cfg.on_corrupt == "skip":
+        errors = [e for e in errors if e not in damaged]
     if errors:
         raise cache_schema.CacheError("; ".join(errors))
     requested = {"fingerprint": cfg.expect_fingerprint, "encoders": list(cfg.encoders) or None}
@@ -94,7 +97,10 @@ def check_cache(cfg: TrainConfig) -> RunSetup:
                 "Resume with the run's own settings (omit the flag) or start a new run with another --out"
             )
         resume_from = run.latest_checkpoint()
-    return RunSetup(layout, encoders, lambdas, resume_from)
+    notes = [
+        f"{e}; its samples will be skipped (--on-corrupt skip)" for e in damaged if cfg.on_corrupt == "skip"
+    ]
+    return RunSetup(layout, encoders, lambdas, resume_from, notes)
 
 
 def claim_run(cfg: TrainConfig) -> cache_schema.OutputLock:
@@ -185,7 +191,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
 def _start(cfg: TrainConfig, setup: RunSetup, info: runtime.DistInfo) -> tuple[TrainState, dict[str, Any]]:
     """A fresh or resumed state, and the saved extras (loader position, RNG) of a resume."""
     start = int(setup.resume_from.name.split("-")[-1]) if setup.resume_from else 0
-    with_head = alignment_active(start + 1, cfg.align_until) if start < cfg.steps else False
+    # a checkpoint of step s holds the head iff alignment ran at step s (it is dropped at the start of
+    # the first step after --align-until), so a resume at the final step still loads it
+    with_head = alignment_active(max(start, 1), cfg.align_until)
     dims = {n: int(e["dim"]) for n, e in setup.encoders.items()}
     state = build_state(cfg, setup.layout, dims, setup.lambdas, info.device, info.rank, with_head)
     saved: dict[str, Any] = {}
@@ -241,7 +249,7 @@ def _loop(cfg, setup: RunSetup, state: TrainState, saved: dict, config: dict, in
     run, device = RunDir(cfg.out), info.device
     segment_steps = int(saved.get("loader", {}).get("segment_steps", cfg.checkpoint_every))
     full, lean = loader_specs(cfg, setup, segment_steps, pin=device.type == "cuda")
-    batches = iterate_steps(full, state.step, lean=lean, switch_after=cfg.align_until)
+    batches = DevicePrefetch(iterate_steps(full, state.step, lean=lean, switch_after=cfg.align_until), device)
     step_cfg = StepConfig(
         device=device,
         encoders=setup.encoders,

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -21,6 +22,7 @@ from torch import nn
 from cache_schema.formats import reconstruct
 from stages.common.flow import flow_loss, interpolate, sample_timesteps, velocity_target
 
+from .data import unpack
 from .state import TrainState, update_ema
 
 
@@ -55,19 +57,31 @@ class StepMetrics:
 
 
 def prepare_batch(batch: dict[str, Any], cfg: StepConfig, with_targets: bool = True) -> dict[str, Any]:
-    """Loader batch -> device tensors: x0 float32 latents, labels, dense targets {encoder: [B,T,H,W,D]}."""
+    """Loader batch -> device tensors: x0 float32 latents, labels, dense targets {encoder: [B,T,H,W,D]}.
+
+    The batch's compact bytes cross to the device in one copy (done ahead by data.DevicePrefetch on
+    CUDA; else here, only the latents' part when the targets are not needed this step); the targets
+    are dequantised and reconstructed there."""
     dev = cfg.device
+    buffer = batch.get("device_buffer")  # already copied by data.DevicePrefetch (CUDA)
+    if buffer is None:
+        buffer = batch["buffer"]
+        if not with_targets:
+            key, role, dtype, shape, start = batch["layout"][0]  # the latents come first
+            buffer = buffer[: start + batch["batch_size"] * int(np.prod(shape)) * np.dtype(dtype).itemsize]
+        buffer = buffer.to(dev, non_blocking=True)
+    latent, stored = unpack(batch, buffer)
     out: dict[str, Any] = {
-        "x0": batch["latent"].to(dev, non_blocking=True).float(),
+        "x0": latent.float(),
         "label": batch["label"].to(dev, non_blocking=True),
         "targets": {},
     }
     if with_targets:
         for name, entry in cfg.encoders.items():
-            values, scales = batch["targets"][name]
+            values, scales = stored[name]
             out["targets"][name] = reconstruct(
-                values.to(dev, non_blocking=True),
-                None if scales is None else scales.to(dev, non_blocking=True),
+                values,
+                scales,
                 entry["format"],
                 int(entry["stored_dim"]),
                 frames=cfg.frames,
