@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from pipeline.report import DemoResult
+from stages.common.registry import DEFAULT_ENCODERS
 
 
 @dataclass
@@ -28,7 +29,7 @@ class DemoConfig:
     frames: int = 16  # frames per synthetic video (clips take 8 with the tiny preset)
     size: int = 64
     seed: int = 0
-    encoders: list[str] = field(default_factory=lambda: ["dino", "sam2", "videomae"])
+    encoders: list[str] = field(default_factory=lambda: list(DEFAULT_ENCODERS))
     steps: int = 600
     batch_size: int = 8
     align_lambda: float = 0.5

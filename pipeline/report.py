@@ -202,6 +202,10 @@ def write_report(r: DemoResult) -> dict[str, Any]:
     return summary
 
 
+def _fidelity(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.5f}"
+
+
 def _round(value: Any) -> Any:
     return (
         round(value, 4)

@@ -383,3 +383,16 @@ def test_random_real_subset_on_real_videos(synth_videos: Path, small_i3d_path: P
     first_stats.save(tmp_path / "first.npz")
     res = CliRunner().invoke(main, _fvd_args(tmp_path / "first.npz", out))
     assert res.exit_code != 0 and "'real_subset'" in res.output
+
+
+def test_stats_out_never_replaces_a_file_without_overwrite(
+    synth_videos: Path, small_i3d_path: Path, tmp_path: Path
+):
+    target = tmp_path / "stats.npz"
+    target.write_bytes(b"someone else's file")
+    args = ["evaluate", "stats", "--videos", str(synth_videos), "--out", str(target), "--detector", "i3d",
+            "--detector-weights", str(small_i3d_path), "--frames", "8", "--resolution", "64", "--device", "cpu"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "already exists; pass --overwrite" in result.output
+    assert target.read_bytes() == b"someone else's file"
+    assert CliRunner().invoke(main, [*args, "--overwrite"]).exit_code == 0

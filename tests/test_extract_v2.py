@@ -360,3 +360,19 @@ def test_a_store_of_another_schema_version_is_replaced_only_with_overwrite(synth
         runner.run_extract(tiny_config(synth_videos, out, encoders=["dino"]))
     runner.run_extract(tiny_config(synth_videos, out, encoders=["dino"], overwrite=True))
     assert validate_store(out) == []
+
+
+def test_dino_input_follows_the_clip_so_its_patch_grid_is_the_dit_grid(synth_videos: Path, tmp_path):
+    """REPA's rule, our default: 224 px per 256 px of clip, i.e. the DiT grid side x DINOv2's patch (14)."""
+    for size in (64, 128):
+        out = tmp_path / f"s{size}.zarr"
+        result = runner.run_extract(
+            tiny_config(synth_videos, out, encoders=["dino"], size=size, dry_run=True)
+        )
+        grid = result.layout["grid"]
+        assert grid[1] == size // 8 // 2
+        cfg = tiny_config(synth_videos, tmp_path / f"r{size}.zarr", encoders=["dino"], size=size)
+        runner.run_extract(cfg)
+        spec = zarr.open_group(str(cfg.out), mode="r").attrs["spec"]
+        dino = next(e for e in spec["encoders"] if e["name"] == "dino")
+        assert dino["input_size"] == grid[1] * 14  # 56 px for 64 px clips, 112 px for 128 px clips

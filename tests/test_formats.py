@@ -365,3 +365,14 @@ def test_fidelity_summary():
     b = torch.tensor([[0.0, 2.0], [1.0, 0.0], [6.0, 8.0]])
     torch.testing.assert_close(token_cosines(a, b), torch.tensor([0.0, 0.0, 1.0]))
     assert math.isfinite(fidelity_summary(token_cosines(a, b))["p1"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_cuda_dequantisation_equals_the_cpu(fmt):
+    x = torch.randn(2, 4, 3, 3, 96, generator=torch.Generator().manual_seed(8))
+    v, s = encode(x, fmt)
+    cpu = reconstruct(v, s, fmt, 96, frames=8)
+    gpu = reconstruct(v.cuda(), s.cuda(), fmt, 96, frames=8)
+    assert gpu.is_cuda
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-6)

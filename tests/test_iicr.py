@@ -156,6 +156,9 @@ def test_analyze_command_over_a_store(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     data = json.loads((out / "iicr.json").read_text())
     assert set(data["encoders"]) == {"enc_a", "enc_b"}
+    spatial = json.loads((out / "spatial.json").read_text())  # iREPA's metrics beside IICR
+    assert set(spatial["encoders"]) == {"enc_a", "enc_b"} and "LDS" in res.output
+    assert all(r["clips"] == 10 and r["rmsc"] > 0 for r in spatial["encoders"].values())
     assert "enc_a" in res.output and "IICR(class)" in res.output
     png = (out / "iicr.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000

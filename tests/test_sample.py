@@ -255,3 +255,25 @@ def test_sampler_convention_flag_is_validated_and_recorded(tmp_path):
     np.testing.assert_allclose(np.load(out / "latents.npz")["latents"], expected.numpy(), atol=1e-5)
     bad = CliRunner().invoke(main, [*args[:-4], "--sampler-convention", "edm"])
     assert bad.exit_code != 0 and "edm" in bad.output
+
+
+def test_sample_outputs_never_touch_other_files(tmp_path):
+    run = _make_run(tmp_path, vae=None)
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    base = ["sample", "--run", str(run), "--num", "1", "--steps", "1"]
+    result = CliRunner().invoke(main, [*base, "--out", str(user)])
+    assert (
+        result.exit_code == 1 and "notes.txt" in result.output and (user / "notes.txt").read_text() == "mine"
+    )
+    step = run / "checkpoints" / "step-0000010"
+    result = CliRunner().invoke(main, [*base, "--out", str(step / "samples")])
+    assert (
+        result.exit_code == 1 and "inside --checkpoint" in result.output and not (step / "samples").exists()
+    )
+    # our own samples are replaced by a rerun, files of ours only
+    out = tmp_path / "samples"
+    assert CliRunner().invoke(main, [*base, "--out", str(out)]).exit_code == 0
+    assert CliRunner().invoke(main, [*base, "--out", str(out), "--seed", "3"]).exit_code == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == 3

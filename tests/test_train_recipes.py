@@ -88,6 +88,15 @@ def test_resume_before_and_after_the_switch_equals_a_straight_run(
     )
 
 
+def test_alignment_off_reads_targets_only_on_log_steps(shards: Path, tmp_path: Path) -> None:
+    """lambda 0: the frozen projectors only measure, on log steps; other steps move latents only."""
+    run = tmp_path / "run"
+    train(tiny(shards, run, steps=4, align_lambda=0.0, log_every=3, checkpoint_every=4), progress=False)
+    rows = RunDir(run).read_log()
+    assert [r["step"] for r in rows] == [3, 4] and all(set(r["cos_sim"]) == {"dino", "sam2"} for r in rows)
+    assert all(r["align_loss"] == 0 and r["align_weight"] == {} for r in rows)
+
+
 def test_per_encoder_weights_reach_the_loss(shards: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     train(tiny(shards, run, steps=3, align_lambda="dino=0.0,sam2=1.0", checkpoint_every=3), progress=False)
@@ -136,3 +145,29 @@ def test_int8_shards_train_like_float16_on_the_same_batches(tmp_path: Path) -> N
     align = np.array([[r["align_loss"] for r in rows[k]] for k in ("f16", "i8")])
     np.testing.assert_allclose(flow[0], flow[1], rtol=2e-3, atol=2e-4)
     np.testing.assert_allclose(align[0], align[1], rtol=2e-3, atol=2e-4)
+
+
+@pytest.mark.gpu
+def test_device_prefetch_copies_on_a_side_stream_and_matches_the_cpu(shards: Path) -> None:
+    import cache_schema
+    from stages.train.loop import RunSetup, loader_specs
+    from stages.train.step import StepConfig, prepare_batch
+
+    layout = cache_schema.read_index(shards)
+    setup = RunSetup(layout, cache_schema.encoder_entries(layout), {"dino": 0.5, "sam2": 0.5}, None)
+    full, _ = loader_specs(tiny(shards, shards / "unused"), setup, segment_steps=4, pin=True)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    prefetch = D.DevicePrefetch(D.iterate_steps(full, 0), cuda)
+    plain = D.iterate_steps(full, 0)
+    try:
+        for _ in range(3):
+            (on_gpu,), (on_cpu,) = next(prefetch), next(plain)
+            assert on_gpu["device_buffer"].is_cuda
+            a = prepare_batch(on_gpu, StepConfig(device=cuda, encoders=setup.encoders, frames=4))
+            b = prepare_batch(on_cpu, StepConfig(device=cpu, encoders=setup.encoders, frames=4))
+            torch.testing.assert_close(a["x0"].cpu(), b["x0"])
+            for name in setup.encoders:
+                torch.testing.assert_close(a["targets"][name].cpu(), b["targets"][name], rtol=1e-5, atol=1e-6)
+    finally:
+        prefetch.close()
+        plain.close()

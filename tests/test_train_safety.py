@@ -260,3 +260,31 @@ def test_checkpoint_payload_is_loadable_after_resume_across_ranks_count(shards: 
     summary = train(tiny(shards, run, steps=3, resume=True), progress=False)
     assert any("reseeded" in n for n in summary["notes"])
     assert json.loads(json.dumps(RunDir(run).read_log()[-1]))["step"] == 3
+
+
+def test_a_full_disk_while_checkpointing_is_named_and_resumes(
+    shards: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import errno
+
+    from stages.train import state as S
+
+    run = tmp_path / "run"
+    train(tiny(shards, run, steps=2, checkpoint_every=2), progress=False)
+    original = S.save_file
+
+    def full(tensors, path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(S, "save_file", full)
+    proc = invoke(cli("--out", str(run), "--resume", "--steps", "4", "--checkpoint-every", "2"))
+    assert (
+        proc.returncode == 1
+        and "disk full while writing" in proc.stderr
+        and "projectors.safetensors" in proc.stderr
+    )
+    assert "free on that filesystem" in proc.stderr and "Traceback" not in proc.stderr
+    assert RunDir(run).latest_checkpoint().name == "step-0000002"  # the last good checkpoint is intact
+    monkeypatch.setattr(S, "save_file", original)
+    train(tiny(shards, run, steps=4, checkpoint_every=2, resume=True), progress=False)
+    assert RunDir(run).latest_checkpoint().name == "step-0000004"

@@ -12,6 +12,17 @@ import click
 T = TypeVar("T")
 
 
+def default(cls: type, name: str) -> Any:
+    """A stage config's default for `name` (dataclass default or default_factory): the one place
+    the CLI's help texts take their "[default]" from."""
+    import dataclasses
+
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    return field.default_factory()  # type: ignore[misc]
+
+
 def resolve_stage_config(
     cls: type[T], config_file: str | None, overrides: tuple[str, ...], flags: Mapping[str, Any], base=None
 ) -> T:

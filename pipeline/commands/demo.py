@@ -4,24 +4,30 @@ from __future__ import annotations
 
 import click
 
+from pipeline.commands.common import default
 from pipeline.config import config_options
-from pipeline.demo import PRESETS
+from pipeline.demo import PRESETS, DemoConfig
+
+
+def _d(name: str) -> str:
+    value = default(DemoConfig, name)
+    return ",".join(value) if isinstance(value, list) else str(value)
 
 
 @click.command("demo")
-@click.option("--out", type=str, help="Output folder [demo-out].")
+@click.option("--out", type=str, help=f"Output folder [{_d('out')}].")
 @click.option(
     "--preset", type=click.Choice(list(PRESETS)), help="tiny (CPU, minutes) or small (bigger data, longer)."
 )
-@click.option("--videos", type=int, help="Synthetic videos [32].")
-@click.option("--classes", type=int, help="Synthetic classes [4].")
-@click.option("--steps", type=int, help="Training steps per run [600].")
-@click.option("--batch-size", type=int, help="Training batch size [8].")
-@click.option("--num-samples", type=int, help="Videos sampled per run [32].")
-@click.option("--sample-steps", type=int, help="ODE steps per sample [20].")
-@click.option("--encoders", type=str, help="Comma-separated encoders [dino,sam2,videomae].")
-@click.option("--device", type=str, help="cpu | cuda [cpu].")
-@click.option("--seed", type=int, help="Seed for data, training and sampling [0].")
+@click.option("--videos", type=int, help=f"Synthetic videos [{_d('videos')}].")
+@click.option("--classes", type=int, help=f"Synthetic classes [{_d('classes')}].")
+@click.option("--steps", type=int, help=f"Training steps per run [{_d('steps')}].")
+@click.option("--batch-size", type=int, help=f"Training batch size [{_d('batch_size')}].")
+@click.option("--num-samples", type=int, help=f"Videos sampled per run [{_d('num_samples')}].")
+@click.option("--sample-steps", type=int, help=f"ODE steps per sample [{_d('sample_steps')}].")
+@click.option("--encoders", type=str, help=f"Comma-separated encoders [{_d('encoders')}].")
+@click.option("--device", type=str, help=f"cpu | cuda [{_d('device')}].")
+@click.option("--seed", type=int, help=f"Seed for data, training and sampling [{_d('seed')}].")
 @config_options
 def demo(config_file, overrides, **flags):
     """Synthesize videos, extract, pack, train with and without alignment, sample, evaluate

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import click
 
+from pipeline.commands.common import default
 from pipeline.config import config_options
+from stages.pack.packer import PackConfig
+
+
+def _d(name: str) -> str:
+    value = default(PackConfig, name)
+    return ",".join(value) if isinstance(value, list) else str(value)
 
 
 @click.command("pack")
@@ -12,8 +19,10 @@ from pipeline.config import config_options
 @click.option(
     "--out", type=str, help="Output folder (or fsspec URL) for shard-000000.tar, ... and index.json."
 )
-@click.option("--samples-per-shard", type=int, help="Clips per tar shard [256].")
-@click.option("--seed", type=int, help="Seed of the row permutation that mixes classes across shards [0].")
+@click.option("--samples-per-shard", type=int, help=f"Clips per tar shard [{_d('samples_per_shard')}].")
+@click.option(
+    "--seed", type=int, help=f"Seed of the row permutation that mixes classes across shards [{_d('seed')}]."
+)
 @click.option(
     "--scheduler", type=str, help="threads | processes | synchronous | dask.distributed address [threads]."
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from pipeline.commands.common import default
 from pipeline.config import config_options
 from stages.common.registry import (
     DEFAULT_SAMPLER,
@@ -12,6 +13,12 @@ from stages.common.registry import (
     SAMPLER_CONVENTIONS,
     SAMPLER_NAMES,
 )
+from stages.sample.config import SampleConfig
+
+
+def _d(name: str) -> str:
+    value = default(SampleConfig, name)
+    return ",".join(value) if isinstance(value, list) else str(value)
 
 
 @click.command("sample")
@@ -27,7 +34,7 @@ from stages.common.registry import (
     default=None,
     help="A step folder (model/ + ema/) or a save_pretrained folder.",
 )
-@click.option("--num", type=int, default=None, help="Number of videos [16].")
+@click.option("--num", type=int, default=None, help=f"Number of videos [{_d('num')}].")
 @click.option(
     "--out", type=click.Path(file_okay=False), default=None, help="Output folder [RUN/samples/<checkpoint>]."
 )
@@ -44,9 +51,13 @@ from stages.common.registry import (
     help="repa: REPA's samplers.py (Heun skips its last corrector, Euler-Maruyama stops the noise at "
     f"t=0.04 then takes one mean step); uniform: uniform grid, corrector on every step [{DEFAULT_SAMPLER_CONVENTION}].",
 )
-@click.option("--steps", type=int, default=None, help="Integration steps [50].")
+@click.option("--steps", type=int, default=None, help=f"Integration steps [{_d('steps')}].")
 @click.option(
-    "--cfg", "cfg_scale", type=float, default=None, help="Classifier-free guidance scale; 1 = none [1.0]."
+    "--cfg",
+    "cfg_scale",
+    type=float,
+    default=None,
+    help=f"Classifier-free guidance scale; 1 = none [{_d('cfg')}].",
 )
 @click.option(
     "--guidance-interval",
@@ -57,11 +68,13 @@ from stages.common.registry import (
 @click.option(
     "--class", "class_", type=int, default=None, help="Sample this class only [balanced over classes]."
 )
-@click.option("--batch-size", type=int, default=None, help="Videos per batch [8].")
-@click.option("--seed", type=int, default=None, help="Seed; video i's noise depends only on (seed, i) [0].")
+@click.option("--batch-size", type=int, default=None, help=f"Videos per batch [{_d('batch_size')}].")
+@click.option(
+    "--seed", type=int, default=None, help=f"Seed; video i's noise depends only on (seed, i) [{_d('seed')}]."
+)
 @click.option("--no-ema", is_flag=True, default=False, help="Use the raw model weights instead of the EMA.")
 @click.option("--vae", default=None, help="VAE hub id or local folder [the run's VAE]; none: latents only.")
-@click.option("--device", default=None, help=f"{DEVICE_HELP} [auto].")
+@click.option("--device", default=None, help=f"{DEVICE_HELP} [{_d('device')}].")
 @config_options
 def sample(
     config_file: str | None, overrides: tuple[str, ...], cfg_scale: float | None, no_ema: bool, **flags

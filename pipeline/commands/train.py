@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from pipeline.commands.common import default
 from pipeline.config import config_options
 from stages.common.registry import (
     ALIGN_SCHEDULES,
@@ -14,6 +15,12 @@ from stages.common.registry import (
     PROJECTORS,
     TARGET_NORMS,
 )
+from stages.train.config import PRESETS, TIME_SCHEDULES, TrainConfig
+
+
+def _d(name: str) -> str:
+    value = default(TrainConfig, name)
+    return "never" if value is None else str(value)
 
 
 @click.command("train")
@@ -22,38 +29,44 @@ from stages.common.registry import (
 )
 @click.option("--out", type=str, help="Run directory (config, log, TensorBoard, checkpoints, plots).")
 @click.option(
-    "--preset", type=click.Choice(["tiny"]), help="tiny: tiny model, batch 4, 20 steps (tests, CPU demo)."
+    "--preset",
+    type=click.Choice(list(PRESETS)),
+    help="tiny: tiny model, batch 4, 20 steps (tests, CPU demo).",
 )
 @click.option("--model", type=click.Choice(list(MODEL_SIZES)), help=f"VideoDiT size [{DEFAULT_MODEL}].")
-@click.option("--steps", type=int, help="Optimizer steps [400000].")
-@click.option("--batch-size", type=int, help="Clips per rank per micro-step [32].")
-@click.option("--grad-accum", type=int, help="Micro-steps per optimizer step [1].")
-@click.option("--seed", type=int, help="Seed for init, noise and data order [0].")
-@click.option("--log-every", type=int, help="Steps between log.jsonl rows [100].")
-@click.option("--checkpoint-every", type=int, help="Steps between checkpoints [5000].")
+@click.option("--steps", type=int, help=f"Optimizer steps [{_d('steps')}].")
+@click.option("--batch-size", type=int, help=f"Clips per rank per micro-step [{_d('batch_size')}].")
+@click.option("--grad-accum", type=int, help=f"Micro-steps per optimizer step [{_d('grad_accum')}].")
+@click.option("--seed", type=int, help=f"Seed for init, noise and data order [{_d('seed')}].")
+@click.option("--log-every", type=int, help=f"Steps between log.jsonl rows [{_d('log_every')}].")
+@click.option("--checkpoint-every", type=int, help=f"Steps between checkpoints [{_d('checkpoint_every')}].")
 @click.option("--keep-checkpoints", type=int, help="Keep only the newest N checkpoints [all].")
 @click.option(
     "--lambda",
     "align_lambda",
     type=str,
-    help="Alignment weight: one number for every encoder, or dino=0.5,sam2=0.25; 0 = off [0.5].",
+    help=f"Alignment weight: one number for every encoder, or dino=0.5,sam2=0.25; 0 = off [{_d('align_lambda')}].",
 )
 @click.option(
     "--align-schedule",
     type=click.Choice(ALIGN_SCHEDULES),
-    help="Weight over steps (CREPA shapes) [constant].",
+    help=f"Weight over steps (CREPA shapes) [{_d('align_schedule')}].",
 )
-@click.option("--align-until", type=int, help="Alignment ends for good after this step (HASTE) [never].")
+@click.option(
+    "--align-until", type=int, help=f"Alignment ends for good after this step (HASTE) [{_d('align_until')}]."
+)
 @click.option(
     "--align-depth", type=int, help="Block whose output is aligned [8, or depth/3 for shallow models]."
 )
 @click.option("--encoders", type=str, help="Comma-separated subset of the cached encoders [all].")
-@click.option("--projector", type=click.Choice(PROJECTORS), help="REPA's MLP or iREPA's 3x3 conv [mlp].")
-@click.option("--projector-dim", type=int, help="MLP projector width [2048].")
+@click.option(
+    "--projector", type=click.Choice(PROJECTORS), help=f"REPA's MLP or iREPA's 3x3 conv [{_d('projector')}]."
+)
+@click.option("--projector-dim", type=int, help=f"MLP projector width [{_d('projector_dim')}].")
 @click.option(
     "--target-norm",
     type=click.Choice(TARGET_NORMS),
-    help="Targets as cached, or iREPA's spatial z-score [token].",
+    help=f"Targets as cached, or iREPA's spatial z-score [{_d('target_norm')}].",
 )
 @click.option(
     "--resume",
@@ -61,26 +74,28 @@ from stages.common.registry import (
     default=None,
     help="Continue RUN from its latest checkpoint, with its own config.",
 )
-@click.option("--lr", type=float, help="AdamW learning rate [1e-4].")
-@click.option("--weight-decay", type=float, help="AdamW weight decay [0].")
-@click.option("--grad-clip", type=float, help="Gradient norm clip; 0 = off [1.0].")
-@click.option("--ema", type=float, help="EMA decay [0.9999].")
-@click.option("--num-workers", type=int, help="Loader worker processes per rank [4].")
+@click.option("--lr", type=float, help=f"AdamW learning rate [{_d('lr')}].")
+@click.option("--weight-decay", type=float, help=f"AdamW weight decay [{_d('weight_decay')}].")
+@click.option("--grad-clip", type=float, help=f"Gradient norm clip; 0 = off [{_d('grad_clip')}].")
+@click.option("--ema", type=float, help=f"EMA decay [{_d('ema')}].")
+@click.option("--num-workers", type=int, help=f"Loader worker processes per rank [{_d('num_workers')}].")
 @click.option(
     "--on-corrupt",
     type=click.Choice(ON_CORRUPT),
-    help="A sample failing its checksum: stop, or skip and log [stop].",
+    help=f"A sample failing its checksum: stop, or skip and log [{_d('on_corrupt')}].",
 )
 @click.option(
-    "--time-schedule", type=click.Choice(["uniform", "logit_normal"]), help="Flow time sampling [uniform]."
+    "--time-schedule", type=click.Choice(TIME_SCHEDULES), help=f"Flow time sampling [{_d('time_schedule')}]."
 )
 @click.option(
     "--vae",
     type=str,
     help="VAE (hub id or folder) for periodic sample GIFs, e.g. the shards' VAE [none: no GIFs].",
 )
-@click.option("--sample-every", type=int, help="Steps between sample GIF grids; 0 = never [5000].")
-@click.option("--device", type=str, help=f"{DEVICE_HELP} [auto].")
+@click.option(
+    "--sample-every", type=int, help=f"Steps between sample GIF grids; 0 = never [{_d('sample_every')}]."
+)
+@click.option("--device", type=str, help=f"{DEVICE_HELP} [{_d('device')}].")
 @config_options
 def train(config_file, overrides, preset, **flags):
     """Train a VideoDiT with flow matching and alignment to cached encoder targets.
@@ -90,7 +105,6 @@ def train(config_file, overrides, preset, **flags):
     needed only for what may change (steps, logging, workers, device, learning rate).
     """
     from pipeline.commands.common import cli_errors, resolve_stage_config
-    from stages.train import PRESETS, TrainConfig
     from stages.train import train as run_train
 
     if flags.get("encoders") is not None:

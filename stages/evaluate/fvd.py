@@ -123,14 +123,6 @@ class FeatureStats:
             )
 
 
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def build_detector(cfg: EvalConfig):
     """The detector named by the config, with its runtime dtype."""
     import torch
@@ -146,7 +138,9 @@ def build_detector(cfg: EvalConfig):
                 "to published numbers)",
                 stacklevel=2,
             )
-    det = load_detector(cfg.detector, cfg.detector_weights, resolve_device(cfg.device), **options)
+    from stages.common.runtime import resolve_device
+
+    det = load_detector(cfg.detector, cfg.detector_weights, str(resolve_device(cfg.device)), **options)
     det.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
     return det
 

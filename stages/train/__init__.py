@@ -1,7 +1,22 @@
-"""Stage two: train a VideoDiT from WebDataset shards alone (no encoder code is imported)."""
+"""Stage two: train a VideoDiT from WebDataset shards alone (no encoder code is imported).
+
+The config is importable without torch (the CLI builds its options from it); the loop is
+loaded on first use."""
+
+from typing import Any
 
 from .config import PRESETS, TrainConfig
-from .loop import train
-from .step import NonFiniteLoss
 
 __all__ = ["PRESETS", "NonFiniteLoss", "TrainConfig", "train"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "train":
+        from .loop import train
+
+        return train
+    if name == "NonFiniteLoss":
+        from .step import NonFiniteLoss
+
+        return NonFiniteLoss
+    raise AttributeError(f"module 'stages.train' has no attribute {name!r}")

@@ -234,12 +234,15 @@ def _meta(array: np.ndarray) -> tuple[np.dtype, tuple[int, ...]]:
     return array.dtype, tuple(array.shape)
 
 
-def unpack(batch: dict[str, Any], buffer: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+def unpack(
+    batch: dict[str, Any], buffer: torch.Tensor | None = None, with_targets: bool = True
+) -> tuple[torch.Tensor, dict]:
     """(latents [B, ...], {encoder: (values, scales | None)}) as views of `buffer` (default: the
-    batch's own; pass the batch buffer moved to a device to get device tensors)."""
+    batch's own; pass the batch buffer moved to a device to get device tensors). Without
+    targets, only the latents (the buffer's first part) are read."""
     buffer = batch["buffer"] if buffer is None else buffer
     n, latent, targets = batch["batch_size"], None, {}
-    for key, role, dtype, shape, start in batch["layout"]:
+    for key, role, dtype, shape, start in batch["layout"][: None if with_targets else 1]:
         torch_dtype = _TORCH_DTYPES[np.dtype(dtype)]
         size = n * int(np.prod(shape)) * np.dtype(dtype).itemsize
         view = buffer[start : start + size].view(torch_dtype).view(n, *shape)

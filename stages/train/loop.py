@@ -245,12 +245,9 @@ def _train(cfg: TrainConfig, info: runtime.DistInfo, progress: bool) -> dict[str
             lock.release()
 
 
-def _loop(cfg, setup: RunSetup, state: TrainState, saved: dict, config: dict, info, progress: bool) -> dict:
-    run, device = RunDir(cfg.out), info.device
-    segment_steps = int(saved.get("loader", {}).get("segment_steps", cfg.checkpoint_every))
-    full, lean = loader_specs(cfg, setup, segment_steps, pin=device.type == "cuda")
-    batches = DevicePrefetch(iterate_steps(full, state.step, lean=lean, switch_after=cfg.align_until), device)
-    step_cfg = StepConfig(
+def step_config(cfg: TrainConfig, setup: RunSetup, info: runtime.DistInfo) -> StepConfig:
+    device = info.device
+    return StepConfig(
         device=device,
         encoders=setup.encoders,
         bases=_bases(cfg, setup, device),
@@ -262,10 +259,77 @@ def _loop(cfg, setup: RunSetup, state: TrainState, saved: dict, config: dict, in
         time_schedule=cfg.time_schedule,
         world_size=info.world_size,
     )
-    vae = _load_vae(cfg, config["vae_spec"], device) if info.is_main else None
+
+
+@dataclass
+class Loop:
+    """What the loop carries from step to step besides the TrainState."""
+
+    cfg: TrainConfig
+    setup: RunSetup
+    info: runtime.DistInfo
+    run: RunDir
+    config: dict[str, Any]
+    segment_steps: int
+    batches: DevicePrefetch
+    step_cfg: StepConfig
+    logger: RunLogger
+    stop: StopFlag
+    vae: Any = None
+
+    def step(self, state: TrainState) -> Any:
+        """Run optimizer step state.step + 1 (ending alignment first when its time has come)."""
+        cfg, step = self.cfg, state.step + 1
+        if state.head is not None and not alignment_active(step, cfg.align_until):
+            drop_alignment(state)
+        weights = _weights(cfg, self.setup, state, step)
+        measure = state.head is not None and self.log_now(step)
+        raw = next(self.batches)
+        batches = [prepare_batch(b, self.step_cfg, with_targets=weights is not None or measure) for b in raw]
+        try:
+            metrics = train_step(
+                state, batches, self.step_cfg, weights, measure, self.stop.signal is not None
+            )
+        except NonFiniteLoss as exc:
+            last = self.run.latest_checkpoint() if self.info.is_main else None
+            raise NonFiniteLoss(
+                f"{exc}. The last good checkpoint is {last or 'none (none written yet)'}"
+            ) from None
+        self.logger.add(metrics, [k for b in raw for k in b["skipped"]])
+        return metrics, weights
+
+    def log_now(self, step: int) -> bool:
+        return step % self.cfg.log_every == 0 or step == self.cfg.steps
+
+    def after(self, state: TrainState, metrics: Any, weights: dict | None) -> dict | None:
+        """Log, sample and checkpoint as scheduled (or when asked to stop); the log row, if any."""
+        cfg, step, row = self.cfg, state.step, None
+        if self.log_now(step):
+            row = self.logger.row(step, state.optimizer.param_groups[0]["lr"], weights or {})
+        if self.vae is not None and step % cfg.sample_every == 0:
+            write_samples(state.ema, self.vae, self.run, step, cfg, self.info.device, self.step_cfg.use_bf16)
+            self.logger.restart_clock()
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps or metrics.stop_requested:
+            _checkpoint(self.run, cfg, state, self.info, self.segment_steps, self.config)
+            self.logger.restart_clock()
+        return row
+
+
+def _start_loop(cfg, setup: RunSetup, state: TrainState, saved: dict, config: dict, info) -> Loop:
+    run, device = RunDir(cfg.out), info.device
+    segment_steps = int(saved.get("loader", {}).get("segment_steps", cfg.checkpoint_every))
+    full, lean = loader_specs(cfg, setup, segment_steps, pin=device.type == "cuda")
+    batches = DevicePrefetch(iterate_steps(full, state.step, lean=lean, switch_after=cfg.align_until), device)
     logger = RunLogger(run, info.is_main, cfg.batch_size * cfg.grad_accum * info.world_size, state.step)
-    stop = StopFlag()
-    stop.install()
+    vae = _load_vae(cfg, config["vae_spec"], device) if info.is_main else None
+    loop = Loop(cfg, setup, info, run, config, segment_steps, batches, step_config(cfg, setup, info), logger,
+                StopFlag(), vae)  # fmt: skip
+    loop.stop.install()
+    return loop
+
+
+def _loop(cfg, setup: RunSetup, state: TrainState, saved: dict, config: dict, info, progress: bool) -> dict:
+    loop = _start_loop(cfg, setup, state, saved, config, info)
     bar = tqdm(
         total=cfg.steps,
         initial=state.step,
@@ -276,53 +340,30 @@ def _loop(cfg, setup: RunSetup, state: TrainState, saved: dict, config: dict, in
     state.model.train()
     try:
         while state.step < cfg.steps:
-            step = state.step + 1
-            if state.head is not None and not alignment_active(step, cfg.align_until):
-                drop_alignment(state)
-            weights = _weights(cfg, setup, state, step)
-            log_now = step % cfg.log_every == 0 or step == cfg.steps
-            measure = state.head is not None and log_now
-            raw = next(batches)
-            device_batches = [
-                prepare_batch(b, step_cfg, with_targets=weights is not None or measure) for b in raw
-            ]
-            try:
-                metrics = train_step(
-                    state, device_batches, step_cfg, weights, measure, stop.signal is not None
-                )
-            except NonFiniteLoss as exc:
-                last = run.latest_checkpoint() if info.is_main else None
-                raise NonFiniteLoss(
-                    f"{exc}. The last good checkpoint is {last or 'none (none written yet)'}"
-                ) from None
+            metrics, weights = loop.step(state)
             bar.update(1)
-            logger.add(metrics, [k for b in raw for k in b["skipped"]])
-            if log_now:
-                row = logger.row(step, state.optimizer.param_groups[0]["lr"], weights or {})
+            row = loop.after(state, metrics, weights)
+            if row is not None:
                 bar.set_postfix(loss=f"{row['loss']:.4f}", align=f"{row['align_loss']:.3f}")
-            if vae is not None and step % cfg.sample_every == 0:
-                write_samples(state.ema, vae, run, step, cfg, device, step_cfg.use_bf16)
-                logger.restart_clock()
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps or metrics.stop_requested:
-                _checkpoint(run, cfg, state, info, segment_steps, config)
-                logger.restart_clock()
             if metrics.stop_requested:
                 if info.is_main:
-                    tqdm.write(f"{stop.signal or 'stop'}: checkpoint written at step {step}; exiting")
+                    tqdm.write(
+                        f"{loop.stop.signal or 'stop'}: checkpoint written at step {state.step}; exiting"
+                    )
                 break
     finally:
-        batches.close()
+        loop.batches.close()
         bar.close()
-        stop.uninstall()
-        logger.close()
+        loop.stop.uninstall()
+        loop.logger.close()
     return {
-        "run_dir": str(run.path),
+        "run_dir": str(loop.run.path),
         "step": state.step,
-        "interrupted": stop.signal,
-        "checkpoint": str(run.latest_checkpoint()) if info.is_main else None,
-        "last_log": logger.last_row,
+        "interrupted": loop.stop.signal,
+        "checkpoint": str(loop.run.latest_checkpoint()) if info.is_main else None,
+        "last_log": loop.logger.last_row,
         "align_depth": state.align_depth,
         "encoders": list(setup.encoders),
-        "skipped": logger.skipped_total,
+        "skipped": loop.logger.skipped_total,
         "notes": setup.notes,
     }

@@ -70,7 +70,7 @@ def prepare_batch(batch: dict[str, Any], cfg: StepConfig, with_targets: bool = T
             key, role, dtype, shape, start = batch["layout"][0]  # the latents come first
             buffer = buffer[: start + batch["batch_size"] * int(np.prod(shape)) * np.dtype(dtype).itemsize]
         buffer = buffer.to(dev, non_blocking=True)
-    latent, stored = unpack(batch, buffer)
+    latent, stored = unpack(batch, buffer, with_targets)
     out: dict[str, Any] = {
         "x0": latent.float(),
         "label": batch["label"].to(dev, non_blocking=True),
