@@ -50,13 +50,13 @@ import numcodecs
 import numpy as np
 import torch
 import torch.nn.functional as F
+from loader_rate import samples_per_s  # noqa: E402 (bench/ is on sys.path when run as a script)
 
 import cache_schema
 from cache_schema import constants as C
 from cache_schema import formats
 from pipeline.summary import format_table
 from stages.common.resample import l2_normalize_tokens, resample_temporal
-from stages.common.runtime import close_loader
 from stages.extract.store import (
     StorePlan,
     create_store,
@@ -66,7 +66,7 @@ from stages.extract.store import (
     write_block,
 )
 from stages.pack.packer import PackConfig, run_pack
-from stages.train.data import LoaderSpec, build_loader, shard_urls
+from stages.train.data import LoaderSpec, shard_urls
 
 LATENT_CHANNELS, SPATIAL_FACTOR, PATCH = 4, 8, 2
 VIDEOMAE_TIME = 8  # 16 input frames / tubelet 2
@@ -310,17 +310,7 @@ def time_loader(shards: str, args, workers: int) -> dict[str, Any]:
         shuffle_buffer=args.shuffle_buffer,
         num_workers=workers,
     )
-    it = iter(build_loader(spec, 0))
-    try:
-        for _ in range(2 * workers):  # workers started, shuffle buffers filled
-            next(it)
-        start = time.perf_counter()
-        for _ in range(args.loader_batches):
-            next(it)
-        seconds = time.perf_counter() - start
-    finally:
-        close_loader(it)
-    rate = args.loader_batches * args.loader_batch_size / seconds
+    rate = samples_per_s(spec, args.loader_batches)
     return {"workers": workers, "samples_per_s": rate, "samples_per_s_per_worker": rate / workers}
 
 

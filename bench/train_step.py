@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from loader_rate import samples_per_s  # noqa: E402 (bench/ is on sys.path when run as a script)
 
 import cache_schema
 from cache_schema import constants as C
@@ -60,7 +61,7 @@ from pipeline.summary import format_table
 from stages.common.registry import ENCODERS as ENCODER_DEFAULTS
 from stages.pack.packer import clip_sample, shard_index, write_index, write_tar
 from stages.train.config import TrainConfig
-from stages.train.data import LoaderSpec, build_loader, iterate_steps, shard_urls, unpack
+from stages.train.data import LoaderSpec, iterate_steps, shard_urls, unpack
 from stages.train.state import TrainState, build_state, drop_alignment
 from stages.train.step import StepConfig, prepare_batch, train_step
 
@@ -373,19 +374,7 @@ def build_variant(
 
 def time_loader(name: str, data: ShardSet, args, workers: int) -> dict[str, Any]:
     """Samples/s the loader alone delivers with `workers` processes (read, crc32, decode, collate)."""
-    it = iter(build_loader(loader_spec(data, args, workers, pin_memory=False), 0))
-    try:
-        for _ in range(max(2, 2 * workers)):  # workers started, shuffle buffers filled
-            next(it)
-        start = time.perf_counter()
-        for _ in range(args.loader_batches):
-            next(it)
-        elapsed = time.perf_counter() - start
-    finally:
-        from stages.common.runtime import close_loader
-
-        close_loader(it)
-    rate = args.loader_batches * args.batch_size / elapsed
+    rate = samples_per_s(loader_spec(data, args, workers, pin_memory=False), args.loader_batches)
     return {
         "set": name,
         "workers": workers,
