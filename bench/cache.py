@@ -61,8 +61,6 @@ from stages.extract.store import (
     StorePlan,
     create_store,
     mark_block_done,
-    scales_path,
-    values_path,
     write_block,
 )
 from stages.pack.packer import PackConfig, run_pack
@@ -264,9 +262,9 @@ def write_store(
     raw = latents.nbytes + sum(v.nbytes + (0 if s is None else s.nbytes) for v, s in targets.values())
     stored = {C.LATENTS: group[C.LATENTS].nbytes_stored() / n}
     for e in plan.encoders:
-        stored[e["name"]] = group[values_path(e["name"])].nbytes_stored() / n
+        stored[e["name"]] = group[C.values_path(e["name"])].nbytes_stored() / n
         if e["scales"]:
-            stored[e["name"]] += group[scales_path(e["name"])].nbytes_stored() / n
+            stored[e["name"]] += group[C.scales_path(e["name"])].nbytes_stored() / n
     return {
         "write_s": seconds,
         "raw_bytes": raw,

@@ -32,7 +32,7 @@ from stages.common.synth import make_synthetic
 from stages.extract.config import ExtractConfig, preset_values
 from stages.extract.models import model_sources
 from stages.extract.runner import run_extract
-from stages.extract.store import CODEC_NAMES, StorePlan, create_store, scales_path, values_path, write_block
+from stages.extract.store import CODEC_NAMES, StorePlan, create_store, write_block
 
 
 def machine() -> str:
@@ -45,8 +45,8 @@ def _copy_plan(src: zarr.Group) -> tuple[StorePlan, dict[str, tuple[np.ndarray, 
     attrs = dict(src.attrs)
     targets = {}
     for enc in attrs["encoders"]:
-        scales = src[scales_path(enc["name"])][:] if enc["scales"] else None
-        targets[enc["name"]] = (src[values_path(enc["name"])][:], scales)
+        scales = src[C.scales_path(enc["name"])][:] if enc["scales"] else None
+        targets[enc["name"]] = (src[C.values_path(enc["name"])][:], scales)
     plan = StorePlan(
         num_clips=int(attrs["num_clips"]),
         block_size=int(attrs["block_size"]),
@@ -79,8 +79,8 @@ def codec_table(store: str, work: Path, level: int) -> list[dict]:
             block = {k: (v[s:e], None if sc is None else sc[s:e]) for k, (v, sc) in targets.items()}
             write_block(group, s, latents[s:e], block, np.ones(e - s, np.uint8))
         write_s = time.perf_counter() - t0
-        arrays = [group[C.LATENTS]] + [group[values_path(k)] for k in targets]
-        arrays += [group[scales_path(k)] for k, (_, sc) in targets.items() if sc is not None]
+        arrays = [group[C.LATENTS]] + [group[C.values_path(k)] for k in targets]
+        arrays += [group[C.scales_path(k)] for k, (_, sc) in targets.items() if sc is not None]
         stored = sum(a.nbytes_stored() for a in arrays)
         t0 = time.perf_counter()
         for i in range(n):  # the access pattern of pack: clip by clip

@@ -19,6 +19,17 @@ FLIP = "flip"  # [N] uint8, 1 = horizontally mirrored frames (computed from the 
 VALID = "valid"  # [N] uint8, 0 = clip failed at extraction
 BLOCK_DONE = "block_done"  # [num_blocks] uint8, 1 = block complete (written last)
 
+
+def values_path(encoder: str) -> str:
+    """A store's array of an encoder's stored target values."""
+    return f"{TARGETS_GROUP}/{encoder}/{TARGET_VALUES}"
+
+
+def scales_path(encoder: str) -> str:
+    """A store's array of an encoder's quantisation scales (formats with scales only)."""
+    return f"{TARGETS_GROUP}/{encoder}/{TARGET_SCALES}"
+
+
 STORE_ARRAYS = (LATENTS, LABELS, VIDEO_INDEX, START_FRAME, FLIP, VALID, BLOCK_DONE)
 
 # zarr store: required root attributes

@@ -339,6 +339,21 @@ def is_stale(info: LockInfo, lock_file: Path) -> bool:
     return age > _stale_after()
 
 
+def _busy(folder: str, holder: LockInfo, lock_file: Path) -> OutputError:
+    return OutputError(
+        f"{folder} is being written by {holder.describe()}; only one writer at a time. "
+        f"Wait for it to finish or stop it (if that process is gone, delete {lock_file})"
+    )
+
+
+def refuse_if_locked(folder: str | Path, job: str) -> None:
+    """Refuse at once (writing nothing) when another live writer holds `folder`'s lock."""
+    lock_file = Path(folder) / LOCK
+    holder = read_lock(folder)
+    if holder is not None and holder.job != job and not is_stale(holder, lock_file):
+        raise _busy(str(folder), holder, lock_file)
+
+
 @dataclass
 class OutputLock:
     """`.align4gen.lock` in an output folder; use as a context manager (or acquire/release)."""
@@ -384,10 +399,7 @@ class OutputLock:
                     with contextlib.suppress(FileNotFoundError):
                         self.path.unlink()
                     continue
-                raise OutputError(
-                    f"{self.folder} is being written by {holder.describe()}; only one writer at a time. "
-                    f"Wait for it to finish or stop it (if that process is gone, delete {self.path})"
-                ) from None
+                raise _busy(self.folder, holder, self.path) from None
             with os.fdopen(fd, "w") as fh:
                 fh.write(self._payload())
             self._held = True

@@ -169,17 +169,17 @@ def _check_store_arrays(group: Any, attrs: dict[str, Any], path: str | Path) -> 
             errors.append(f"{path}: {name} shape {tuple(group[name].shape)} != ({n},)")
     grid = attrs["grid"]
     for enc in attrs["encoders"]:
-        base = f"{C.TARGETS_GROUP}/{enc['name']}"
+        values_path, scales_path = C.values_path(enc["name"]), C.scales_path(enc["name"])
         try:
-            values = group[f"{base}/{C.TARGET_VALUES}"]
+            values = group[values_path]
         except KeyError:
-            errors.append(f"{path}: missing array '{base}/{C.TARGET_VALUES}'")
+            errors.append(f"{path}: missing array '{values_path}'")
             continue
         want = (n, int(enc["time_frames"]), grid[1], grid[2], int(enc["values"][0]))
         if tuple(values.shape) != want:
-            errors.append(f"{path}: {base}/values shape {tuple(values.shape)} != {want}")
-        if enc.get("scales") and f"{base}/{C.TARGET_SCALES}" not in group:
-            errors.append(f"{path}: missing array '{base}/{C.TARGET_SCALES}'")
+            errors.append(f"{path}: {values_path} shape {tuple(values.shape)} != {want}")
+        if enc.get("scales") and scales_path not in group:
+            errors.append(f"{path}: missing array '{scales_path}'")
     return errors
 
 

@@ -104,8 +104,8 @@ def store_targets(group, name: str, rows) -> torch.Tensor:
     """One encoder's targets [B,T,H,W,D] for store `rows`, rebuilt from the stored arrays (and PCA
     basis) exactly as a trainer does."""
     enc = {e["name"]: e for e in group.attrs["encoders"]}[name]
-    values = group[f"{C.TARGETS_GROUP}/{name}/{C.TARGET_VALUES}"][rows]
-    scales = group[f"{C.TARGETS_GROUP}/{name}/{C.TARGET_SCALES}"][rows] if enc["scales"] else None
+    values = group[C.values_path(name)][rows]
+    scales = group[C.scales_path(name)][rows] if enc["scales"] else None
     basis = None
     if enc["pca"]:
         base = f"{C.PCA_GROUP}/{name}"

@@ -77,9 +77,8 @@ def open_targets(
     chosen = encoder_entries(attrs, encoders)
     arrays, bases = {}, {}
     for name, entry in chosen.items():
-        base = f"{C.TARGETS_GROUP}/{name}"
-        values = da.from_zarr(group[f"{base}/{C.TARGET_VALUES}"])
-        scales = da.from_zarr(group[f"{base}/{C.TARGET_SCALES}"]) if entry.get("scales") else None
+        values = da.from_zarr(group[C.values_path(name)])
+        scales = da.from_zarr(group[C.scales_path(name)]) if entry.get("scales") else None
         arrays[name] = (values, scales)
     for name, basis in store_bases(group).items():
         if name in chosen:

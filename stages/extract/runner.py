@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,14 +22,11 @@ from cache_schema import SCHEMA_VERSION, OutputLock, canonical_json, content_fin
 from cache_schema import constants as C
 from cache_schema.bases import store_bases
 from cache_schema.outputs import (
-    LOCK,
-    OutputError,
     check_not_overlapping,
     clear_artifact,
     inspect_output,
-    is_stale,
     prepare_output,
-    read_lock,
+    refuse_if_locked,
 )
 from stages.common import runtime
 from stages.common import video as V
@@ -278,11 +274,8 @@ def check_output(cfg: ExtractConfig) -> None:
     """Rank 0, writing nothing: refuse an --out that holds anything but our store, overlaps
     --data, or is being written by another process."""
     check_not_overlapping(cfg.out, {"--data": cfg.data})
-    if inspect_output(cfg.out, "store") == "ours":
-        holder = read_lock(cfg.out)
-        lock_file = Path(cfg.out) / LOCK
-        if holder is not None and holder.job != runtime.job_id() and not is_stale(holder, lock_file):
-            raise OutputError(f"{cfg.out} is being written by {holder.describe()}; only one writer at a time")
+    if inspect_output(cfg.out, "store") == "ours" and "://" not in cfg.out:
+        refuse_if_locked(cfg.out, runtime.job_id())
 
 
 def claim_output(cfg: ExtractConfig) -> OutputLock:

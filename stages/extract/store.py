@@ -59,14 +59,6 @@ class StorePlan:
         return start, min(start + self.block_size, self.num_clips)
 
 
-def values_path(name: str) -> str:
-    return f"{C.TARGETS_GROUP}/{name}/{C.TARGET_VALUES}"
-
-
-def scales_path(name: str) -> str:
-    return f"{C.TARGETS_GROUP}/{name}/{C.TARGET_SCALES}"
-
-
 def _per_clip_array(group: zarr.Group, name: str, shape: tuple, dtype: str, block: int, compressors) -> None:
     group.create_array(
         name,
@@ -95,10 +87,10 @@ def create_store(
     for enc in plan.encoders:
         lead = (n, int(enc["time_frames"]), h, w)
         v_dim, v_dtype = enc["values"]
-        _per_clip_array(group, values_path(enc["name"]), (*lead, v_dim), v_dtype, b, compressors)
+        _per_clip_array(group, C.values_path(enc["name"]), (*lead, v_dim), v_dtype, b, compressors)
         if enc["scales"]:
             s_dim, s_dtype = enc["scales"]
-            _per_clip_array(group, scales_path(enc["name"]), (*lead, s_dim), s_dtype, b, compressors)
+            _per_clip_array(group, C.scales_path(enc["name"]), (*lead, s_dim), s_dtype, b, compressors)
     for name, basis in bases.items():
         for part, array in ((C.PCA_MEAN, basis.mean), (C.PCA_COMPONENTS, basis.components)):
             arr = group.create_array(
@@ -148,9 +140,9 @@ def write_block(
     stop = start + len(latents)
     group[C.LATENTS][start:stop] = latents.astype(np.float16, copy=False)
     for name, (values, scales) in targets.items():
-        group[values_path(name)][start:stop] = values
+        group[C.values_path(name)][start:stop] = values
         if scales is not None:
-            group[scales_path(name)][start:stop] = scales
+            group[C.scales_path(name)][start:stop] = scales
     group[C.VALID][start:stop] = valid.astype(np.uint8)
 
 

@@ -132,9 +132,8 @@ def _target_arrays(group, encoders: list[dict[str, Any]]) -> dict[str, tuple[Any
     """name -> (values array, scales array or None), opened once per task."""
     arrays = {}
     for enc in encoders:
-        base = f"{C.TARGETS_GROUP}/{enc['name']}"
-        scales = group[f"{base}/{C.TARGET_SCALES}"] if enc.get("scales") else None
-        arrays[enc["name"]] = (group[f"{base}/{C.TARGET_VALUES}"], scales)
+        scales = group[C.scales_path(enc["name"])] if enc.get("scales") else None
+        arrays[enc["name"]] = (group[C.values_path(enc["name"])], scales)
     return arrays
 
 
