@@ -40,9 +40,9 @@ def test_named_sizes_config(name):
         assert model(torch.randn(1, 4, 2, 4, 4), torch.rand(1)).shape == (1, 4, 2, 4, 4)
     else:  # building the big ones costs seconds of RAM and init; check the config mapping only
         with torch.device("meta"):
-            model = build_video_dit(name, num_frames=2, sample_size=4)
+            model = build_video_dit(name, num_frames=2, sample_size=8 if name == "mini/4" else 4)
     assert (model.config.hidden_size, model.config.depth, model.config.num_heads) == (hidden, depth, heads)
-    assert model.config.patch_size == 2
+    assert model.config.patch_size == (int(name.split("/")[1]) if "/" in name else 2)
 
 
 @pytest.mark.parametrize("name,millions", [("S/2", 33.0), ("B/2", 130.5), ("L/2", 458.0), ("XL/2", 675.1)])
@@ -193,3 +193,22 @@ def test_bf16_autocast_on_cuda_matches_fp32():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = model(x, t, y, return_hidden_at=1)[0].float()
     assert (out - ref).norm() / ref.norm() < 0.05
+
+
+def test_sample_prediction_returns_jit_velocity():
+    """prediction="sample": the network's output is x0_hat and forward returns (x_t - x0_hat) / max(t, t_eps),
+    checked against the same weights read as a velocity model (JiT's conversion, our t = noise level)."""
+    torch.manual_seed(0)
+    kwargs = dict(hidden_size=32, depth=2, num_heads=2, num_frames=2, sample_size=4, in_channels=12)
+    as_sample = tiny_dit(prediction="sample", **kwargs)
+    randomize_zero_inits(as_sample)
+    as_velocity = tiny_dit(**kwargs)
+    as_velocity.load_state_dict(as_sample.state_dict())
+    x = torch.randn(3, 12, 2, 4, 4)
+    t = torch.tensor([0.5, 0.9, 0.01])
+    raw = as_velocity(x, t)  # the same network output, read unconverted
+    expected = (x - raw) / t.clamp_min(0.05).reshape(3, 1, 1, 1, 1)
+    torch.testing.assert_close(as_sample(x, t), expected)
+    assert as_sample.config.prediction == "sample"
+    with pytest.raises(ValueError, match="prediction"):
+        tiny_dit(prediction="epsilon", **kwargs)

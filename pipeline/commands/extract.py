@@ -48,6 +48,9 @@ _FORMATS_HELP = "; ".join(f"{name}: {spec.description}" for name, spec in TARGET
 )
 @click.option("--size", type=int, help=f"Resize shorter side then center-crop to SIZE [{_D.size}].")
 @click.option(
+    "--patch-size", type=int, help=f"The DiT's patch: token grid = latent grid / PATCH [{_D.patch_size}]."
+)
+@click.option(
     "--vae",
     type=str,
     help=f"VAE hub id or local folder [{R.DEFAULT_VAE['image']}; video: {R.DEFAULT_VAE['video']}].",

@@ -12,6 +12,7 @@ from stages.common.registry import (
     DEVICE_HELP,
     MODEL_SIZES,
     ON_CORRUPT,
+    PREDICTIONS,
     PROJECTORS,
     TARGET_NORMS,
 )
@@ -78,6 +79,11 @@ def _d(name: str) -> str:
 @click.option("--weight-decay", type=float, help=f"AdamW weight decay [{_d('weight_decay')}].")
 @click.option("--grad-clip", type=float, help=f"Gradient norm clip; 0 = off [{_d('grad_clip')}].")
 @click.option("--ema", type=float, help=f"EMA decay [{_d('ema')}].")
+@click.option(
+    "--ema-warmup/--no-ema-warmup",
+    default=None,
+    help=f"EMA decay min(ema, (1 + step) / (10 + step)) as diffusers' EMAModel [{_d('ema_warmup')}].",
+)
 @click.option("--num-workers", type=int, help=f"Loader worker processes per rank [{_d('num_workers')}].")
 @click.option(
     "--on-corrupt",
@@ -86,6 +92,13 @@ def _d(name: str) -> str:
 )
 @click.option(
     "--time-schedule", type=click.Choice(TIME_SCHEDULES), help=f"Flow time sampling [{_d('time_schedule')}]."
+)
+@click.option("--time-mean", type=float, help=f"logit_normal: mean of logit(t) [{_d('time_mean')}].")
+@click.option("--time-std", type=float, help=f"logit_normal: std of logit(t) [{_d('time_std')}].")
+@click.option(
+    "--prediction",
+    type=click.Choice(PREDICTIONS),
+    help=f"Network output: velocity (SiT/REPA) or the clean sample (JiT; pixel space) [{_d('prediction')}].",
 )
 @click.option(
     "--vae",

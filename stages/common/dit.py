@@ -6,6 +6,14 @@ temporal attention (the T tokens at one spatial position). Every block is condit
 adaLN-Zero on the timestep embedding plus, for class-conditional models, a class embedding
 whose extra index `num_classes` is the null class used for classifier-free guidance.
 
+Prediction (`prediction`): "velocity" (SiT/REPA: the network's output is v) or "sample" (JiT,
+Li & He 2025, LTH14/JiT `denoiser.py`: the network predicts the clean latent x0_hat and the model
+returns the velocity v = (x_t - x0_hat) / max(t, t_eps), so the loss and every sampler still see
+a velocity). Why "sample": in pixel space a token holds f^2 x 3 x p^2 values (768 for the demo's
+patchify-8 latents with patch 2), more than a small model's width; noise and velocity do not
+lie on a low-dimensional manifold and such a model cannot carry them, clean data does (JiT's
+argument and its finding at large patch sizes). Our t is the noise level (JiT's 1 - t).
+
 It is a diffusers `ModelMixin`/`ConfigMixin`, so `save_pretrained`/`from_pretrained` store the
 config and safetensors weights; the training stage keeps its alignment projectors outside this
 module, which is why the saved model is the inference model.
@@ -22,7 +30,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from stages.common.registry import MODEL_SIZES  # name -> (hidden size, depth, heads)
+from stages.common.registry import MODEL_SIZES, PREDICTIONS  # sizes: name -> (hidden, depth, heads)
 
 
 def default_align_depth(depth: int) -> int:
@@ -172,8 +180,12 @@ class VideoDiT(ModelMixin, ConfigMixin):
         mlp_ratio: float = 4.0,
         num_classes: int = 0,
         class_dropout: float = 0.1,
+        prediction: str = "velocity",
+        t_eps: float = 0.05,
     ):
         super().__init__()
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         if sample_size % patch_size:
             raise ValueError(f"sample_size {sample_size} is not divisible by patch_size {patch_size}")
         if hidden_size % 4:
@@ -313,6 +325,8 @@ class VideoDiT(ModelMixin, ConfigMixin):
         out = self.final_layer(tokens, c)  # [B, T, H*W, p*p*C_out]
         out = out.reshape(b, frames, gh, gw, p, p, self.out_channels)
         out = out.permute(0, 6, 1, 2, 4, 3, 5).reshape(b, self.out_channels, frames, height, width)
+        if cfg.prediction == "sample":  # x0_hat -> velocity (JiT's v from its x-prediction)
+            out = (x - out) / t.to(out.dtype).clamp_min(cfg.t_eps).reshape(b, 1, 1, 1, 1)
         return out if return_hidden_at is None else (out, hidden)
 
 

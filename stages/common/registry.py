@@ -14,12 +14,17 @@ from dataclasses import dataclass
 # name -> (hidden size, depth, heads); widths and depths as in DiT/Latte, patch size 2.
 MODEL_SIZES: dict[str, tuple[int, int, int]] = {
     "tiny": (64, 4, 4),
+    # the CPU demo's pixel-space model: on 32 x 32 clips in patchify-8 latents (4 x 4 x 192) its patch 4
+    # makes one token per frame, so every block mixes frames (temporal) or refines one frame's token
+    "mini/4": (256, 4, 4),
     "S/2": (384, 12, 6),
     "B/2": (768, 12, 12),
     "L/2": (1024, 24, 16),
     "XL/2": (1152, 28, 16),
 }
 DEFAULT_MODEL = "XL/2"
+# what the network outputs: SiT/REPA's velocity, or JiT's clean sample (stages/common/dit.py)
+PREDICTIONS = ("velocity", "sample")
 
 # Training step cost per clip (forward + backward, torch.utils.flop_counter, 16 x 256 x 256
 # clips = 4 x 16 x 32 x 32 SD latents, no alignment head) and the clips/s one H100 sustains at
@@ -29,6 +34,7 @@ H100_BF16_PEAK_TFLOPS = 989.0
 ASSUMED_MFU = 0.40
 TRAIN_TFLOP_PER_CLIP: dict[str, float] = {
     "tiny": 0.0066,
+    "mini/4": 0.0195,
     "S/2": 0.55,
     "B/2": 2.16,
     "L/2": 7.59,
@@ -90,7 +96,11 @@ DEFAULT_ENCODERS = ("dino", "sam2", "videomae")
 # --------------------------------------------------------------------------- VAE and clips
 
 SD_LATENT_SCALE = 0.18215  # Stable Diffusion's VAE (Latte); video VAEs carry their own
-DEFAULT_VAE: dict[str, str] = {"image": "stabilityai/sd-vae-ft-ema", "video": "THUDM/CogVideoX-2b"}
+DEFAULT_VAE: dict[str, str] = {
+    "image": "stabilityai/sd-vae-ft-ema",
+    "video": "THUDM/CogVideoX-2b",
+    "pixel": "patchify-8",  # exact space-to-depth (stages/common/pixel.py): no weights
+}
 VAE_KINDS = tuple(DEFAULT_VAE)
 
 

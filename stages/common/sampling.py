@@ -185,3 +185,22 @@ def write_gif_grid(path: Path, videos: np.ndarray, fps: int) -> None:
         loop=0,
         optimize=False,
     )
+
+
+def filmstrip(videos: np.ndarray, pad: int = 2, scale: int = 2) -> np.ndarray:
+    """[N, T, H, W, 3] -> one still image: a row per video, its frames left to right (white gaps),
+    each pixel repeated `scale` times. Why: a PNG shows motion on a page where a GIF does not play
+    (the README, a PDF), and nearest-neighbour upscaling keeps small frames sharp."""
+    n, t, h, w, _ = videos.shape
+    out = np.full((n * (h + pad) - pad, t * (w + pad) - pad, 3), 255, dtype=np.uint8)
+    for i in range(n):
+        for j in range(t):
+            out[i * (h + pad) : i * (h + pad) + h, j * (w + pad) : j * (w + pad) + w] = videos[i, j]
+    return out.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else out
+
+
+def write_filmstrip(path: Path, videos: np.ndarray, scale: int = 2) -> None:
+    """A PNG filmstrip of the videos (see `filmstrip`)."""
+    from PIL import Image
+
+    Image.fromarray(filmstrip(videos, scale=scale)).save(path)

@@ -29,6 +29,9 @@ MOTIONS = (
     "pulse",
 )
 SHAPES = ("circle", "square", "triangle")
+# "textured": smooth random field or stripes, with pixel noise (the default; hard for tiny models)
+# "flat": a two-colour linear gradient, no noise (the demo: a CPU-minute model can learn it)
+BACKGROUNDS = ("textured", "flat")
 _DRIFT = {"drift_right": (1, 0), "drift_left": (-1, 0), "drift_down": (0, 1), "drift_up": (0, -1)}
 
 
@@ -40,6 +43,7 @@ class SynthParams:
     size: int = 64
     seed: int = 0
     fps: int = 8
+    background: str = "textured"
 
 
 @dataclass
@@ -95,6 +99,17 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return c0 * (1 - t) + c1 * t
 
 
+def _flat_background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A linear gradient between two random colours in a random direction, float32 [size, size, 3]."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    c0 = rng.uniform(20, 235, 3).astype(np.float32)
+    c1 = rng.uniform(20, 235, 3).astype(np.float32)
+    angle = rng.uniform(0, 2 * math.pi)
+    ramp = ((xx - (size - 1) / 2) * math.cos(angle) + (yy - (size - 1) / 2) * math.sin(angle)) / size
+    t = np.clip(0.5 + ramp, 0, 1)[..., None]
+    return c0 * (1 - t) + c1 * t
+
+
 def _shape_alpha(kind: str, u: np.ndarray, v: np.ndarray, radius: np.ndarray) -> np.ndarray:
     """Soft coverage of a shape in its local (rotated) coordinates; 1-pixel antialiased edge."""
     if kind == "circle":
@@ -108,15 +123,21 @@ def _shape_alpha(kind: str, u: np.ndarray, v: np.ndarray, radius: np.ndarray) ->
     return np.clip(0.5 - sdf, 0.0, 1.0)
 
 
-def render_video(rng: np.random.Generator, label: int, frames: int, size: int) -> np.ndarray:
+def render_video(
+    rng: np.random.Generator, label: int, frames: int, size: int, background: str = "textured"
+) -> np.ndarray:
     """Draw one video of class ``label``: uint8 [frames, size, size, 3].
 
     Positions wrap around the frame (a torus), so drifting objects never leave the picture.
+    ``background`` is one of BACKGROUNDS; "textured" draws exactly what earlier versions drew.
     """
+    if background not in BACKGROUNDS:
+        raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
     motion = MOTIONS[label % len(MOTIONS)]
     speed = _speed_factor(label) * rng.uniform(0.8, 1.2)
     px = size / 64.0
-    canvas = np.broadcast_to(_background(rng, size), (frames, size, size, 3)).copy()
+    field = _background(rng, size) if background == "textured" else _flat_background(rng, size)
+    canvas = np.broadcast_to(field, (frames, size, size, 3)).copy()
     t = np.arange(frames, dtype=np.float32)[:, None, None]
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     centre = (size - 1) / 2
@@ -228,12 +249,15 @@ def make_synthetic(
     seed: int = 0,
     fps: int = 8,
     progress: bool = True,
+    background: str = "textured",
 ) -> SynthInfo:
     """Write ``videos`` mp4 files into ``out/<class folder>/video_XXXX.mp4`` (video i has class
     i % classes) plus ``synth.json`` with the parameters. Deterministic for a seed."""
-    params = SynthParams(videos=videos, classes=classes, frames=frames, size=size, seed=seed, fps=fps)
+    params = SynthParams(videos, classes, frames, size, seed, fps, background)
     if videos < 1 or classes < 1 or frames < 1 or fps < 1:
         raise ValueError(f"videos, classes, frames and fps must be >= 1, got {params}")
+    if background not in BACKGROUNDS:
+        raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
     if size < 16 or size % 2:
         raise ValueError(f"size must be an even number >= 16 (H.264 yuv420p), got {size}")
     root = Path(out).expanduser()
@@ -245,7 +269,7 @@ def make_synthetic(
     for i in tqdm(range(videos), desc="synthetic videos", unit="video", disable=not progress):
         label = i % classes
         rng = np.random.default_rng([seed, i])
-        clip = render_video(rng, label, frames, size)
+        clip = render_video(rng, label, frames, size, background)
         path = root / names[label] / f"video_{i:04d}.mp4"
         write_mp4(path, clip, fps)
         paths.append(str(path))

@@ -10,6 +10,8 @@ way back to uint8 frames. Two kinds are supported:
   ``subfolder="vae"``), causal 3D VAE with temporal compression ``k`` read from its config.
   Video VAEs usually ship inside a pipeline repo; any such repo (hub id or local folder) is
   recognised and its ``vae/`` subfolder used (``_pipeline_vae_subfolder``).
+- ``kind="pixel"``: no network at all: an exact space-to-depth patchify (``patchify-F``,
+  `stages.common.pixel`), as pixel-space diffusion transformers use. decode(encode(x)) == x.
 
 diffusers is imported lazily so importing this module (and ``WeightsNotFoundError``) is cheap.
 """
@@ -171,20 +173,26 @@ class VAEWrapper(FrozenModel):
         amp: bool = True,
     ):
         if kind not in VAE_KINDS:
-            raise ValueError(f"VAE kind must be 'image' or 'video', got {kind!r}")
+            raise ValueError(f"VAE kind must be one of {', '.join(VAE_KINDS)}, got {kind!r}")
         super().__init__(model, device, frame_batch, amp)
         self.kind = kind
-        cfg = model.config
-        n_blocks = len(cfg.block_out_channels)
-        temporal = int(getattr(cfg, "temporal_compression_ratio", 1) or 1) if kind == "video" else 1
+        if kind == "pixel":
+            channels, spatial, temporal = 3 * model.factor**2, model.factor, 1
+        else:
+            cfg = model.config
+            channels, spatial = int(cfg.latent_channels), 2 ** (len(cfg.block_out_channels) - 1)
+            temporal = int(getattr(cfg, "temporal_compression_ratio", 1) or 1) if kind == "video" else 1
         self.info = _Info(
             kind=kind,
             model_id=str(model_id),
             scale=float(scale),
-            latent_channels=int(cfg.latent_channels),
-            spatial_factor=2 ** (n_blocks - 1),
+            latent_channels=channels,
+            spatial_factor=spatial,
             temporal_factor=temporal,
         )
+
+    def _param_dtype(self) -> torch.dtype:
+        return torch.float32 if self.kind == "pixel" else super()._param_dtype()
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -192,7 +200,7 @@ class VAEWrapper(FrozenModel):
         cls,
         id_or_path: str | Path | None = None,
         kind: str = "image",
-        scale: float | None = SD_SCALE,
+        scale: float | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         subfolder: str | None = None,
@@ -202,12 +210,19 @@ class VAEWrapper(FrozenModel):
         """Load from a hub id or a local save_pretrained folder (for a video VAE also a pipeline
         repo or folder, whose ``vae/`` subfolder is used unless ``subfolder`` is given).
 
-        ``scale=None`` takes ``scaling_factor`` from the model config (right for video VAEs,
-        whose scale differs from SD's 0.18215). ``amp`` runs under bf16 autocast on CUDA
+        ``scale=None`` takes ``scaling_factor`` from the model config (SD's 0.18215 for
+        sd-vae-ft-ema; right for video VAEs, whose scale differs), and 1 for pixel space. ``amp`` runs under bf16 autocast on CUDA
         (faster; latents are stored in fp16 anyway); pass False for full fp32 on GPU.
         """
         if kind not in VAE_KINDS:
-            raise ValueError(f"VAE kind must be 'image' or 'video', got {kind!r}")
+            raise ValueError(f"VAE kind must be one of {', '.join(VAE_KINDS)}, got {kind!r}")
+        if kind == "pixel":
+            from stages.common.pixel import PIXEL_SCALE, Patchify, parse_pixel_id
+
+            factor = parse_pixel_id(None if id_or_path is None else str(id_or_path))
+            model_id = f"patchify-{factor}"
+            scale = PIXEL_SCALE if scale is None else scale
+            return cls(Patchify(factor).to(device), kind, model_id, scale, device=device, amp=amp)
         if id_or_path is None:
             id_or_path = DEFAULT_VAE[kind]
             if kind == "video" and subfolder is None:
@@ -283,7 +298,10 @@ class VAEWrapper(FrozenModel):
         x = frames.to(self.device).permute(0, 1, 4, 2, 3).to(self._param_dtype())  # B,T,3,H,W
         x = x / 127.5 - 1.0
         with self._autocast():
-            if self.kind == "image":
+            if self.kind == "pixel":
+                z = self.model(x.reshape(b * t, 3, h, w)).float()
+                z = z.reshape(b, t, -1, h // f, w // f).permute(0, 2, 1, 3, 4)
+            elif self.kind == "image":
                 flat = x.reshape(b * t, 3, h, w)
                 means = [
                     self.model.encode(flat[i : i + self.frame_batch]).latent_dist.mean
@@ -304,7 +322,10 @@ class VAEWrapper(FrozenModel):
         z = latents.to(self.device, self._param_dtype()) / self.scale
         b, c, t, h, w = z.shape
         with self._autocast():
-            if self.kind == "image":
+            if self.kind == "pixel":
+                x = self.model.inverse(z.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w).float())
+                x = x.reshape(b, t, 3, x.shape[-2], x.shape[-1])
+            elif self.kind == "image":
                 flat = z.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
                 outs = [
                     self.model.decode(flat[i : i + self.frame_batch]).sample.float()

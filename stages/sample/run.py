@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from cache_schema import OutputLock, prepare_output
 from stages.common.registry import SD_LATENT_SCALE
 from stages.common.runtime import dump_config, resolve_device
-from stages.common.sampling import generate_latents, sample_labels, write_gif_grid
+from stages.common.sampling import generate_latents, sample_labels, write_filmstrip, write_gif_grid
 from stages.sample.checkpoint import ResolvedCheckpoint, load_model, resolve_checkpoint
 from stages.sample.config import SampleConfig
 from stages.sample.writers import NpzVideoWriter, write_video
@@ -124,7 +124,9 @@ def _sample(cfg: SampleConfig, resolved: ResolvedCheckpoint, out: Path) -> dict[
     outputs: dict[str, str] = {"config": str(out / "config.yaml")}
     if grid:
         write_gif_grid(out / "grid.gif", np.stack(grid), cfg.fps)
-        outputs.update(videos=str(out / "videos"), grid=str(out / "grid.gif"), npz=str(out / "videos.npz"))
+        write_filmstrip(out / "filmstrip.png", np.stack(grid))
+        outputs.update(videos=str(out / "videos"), grid=str(out / "grid.gif"), npz=str(out / "videos.npz"),
+                       filmstrip=str(out / "filmstrip.png"))  # fmt: skip
     if keep_latents:
         np.savez(out / "latents.npz", latents=latents.numpy(), labels=labels)
         outputs["latents"] = str(out / "latents.npz")

@@ -10,10 +10,13 @@ from stages.common.registry import (
     DEFAULT_MODEL,
     MODEL_SIZES,
     ON_CORRUPT,
+    PREDICTIONS,
     PROJECTORS,
     TARGET_NORMS,
 )
 from stages.common.runtime import check_device
+
+from .evaluation import EVAL_METRICS
 
 TIME_SCHEDULES = ("uniform", "logit_normal")
 PRECISIONS = ("bf16", "fp32")
@@ -32,11 +35,19 @@ RESUME_FIXED = (
     "projector_dim",
     "target_norm",
     "time_schedule",
+    "time_mean",
+    "time_std",
+    "prediction",
     "batch_size",
     "grad_accum",
     "seed",
     "shuffle_buffer",
     "expect_fingerprint",
+    "eval_every",
+    "eval_num",
+    "eval_steps",
+    "eval_cfg",
+    "eval_metric",
 )
 
 
@@ -59,8 +70,11 @@ class TrainConfig:
     projector: str = "mlp"
     projector_dim: int = 2048
     target_norm: str = "token"
-    # flow matching
+    # flow matching: what the network predicts; t ~ uniform or sigmoid(N(time_mean, time_std^2))
+    prediction: str = "velocity"
     time_schedule: str = "uniform"
+    time_mean: float = 0.0
+    time_std: float = 1.0
     # optimisation
     steps: int = 400_000
     batch_size: int = 32  # per rank, per micro-step
@@ -69,6 +83,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # 0 = off
     ema: float = 0.9999
+    ema_warmup: bool = False  # diffusers' EMAModel warm-up: decay min(ema, (1 + step) / (10 + step))
     seed: int = 0
     # data
     num_workers: int = 4
@@ -81,6 +96,13 @@ class TrainConfig:
     sample_every: int = 5000
     sample_steps: int = 25
     num_samples: int = 8
+    # evaluation during training (stages/train/evaluation.py): every N steps and at the last; 0 = off
+    eval_every: int = 0
+    eval_num: int = 32  # videos per evaluation (fixed noise and labels)
+    eval_steps: int = 20  # sampler steps (Euler, REPA's grid)
+    eval_cfg: float = 1.0  # classifier-free guidance scale of the evaluation samples
+    eval_metric: str = "synth"
+    eval_evaluator: str | None = None  # synth: evaluator folder (None: the one `pipeline models build` made)
     resume: bool = False
     device: str = "auto"
     precision: str = "bf16"  # bf16 autocast on CUDA; CPU always runs fp32
@@ -113,6 +135,8 @@ class TrainConfig:
                 self.time_schedule in TIME_SCHEDULES,
                 f"time_schedule: {self.time_schedule!r} not in {TIME_SCHEDULES}",
             ),
+            (self.prediction in PREDICTIONS, f"prediction: {self.prediction!r} not in {PREDICTIONS}"),
+            (self.time_std > 0, f"time_std must be > 0, got {self.time_std}"),
             (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
@@ -129,6 +153,10 @@ class TrainConfig:
             (self.sample_every >= 0, f"sample_every must be >= 0 (0 = never), got {self.sample_every}"),
             (self.sample_steps >= 1 and self.num_samples >= 1, "sample_steps and num_samples must be >= 1"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
+            (self.eval_every >= 0, f"eval_every must be >= 0 (0 = never), got {self.eval_every}"),
+            (self.eval_num >= 1 and self.eval_steps >= 1, "eval_num and eval_steps must be >= 1"),
+            (self.eval_cfg >= 1.0, f"eval_cfg must be >= 1 (1 = no guidance), got {self.eval_cfg}"),
+            (self.eval_metric in EVAL_METRICS, f"eval_metric: {self.eval_metric!r} not in {EVAL_METRICS}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -26,6 +26,7 @@ from stages.common import runtime
 from .align import alignment_active, parse_lambdas, schedule_weight
 from .config import TrainConfig, resume_changes
 from .data import DevicePrefetch, LoaderSpec, derive_seed, iterate_steps, latents_only, shard_urls
+from .evaluation import EvalSettings, PeriodicEval
 from .report import RunLogger, write_samples
 from .state import TrainState, build_state, drop_alignment, load_state, save_state, wrap_ddp
 from .step import NonFiniteLoss, StepConfig, prepare_batch, train_step
@@ -160,8 +161,9 @@ def run_config(cfg: TrainConfig, setup: RunSetup, state: TrainState) -> dict[str
 
 
 def _load_vae(cfg: TrainConfig, vae_spec: dict[str, Any], device: torch.device):
-    vae_id = cfg.vae
-    if not vae_id or str(vae_id).lower() == "none" or cfg.sample_every == 0:
+    """The autoencoder for sample GIFs (--vae) and evaluation (--vae, else the shards' own VAE)."""
+    vae_id = cfg.vae or (vae_spec.get("id") if cfg.eval_every else None)
+    if not vae_id or str(vae_id).lower() == "none" or (cfg.sample_every == 0 and cfg.eval_every == 0):
         return None
     from stages.common.vae import VAEWrapper
 
@@ -256,7 +258,10 @@ def step_config(cfg: TrainConfig, setup: RunSetup, info: runtime.DistInfo) -> St
         grad_accum=cfg.grad_accum,
         grad_clip=cfg.grad_clip,
         ema_decay=cfg.ema,
+        ema_warmup=cfg.ema_warmup,
         time_schedule=cfg.time_schedule,
+        time_mean=cfg.time_mean,
+        time_std=cfg.time_std,
         world_size=info.world_size,
     )
 
@@ -276,6 +281,7 @@ class Loop:
     logger: RunLogger
     stop: StopFlag
     vae: Any = None
+    evaluate: PeriodicEval | None = None
 
     def step(self, state: TrainState) -> Any:
         """Run optimizer step state.step + 1 (ending alignment first when its time has come)."""
@@ -299,20 +305,30 @@ class Loop:
         return metrics, weights
 
     def log_now(self, step: int) -> bool:
-        return step % self.cfg.log_every == 0 or step == self.cfg.steps
+        due = self.evaluate is not None and self.evaluate.settings.due(step)
+        return due or step % self.cfg.log_every == 0 or step == self.cfg.steps
 
     def after(self, state: TrainState, metrics: Any, weights: dict | None) -> dict | None:
         """Log, sample and checkpoint as scheduled (or when asked to stop); the log row, if any."""
         cfg, step, row = self.cfg, state.step, None
         if self.log_now(step):
-            row = self.logger.row(step, state.optimizer.param_groups[0]["lr"], weights or {})
-        if self.vae is not None and step % cfg.sample_every == 0:
+            scores = self._evaluate(state, step)
+            row = self.logger.row(step, state.optimizer.param_groups[0]["lr"], weights or {}, scores)
+        if self.vae is not None and cfg.sample_every and step % cfg.sample_every == 0:
             write_samples(state.ema, self.vae, self.run, step, cfg, self.info.device, self.step_cfg.use_bf16)
             self.logger.restart_clock()
         if step % cfg.checkpoint_every == 0 or step == cfg.steps or metrics.stop_requested:
             _checkpoint(self.run, cfg, state, self.info, self.segment_steps, self.config)
             self.logger.restart_clock()
         return row
+
+    def _evaluate(self, state: TrainState, step: int) -> dict[str, float] | None:
+        """The evaluation metrics of this step (rank 0, when due), timed out of the throughput."""
+        if self.evaluate is None or not self.evaluate.settings.due(step):
+            return None
+        scores = self.evaluate(state.ema)
+        self.logger.restart_clock()
+        return scores
 
 
 def _start_loop(cfg, setup: RunSetup, state: TrainState, saved: dict, config: dict, info) -> Loop:
@@ -322,8 +338,15 @@ def _start_loop(cfg, setup: RunSetup, state: TrainState, saved: dict, config: di
     batches = DevicePrefetch(iterate_steps(full, state.step, lean=lean, switch_after=cfg.align_until), device)
     logger = RunLogger(run, info.is_main, cfg.batch_size * cfg.grad_accum * info.world_size, state.step)
     vae = _load_vae(cfg, config["vae_spec"], device) if info.is_main else None
-    loop = Loop(cfg, setup, info, run, config, segment_steps, batches, step_config(cfg, setup, info), logger,
-                StopFlag(), vae)  # fmt: skip
+    step_cfg = step_config(cfg, setup, info)
+    evaluate = None
+    if cfg.eval_every and info.is_main:
+        settings = EvalSettings(cfg.eval_every, cfg.eval_num, cfg.eval_steps, cfg.eval_cfg, cfg.eval_metric,
+                                cfg.eval_evaluator, cfg.seed, cfg.steps)  # fmt: skip
+        evaluate = PeriodicEval(settings, vae, device, step_cfg.use_bf16)
+    loop = Loop(
+        cfg, setup, info, run, config, segment_steps, batches, step_cfg, logger, StopFlag(), vae, evaluate
+    )
     loop.stop.install()
     return loop
 

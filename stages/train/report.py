@@ -49,8 +49,11 @@ class RunLogger:
                 w["cos"][name] = w["cos"].get(name, 0.0) + value
         self.skipped.extend(skipped)
 
-    def row(self, step: int, lr: float, weights: dict[str, float]) -> dict[str, Any]:
-        """Close the window at `step`: write the row (and the skipped keys) and return it."""
+    def row(
+        self, step: int, lr: float, weights: dict[str, float], scores: dict[str, float] | None = None
+    ) -> dict[str, Any]:
+        """Close the window at `step`: write the row (and the skipped keys, and the evaluation
+        `scores` when this step evaluated) and return it."""
         w = self.window
         n = max(1, w["steps"])
         elapsed = max(time.perf_counter() - w["start"], 1e-9)
@@ -68,6 +71,8 @@ class RunLogger:
             "samples_seen": step * self.samples_per_step,
             "skipped": {"count": self.skipped_total, "keys": list(self.skipped)},
         }
+        if scores is not None:
+            row["eval"] = dict(scores)
         if self.enabled:
             self.run.append_log(row)
             self._scalars(row)
@@ -84,6 +89,8 @@ class RunLogger:
             self.writer.add_scalar(f"align/cos_{name}", value, step)
         for name, value in row["align_weight"].items():
             self.writer.add_scalar(f"align/weight_{name}", value, step)
+        for name, value in (row.get("eval") or {}).items():
+            self.writer.add_scalar(f"eval/{name}", value, step)
 
     def close(self) -> None:
         if self.writer is not None:

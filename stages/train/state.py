@@ -81,6 +81,7 @@ def build_model(cfg: TrainConfig, layout: dict[str, Any]) -> VideoDiT:
         sample_size=height,
         num_classes=len(layout.get("class_names") or []),
         class_dropout=cfg.class_dropout,
+        prediction=cfg.prediction,
         gradient_checkpointing=cfg.gradient_checkpointing,
     )
 
@@ -144,6 +145,13 @@ def drop_alignment(state: TrainState) -> None:
 
 
 @torch.no_grad()
+def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
+    """The EMA decay of optimizer step `step` (1-based): REPA's constant `decay`, or with `warmup`
+    diffusers' EMAModel rule min(decay, (1 + step) / (10 + step)), so that a short run's EMA does
+    not keep most of its random initialisation."""
+    return min(decay, (1 + step) / (10 + step)) if warmup else decay
+
+
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     for e, p in zip(ema.parameters(), model.parameters(), strict=True):
         e.lerp_(p.detach(), 1.0 - decay)

@@ -23,7 +23,7 @@ from cache_schema.formats import reconstruct
 from stages.common.flow import flow_loss, interpolate, sample_timesteps, velocity_target
 
 from .data import unpack
-from .state import TrainState, update_ema
+from .state import TrainState, ema_decay_at, update_ema
 
 
 class NonFiniteLoss(RuntimeError):
@@ -42,7 +42,10 @@ class StepConfig:
     grad_accum: int = 1
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
+    ema_warmup: bool = False
     time_schedule: str = "uniform"
+    time_mean: float = 0.0
+    time_std: float = 1.0
     world_size: int = 1
 
 
@@ -106,7 +109,7 @@ def micro_step(
     """Losses of one micro-batch: (total, flow, weighted alignment, cosine per encoder)."""
     x0 = batch["x0"]
     y, drop = _labels(batch["label"], state.model, state.gen)
-    t = sample_timesteps(x0.shape[0], cfg.time_schedule, state.gen, cfg.device)
+    t = sample_timesteps(x0.shape[0], cfg.time_schedule, state.gen, cfg.device, cfg.time_mean, cfg.time_std)
     eps = torch.randn(x0.shape, generator=state.gen, device=cfg.device)
     depth = state.align_depth if (state.head is not None and (weights is not None or measure)) else None
     with torch.autocast(cfg.device.type, dtype=torch.bfloat16, enabled=cfg.use_bf16):
@@ -173,6 +176,6 @@ def train_step(
         )
     state.optimizer.step()
     state.optimizer.zero_grad(set_to_none=True)
-    update_ema(state.ema, state.model, cfg.ema_decay)
+    update_ema(state.ema, state.model, ema_decay_at(state.step + 1, cfg.ema_decay, cfg.ema_warmup))
     state.step += 1
     return metrics
