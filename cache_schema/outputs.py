@@ -25,6 +25,7 @@ import contextlib
 import fnmatch
 import json
 import os
+import re
 import shutil
 import socket
 import threading
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from . import constants as C
+from .manifest import MANIFESTS, classify
 
 MARKER = ".align4gen.json"
 LOCK = ".align4gen.lock"
@@ -46,6 +48,7 @@ ARTIFACT_ENTRIES: dict[str, tuple[str, ...]] = {
     "store": (
         "zarr.json",
         *C.STORE_ARRAYS,
+        C.CLIP_CRC,
         C.TARGETS_GROUP,
         C.PCA_GROUP,
         C.REPORT_FILE,
@@ -147,6 +150,9 @@ def check_not_overlapping(out: str | Path, inputs: dict[str, str | Path | None])
             )
 
 
+_KEEP = (re.escape(MARKER), re.escape(LOCK), re.escape(MARKER + ".tmp"), re.escape(LOCK + ".tmp") + ".*")
+
+
 def _foreign_entries(path: Path, kind: str) -> list[str]:
     patterns = ARTIFACT_ENTRIES[kind] + (MARKER, LOCK, MARKER + ".tmp", LOCK + ".tmp*")
     return sorted(p.name for p in path.iterdir() if not any(fnmatch.fnmatch(p.name, pat) for pat in patterns))
@@ -232,12 +238,21 @@ def clear_artifact(path: str | Path, kind: str) -> None:
                 fs.rm(entry, recursive=True)
         return
     p = Path(path)
-    foreign = _foreign_entries(p, kind)
+    if kind in MANIFESTS:  # file by file: a user's file inside one of our folders is found too
+        files, dirs, foreign = classify(p, kind, _KEEP)
+    else:
+        files, dirs, foreign = [], [], _foreign_entries(p, kind)
     if foreign:
         raise OutputError(
             f"--overwrite refused: {path} holds {KIND_NAMES[kind]} but also {', '.join(foreign[:5])}, which "
             "align4gen did not write; move those away or choose another --out (nothing was deleted)"
         )
+    if kind in MANIFESTS:
+        for file in files:
+            file.unlink()
+        for folder in dirs:  # deepest first; each is empty now
+            folder.rmdir()
+        return
     for entry in p.iterdir():
         if entry.name in (MARKER, LOCK):
             continue
