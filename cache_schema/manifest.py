@@ -85,7 +85,7 @@ MANIFESTS = {"store": store_manifest, "shards": shards_manifest}
 
 def classify(root: Path, kind: str, keep: tuple[str, ...]) -> tuple[list[Path], list[Path], list[str]]:
     """(our files, our folders deepest first, foreign entries as relative paths) under `root`;
-    top-level names matching `keep` (marker, lock) are neither deleted nor foreign."""
+    top-level names matching `keep` (marker, lock, readers) are neither deleted nor foreign."""
     manifest = MANIFESTS[kind](root)
     files: list[Path] = []
     dirs: list[Path] = []
@@ -96,6 +96,9 @@ def classify(root: Path, kind: str, keep: tuple[str, ...]) -> tuple[list[Path], 
         for name in sorted(subdirs):
             rel = name if rel_base == "." else f"{rel_base}/{name}"
             path = base / name
+            if rel_base == "." and any(re.fullmatch(p, name) for p in keep):
+                subdirs.remove(name)
+                continue
             if path.is_symlink() or not manifest.has_dir(rel):
                 foreign.append(rel + "/")
                 subdirs.remove(name)  # not ours: never looked into, never deleted

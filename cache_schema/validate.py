@@ -227,12 +227,32 @@ def validate_store(path: str | Path, require_complete: bool = True) -> list[str]
     return errors
 
 
-def _sha256(path: str, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+class _HashingReader:
+    """A read-only stream that hashes what passes through it."""
+
+    def __init__(self, fh) -> None:
+        self.fh, self.digest = fh, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.fh.read(size)
+        self.digest.update(data)
+        return data
+
+
+def _sha256_and_samples(path: str) -> tuple[str, int | str]:
+    """sha256 of a shard and how many samples it really holds, in one read (the count is the
+    reason why not, when the tar cannot be read)."""
+    from .tars import TarFormatError, iter_samples
+
     with _open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        reader = _HashingReader(fh)
+        try:
+            count: int | str = sum(1 for _ in iter_samples(reader, path))  # type: ignore[arg-type]
+        except TarFormatError as exc:
+            count = str(exc)
+        while reader.read(1 << 20):
+            pass
+    return reader.digest.hexdigest(), count
 
 
 def _size(path: str) -> int | None:
@@ -260,8 +280,15 @@ def _check_shard_files(path: str | Path, shards: list[dict[str, Any]], verify_ha
             errors.append(
                 f"shard {shard['name']} is corrupt: {size} bytes on disk, index says {shard['bytes']}"
             )
-        elif verify_hashes and _sha256(shard_path) != shard["sha256"]:
-            errors.append(f"shard {shard['name']} is corrupt: sha256 differs from the index")
+        elif verify_hashes:
+            digest, count = _sha256_and_samples(shard_path)
+            if digest != shard["sha256"]:
+                errors.append(f"shard {shard['name']} is corrupt: sha256 differs from the index")
+            elif count != int(shard["samples"]):
+                errors.append(
+                    f"{C.SHARD_INDEX} is wrong: it says shard {shard['name']} holds {shard['samples']} samples, "
+                    f"the tar holds {count}"
+                )
     return errors
 
 

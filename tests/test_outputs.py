@@ -217,3 +217,20 @@ def test_overwrite_refuses_a_user_file_in_the_latents_only_folder(tmp_path):
         prepare_output(out, "shards", overwrite=True)
     assert (out / "latents-only" / "mine.txt").read_text() == "mine"
     assert (out / "latents-only" / "shard-000000.tar").exists()
+
+
+def test_an_empty_or_torn_lock_file_is_stale_after_a_short_grace(tmp_path):
+    out = tmp_path / "store"
+    prepare_output(out, "store")
+    for torn in ("", '{"host": "a", "pid'):
+        (out / LOCK).write_text(torn)
+        with pytest.raises(
+            OutputError, match=r"unreadable lock file .*\.align4gen\.lock .*Retry in a few seconds"
+        ):
+            OutputLock(str(out), "pipeline extract").acquire()
+        old = time.time() - 30  # its writer was killed between creating and filling it
+        os.utime(out / LOCK, (old, old))
+        lock = OutputLock(str(out), "pipeline extract").acquire()
+        assert "took over a stale lock of an unreadable lock file" in lock.note
+        assert read_lock(out).pid == os.getpid()
+        lock.release()
