@@ -17,6 +17,7 @@ from helpers import make_shards, subprocess_env, tiny_extract_config, tiny_train
 
 from cache_schema import CacheError, validate_shards
 from cache_schema import constants as C
+from cache_schema.outputs import LOCK
 from cache_schema.readers import READERS_DIR, ShardReader, index_summary, live_readers
 from pipeline.cli import main
 from stages.extract.runner import run_extract
@@ -47,7 +48,12 @@ def test_pack_overwrite_refuses_shards_a_reader_holds(store: Path, tmp_path: Pat
     finally:
         reader.release()
     assert live_readers(out) == [] and not (out / READERS_DIR).exists()
-    pack(store, out, overwrite=True, seed=1)  # no reader left: replaced
+    (out / LOCK).write_text("")  # another pack has just created its lock: nothing is cleared
+    with pytest.raises(PackError, match="unreadable lock file"):
+        pack(store, out, overwrite=True, seed=1)
+    assert json.loads((out / C.SHARD_INDEX).read_text())["shards"] == first["shards"]
+    (out / LOCK).unlink()
+    pack(store, out, overwrite=True, seed=1)  # no reader, no writer: replaced
 
 
 def test_a_running_training_is_named_by_pack_overwrite(store: Path, tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from cache_schema import constants as C
 from cache_schema.bases import store_bases, write_shard_bases
 from cache_schema.checksum import with_checksum
 from cache_schema.integrity import BlockDamaged, RowChecker, open_array
+from cache_schema.outputs import refuse_if_locked
 from cache_schema.readers import refuse_if_read
 from stages.common.runtime import disk_full_message, is_disk_full, process_pool
 
@@ -224,8 +225,10 @@ def write_index(out: str, index: dict[str, Any]) -> None:
 
 
 def _prepare_out(cfg: PackConfig) -> None:
-    if cfg.overwrite and "://" not in cfg.out:
-        refuse_if_read(cfg.out, "pack --overwrite")  # a training reading these shards, named
+    if "://" not in cfg.out and os.path.isdir(cfg.out):  # before anything is cleared:
+        refuse_if_locked(cfg.out, f"pid:{os.getpid()}")  # another pack writing here now
+        if cfg.overwrite:
+            refuse_if_read(cfg.out, "pack --overwrite")  # a training reading these shards
     state = prepare_output(cfg.out, "shards", overwrite=cfg.overwrite, inputs={"CACHE": cfg.cache})
     fs, root = fsspec.core.url_to_fs(cfg.out)
     if state == "ours" and not cfg.overwrite and fs.exists(f"{root}/{C.SHARD_INDEX}"):
