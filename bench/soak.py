@@ -1,7 +1,9 @@
-"""Soak test (not part of CI): kill -9 extract, pack and train at random moments, rerun each until
-it finishes, and check that the final store, shards and weights equal an uninterrupted run.
+"""Soak test (not part of CI): kill -9 extract, pack (threads and the processes scheduler) and train
+at random moments, rerun each until it finishes, and check that the final store, shards and weights
+equal an uninterrupted run, and that no process of a killed command survives it.
 
     python bench/soak.py --kills 12 --seed 0 --out bench/results/soak-cpu.json
+    python bench/soak.py --kills 4 --stages pack-processes     # one stage (the others run unkilled)
 
 On the built-in synthetic set with the tiny preset (CPU). Each stage is run as the real CLI in a
 subprocess; a seeded schedule kills it with SIGKILL after a random delay within its measured
@@ -12,6 +14,7 @@ per stage, reruns, and bytes that differ from the reference (the goal is 0: resu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -41,24 +44,44 @@ def commands(root: Path, data: Path, name: str) -> dict[str, list[str]]:
         "extract": [*base, "extract", "--data", str(data), "--out", str(out / "store.zarr"), "--preset", "tiny",
                     "--block-size", "2", "--pca-dims", "dino=8", "--clips-per-video", "2"],
         "pack": [*base, "pack", str(out / "store.zarr"), "--out", str(out / "shards"), "--samples-per-shard", "4"],
+        "pack-processes": [*base, "pack", str(out / "store.zarr"), "--out", str(out / "shards-processes"),
+                           "--samples-per-shard", "4", "--scheduler", "processes", "--workers", "2"],
         "train": [*base, "train", "--shards", str(out / "shards"), "--out", str(out / "run"), "--preset", "tiny",
                   "--steps", "40", "--checkpoint-every", "5", "--device", "cpu", "--set", "projector_dim=32"],
     }  # fmt: skip
+
+
+STAGES = ("extract", "pack", "pack-processes", "train")
 
 
 def env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
 
 
-def run_once(cmd: list[str], kill_after: float | None) -> tuple[int, float]:
-    """Run `cmd`; SIGKILL it after `kill_after` seconds if still running. (return code, seconds)."""
+ORPHAN_WAIT_S = 10.0  # how long a killed command's processes may take to follow it
+
+
+def run_once(cmd: list[str], kill_after: float | None, orphans: list[str] | None = None) -> tuple[int, float]:
+    """Run `cmd`; SIGKILL it after `kill_after` seconds if still running. (return code, seconds).
+    After a kill, any of its processes still alive ORPHAN_WAIT_S later is killed and added to `orphans`."""
+    import psutil
+
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env(), cwd=REPO)
     try:
         proc.wait(timeout=kill_after)
     except subprocess.TimeoutExpired:
+        try:
+            children = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            children = []
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        _, alive = psutil.wait_procs(children, timeout=ORPHAN_WAIT_S)
+        for p in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                (orphans if orphans is not None else []).append(" ".join(p.cmdline()[-2:]))
+                p.kill()
     if proc.returncode not in (0, -signal.SIGKILL):
         raise RuntimeError(
             f"{' '.join(cmd[2:4])} failed ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}"
@@ -69,7 +92,7 @@ def run_once(cmd: list[str], kill_after: float | None) -> tuple[int, float]:
 def rerun_args(stage: str, cmd: list[str]) -> list[str]:
     """What a user adds to rerun a killed stage: nothing for extract (it resumes by itself),
     --overwrite for pack (its own partial shard set), --resume for a run that has a config."""
-    if stage == "pack":
+    if stage.startswith("pack"):
         return ["--overwrite"]
     if stage == "train" and RunDir(cmd[cmd.index("--out") + 1]).exists():
         return ["--resume"]
@@ -77,22 +100,23 @@ def rerun_args(stage: str, cmd: list[str]) -> list[str]:
 
 
 def soak_stage(stage: str, cmd: list[str], kills: int, duration: float, rng: random.Random) -> dict:
-    """Kill the stage `kills` times at random moments, then let it finish; count the reruns. A run
-    that finishes before its kill teaches the schedule a shorter duration and the stage starts over."""
+    """Kill the stage `kills` times at random moments, then let it finish; count the reruns and the
+    processes that outlived a kill. A run that finishes before its kill teaches the schedule a
+    shorter duration and the stage starts over."""
     out = Path(cmd[cmd.index("--out") + 1])
-    done, runs, killed = False, 0, 0
+    done, runs, killed, orphans = False, 0, 0, []
     while not done:
         kill_after = (
             rng.uniform(0.3, 0.9) * duration if killed < kills else None
         )  # durations include start-up
-        code, seconds = run_once(cmd + (rerun_args(stage, cmd) if runs else []), kill_after)
+        code, seconds = run_once(cmd + (rerun_args(stage, cmd) if runs else []), kill_after, orphans)
         runs += 1
         killed += code == -signal.SIGKILL
         done = code == 0 and killed >= kills
         if code == 0 and not done:  # finished too soon: shorter kills, from scratch
             duration = seconds
             shutil.rmtree(out)
-    return {"kills": killed, "runs": runs}
+    return {"kills": killed, "runs": runs, "orphans": len(orphans), "orphan_commands": orphans[:5]}
 
 
 def file_digests(folder: Path, pattern: str) -> dict[str, str]:
@@ -118,18 +142,24 @@ def compare(ref: Path, soaked: Path) -> dict[str, int]:
                 other = b[group_name][sub_name][name][:]
                 store_diff += int(np.sum(array[:].view(np.uint8) != other.view(np.uint8)))
     shards_a = file_digests(ref / "shards", "**/*.tar")
-    shards_b = file_digests(soaked / "shards", "**/*.tar")
-    shard_diff = sum((ref / "shards" / k).stat().st_size for k in shards_a if shards_b.get(k) != shards_a[k])
+    shard_diff = {}
+    for folder in ("shards", "shards-processes"):  # both schedulers must write the reference bytes
+        shards_b = file_digests(soaked / folder, "**/*.tar")
+        shard_diff[folder] = sum(
+            (ref / "shards" / k).stat().st_size for k in shards_a if shards_b.get(k) != shards_a[k]
+        )
     wa = RunDir(ref / "run").latest_checkpoint()
     wb = RunDir(soaked / "run").latest_checkpoint()
     weights_a, weights_b = file_digests(wa, "*/*.safetensors"), file_digests(wb, "*/*.safetensors")
     weight_diff = sum((wa / k).stat().st_size for k in weights_a if weights_b.get(k) != weights_a[k])
-    return {"store": store_diff, "shards": shard_diff, "weights": weight_diff, "checkpoint": wb.name}
+    return {"store": store_diff, "shards": shard_diff["shards"], "shards-processes": shard_diff["shards-processes"],
+            "weights": weight_diff, "checkpoint": wb.name}  # fmt: skip
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kills", type=int, default=12, help="kill -9s in all, spread over the three stages")
+    ap.add_argument("--kills", type=int, default=12, help="kill -9s in all, spread over the soaked stages")
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"stages to kill ({','.join(STAGES)})")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON results file")
     args = ap.parse_args()
@@ -142,26 +172,39 @@ def main() -> None:
         make_synthetic(data, videos=12, classes=3, frames=24, size=64, seed=args.seed, progress=False)
         durations = {}
         for stage, cmd in commands(root, data, "reference").items():
-            durations[stage] = run_once(cmd, None)[1]
-        per_stage = {"extract": args.kills // 3, "pack": args.kills // 3}
-        per_stage["train"] = args.kills - 2 * (args.kills // 3)
+            if stage != "pack-processes":  # the reference shards come from the default scheduler
+                durations[stage] = run_once(cmd, None)[1]
+        durations["pack-processes"] = durations["pack"]
+        chosen = [s for s in args.stages.split(",") if s]
+        per_stage = {stage: 0 for stage in STAGES}
+        for i in range(args.kills):
+            per_stage[chosen[i % len(chosen)]] += 1
         stages = {}
         for stage, cmd in commands(root, data, "soaked").items():
             stages[stage] = soak_stage(stage, cmd, per_stage[stage], durations[stage], rng)
         diff = compare(root / "reference", root / "soaked")
-    rows = [(s, stages[s]["kills"], stages[s]["runs"], f"{durations[s]:.1f}", diff[{"extract": "store", "pack": "shards",
-             "train": "weights"}[s]]) for s in stages]  # fmt: skip
-    print(format_table(["stage", "kill -9s", "runs", "clean run s", "bytes differing"], rows))
+    compared = {
+        "extract": "store",
+        "pack": "shards",
+        "pack-processes": "shards-processes",
+        "train": "weights",
+    }
+    rows = [(s, stages[s]["kills"], stages[s]["runs"], f"{durations[s]:.1f}", diff[compared[s]], stages[s]["orphans"])
+            for s in stages]  # fmt: skip
+    print(format_table(["stage", "kill -9s", "runs", "clean run s", "bytes differing", "orphans"], rows))
     total_kills = sum(s["kills"] for s in stages.values())
-    lost = diff["store"] + diff["shards"] + diff["weights"]
-    print(f"kills survived: {total_kills}   bytes lost: {lost}   final checkpoint {diff['checkpoint']}")
-    result = {"kills": total_kills, "bytes_lost": lost, "stages": stages, "durations_s": durations, "diff": diff,
-              "seed": args.seed, "machine": f"{os.cpu_count()} CPUs"}  # fmt: skip
+    lost = sum(diff[compared[s]] for s in stages)
+    orphans = sum(s["orphans"] for s in stages.values())
+    print(
+        f"kills survived: {total_kills}   bytes lost: {lost}   orphans: {orphans}   final checkpoint {diff['checkpoint']}"
+    )
+    result = {"kills": total_kills, "bytes_lost": lost, "orphans": orphans, "stages": stages, "durations_s": durations,
+              "diff": diff, "seed": args.seed, "machine": f"{os.cpu_count()} CPUs"}  # fmt: skip
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.out}")
-    if lost:
+    if lost or orphans:
         raise SystemExit(1)
 
 

@@ -18,6 +18,9 @@ START_FRAME = "start_frame"  # [N] int32
 FLIP = "flip"  # [N] uint8, 1 = horizontally mirrored frames (computed from the mirrored pixels)
 VALID = "valid"  # [N] uint8, 0 = clip failed at extraction
 BLOCK_DONE = "block_done"  # [num_blocks] uint8, 1 = block complete (written last)
+CLIP_CRC = "clip_crc"  # [N, A] uint32: crc32 of each row of each per-clip array (cache_schema/integrity.py)
+INTEGRITY_ATTR = "integrity"  # root attribute: {"array": CLIP_CRC, "hash": "crc32", "columns": [array paths]}
+META_ARRAYS = (LABELS, VIDEO_INDEX, START_FRAME, FLIP)  # per-clip metadata known before any block
 
 
 def values_path(encoder: str) -> str:

@@ -25,6 +25,7 @@ import contextlib
 import fnmatch
 import json
 import os
+import re
 import shutil
 import socket
 import threading
@@ -34,18 +35,24 @@ from pathlib import Path
 from typing import Any
 
 from . import constants as C
+from .manifest import MANIFESTS, classify
 
 MARKER = ".align4gen.json"
 LOCK = ".align4gen.lock"
+READERS_DIR = ".align4gen.readers"  # a shard set's live readers (cache_schema/readers.py)
 LOCK_HEARTBEAT_S = 30.0
 STALE_ENV = "ALIGN4GEN_LOCK_STALE_S"  # heartbeat age after which another host's lock is stale
 DEFAULT_STALE_S = 600.0
+# A lock file is written right after it is created; one still empty or torn after this long was
+# left by a writer killed in between, and is stale.
+UNREADABLE_GRACE_S = 5.0
 
 # What each kind of artifact is made of: the only entries `--overwrite` may delete.
 ARTIFACT_ENTRIES: dict[str, tuple[str, ...]] = {
     "store": (
         "zarr.json",
         *C.STORE_ARRAYS,
+        C.CLIP_CRC,
         C.TARGETS_GROUP,
         C.PCA_GROUP,
         C.REPORT_FILE,
@@ -147,8 +154,13 @@ def check_not_overlapping(out: str | Path, inputs: dict[str, str | Path | None])
             )
 
 
+_KEEP = tuple(re.escape(n) for n in (MARKER, LOCK, MARKER + ".tmp", READERS_DIR)) + (
+    re.escape(LOCK + ".tmp") + ".*",
+)
+
+
 def _foreign_entries(path: Path, kind: str) -> list[str]:
-    patterns = ARTIFACT_ENTRIES[kind] + (MARKER, LOCK, MARKER + ".tmp", LOCK + ".tmp*")
+    patterns = ARTIFACT_ENTRIES[kind] + (MARKER, LOCK, MARKER + ".tmp", LOCK + ".tmp*", READERS_DIR)
     return sorted(p.name for p in path.iterdir() if not any(fnmatch.fnmatch(p.name, pat) for pat in patterns))
 
 
@@ -232,12 +244,21 @@ def clear_artifact(path: str | Path, kind: str) -> None:
                 fs.rm(entry, recursive=True)
         return
     p = Path(path)
-    foreign = _foreign_entries(p, kind)
+    if kind in MANIFESTS:  # file by file: a user's file inside one of our folders is found too
+        files, dirs, foreign = classify(p, kind, _KEEP)
+    else:
+        files, dirs, foreign = [], [], _foreign_entries(p, kind)
     if foreign:
         raise OutputError(
             f"--overwrite refused: {path} holds {KIND_NAMES[kind]} but also {', '.join(foreign[:5])}, which "
             "align4gen did not write; move those away or choose another --out (nothing was deleted)"
         )
+    if kind in MANIFESTS:
+        for file in files:
+            file.unlink()
+        for folder in dirs:  # deepest first; each is empty now
+            folder.rmdir()
+        return
     for entry in p.iterdir():
         if entry.name in (MARKER, LOCK):
             continue
@@ -307,27 +328,42 @@ class LockInfo:
     command: str
     process_start: str | None = None
     path: str = ""
+    unreadable: bool = False
 
     def describe(self) -> str:
+        if self.unreadable:
+            return f"an unreadable lock file {self.path} (empty or half-written)"
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))
         return f"`{self.command}` (pid {self.pid} on {self.host}, started {when})"
 
 
 def read_lock(path: str | Path) -> LockInfo | None:
-    lock = Path(path) / LOCK
+    return read_lock_file(Path(path) / LOCK)
+
+
+def read_lock_file(lock: Path) -> LockInfo | None:
+    """A lock (or reader) file's holder; None when there is none; `unreadable` when it is empty
+    or torn (its writer was killed between creating and writing it)."""
     try:
         data = json.loads(lock.read_text())
         return LockInfo(
-            **{k: data.get(k) for k in LockInfo.__dataclass_fields__ if k != "path"}, path=str(lock)
+            **{k: data.get(k) for k in LockInfo.__dataclass_fields__ if k not in ("path", "unreadable")},
+            path=str(lock),
         )
     except FileNotFoundError:
         return None
-    except (json.JSONDecodeError, TypeError, UnicodeDecodeError):
-        return LockInfo("?", -1, 0.0, "?", "unknown (unreadable lock file)", path=str(lock))
+    except (json.JSONDecodeError, TypeError, UnicodeDecodeError, AttributeError):
+        return LockInfo("?", -1, 0.0, "?", "unknown", path=str(lock), unreadable=True)
 
 
 def is_stale(info: LockInfo, lock_file: Path) -> bool:
-    """Same host: the process is gone (or its pid was reused). Other host: no heartbeat lately."""
+    """Same host: the process is gone (or its pid was reused). Other host: no heartbeat lately.
+    Unreadable: older than a short grace (a live writer fills its file at once)."""
+    if info.unreadable:
+        try:
+            return time.time() - lock_file.stat().st_mtime > UNREADABLE_GRACE_S
+        except FileNotFoundError:
+            return True
     if info.host == socket.gethostname():
         if not _pid_alive(info.pid):
             return True
@@ -340,6 +376,11 @@ def is_stale(info: LockInfo, lock_file: Path) -> bool:
 
 
 def _busy(folder: str, holder: LockInfo, lock_file: Path) -> OutputError:
+    if holder.unreadable:
+        return OutputError(
+            f"{folder} has an unreadable lock file {lock_file} (empty or half-written, under "
+            f"{UNREADABLE_GRACE_S:.0f} s old): another writer may be starting. Retry in a few seconds"
+        )
     return OutputError(
         f"{folder} is being written by {holder.describe()}; only one writer at a time. "
         f"Wait for it to finish or stop it (if that process is gone, delete {lock_file})"

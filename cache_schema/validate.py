@@ -55,6 +55,20 @@ def open_group(path: str | Path):
         raise CacheError(f"{path} is not a readable zarr store: {exc}") from None
 
 
+def open_array(group: Any, name: str, where: str | Path) -> Any:
+    """`group[name]`, or a CacheError naming the array's metadata file (missing or unreadable);
+    never zarr's own exceptions (a JSON error and a cascade of asyncio tracebacks)."""
+    where = str(where).rstrip("/")
+    try:
+        return group[name]
+    except KeyError:
+        raise CacheError(f"{where}: missing array '{name}' (no {where}/{name}/zarr.json)") from None
+    except Exception as exc:  # zarr raises JSON, value and type errors for garbage metadata
+        raise CacheError(
+            f"{where}/{name}/zarr.json is not readable zarr metadata ({type(exc).__name__}: {exc})"
+        ) from None
+
+
 def kind_of(path: str | Path) -> str:
     """'shards', 'store', 'run', 'zarr' (a zarr group that is not our store) or 'unknown'."""
     p = str(path)
@@ -152,34 +166,27 @@ def read_layout(path_or_layout: str | Path | dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_store_arrays(group: Any, attrs: dict[str, Any], path: str | Path) -> list[str]:
+    """Shape errors of the store's arrays, each opened by name (listing the group would make zarr
+    open every file beside the arrays, report.json included, and bury one bad file in tracebacks)."""
     errors: list[str] = []
     n = int(attrs["num_clips"])
-    members = set(group.array_keys()) | set(group.group_keys())
-    for name in (*C.STORE_ARRAYS, C.TARGETS_GROUP):
-        if name not in members:
-            errors.append(f"{path}: missing array '{name}'")
-    if errors:
-        return errors
-    if tuple(group[C.LATENTS].shape) != (n, *attrs["latent_shape"]):
-        errors.append(
-            f"{path}: latents shape {tuple(group[C.LATENTS].shape)} != {(n, *attrs['latent_shape'])}"
-        )
-    for name in (C.LABELS, C.VIDEO_INDEX, C.START_FRAME, C.FLIP, C.VALID):
-        if tuple(group[name].shape) != (n,):
-            errors.append(f"{path}: {name} shape {tuple(group[name].shape)} != ({n},)")
     grid = attrs["grid"]
+    wanted: dict[str, tuple[int, ...] | None] = {C.LATENTS: (n, *attrs["latent_shape"])}
+    wanted.update({name: (n,) for name in (C.LABELS, C.VIDEO_INDEX, C.START_FRAME, C.FLIP, C.VALID)})
+    wanted[C.BLOCK_DONE] = None
     for enc in attrs["encoders"]:
-        values_path, scales_path = C.values_path(enc["name"]), C.scales_path(enc["name"])
+        lead = (n, int(enc["time_frames"]), grid[1], grid[2])
+        wanted[C.values_path(enc["name"])] = (*lead, int(enc["values"][0]))
+        if enc.get("scales"):
+            wanted[C.scales_path(enc["name"])] = None
+    for name, shape in wanted.items():
         try:
-            values = group[values_path]
-        except KeyError:
-            errors.append(f"{path}: missing array '{values_path}'")
+            array = open_array(group, name, path)
+        except CacheError as exc:
+            errors.append(str(exc))
             continue
-        want = (n, int(enc["time_frames"]), grid[1], grid[2], int(enc["values"][0]))
-        if tuple(values.shape) != want:
-            errors.append(f"{path}: {values_path} shape {tuple(values.shape)} != {want}")
-        if enc.get("scales") and scales_path not in group:
-            errors.append(f"{path}: missing array '{scales_path}'")
+        if shape is not None and tuple(array.shape) != shape:
+            errors.append(f"{path}: {name} shape {tuple(array.shape)} != {shape}")
     return errors
 
 
@@ -210,7 +217,7 @@ def validate_store(path: str | Path, require_complete: bool = True) -> list[str]
         return [f"{path}: fingerprint does not match the recorded spec (attributes edited or corrupt)"]
     errors = _check_store_arrays(group, attrs, path)
     if require_complete and not errors:
-        done = group[C.BLOCK_DONE][:]
+        done = open_array(group, C.BLOCK_DONE, path)[:]
         if int(done.sum()) != int(attrs["num_blocks"]):
             todo = [int(i) for i in (done == 0).nonzero()[0][:5]]
             errors.append(
@@ -220,12 +227,32 @@ def validate_store(path: str | Path, require_complete: bool = True) -> list[str]
     return errors
 
 
-def _sha256(path: str, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+class _HashingReader:
+    """A read-only stream that hashes what passes through it."""
+
+    def __init__(self, fh) -> None:
+        self.fh, self.digest = fh, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.fh.read(size)
+        self.digest.update(data)
+        return data
+
+
+def _sha256_and_samples(path: str) -> tuple[str, int | str]:
+    """sha256 of a shard and how many samples it really holds, in one read (the count is the
+    reason why not, when the tar cannot be read)."""
+    from .tars import TarFormatError, iter_samples
+
     with _open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        reader = _HashingReader(fh)
+        try:
+            count: int | str = sum(1 for _ in iter_samples(reader, path))  # type: ignore[arg-type]
+        except TarFormatError as exc:
+            count = str(exc)
+        while reader.read(1 << 20):
+            pass
+    return reader.digest.hexdigest(), count
 
 
 def _size(path: str) -> int | None:
@@ -253,8 +280,15 @@ def _check_shard_files(path: str | Path, shards: list[dict[str, Any]], verify_ha
             errors.append(
                 f"shard {shard['name']} is corrupt: {size} bytes on disk, index says {shard['bytes']}"
             )
-        elif verify_hashes and _sha256(shard_path) != shard["sha256"]:
-            errors.append(f"shard {shard['name']} is corrupt: sha256 differs from the index")
+        elif verify_hashes:
+            digest, count = _sha256_and_samples(shard_path)
+            if digest != shard["sha256"]:
+                errors.append(f"shard {shard['name']} is corrupt: sha256 differs from the index")
+            elif count != int(shard["samples"]):
+                errors.append(
+                    f"{C.SHARD_INDEX} is wrong: it says shard {shard['name']} holds {shard['samples']} samples, "
+                    f"the tar holds {count}"
+                )
     return errors
 
 

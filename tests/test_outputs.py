@@ -157,3 +157,80 @@ def test_run_dir_publishes_atomically_and_prunes_but_never_latest(tmp_path):
     assert [p.name for p in run.step_dirs()] == ["step-0000002", "step-0000004"]
     with pytest.raises(Exception, match="no training run at"):
         RunDir(tmp_path / "typo").require()
+
+
+def real_store(out: Path) -> Path:
+    """A small zarr store in our layout (latents, targets/dino/values, labels), marked as ours."""
+    import numpy as np
+    import zarr
+
+    prepare_output(out, "store")
+    group = zarr.open_group(str(out), mode="a")
+    group.create_array("latents", shape=(4, 3), chunks=(1, 3), shards=(2, 3), dtype="float16")[:] = 1
+    group.create_array("targets/dino/values", shape=(4, 5), chunks=(2, 5), dtype="int8")[:] = 2
+    group.create_array("labels", shape=(4,), chunks=(2,), dtype="int64")[:] = np.arange(4)
+    group.attrs.update({"encoders": [{"name": "dino"}], "schema_version": 2})
+    (out / "report.json").write_text("{}")
+    return out
+
+
+@pytest.mark.parametrize(
+    ("user_path", "named"),
+    [
+        ("latents/notes.txt", "latents/notes.txt"),
+        ("latents/c/mine.txt", "latents/c/mine.txt"),
+        ("targets/mine/", "targets/mine/"),
+        ("targets/mine/a.txt", "targets/mine/"),
+        ("targets/dino/values/extra/", "targets/dino/values/extra/"),
+    ],
+)
+def test_overwrite_refuses_user_files_inside_our_own_folders(tmp_path, user_path, named):
+    out = real_store(tmp_path / "store.zarr")
+    ours = set(out.rglob("*"))
+    user = out / user_path
+    if user_path.endswith("/"):
+        user.mkdir(parents=True)
+    else:
+        user.parent.mkdir(parents=True, exist_ok=True)
+        user.write_text("mine")
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    with pytest.raises(OutputError, match=f"also {named}, which align4gen did not write"):
+        prepare_output(out, "store", overwrite=True)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
+    if user.is_file():
+        user.unlink()
+        user = user.parent
+    while user not in ours and user != out:  # the folders the test made for the user's file
+        user.rmdir()
+        user = user.parent
+    prepare_output(out, "store", overwrite=True)
+    assert [p.name for p in out.iterdir()] == [MARKER]
+
+
+def test_overwrite_refuses_a_user_file_in_the_latents_only_folder(tmp_path):
+    out = tmp_path / "shards"
+    prepare_output(out, "shards")
+    (out / "latents-only").mkdir()
+    (out / "latents-only" / "shard-000000.tar").write_bytes(b"tar")
+    (out / "latents-only" / "mine.txt").write_text("mine")
+    with pytest.raises(OutputError, match=r"latents-only/mine\.txt, which align4gen did not write"):
+        prepare_output(out, "shards", overwrite=True)
+    assert (out / "latents-only" / "mine.txt").read_text() == "mine"
+    assert (out / "latents-only" / "shard-000000.tar").exists()
+
+
+def test_an_empty_or_torn_lock_file_is_stale_after_a_short_grace(tmp_path):
+    out = tmp_path / "store"
+    prepare_output(out, "store")
+    for torn in ("", '{"host": "a", "pid'):
+        (out / LOCK).write_text(torn)
+        with pytest.raises(
+            OutputError, match=r"unreadable lock file .*\.align4gen\.lock .*Retry in a few seconds"
+        ):
+            OutputLock(str(out), "pipeline extract").acquire()
+        old = time.time() - 30  # its writer was killed between creating and filling it
+        os.utime(out / LOCK, (old, old))
+        lock = OutputLock(str(out), "pipeline extract").acquire()
+        assert "took over a stale lock of an unreadable lock file" in lock.note
+        assert read_lock(out).pid == os.getpid()
+        lock.release()

@@ -54,12 +54,13 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     )
 
 
-def user_message(exc: BaseException) -> str | None:
-    """The one-line message for a failure a user can act on, or None for a bug (keep the traceback)."""
+def user_message(exc: BaseException, out: str | None = None) -> str | None:
+    """The one-line message for a failure a user can act on, or None for a bug (keep the traceback).
+    `out` is the command's output folder: a disk-full error that names no file names it."""
     from stages.common.runtime import disk_full_message, is_disk_full, worker_error_message
 
     if is_disk_full(exc):
-        return disk_full_message(exc, "the output", "Free space and rerun the same command to resume.")
+        return disk_full_message(exc, out, "Free space and rerun the same command to resume.")
     if isinstance(exc, OSError) and not isinstance(exc, (FileExistsError, FileNotFoundError)):
         return None
     if isinstance(exc, _known_errors()):
@@ -68,9 +69,9 @@ def user_message(exc: BaseException) -> str | None:
 
 
 @contextlib.contextmanager
-def cli_errors() -> Iterator[None]:
-    """Known failures -> `Error: <message>` and exit 1 (a disk-full OSError names the file and the
-    free space). ALIGN4GEN_DEBUG=1 keeps the traceback instead."""
+def cli_errors(out: str | None = None) -> Iterator[None]:
+    """Known failures -> `Error: <message>` and exit 1 (a disk-full OSError names the file, else
+    `out`, and the free space of that filesystem). ALIGN4GEN_DEBUG=1 keeps the traceback instead."""
     import os
 
     try:
@@ -78,7 +79,7 @@ def cli_errors() -> Iterator[None]:
     except click.ClickException:
         raise
     except Exception as exc:
-        message = user_message(exc)
+        message = user_message(exc, out)
         if message is None or os.environ.get("ALIGN4GEN_DEBUG"):
             raise
         raise click.ClickException(message) from None

@@ -132,7 +132,7 @@ def extract(config_file, overrides, **flags):
     cfg = resolve_stage_config(
         ExtractConfig, config_file, overrides, flags, base=base
     )  # usage errors name the key
-    with cli_errors():
+    with cli_errors(cfg.out):
         try:
             result = run_extract(cfg)
         except BudgetExceeded as exc:
@@ -146,7 +146,8 @@ def extract(config_file, overrides, **flags):
         click.echo("dry run: nothing written")
         return
     if "://" not in cfg.out:
-        dump_config(cfg, f"{cfg.out.rstrip('/')}/extract_config.yaml")
+        with cli_errors(cfg.out):
+            dump_config(cfg, f"{cfg.out.rstrip('/')}/extract_config.yaml")
     _print_outcome(cfg, result)
 
 
@@ -199,13 +200,16 @@ def _print_outcome(cfg, result) -> None:
         )
     if result.invalid_clips or result.skipped:
         click.echo(f"report: {cfg.out.rstrip('/')}/report.json")
+    for problem in result.redone:
+        click.echo(f"warning: {problem}: block redone", err=True)
     if result.blocks_computed:
         click.echo(
             f"done: {result.blocks_done}/{result.blocks_total} blocks, {t['total']:.1f}s "
             f"(vae {t.get('vae', 0):.1f}s, write {t.get('write', 0):.1f}s, decode wait {t.get('decode_wait', 0):.1f}s)"
         )
     else:
-        click.echo(f"store complete: {result.blocks_total} blocks already done, nothing to do")
+        checked = "checksums verified" if result.verifiable else "written before checksums: not verifiable"
+        click.echo(f"store complete: {result.blocks_total} blocks already done ({checked}), nothing to do")
     if result.fidelity:
         rows = []
         for name, f in result.fidelity.items():

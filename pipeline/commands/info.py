@@ -10,7 +10,12 @@ import click
 
 @click.command("info")
 @click.argument("path", type=str)
-@click.option("--verify", is_flag=True, help="Re-hash every shard (shard folders) and name corrupt ones.")
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Re-hash every shard (shard folders) or re-read every finished block against its checksums "
+    "(stores), and name corrupt ones.",
+)
 def info(path: str, verify: bool) -> None:
     """Summarise PATH: a feature store, a shard folder or a training run, with the target
     format and the measured fidelity of its targets."""
@@ -20,7 +25,7 @@ def info(path: str, verify: bool) -> None:
     with cli_errors():
         kind = kind_of(path)
         if kind == "store":
-            _store(path)
+            _store(path, verify)
         elif kind == "shards":
             _shards(path, verify)
         elif kind == "run":
@@ -82,9 +87,10 @@ def _num(value) -> str:
     return "-" if value is None else f"{value:.5f}"
 
 
-def _store(path: str) -> None:
+def _store(path: str, verify: bool) -> None:
+    from cache_schema import CacheError, open_group, validate_store
     from cache_schema import constants as C
-    from cache_schema import open_group, validate_store
+    from cache_schema.integrity import StoreVerifier
     from pipeline.summary import human_bytes
 
     group = open_group(path)
@@ -94,13 +100,18 @@ def _store(path: str) -> None:
     if errors and "schema" in errors[0]:
         raise click.ClickException(errors[0])
     _layout_lines(attrs)
-    done, valid = group[C.BLOCK_DONE][:], group[C.VALID][:]
+    try:
+        verifier = StoreVerifier(group, path)  # every per-clip array's metadata, or one clear error
+        done, valid = group[C.BLOCK_DONE][:], verifier.arrays[C.VALID][:]
+    except CacheError as exc:
+        raise click.ClickException(
+            f"{exc}: the store cannot be read; extract it again (--overwrite)"
+        ) from None
     click.echo(
         f"clips        {attrs['num_clips']} ({int(valid.sum())} valid)   "
         f"blocks {int(done.sum())}/{attrs['num_blocks']} done"
     )
-    arrays = [group[C.LATENTS]] + [group[f"{C.TARGETS_GROUP}/{k}"][a] for k in group[C.TARGETS_GROUP].group_keys()
-                                   for a in group[f"{C.TARGETS_GROUP}/{k}"].array_keys()]  # fmt: skip
+    arrays = [a for name, a in verifier.arrays.items() if name not in (*C.META_ARRAYS, C.VALID)]
     stored = sum(a.nbytes_stored() for a in arrays)
     click.echo(
         f"size         {human_bytes(stored)} on disk, {human_bytes(sum(a.nbytes for a in arrays))} raw"
@@ -112,7 +123,26 @@ def _store(path: str) -> None:
             f"report       {len(data.get('skipped', []))} video(s) skipped, "
             f"{len(data.get('invalid_clips', []))} clip(s) invalid"
         )
+    errors += _verify_store(verifier, done, verify)
     click.echo("valid        yes" if not errors else "problems:\n  " + "\n  ".join(errors))
+    if errors and verify:
+        raise SystemExit(1)
+
+
+def _verify_store(verifier, done, verify: bool) -> list[str]:
+    """The checksums line; with --verify, every finished block re-read and checked (its problems)."""
+    if not verifier.verifiable:
+        click.echo("checksums    none: written before per-clip checksums existed, not verifiable")
+        return []
+    if not verify:
+        click.echo("checksums    crc32 per clip and array (--verify re-reads every finished block)")
+        return []
+    finished = [int(b) for b in done.nonzero()[0]]
+    check = verifier.blocks(finished)
+    if not check.problems:
+        click.echo(f"verified     all {len(finished)} finished blocks match their checksums")
+        return []
+    return [f"{p}; rerun the same `pipeline extract` command to redo the block" for p in check.problems]
 
 
 def _shards(path: str, verify: bool) -> None:

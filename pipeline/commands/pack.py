@@ -38,10 +38,10 @@ def pack(cache, config_file, overrides, **flags):
     from stages.pack.packer import PackConfig, run_pack
 
     cfg = resolve_stage_config(PackConfig, config_file, overrides, {**flags, "cache": cache})
-    with cli_errors():
+    with cli_errors(cfg.out):
         index = run_pack(cfg)
-    if "://" not in cfg.out:
-        dump_config(cfg, f"{cfg.out}/pack_config.yaml")
+        if "://" not in cfg.out:
+            dump_config(cfg, f"{cfg.out}/pack_config.yaml")
     rows = [
         (s["name"], s["samples"], human_bytes(s["bytes"]), s["sha256"][:12]) for s in index["shards"][:12]
     ]

@@ -168,9 +168,11 @@ def job_id() -> str:
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent() -> None:
-    """Ask the kernel to SIGKILL this process when its parent dies (Linux; no-op elsewhere)."""
-    parent = os.getppid()
+def die_with_parent(parent: int | None = None) -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux; no-op elsewhere).
+    `parent`: the pid that started us, when this runs late (after a spawn child's imports): a
+    parent already gone by then has left us with another one, and we exit at once."""
+    parent = os.getppid() if parent is None else parent
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -178,6 +180,23 @@ def die_with_parent() -> None:
         return
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
+
+
+def process_pool(workers: int | None = None):
+    """A spawn-context process pool whose workers die with this process (also after kill -9).
+
+    Why: dask's own "processes" pool leaves its spawn workers, blocked on a futex, with parent pid
+    1 when the parent is killed; with them gone, multiprocessing's resource tracker sees its pipe
+    close and exits too."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(
+        max_workers=workers or os.cpu_count() or 1,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=die_with_parent,
+        initargs=(os.getpid(),),
+    )
 
 
 def worker_init(worker_id: int) -> None:
@@ -268,15 +287,17 @@ def is_disk_full(exc: BaseException) -> bool:
     return False
 
 
-def disk_full_message(exc: BaseException, where: str, resume: str) -> str:
-    """'disk full while writing FILE: N free on that filesystem; RESUME'."""
+def disk_full_message(exc: BaseException, where: str | None, resume: str) -> str:
+    """'disk full while writing FILE: N free on that filesystem. RESUME'. FILE is the error's own
+    file name, else `where` (the output folder); the free space is measured on that path's
+    filesystem, never on another one (unknown when neither is known)."""
     inner = exc
     while inner is not None and not (isinstance(inner, OSError) and inner.errno in (28, 122)):
         inner = inner.__cause__ or inner.__context__
     target = getattr(inner, "filename", None) or where
-    free = free_bytes(target if "://" not in str(target) else where)
+    free = None if target is None else free_bytes(target)
     shown = "unknown" if free is None else human_bytes(free)
-    return f"disk full while writing {target}: {shown} free on that filesystem. {resume}"
+    return f"disk full while writing {target or 'the output'}: {shown} free on that filesystem. {resume}"
 
 
 def human_bytes(n: float) -> str:

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 import zarr
 
-from cache_schema import SCHEMA_VERSION, OutputLock, canonical_json, content_fingerprint, formats
+from cache_schema import SCHEMA_VERSION, CacheError, OutputLock, canonical_json, content_fingerprint, formats
 from cache_schema import constants as C
 from cache_schema.bases import store_bases
+from cache_schema.integrity import StoreVerifier, block_rows, open_array
 from cache_schema.outputs import (
     check_not_overlapping,
     clear_artifact,
@@ -58,6 +59,8 @@ class ExtractResult:
     fidelity: dict[str, dict[str, Any]] = field(default_factory=dict)
     samples: dict[str, int] = field(default_factory=dict)  # fidelity / pca_fit / shared clip counts
     sizes: SizeTable | None = None  # dry run: the measured projections
+    redone: list[str] = field(default_factory=list)  # finished blocks that failed their checksums
+    verifiable: bool = True  # False: a store written before per-clip checksums existed
 
 
 def prepare(cfg: ExtractConfig, dist: runtime.DistInfo) -> Job:
@@ -168,7 +171,15 @@ def check_plan(job: Job, spec: dict[str, Any]) -> bool:
     if group is not None:
         old = dict(group.attrs).get("spec", {})
         if canonical_json(old) == canonical_json(spec):
-            return False
+            try:
+                StoreVerifier(group, cfg.out)  # every array's metadata can be read
+                return False
+            except CacheError as exc:
+                if not cfg.overwrite:
+                    raise ExtractError(
+                        f"{exc}: the store cannot be resumed. Pass --overwrite to extract it again "
+                        "(or choose another --out)"
+                    ) from None
         if not cfg.overwrite:
             raise ExtractError(
                 f"{cfg.out} already holds a store made with a different config (field "
@@ -299,25 +310,43 @@ def _dry_run(job: Job) -> SizeTable:
 
 
 def _extract_blocks(job: Job, group, bases, result: ExtractResult, t_start: float) -> None:
-    """This rank's unfinished blocks, then the merged report (rank 0)."""
+    """This rank's unfinished (or damaged) blocks, then the merged report (rank 0)."""
     cfg, dist = job.cfg, job.dist
-    done = group[C.BLOCK_DONE][:]
-    todo = []
-    for b in range(len(done)):
-        if b % dist.world_size == dist.rank and not done[b]:
-            start = b * cfg.block_size
-            todo.append((b, start, min(start + cfg.block_size, job.num_clips)))
-    result.blocks_done = int(done.sum())
+    todo = [(b, *block_rows(b, cfg.block_size, job.num_clips)) for b in _blocks_to_do(job, group, result)]
     if todo:
         _run_blocks(job, todo, group, bases, result)
     job.timings["total"] = time.perf_counter() - t_start
     result.timings = dict(job.timings)
     runtime.barrier()
-    # every rank's invalid clips go into the one report
+    # every rank's invalid clips and redone blocks go into the one report
     result.invalid_clips = [c for part in runtime.all_gather_objects(result.invalid_clips) for c in part]
+    result.redone = [r for part in runtime.all_gather_objects(result.redone) for r in part]
     result.blocks_done = int(open_store(cfg.out, mode="r")[C.BLOCK_DONE][:].sum())
     if dist.is_main:
         _write_report(cfg.out, result)
+
+
+def _blocks_to_do(job: Job, group, result: ExtractResult) -> list[int]:
+    """This rank's blocks without a marker, plus its marked blocks that fail their checksums
+    (a missing or corrupt chunk): their markers are cleared first, so they are redone."""
+    cfg, dist = job.cfg, job.dist
+    try:
+        verifier = StoreVerifier(group, cfg.out)
+        marker = open_array(group, C.BLOCK_DONE, cfg.out)
+        done = marker[:]
+    except CacheError as exc:
+        raise ExtractError(
+            f"{exc}: the store cannot be resumed. Pass --overwrite to extract it again"
+        ) from None
+    mine = [b for b in range(len(done)) if b % dist.world_size == dist.rank]
+    check = verifier.blocks([b for b in mine if done[b]], workers=min(8, os.cpu_count() or 1))
+    result.verifiable = check.verifiable
+    for b in sorted(check.bad_blocks):
+        marker[b] = 0  # a kill while redoing it leaves it unfinished, not "done" with torn data
+        done[b] = 0
+    result.redone = check.problems
+    result.blocks_done = int(done.sum())
+    return [b for b in mine if not done[b]]
 
 
 def _run_blocks(job: Job, todo: list[tuple[int, int, int]], group, bases, result: ExtractResult) -> None:
@@ -326,6 +355,13 @@ def _run_blocks(job: Job, todo: list[tuple[int, int, int]], group, bases, result
 
     cfg = job.cfg
     encoders = list(group.attrs["encoders"])
+    plan = store_plan(job)
+    meta = {
+        C.LABELS: plan.labels,
+        C.VIDEO_INDEX: plan.video_index,
+        C.START_FRAME: plan.start_frame,
+        C.FLIP: plan.flip,
+    }
     buffers: dict[int, BlockBuffer] = {}
     bounds = {b: (start, stop) for b, start, stop in todo}
     writer = BlockWriter(group, job.timings)
@@ -346,7 +382,9 @@ def _run_blocks(job: Job, todo: list[tuple[int, int, int]], group, bases, result
                 )
                 block = items[0]["index"] // cfg.block_size
                 if block not in buffers:
-                    buffers[block] = BlockBuffer(block, *bounds[block], job.latent_shape, job.grid, encoders)
+                    buffers[block] = BlockBuffer(
+                        block, *bounds[block], job.latent_shape, job.grid, encoders, meta
+                    )
                 _compute_items(job, items, buffers[block], bases, result)
                 bar.update(len(items))
                 if buffers[block].count(len(items)):

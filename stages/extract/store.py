@@ -1,13 +1,14 @@
 """Creating, opening and writing the schema-v2 zarr store: one clip per chunk, one block per shard.
 
-One block of clips maps to exactly one zarr shard of every per-clip array, so ranks that own
-different blocks never write the same object, and a block is written whole before its
-`block_done` marker. The root attributes are written last at creation: a store whose creation
+One block of clips maps to exactly one zarr shard of every per-clip array (and one chunk of
+`clip_crc`, its rows' checksums), so ranks that own different blocks never write the same object,
+and a block is written whole, checksums included, before its `block_done` marker. The root attributes are written last at creation: a store whose creation
 was interrupted has no `schema_version` and is created again.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import warnings
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import zarr.codecs
 from cache_schema import SCHEMA_VERSION
 from cache_schema import constants as C
 from cache_schema.formats import PCABasis
+from cache_schema.integrity import crc_rows, integrity_attr
 
 from .config import CODEC_NAMES
 
@@ -107,7 +109,10 @@ def create_store(
         arr[:] = values.astype(dtype)
     group.create_array(C.VALID, shape=(n,), chunks=(b,), dtype="uint8", fill_value=0)
     group.create_array(C.BLOCK_DONE, shape=(plan.num_blocks,), chunks=(1,), dtype="uint8", fill_value=0)
-    group.attrs.update(attrs)
+    integrity = integrity_attr(plan.encoders)
+    columns = len(integrity["columns"])
+    group.create_array(C.CLIP_CRC, shape=(n, columns), chunks=(b, columns), dtype="uint32", fill_value=0)
+    group.attrs.update({**attrs, C.INTEGRITY_ATTR: integrity})
     return group
 
 
@@ -135,15 +140,41 @@ def write_block(
     latents: np.ndarray,
     targets: dict[str, tuple[np.ndarray, np.ndarray | None]],
     valid: np.ndarray,
+    meta: dict[str, np.ndarray] | None = None,
 ) -> None:
-    """Write one block's clips (whole shards at once), data before the marker."""
+    """Write one block's clips (whole shards at once), then its rows' checksums; data before the
+    marker. `meta` (labels, video_index, start_frame, flip of these rows) is rewritten too, so a
+    redone block repairs them; without it the rows created with the store are kept."""
     stop = start + len(latents)
-    group[C.LATENTS][start:stop] = latents.astype(np.float16, copy=False)
+    arrays = {C.LATENTS: latents.astype(np.float16, copy=False), C.VALID: valid.astype(np.uint8)}
     for name, (values, scales) in targets.items():
-        group[C.values_path(name)][start:stop] = values
+        arrays[C.values_path(name)] = values
         if scales is not None:
-            group[C.scales_path(name)][start:stop] = scales
-    group[C.VALID][start:stop] = valid.astype(np.uint8)
+            arrays[C.scales_path(name)] = scales
+    for name in C.META_ARRAYS:
+        arrays[name] = group[name][start:stop] if meta is None else meta[name]
+    integrity = dict(group.attrs).get(C.INTEGRITY_ATTR)
+    columns = integrity["columns"] if integrity else list(arrays)
+    for name in columns:  # fixed order: the marker-less block is torn the same way every time
+        array = group[name]
+        arrays[name] = np.asarray(arrays[name]).astype(array.dtype, copy=False)
+        if meta is not None or name not in C.META_ARRAYS:
+            _write(array, name, start, stop, arrays[name], group)
+    if integrity:
+        _write(group[C.CLIP_CRC], C.CLIP_CRC, start, stop, crc_rows(arrays, columns), group)
+
+
+def _write(array: zarr.Array, name: str, start: int, stop: int, data: np.ndarray, group: zarr.Group) -> None:
+    """array[start:stop] = data; a full disk names the file being written (zarr's error does not)."""
+    try:
+        array[start:stop] = data
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or exc.filename:
+            raise
+        chunk = start // array.shards[0] if array.shards else start // array.chunks[0]
+        key = array.metadata.encode_chunk_key((chunk, *([0] * (array.ndim - 1))))
+        path = f"{str(group.store.root).rstrip('/')}/{name}/{key}" if hasattr(group.store, "root") else name
+        raise OSError(exc.errno, exc.strerror, path) from exc
 
 
 def mark_block_done(group: zarr.Group, block: int) -> None:

@@ -37,8 +37,12 @@ def keep_items(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
 class BlockBuffer:
     """One block's compact arrays on the CPU, filled batch by batch; rows of failed clips stay 0."""
 
-    def __init__(self, block: int, start: int, stop: int, latent_shape, grid, encoders: list[dict]) -> None:
+    def __init__(
+        self, block: int, start: int, stop: int, latent_shape, grid, encoders: list[dict], meta=None
+    ) -> None:
         self.block, self.start, self.stop = block, start, stop
+        # the plan's labels, video_index, start_frame, flip of these rows (rewritten with the block)
+        self.meta = None if meta is None else {name: rows[start:stop] for name, rows in meta.items()}
         n, (_, h, w) = stop - start, grid
         self.latents = np.zeros((n, *latent_shape), np.float16)
         self.targets: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
@@ -84,7 +88,7 @@ class BlockWriter(threading.Thread):
                 continue
             try:
                 t0 = time.perf_counter()
-                write_block(self.group, buf.start, buf.latents, buf.targets, buf.valid)
+                write_block(self.group, buf.start, buf.latents, buf.targets, buf.valid, buf.meta)
                 mark_block_done(self.group, buf.block)
                 self.timings["write"] = self.timings.get("write", 0.0) + time.perf_counter() - t0
             except BaseException as exc:  # surfaced by the main thread

@@ -10,6 +10,7 @@ payload. Tars are written with a fixed mtime: the same store always packs to the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -25,7 +26,10 @@ from cache_schema import SCHEMA_VERSION, OutputError, OutputLock, open_group, pr
 from cache_schema import constants as C
 from cache_schema.bases import store_bases, write_shard_bases
 from cache_schema.checksum import with_checksum
-from stages.common.runtime import disk_full_message, is_disk_full
+from cache_schema.integrity import BlockDamaged, RowChecker, open_array
+from cache_schema.outputs import refuse_if_locked
+from cache_schema.readers import refuse_if_read
+from stages.common.runtime import disk_full_message, is_disk_full, process_pool
 
 
 class PackError(RuntimeError):
@@ -79,10 +83,11 @@ def clip_sample(
 
 
 class _HashingWriter(io.RawIOBase):
-    """File wrapper that hashes and counts what passes through (one read of the data)."""
+    """File wrapper that hashes and counts what passes through (one read of the data); a full
+    disk is reported with the file's name (the OS error of a write names none)."""
 
-    def __init__(self, raw) -> None:
-        self.raw, self.size, self._hash = raw, 0, hashlib.sha256()
+    def __init__(self, raw, path: str) -> None:
+        self.raw, self.path, self.size, self._hash = raw, path, 0, hashlib.sha256()
 
     def writable(self) -> bool:
         return True
@@ -90,7 +95,12 @@ class _HashingWriter(io.RawIOBase):
     def write(self, data) -> int:
         self._hash.update(data)
         self.size += len(data)
-        self.raw.write(data)
+        try:
+            self.raw.write(data)
+        except OSError as exc:
+            if exc.filename or not is_disk_full(exc):
+                raise
+            raise OSError(exc.errno, exc.strerror, self.path) from exc
         return len(data)
 
 
@@ -102,12 +112,23 @@ class TarSink:
 
         self.path, self.count = path, 0
         self._file = fsspec.open(path, "wb").open()
-        self._hashing = _HashingWriter(self._file)
+        self._hashing = _HashingWriter(self._file, path)
         self._tar = wds.TarWriter(self._hashing, encoder=False, mtime=0.0)
 
     def write(self, sample: dict[str, Any]) -> None:
         self._tar.write(sample)
         self.count += 1
+
+    def abort(self) -> None:
+        """After a failure: close quietly, so nothing is left for the garbage collector to flush
+        into a closed file. The partial tar stays (a rerun replaces it): the disk-full message
+        then reports the free space as it was."""
+        tar = self._tar.tarstream
+        tar.closed = True  # nothing more is written: its end blocks would hit the same error again
+        with contextlib.suppress(AttributeError):
+            tar.fileobj.closed = True  # tarfile's stream would flush itself into the closed file at exit
+        with contextlib.suppress(Exception):
+            self._file.close()
 
     def close(self) -> dict[str, Any]:
         self._tar.close()
@@ -128,39 +149,54 @@ def write_tar(path: str, samples: Iterable[dict[str, Any]]) -> dict[str, Any]:
     return sink.close()
 
 
-def _target_arrays(group, encoders: list[dict[str, Any]]) -> dict[str, tuple[Any, Any]]:
+def _target_arrays(group, encoders: list[dict[str, Any]], where: str) -> dict[str, tuple[Any, Any]]:
     """name -> (values array, scales array or None), opened once per task."""
     arrays = {}
     for enc in encoders:
-        scales = group[C.scales_path(enc["name"])] if enc.get("scales") else None
-        arrays[enc["name"]] = (group[C.values_path(enc["name"])], scales)
+        scales = open_array(group, C.scales_path(enc["name"]), where) if enc.get("scales") else None
+        arrays[enc["name"]] = (open_array(group, C.values_path(enc["name"]), where), scales)
     return arrays
 
 
 def write_shard(cache: str, out: str, name: str, rows: list[int]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Write one shard (and its latents-only twin) with the given store rows, in that order."""
+    """Write one shard (and its latents-only twin) with the given store rows, in that order. Every
+    row read is checked against the store's checksums: a missing or corrupt chunk stops the task
+    naming the array, the block and the rows, and removes the partial tars."""
     group = open_group(cache)
     attrs = group.attrs
+    check = RowChecker(group, cache)
     sources, encoders = attrs["sources"], attrs["encoders"]
-    labels, video_index = group[C.LABELS][:], group[C.VIDEO_INDEX][:]
-    start_frame, flip = group[C.START_FRAME][:], group[C.FLIP][:]
-    latents, target_arrays = group[C.LATENTS], _target_arrays(group, encoders)
+    meta_arrays = {n: check.read_all(open_array(group, n, cache), n) for n in C.META_ARRAYS}
+    latents = open_array(group, C.LATENTS, cache)
+    target_arrays = _target_arrays(group, encoders, cache)
     full = TarSink(f"{out.rstrip('/')}/{name}")
     lean = TarSink(f"{out.rstrip('/')}/{C.LATENTS_ONLY_DIR}/{name}")
-    for row in rows:
-        latent = latents[row]
-        targets = {n: (v[row], None if s is None else s[row]) for n, (v, s) in target_arrays.items()}
-        label = int(labels[row])
-        meta = {
-            "video": sources[int(video_index[row])],
-            "start_frame": int(start_frame[row]),
-            "flip": bool(flip[row]),
-            "clip_index": int(row),
-            "label": label if label >= 0 else None,
-        }
-        full.write(clip_sample(row, latent, targets, label, meta))
-        lean.write(clip_sample(row, latent, {}, label, meta))
-    return full.close(), lean.close()
+    try:
+        for row in rows:
+            for n, values in meta_arrays.items():
+                check.check(n, row, values[row : row + 1])
+            latent = check.read(latents, C.LATENTS, row)
+            targets = {n: _read_target(check, n, v, s, row) for n, (v, s) in target_arrays.items()}
+            label = int(meta_arrays[C.LABELS][row])
+            meta = {
+                "video": sources[int(meta_arrays[C.VIDEO_INDEX][row])],
+                "start_frame": int(meta_arrays[C.START_FRAME][row]),
+                "flip": bool(meta_arrays[C.FLIP][row]),
+                "clip_index": int(row),
+                "label": label if label >= 0 else None,
+            }
+            full.write(clip_sample(row, latent, targets, label, meta))
+            lean.write(clip_sample(row, latent, {}, label, meta))
+        return full.close(), lean.close()
+    except BaseException:
+        full.abort()
+        lean.abort()
+        raise
+
+
+def _read_target(check: RowChecker, name: str, values, scales, row: int) -> tuple[Any, Any]:
+    v = check.read(values, C.values_path(name), row)
+    return v, None if scales is None else check.read(scales, C.scales_path(name), row)
 
 
 def plan_shards(valid: np.ndarray, samples_per_shard: int, seed: int) -> list[list[int]]:
@@ -189,6 +225,10 @@ def write_index(out: str, index: dict[str, Any]) -> None:
 
 
 def _prepare_out(cfg: PackConfig) -> None:
+    if "://" not in cfg.out and os.path.isdir(cfg.out):  # before anything is cleared:
+        refuse_if_locked(cfg.out, f"pid:{os.getpid()}")  # another pack writing here now
+        if cfg.overwrite:
+            refuse_if_read(cfg.out, "pack --overwrite")  # a training reading these shards
     state = prepare_output(cfg.out, "shards", overwrite=cfg.overwrite, inputs={"CACHE": cfg.cache})
     fs, root = fsspec.core.url_to_fs(cfg.out)
     if state == "ours" and not cfg.overwrite and fs.exists(f"{root}/{C.SHARD_INDEX}"):
@@ -209,7 +249,12 @@ def run_pack(cfg: PackConfig) -> dict[str, Any]:
         raise PackError("cannot pack: " + "; ".join(errors))
     group = open_group(cfg.cache)
     attrs = dict(group.attrs)
-    shards = plan_shards(group[C.VALID][:], cfg.samples_per_shard, cfg.seed)
+    try:
+        check = RowChecker(group, cfg.cache)
+        valid = check.read_all(open_array(group, C.VALID, cfg.cache), C.VALID, check=True)
+    except BlockDamaged as exc:
+        raise PackError(damaged_message(exc)) from None
+    shards = plan_shards(valid, cfg.samples_per_shard, cfg.seed)
     if not shards:
         raise PackError(f"{cfg.cache} has no valid clips to pack")
     try:
@@ -224,11 +269,13 @@ def run_pack(cfg: PackConfig) -> dict[str, Any]:
         ]
         try:
             pairs = _compute(tasks, cfg)
+        except BlockDamaged as exc:
+            raise PackError(damaged_message(exc)) from None
         except OSError as exc:
             if not is_disk_full(exc):
                 raise
             raise PackError(
-                disk_full_message(exc, cfg.out, "Free space and rerun the same command.")
+                disk_full_message(exc, cfg.out, "Free space and rerun the same command to resume.")
             ) from None
         source = os.path.abspath(cfg.cache) if "://" not in cfg.cache else cfg.cache
         order = {"kind": "permutation", "seed": cfg.seed}
@@ -252,6 +299,13 @@ def run_pack(cfg: PackConfig) -> dict[str, Any]:
     return index
 
 
+def damaged_message(exc: BlockDamaged) -> str:
+    return (
+        f"cannot pack: {exc}. Rerun the same `pipeline extract` command (it redoes that block), "
+        "then pack again"
+    )
+
+
 def _compute(tasks: list, cfg: PackConfig) -> list:
     import dask
 
@@ -261,11 +315,13 @@ def _compute(tasks: list, cfg: PackConfig) -> list:
         with Client(cfg.scheduler) as client:
             return list(client.gather(client.compute(tasks)))
     kwargs: dict[str, Any] = {"scheduler": cfg.scheduler}
-    if cfg.workers and cfg.scheduler != "synchronous":
+    if cfg.workers and cfg.scheduler == "threads":
         kwargs["num_workers"] = cfg.workers
-    if cfg.progress:
-        from dask.diagnostics import ProgressBar
+    with contextlib.ExitStack() as stack:
+        if cfg.scheduler == "processes":  # our pool: its workers die with us, also after kill -9
+            kwargs["pool"] = stack.enter_context(process_pool(cfg.workers))
+        if cfg.progress:
+            from dask.diagnostics import ProgressBar
 
-        with ProgressBar():
-            return list(dask.compute(*tasks, **kwargs))
-    return list(dask.compute(*tasks, **kwargs))
+            stack.enter_context(ProgressBar())
+        return list(dask.compute(*tasks, **kwargs))

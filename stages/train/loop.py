@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from tqdm.auto import tqdm
 import cache_schema
 from cache_schema import RunDir, prepare_output
 from cache_schema.formats import basis_tensors
+from cache_schema.outputs import refuse_if_locked
+from cache_schema.readers import ShardReader, describe_change, index_summary
 from stages.common import runtime
 
 from .align import alignment_active, parse_lambdas, schedule_weight
@@ -41,6 +44,7 @@ class RunSetup:
     lambdas: dict[str, float]
     resume_from: Path | None
     notes: list[str] = field(default_factory=list)
+    shards_index: dict[str, Any] = field(default_factory=dict)  # readers.index_summary at the start
 
     @property
     def aligns(self) -> bool:
@@ -85,7 +89,7 @@ def check_cache(cfg: TrainConfig) -> RunSetup:
     encoders = cache_schema.encoder_entries(layout, list(cfg.encoders) or None)
     lambdas = parse_lambdas(cfg.align_lambda, list(encoders))
     run = RunDir(cfg.out)
-    resume_from = None
+    resume_from, previous = None, {}
     if cfg.resume:
         previous = run.require().read_config()
         recorded = previous.get("expect_fingerprint")
@@ -101,7 +105,36 @@ def check_cache(cfg: TrainConfig) -> RunSetup:
     notes = [
         f"{e}; its samples will be skipped (--on-corrupt skip)" for e in damaged if cfg.on_corrupt == "skip"
     ]
-    return RunSetup(layout, encoders, lambdas, resume_from, notes)
+    summary = index_summary(cfg.shards)
+    before = previous.get("shards_index")
+    if before and before.get("sha256") != summary["sha256"]:
+        notes.append(
+            f"the shards at {cfg.shards} changed since this run last read them ({describe_change(before, summary)}); "
+            "resuming on the new shards, so the batches from here on differ from an uninterrupted run"
+        )
+        if runtime.env_rank()[0] == 0:
+            print(f"warning: {notes[-1]}", file=sys.stderr)
+    return RunSetup(layout, encoders, lambdas, resume_from, notes, summary)
+
+
+def hold_shards(cfg: TrainConfig) -> ShardReader:
+    """Leave a reader file in the shard folder for as long as this process reads it (so `pack
+    --overwrite` refuses, naming this run), after refusing shards a `pack` is writing now."""
+    if "://" not in cfg.shards:
+        refuse_if_locked(cfg.shards, runtime.job_id())
+    return ShardReader(cfg.shards, "pipeline train", run=cfg.out).acquire()
+
+
+def check_shards_unchanged(cfg: TrainConfig, setup: RunSetup, step: int, run: RunDir) -> None:
+    """Stop (before checkpointing `step`) when the shard set changed under this run."""
+    now = index_summary(cfg.shards)
+    if now["sha256"] != setup.shards_index["sha256"]:
+        raise cache_schema.CacheError(
+            f"the shard set {cfg.shards} changed while this run was reading it "
+            f"({describe_change(setup.shards_index, now)}): its batches would mix the old index and the "
+            f"new tars. Stopped before checkpointing step {step}; the last checkpoint is "
+            f"{run.latest_checkpoint() or 'none'}. Resume with --resume to continue on the new shards"
+        )
 
 
 def claim_run(cfg: TrainConfig) -> cache_schema.OutputLock:
@@ -157,7 +190,8 @@ def run_config(cfg: TrainConfig, setup: RunSetup, state: TrainState) -> dict[str
         expect_fingerprint=setup.layout["fingerprint"],
         resume=False,
     )
-    return {**runtime.config_to_dict(resolved), "vae_spec": (setup.layout.get("spec") or {}).get("vae") or {}}
+    vae = (setup.layout.get("spec") or {}).get("vae") or {}
+    return {**runtime.config_to_dict(resolved), "vae_spec": vae, "shards_index": setup.shards_index}
 
 
 def _load_vae(cfg: TrainConfig, vae_spec: dict[str, Any], device: torch.device):
@@ -235,7 +269,9 @@ def _train(cfg: TrainConfig, info: runtime.DistInfo, progress: bool) -> dict[str
     run = RunDir(cfg.out)
     setup = check_cache(cfg)
     lock = runtime.run_on_main(lambda: claim_run(cfg))
+    reader = None
     try:
+        reader = hold_shards(cfg)
         state, saved = _start(cfg, setup, info)
         config = run_config(cfg, setup, state)
         if info.is_main:
@@ -243,6 +279,8 @@ def _train(cfg: TrainConfig, info: runtime.DistInfo, progress: bool) -> dict[str
             run.truncate_log(state.step)
         return _loop(cfg, setup, state, saved, config, info, progress)
     finally:
+        if reader is not None:
+            reader.release()
         if lock is not None:
             lock.release()
 
@@ -318,6 +356,7 @@ class Loop:
             write_samples(state.ema, self.vae, self.run, step, cfg, self.info.device, self.step_cfg.use_bf16)
             self.logger.restart_clock()
         if step % cfg.checkpoint_every == 0 or step == cfg.steps or metrics.stop_requested:
+            runtime.run_on_main(lambda: check_shards_unchanged(cfg, self.setup, step, self.run))
             _checkpoint(self.run, cfg, state, self.info, self.segment_steps, self.config)
             self.logger.restart_clock()
         return row
