@@ -1,9 +1,11 @@
 """`pipeline demo`: the whole chain on the built-in synthetic set, then a report.
 
-synth -> extract (tiny dino, sam2, videomae) -> pack -> train with alignment and a baseline
-without -> sample both -> FVD against the real clips (tiny I3D stand-in) -> IICR of the cache
--> DIR/report.md + report.html. Each step calls a stage's public function; this module only
-orchestrates and writes the report.
+synth (flat backgrounds, the four drifts) -> the tiny trained models (self-supervised encoders and
+the synthetic-domain evaluator, built once and cached) -> extract (exact pixel-space patchify,
+trained dino and videomae) -> pack -> train a baseline and an aligned run on the same seed and
+batches, evaluating both during training -> sample both -> score the samples -> IICR of the
+cache -> DIR/report.md + report.html. Each step calls a stage's public function; this module
+only orchestrates. The report is written by `pipeline.report`.
 """
 
 from __future__ import annotations
@@ -17,48 +19,41 @@ from typing import Any
 import click
 
 from pipeline.report import DemoResult
-from stages.common.registry import DEFAULT_ENCODERS
+
+DEMO_ENCODERS = ("dino", "videomae")  # the tiny encoders pretrained on the synthetic set
 
 
 @dataclass
 class DemoConfig:
     out: str = "demo-out"
     preset: str = "tiny"
-    videos: int = 32
-    classes: int = 4
-    frames: int = 16  # frames per synthetic video (clips take 8 with the tiny preset)
-    size: int = 64
+    videos: int = 64
+    classes: int = 4  # the four drifts
+    frames: int = 16  # frames per synthetic video (clips take 8)
+    size: int = 32
+    stride: int = 2  # clips take every other frame: motion twice as fast as the videos'
+    background: str = "flat"
     seed: int = 0
-    encoders: list[str] = field(default_factory=lambda: list(DEFAULT_ENCODERS))
-    steps: int = 600
+    encoders: list[str] = field(default_factory=lambda: list(DEMO_ENCODERS))
+    model: str = "mini/4"
+    steps: int = 1000
     batch_size: int = 8
+    lr: float = 1e-3
     align_lambda: float = 0.5
-    num_samples: int = 32
-    sample_steps: int = 20
-    fvd_frames: int = 8
+    eval_every: int = 250
+    eval_num: int = 32
+    eval_steps: int = 20
+    cfg: float = 2.0  # guidance of the evaluation and final samples
+    num_samples: int = 16
+    sample_steps: int = 30
     device: str = "cpu"
-    # real default models on a GPU instead of the tiny ones (weights via flags / HF cache)
-    vae: str | None = None
-    dino_model: str | None = None
-    sam2_model: str | None = None
-    videomae_model: str | None = None
-    detector: str = "i3d"
-    detector_weights: str | None = None
 
 
-PRESETS: dict[str, dict[str, Any]] = {
+# Presets of `pipeline demo --preset` (the demo's own sizes; the stages' presets are others).
+DEMO_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {},
-    # more data, a bigger model, longer training: minutes on a GPU, far longer on a CPU
-    "small": {
-        "videos": 256,
-        "classes": 8,
-        "frames": 32,
-        "size": 128,
-        "steps": 5000,
-        "batch_size": 32,
-        "num_samples": 64,
-        "sample_steps": 50,
-    },
+    # more data and longer training: about 30 minutes on 2 CPU cores, better samples
+    "small": {"videos": 128, "steps": 5000, "eval_every": 1000, "num_samples": 32},
 }
 
 
@@ -85,46 +80,42 @@ class Timer:
 
 def run_demo(cfg: DemoConfig) -> DemoResult:
     """Run every stage on the synthetic set; returns what the report renders (resumes a killed demo)."""
-    from cache_schema import prepare_output
+    from cache_schema import RunDir, prepare_output
 
     out = Path(cfg.out)
     prepare_output(out, "demo")
     timer = Timer()
     with timer.step("synthesize videos"):
         data = _synth(cfg, out)
-    with timer.step("extract (VAE + frozen encoders -> zarr)"):
-        extracted = _extract(cfg, out, data)
+    with timer.step("tiny trained models (built once, cached)"):
+        models = _models(cfg)
+    with timer.step("extract (pixel patchify + trained encoders -> zarr)"):
+        extracted = _extract(cfg, out, data, models)
     with timer.step("pack (zarr -> WebDataset shards)"):
         _pack(out)
-    runs = {"aligned": cfg.align_lambda, "baseline": 0.0}
+    runs = {"baseline": 0.0, "aligned": cfg.align_lambda}
     for name, lam in runs.items():
         with timer.step(f"train {name} (lambda={lam})"):
-            _train(cfg, out, name, lam)
+            _train(cfg, out, name, lam, models["classifier"]["folder"])
+    scores = {}
     for name in runs:
         with timer.step(f"sample {name}"):
-            _sample(cfg, out, name)
-    with timer.step("evaluate (FVD)"):
-        fvd = _fvd(cfg, out, data, runs)
+            scores[name] = _sample_and_score(cfg, out, name, models["classifier"]["folder"])
     with timer.step("analyze (IICR of the cached targets)"):
         from stages.evaluate.iicr import iicr_from_store
 
         iicr = iicr_from_store(str(out / "cache.zarr"), progress=False)
         (out / "iicr.json").write_text(json.dumps(iicr, indent=2, default=str))
-    from cache_schema import RunDir
-
     return DemoResult(
         out=out,
-        preset=cfg.preset,
-        videos=cfg.videos,
-        classes=cfg.classes,
-        steps=cfg.steps,
-        encoders=list(cfg.encoders),
+        config=cfg,
         clips=extracted.num_clips,
         target_format=extracted.layout["encoders"][0].get("format", "?"),
         fidelity=extracted.fidelity,
+        models={name: _model_summary(record) for name, record in models.items()},
         logs={name: RunDir(out / "runs" / name).read_log() for name in runs},
-        grids={name: out / "runs" / name / "samples" / "grid.gif" for name in runs},
-        fvd=fvd,
+        samples={name: out / "runs" / name / "samples" for name in runs},
+        scores=scores,
         iicr=iicr,
         timings=timer.steps,
     )
@@ -135,63 +126,98 @@ def _synth(cfg: DemoConfig, out: Path) -> Path:
 
     data = out / "data"
     if not (data / "synth.json").is_file():
-        make_synthetic(
-            data, videos=cfg.videos, classes=cfg.classes, frames=cfg.frames, size=cfg.size, seed=cfg.seed
-        )
+        make_synthetic(data, videos=cfg.videos, classes=cfg.classes, frames=cfg.frames, size=cfg.size,
+                       seed=cfg.seed, background=cfg.background)  # fmt: skip
     return data
 
 
-def _extract(cfg: DemoConfig, out: Path, data: Path):
+def trained_recipe(cfg: DemoConfig):
+    """The recipe of the tiny trained models for the demo's data (clip size, stride, background)."""
+    from stages.common.trained import TrainedRecipe
+
+    return TrainedRecipe(render_kwargs={"background": cfg.background})
+
+
+def _models(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
+    """The trained tiny encoders (the demo's alignment targets) and the evaluator, for the demo's data."""
+    from stages.common.trained import trained_models
+
+    return trained_models(recipe=trained_recipe(cfg), names=[*cfg.encoders, "classifier"])
+
+
+def _model_summary(record: dict[str, Any]) -> dict[str, Any]:
+    keep = ("objective", "steps", "seconds", "sha256", "heldout_accuracy", "folder")
+    return {k: record[k] for k in keep if k in record}
+
+
+def extract_config(cfg: DemoConfig, data: Path, store: Path, encoder_folders: dict[str, str]):
+    """The demo's extraction: 8-frame clips (stride `cfg.stride`) of `cfg.size` px in exact
+    patchify-8 latents, tokens for a patch-4 DiT (one per frame at 32 px), the given encoders.
+    bench/convergence.py uses the same settings."""
     from stages.extract.config import ExtractConfig, preset_values
+
+    values = preset_values("tiny")  # 8-frame clips, CPU block and batch sizes
+    values.update({"data": str(data), "out": str(store), "encoders": list(encoder_folders), "device": cfg.device,
+                   "size": cfg.size, "stride": cfg.stride, "vae_kind": "pixel", "vae": "patchify-8",
+                   "patch_size": 4, "progress": False})  # fmt: skip
+    values.update({f"{name}_model": folder for name, folder in encoder_folders.items()})
+    return ExtractConfig(**values)
+
+
+def _extract(cfg: DemoConfig, out: Path, data: Path, models: dict[str, dict[str, Any]]):
     from stages.extract.runner import run_extract
 
-    values = preset_values("tiny")  # tiny models of the real classes, unless given below
-    values.update({"data": str(data), "out": str(out / "cache.zarr"), "encoders": list(cfg.encoders),
-                   "device": cfg.device, "size": cfg.size})  # fmt: skip
-    for key in ("vae", "dino_model", "sam2_model", "videomae_model"):
-        if getattr(cfg, key):
-            values[key] = getattr(cfg, key)
-    return run_extract(ExtractConfig(**values))
+    folders = {name: models[name]["folder"] for name in cfg.encoders}
+    return run_extract(extract_config(cfg, data, out / "cache.zarr", folders))
 
 
 def _pack(out: Path) -> None:
     from stages.pack.packer import PackConfig, run_pack
 
-    config = PackConfig(cache=str(out / "cache.zarr"), out=str(out / "shards"), samples_per_shard=8,
+    config = PackConfig(cache=str(out / "cache.zarr"), out=str(out / "shards"), samples_per_shard=16,
                         overwrite=True, progress=False)  # fmt: skip
     run_pack(config)
 
 
-def _train(cfg: DemoConfig, out: Path, name: str, lam: float) -> None:
+def train_config(
+    cfg: DemoConfig, shards: Path, run: Path, lam: float, evaluator: str, seed: int | None = None
+):
+    """The demo's training recipe (bench/convergence.py uses it too): JiT's clean-sample prediction
+    and time distribution in pixel space, EMA with diffusers' warm-up, evaluation every
+    `cfg.eval_every` steps with the synthetic-domain evaluator."""
     from cache_schema import RunDir
-    from stages.train.config import PRESETS as TRAIN_PRESETS
     from stages.train.config import TrainConfig
+
+    return TrainConfig(
+        shards=str(shards), out=str(run), model=cfg.model, align_lambda=lam, steps=cfg.steps,
+        batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed if seed is None else seed, device=cfg.device,
+        prediction="sample", time_schedule="logit_normal", time_mean=0.8, time_std=0.8, ema=0.999,
+        ema_warmup=True, projector_dim=256, num_workers=0, shuffle_buffer=64,
+        log_every=max(1, cfg.steps // 50), checkpoint_every=cfg.steps, sample_every=0,
+        eval_every=min(cfg.eval_every, cfg.steps), eval_num=cfg.eval_num, eval_steps=cfg.eval_steps,
+        eval_cfg=cfg.cfg, eval_evaluator=evaluator, resume=RunDir(run).latest_checkpoint() is not None,
+    )  # fmt: skip
+
+
+def _train(cfg: DemoConfig, out: Path, name: str, lam: float, evaluator: str) -> None:
     from stages.train.loop import train
 
-    run = out / "runs" / name
-    values = {**TRAIN_PRESETS["tiny"], "shards": str(out / "shards"), "out": str(run), "align_lambda": lam,
-              "steps": cfg.steps, "batch_size": cfg.batch_size, "seed": cfg.seed, "device": cfg.device,
-              "log_every": max(1, cfg.steps // 60), "checkpoint_every": cfg.steps, "sample_every": 0,
-              "resume": RunDir(run).exists()}  # fmt: skip
-    train(TrainConfig(**values), progress=True)
+    train(train_config(cfg, out / "shards", out / "runs" / name, lam, evaluator), progress=True)
 
 
-def _sample(cfg: DemoConfig, out: Path, name: str) -> None:
+def _sample_and_score(cfg: DemoConfig, out: Path, name: str, evaluator: str) -> dict[str, float]:
+    """`pipeline sample --run` (decoded with the run's own autoencoder), then the synthetic-domain
+    evaluator on the videos it wrote."""
+    import numpy as np
+    from stages.common.synth_eval import SynthEvaluator
+
     from stages.sample import SampleConfig, run_sample
 
     run = out / "runs" / name
-    run_sample(SampleConfig(run=str(run), out=str(run / "samples"), num=cfg.num_samples, steps=cfg.sample_steps,
-                            seed=cfg.seed, device=cfg.device, batch_size=8))  # fmt: skip
-
-
-def _fvd(cfg: DemoConfig, out: Path, data: Path, runs: dict[str, float]) -> dict[str, Any]:
-    from stages.evaluate.fvd import EvalConfig, compute_fvd
-    from stages.evaluate.tiny import make_tiny_i3d
-
-    weights = cfg.detector_weights or str(make_tiny_i3d(out / "detectors" / "tiny_i3d.pt"))
-    eval_cfg = EvalConfig(detector=cfg.detector, detector_weights=weights, frames=cfg.fvd_frames,
-                          resolution=cfg.size, num_videos=cfg.videos, batch_size=8, device=cfg.device,
-                          cache_dir=str(out / "fvd-stats"), progress=False)  # fmt: skip
-    fvd = {name: compute_fvd(data, out / "runs" / name / "samples" / "videos.npz", eval_cfg) for name in runs}
-    (out / "metrics.json").write_text(json.dumps(fvd, indent=2, default=str))
-    return fvd
+    samples = run / "samples"
+    if not (samples / "videos.npz").is_file():
+        run_sample(SampleConfig(run=str(run), out=str(samples), num=cfg.num_samples, steps=cfg.sample_steps,
+                                seed=cfg.seed, device=cfg.device, batch_size=8, cfg=cfg.cfg))  # fmt: skip
+    with np.load(samples / "videos.npz") as npz:
+        videos, labels = npz["videos"], npz["labels"]
+    return SynthEvaluator.load(evaluator).evaluate(videos, labels)
