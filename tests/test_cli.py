@@ -99,3 +99,43 @@ def test_info_refuses_unknown_paths_and_plain_zarr_groups(tmp_path):
     result = CliRunner().invoke(main, ["info", str(tmp_path / "plain.zarr")])
     assert result.exit_code == 1 and "not an align4gen feature store" in result.output
     assert "Traceback" not in result.output and "KeyError" not in result.output
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("steps=[1]", "config key 'steps': expected an integer, got [1]"),
+        ("lr=[1,2]", "config key 'lr': expected a number, got [1, 2]"),
+        ("steps=null", "config key 'steps': expected an integer, got null"),
+        ("name={a: 1}", "config key 'name': expected a string, got {\"a\": 1}"),
+        ("flag=[]", "config key 'flag': expected a boolean (true or false), got []"),
+        ("depth=[3]", "config key 'depth': expected an integer or null, got [3]"),
+        ("encoders=null", "config key 'encoders': expected a list of strings, got null"),
+        ("encoders=5", "config key 'encoders': expected a list of strings, got 5"),
+    ],
+)
+def test_list_and_null_values_name_the_key_and_the_type(override, message):
+    with pytest.raises(ConfigError) as info:
+        resolve_config(_Cfg, None, [override])
+    assert str(info.value.message) == message
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "--shards", "s", "--out", "r", "--set", "steps=[1]"],
+        ["train", "--shards", "s", "--out", "r", "--set", "lr=[1,2]"],
+        ["train", "--shards", "s", "--out", "r", "--set", "steps=null"],
+        ["extract", "--data", "d", "--out", "o", "--set", "frames=[8]"],
+        ["sample", "--run", "r", "--set", "num=[2]"],
+    ],
+)
+def test_cli_refuses_list_and_null_values_with_exit_2(args, tmp_path):
+    key = args[-1].split("=")[0]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert f"config key '{key}': expected" in result.output
+    config = tmp_path / "c.yaml"
+    config.write_text("steps: [1, 2]\n")
+    result = CliRunner().invoke(main, ["train", "--shards", "s", "--out", "r", "--config", str(config)])
+    assert result.exit_code == 2 and "config key 'steps': expected an integer, got [1, 2]" in result.output
