@@ -13,7 +13,9 @@ Three source layouts are recognised (DESIGN.md section 3):
 Manifests have two columns (CSV header / JSONL keys): ``path`` (a video file or a frame folder;
 relative paths are relative to the manifest's folder) and optional ``label``. Labels are either
 all class names (classes = the sorted distinct names) or all integers >= 0 (classes ``"0"`` ..
-``str(max_label)``); mixing both is an error. A row with an empty label is unlabelled::
+``str(max_label)``); mixing both is an error. A row with an empty label is unlabelled. A video
+listed twice (``./vids/x`` and ``vids/x`` are the same file) is used once, with a warning; listed
+under two labels it is refused, naming both lines::
 
     path,label
     ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi,ApplyEyeMakeup
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import re
 import zlib
 from collections.abc import Sequence
@@ -43,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
 
 VIDEO_EXTS = (".avi", ".mp4", ".mkv", ".mov", ".webm")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -279,11 +284,39 @@ def _manifest_source(manifest: Path, rows: list[tuple[str, Any, str]], layout: s
             class_names = sorted({str(v) for v in values})
     index = {name: i for i, name in enumerate(class_names or [])}
     entries = []
-    for k, (raw_path, _, where) in zip(kinds, rows, strict=True):
+    first_row: dict[str, tuple[str, Any]] = {}  # resolved path -> (where, raw label) of its first line
+    repeats = []
+    for k, (raw_path, lab, where) in zip(kinds, rows, strict=True):
         path, kind = _entry_for(base, raw_path, where)
         label = None if k is None else (int(k[1]) if k[0] == "int" else index[str(k[1])])
+        if path in first_row:
+            repeats.append(_repeat(path, where, k, lab, first_row[path]))
+            continue
+        first_row[path] = (where, (k, lab))
         entries.append(VideoEntry(path, label, kind))
+    if repeats:
+        log.warning(
+            "manifest %s lists %d video(s) more than once; each is used once: %s",
+            manifest,
+            len(repeats),
+            "; ".join(repeats[:5]) + (" ..." if len(repeats) > 5 else ""),
+        )
     return VideoSource(str(manifest.resolve()), entries, class_names, layout)
+
+
+def _repeat(path: str, where: str, kind: Any, lab: Any, first: tuple[str, Any]) -> str:
+    """A repeated manifest line: a note when it says the same, a ValueError naming both lines when
+    it gives the video another label (one clip would land in two classes)."""
+    first_where, (first_kind, first_lab) = first
+    if first_kind != kind:
+        shown = [
+            f"label {x!r}" if k is not None else "no label" for k, x in ((first_kind, first_lab), (kind, lab))
+        ]
+        raise ValueError(
+            f"{where}: {path} is listed again with {shown[1]}, but {first_where} gives it {shown[0]}; "
+            "a video cannot be in two classes: keep one of these lines"
+        )
+    return f"{where} repeats {first_where}"
 
 
 def _from_csv(manifest: Path) -> VideoSource:
