@@ -519,3 +519,22 @@ def test_hflip_clips_are_exact_mirrors(tmp_path: Path) -> None:
         batch = collate_clips([dataset[0], dataset[1]])
         assert batch["flip"] == [False, True]
     assert ClipRef(0, 5) == ClipRef(0, 5, False)  # positional form used by other stages still works
+
+
+def test_a_stream_decord_mis_sizes_is_decoded_with_pyav(tmp_path: Path) -> None:
+    """decord fails on (or mis-sizes) a valid 16 px wide, 1024 px tall H.264 stream; the clip
+    comes from PyAV instead of being dropped."""
+    path = tmp_path / "tall" / "v.mp4"
+    path.parent.mkdir()
+    frames = source_frames(12, 1024, 16)
+    write_mp4(path, frames, fps=8)
+    source = discover(tmp_path / "tall")
+    spec = ClipSpec(frames=4, stride=2, size=16)
+    clips, skipped, _ = plan_clips(source, spec, progress=False)
+    assert skipped == [] and len(clips) == 1
+    clip = read_clip(source.entries[0], 2, spec)
+    with av.open(str(path)) as container:
+        decoded = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    assert decoded.shape == (12, 1024, 16, 3)
+    expected = resize_crop(decoded[[2, 4, 6, 8]], 16).numpy()
+    np.testing.assert_array_equal(clip, expected)

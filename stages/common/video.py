@@ -32,6 +32,7 @@ returns decode errors instead of raising, so DataLoader workers keep going.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import re
@@ -583,15 +584,59 @@ def _decode_clip(entry: VideoEntry, start: int, spec: ClipSpec, num_threads: int
     n = len(reader)
     if indices[-1] >= n:
         raise VideoDecodeError(entry.path, f"clip needs frame {indices[-1]} but video has {n} frames")
-    try:
-        batch = reader.get_batch(indices).asnumpy()
-    except Exception as exc:
-        raise VideoDecodeError(entry.path, f"decode failed: {_decord_reason(exc)}") from None
+    batch = _decode_file(reader, entry.path, indices)
     if batch.ndim == 3:
         batch = batch[..., None]
     if batch.shape[-1] == 1:
         batch = np.repeat(batch, 3, axis=-1)
     return resize_crop(batch, spec.size).numpy()
+
+
+def _decode_file(reader: Any, path: str, indices: list[int]) -> np.ndarray:
+    """decord's frames, or PyAV's when decord fails or its frame shape disagrees with the stream's
+    (decord mis-sizes some valid H.264 streams, e.g. 16 px wide and 1024 px tall)."""
+    try:
+        batch, failure = reader.get_batch(indices).asnumpy(), None
+    except Exception as exc:
+        batch, failure = None, f"decode failed: {_decord_reason(exc)}"
+    shape = stream_shape(path)
+    if batch is not None and (shape is None or batch.shape[1:3] == shape):
+        return batch
+    try:
+        return _pyav_frames(path, indices)
+    except Exception as exc:
+        reason = failure or f"decord gives frames of {batch.shape[1:3]}, the stream is {shape}"
+        raise VideoDecodeError(path, f"{reason}; PyAV failed too: {str(exc)[:120]}") from None
+
+
+@functools.lru_cache(maxsize=4096)
+def stream_shape(path: str) -> tuple[int, int] | None:
+    """(height, width) of a file's first video stream from its header (PyAV), None if unknown."""
+    import av
+
+    try:
+        with av.open(path) as container:
+            ctx = container.streams.video[0].codec_context
+            return (int(ctx.height), int(ctx.width)) if ctx.height and ctx.width else None
+    except Exception:
+        return None
+
+
+def _pyav_frames(path: str, indices: list[int]) -> np.ndarray:
+    """Frames `indices` (presentation order, as decord counts them) decoded with PyAV."""
+    import av
+
+    wanted, frames = set(indices), {}
+    with av.open(path) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i in wanted:
+                frames[i] = frame.to_ndarray(format="rgb24")
+            if i >= indices[-1]:
+                break
+    missing = [i for i in indices if i not in frames]
+    if missing:
+        raise ValueError(f"the stream ends before frame {missing[0]}")
+    return np.stack([frames[i] for i in indices])
 
 
 # --------------------------------------------------------------------------- dataset
