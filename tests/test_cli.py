@@ -139,3 +139,35 @@ def test_cli_refuses_list_and_null_values_with_exit_2(args, tmp_path):
     config.write_text("steps: [1, 2]\n")
     result = CliRunner().invoke(main, ["train", "--shards", "s", "--out", "r", "--config", str(config)])
     assert result.exit_code == 2 and "config key 'steps': expected an integer, got [1, 2]" in result.output
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["--size", "30"],
+            "size: 30 is not a multiple of 16 (the VAE's spatial factor 8 x patch 2); use e.g. 16, 32",
+        ),
+        (["--pca-dims", "64"], "pca_dims: dino=64 exceeds the encoder's feature dim 32"),
+        (["--dino-size", "7"], "dino_size: 7 is not a multiple of DINOv2's patch 14; use e.g. 14, 28"),
+        (["--set", "sam2_size=40"], "sam2_size: 40 is not a multiple of 32; use e.g. 32, 64"),
+    ],
+)
+def test_extract_sizes_are_checked_against_model_configs_before_loading(args, message, tmp_path):
+    """Read from the models' config.json files: exit 2 before any weights load (the checks after
+    loading exit 1)."""
+    out = tmp_path / "store"
+    base = [
+        "extract",
+        "--data",
+        str(tmp_path),
+        "--out",
+        str(out),
+        "--preset",
+        "tiny",
+        "--encoders",
+        "dino,sam2",
+    ]
+    result = CliRunner().invoke(main, [*base, *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not out.exists()
