@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
+
+from stages.common.progress import tqdm
 
 # Motion patterns; class k uses pattern k % len(MOTIONS), faster for each further round.
 MOTIONS = (

@@ -46,7 +46,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
+
+from stages.common.progress import tqdm
 
 log = logging.getLogger(__name__)
 

@@ -34,9 +34,9 @@ from typing import Any
 
 import numpy as np
 import scipy.linalg
-from tqdm.auto import tqdm
 
 from cache_schema import canonical_json
+from stages.common.progress import tqdm
 
 _BASE_FIELDS = ("detector", "weights_sha256", "frames", "frame_stride", "resolution", "count")
 PROTOCOL_FIELDS = (*_BASE_FIELDS, "real_subset", "subset_seed")

@@ -322,7 +322,7 @@ def _extract_blocks(job: Job, group, bases, result: ExtractResult, t_start: floa
 
 def _run_blocks(job: Job, todo: list[tuple[int, int, int]], group, bases, result: ExtractResult) -> None:
     """Decode (workers) -> models -> compact arrays -> background writer, block by block."""
-    from tqdm import tqdm
+    from stages.common.progress import tqdm
 
     cfg = job.cfg
     encoders = list(group.attrs["encoders"])

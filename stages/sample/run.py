@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from cache_schema import OutputError, OutputLock, prepare_output
 from cache_schema.outputs import LOCK, MARKER, clear_artifact
+from stages.common.progress import tqdm
 from stages.common.registry import SD_LATENT_SCALE
 from stages.common.runtime import config_to_dict, dump_config, resolve_device
 from stages.common.sampling import generate_latents, sample_labels, write_gif_grid

@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 import cache_schema
 from cache_schema import RunDir, prepare_output
 from cache_schema.checkpoint import CheckpointError
 from cache_schema.formats import basis_tensors
 from stages.common import runtime
+from stages.common.progress import tqdm
 
 from .align import alignment_active, parse_lambdas, schedule_weight
 from .config import TrainConfig, resume_changes, steps_below_resume
