@@ -12,10 +12,12 @@
         ema/                   the EMA weights, same format (what sampling uses)
         projectors.safetensors alignment projectors (absent once alignment has ended)
         train_state.pt         optimizer, step, RNG states per rank, loader position
+        checksums.json         size and sha256 of every file above (checkpoint.py)
     RUN/checkpoints/latest     text: the newest complete step folder's name
 
-A checkpoint is written into a temporary folder and renamed, and `latest` is replaced after
-that, so a crash mid-write never leaves `latest` pointing at a partial checkpoint. Every reader
+A checkpoint is written into a temporary folder, its checksums recorded, then renamed, and
+`latest` is replaced after that, so a crash mid-write never leaves `latest` pointing at a
+partial checkpoint, and a file damaged later is named when it is loaded. Every reader
 of a run goes through `RunDir`.
 """
 
@@ -29,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import verify_checkpoint, write_manifest
 from .validate import CacheError, read_yaml_mapping
 
 CONFIG_FILE = "config.yaml"
@@ -196,18 +199,25 @@ class RunDir:
         """Complete checkpoint folders, oldest first."""
         if not self.checkpoints.is_dir():
             return []
-        found = [p for p in self.checkpoints.glob(f"{STEP_PREFIX}*") if p.is_dir() and p.name[5:].isdigit()]
-        return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX) :]))
+        found = [p for p in self.checkpoints.glob(f"{STEP_PREFIX}*") if p.is_dir() and _is_step_dir(p)]
+        return sorted(found, key=_step_of)
 
     def publish_checkpoint(self, step: int, write: Callable[[Path], None]) -> Path:
-        """`write(tmp_folder)` fills a temporary folder; it then becomes step-XXXXXXX and `latest`."""
+        """`write(tmp_folder)` fills a temporary folder; its checksums are recorded, then it becomes
+        step-XXXXXXX and `latest`. A failure removes only that temporary folder: `latest` and
+        every earlier checkpoint stay as they were."""
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         final = self.step_dir(step)
         tmp = self.checkpoints / (final.name + ".tmp")
         if tmp.exists():
-            shutil.rmtree(tmp)
+            shutil.rmtree(tmp)  # left by a killed writer of this run
         tmp.mkdir()
-        write(tmp)
+        try:
+            write(tmp)
+            write_manifest(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -216,19 +226,39 @@ class RunDir:
         os.replace(marker_tmp, self.checkpoints / LATEST)
         return final
 
+    def previous_checkpoint(self, folder: Path) -> Path | None:
+        """The newest complete checkpoint older than `folder` (what to offer when it is damaged)."""
+        if not _is_step_dir(folder):
+            return None
+        older = [p for p in self.step_dirs() if _step_of(p) < _step_of(folder)]
+        return older[-1] if older else None
+
     def prune_checkpoints(self, keep: int) -> list[Path]:
-        """Delete all but the newest `keep` checkpoints; never the one `latest` names."""
+        """Delete all but the newest `keep` checkpoints up to `latest`, and only once `latest`
+        verifies against its checksums: an older one is the way back while a newer is unproven.
+        Never `latest`, never a checkpoint newer than it."""
         if keep < 1:
             return []
         latest = self.latest_checkpoint()
-        folders = self.step_dirs()
+        if latest is None:
+            return []
+        verify_checkpoint(latest)  # CheckpointError: nothing is deleted
+        folders = [p for p in self.step_dirs() if _step_of(p) <= _step_of(latest)]
         removed = []
         for folder in folders[: max(0, len(folders) - keep)]:
-            if latest is not None and folder.name == latest.name:
+            if folder.name == latest.name:
                 continue
             shutil.rmtree(folder)
             removed.append(folder)
         return removed
+
+
+def _is_step_dir(folder: Path) -> bool:
+    return folder.name.startswith(STEP_PREFIX) and folder.name[len(STEP_PREFIX) :].isdigit()
+
+
+def _step_of(folder: Path) -> int:
+    return int(folder.name[len(STEP_PREFIX) :])
 
 
 def weights_folder(checkpoint: Path, ema: bool = True) -> tuple[Path, str]:

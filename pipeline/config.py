@@ -7,6 +7,7 @@ Precedence (lowest to highest): dataclass defaults < `--config FILE.yaml` < expl
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -30,8 +31,43 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls)}
 
 
+_SCALAR_NAMES = {bool: "a boolean (true or false)", int: "an integer", float: "a number", str: "a string"}
+_PLURALS = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
+
+
+def _expected(annotation: Any) -> str:
+    """How a field's type reads in a message: 'an integer', 'a list of numbers or null', ..."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        names = [_expected(a) for a in args if a is not type(None)]
+        return " or ".join(names + (["null"] if type(None) in args else []))
+    if origin in (list, tuple, typing.Sequence) or annotation in (list, tuple):
+        inner = _PLURALS.get(args[0]) if args else None
+        return f"a list of {inner}" if inner else "a list"
+    if origin in (dict, Mapping) or annotation is dict or dataclasses.is_dataclass(annotation):
+        return "a mapping"
+    return _SCALAR_NAMES.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _shown(value: Any) -> str:
+    """A value as the user wrote it (YAML/JSON spelling: null, [1, 2])."""
+    return (
+        "null"
+        if value is None
+        else json.dumps(value, default=str)
+        if isinstance(value, (list, tuple, dict))
+        else repr(value)
+    )
+
+
+def _wrong(key: str, annotation: Any, value: Any) -> ConfigError:
+    return ConfigError(f"config key '{key}': expected {_expected(annotation)}, got {_shown(value)}")
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Turn a YAML/CLI value into the field's declared type (int, float, bool, str, list, dataclass)."""
+    """Turn a YAML/CLI value into the field's declared type (int, float, bool, str, list, dataclass);
+    a value of another shape (a list for a number, null for a required value) is a ConfigError
+    naming the key and the expected type."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if annotation is Any:
@@ -39,17 +75,19 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        non_none = [a for a in args if a is not type(None)]
-        errors = []
-        for option in non_none:
+        for option in (a for a in args if a is not type(None)):
             try:
                 return _coerce(value, option, key)
-            except (ConfigError, ValueError, TypeError) as exc:
-                errors.append(str(exc))
-        raise ConfigError(f"config key '{key}': cannot use {value!r} ({'; '.join(errors)})")
+            except (ConfigError, ValueError, TypeError):
+                continue
+        raise _wrong(key, annotation, value)
+    if annotation in _SCALAR_NAMES and (value is None or isinstance(value, (list, tuple, dict))):
+        raise _wrong(key, annotation, value)
     if origin in (list, tuple, typing.Sequence) or annotation in (list, tuple):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()] if value.strip() else []
+        if not isinstance(value, (list, tuple)):
+            raise _wrong(key, annotation, value)
         inner = args[0] if args else Any
         items = [_coerce(v, inner, key) for v in value]
         return tuple(items) if origin is tuple or annotation is tuple else items
@@ -57,13 +95,13 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if isinstance(value, str):
             value = yaml.safe_load(value)
         if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+            raise _wrong(key, annotation, value)
         return dict(value)
     if dataclasses.is_dataclass(annotation):
         if isinstance(value, annotation):
             return value
         if not isinstance(value, Mapping):
-            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+            raise _wrong(key, annotation, value)
         return _build(annotation, value, prefix=f"{key}.")
     if annotation is bool:
         if isinstance(value, bool):
@@ -73,21 +111,19 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return True
         if text in ("0", "false", "no", "off"):
             return False
-        raise ConfigError(f"config key '{key}': expected a boolean, got {value!r}")
+        raise _wrong(key, annotation, value)
     if annotation is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise _wrong(key, annotation, value)
         try:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
             return int(value)
         except ValueError:
-            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}") from None
+            raise _wrong(key, annotation, value) from None
     if annotation is float:
         try:
             return float(value)
         except ValueError:
-            raise ConfigError(f"config key '{key}': expected a number, got {value!r}") from None
+            raise _wrong(key, annotation, value) from None
     if annotation is str:
         return str(value)
     return value

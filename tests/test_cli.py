@@ -99,3 +99,75 @@ def test_info_refuses_unknown_paths_and_plain_zarr_groups(tmp_path):
     result = CliRunner().invoke(main, ["info", str(tmp_path / "plain.zarr")])
     assert result.exit_code == 1 and "not an align4gen feature store" in result.output
     assert "Traceback" not in result.output and "KeyError" not in result.output
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("steps=[1]", "config key 'steps': expected an integer, got [1]"),
+        ("lr=[1,2]", "config key 'lr': expected a number, got [1, 2]"),
+        ("steps=null", "config key 'steps': expected an integer, got null"),
+        ("name={a: 1}", "config key 'name': expected a string, got {\"a\": 1}"),
+        ("flag=[]", "config key 'flag': expected a boolean (true or false), got []"),
+        ("depth=[3]", "config key 'depth': expected an integer or null, got [3]"),
+        ("encoders=null", "config key 'encoders': expected a list of strings, got null"),
+        ("encoders=5", "config key 'encoders': expected a list of strings, got 5"),
+    ],
+)
+def test_list_and_null_values_name_the_key_and_the_type(override, message):
+    with pytest.raises(ConfigError) as info:
+        resolve_config(_Cfg, None, [override])
+    assert str(info.value.message) == message
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "--shards", "s", "--out", "r", "--set", "steps=[1]"],
+        ["train", "--shards", "s", "--out", "r", "--set", "lr=[1,2]"],
+        ["train", "--shards", "s", "--out", "r", "--set", "steps=null"],
+        ["extract", "--data", "d", "--out", "o", "--set", "frames=[8]"],
+        ["sample", "--run", "r", "--set", "num=[2]"],
+    ],
+)
+def test_cli_refuses_list_and_null_values_with_exit_2(args, tmp_path):
+    key = args[-1].split("=")[0]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert f"config key '{key}': expected" in result.output
+    config = tmp_path / "c.yaml"
+    config.write_text("steps: [1, 2]\n")
+    result = CliRunner().invoke(main, ["train", "--shards", "s", "--out", "r", "--config", str(config)])
+    assert result.exit_code == 2 and "config key 'steps': expected an integer, got [1, 2]" in result.output
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["--size", "30"],
+            "size: 30 is not a multiple of 16 (the VAE's spatial factor 8 x patch 2); use e.g. 16, 32",
+        ),
+        (["--pca-dims", "64"], "pca_dims: dino=64 exceeds the encoder's feature dim 32"),
+        (["--dino-size", "7"], "dino_size: 7 is not a multiple of DINOv2's patch 14; use e.g. 14, 28"),
+        (["--set", "sam2_size=40"], "sam2_size: 40 is not a multiple of 32; use e.g. 32, 64"),
+    ],
+)
+def test_extract_sizes_are_checked_against_model_configs_before_loading(args, message, tmp_path):
+    """Read from the models' config.json files: exit 2 before any weights load (the checks after
+    loading exit 1)."""
+    out = tmp_path / "store"
+    base = [
+        "extract",
+        "--data",
+        str(tmp_path),
+        "--out",
+        str(out),
+        "--preset",
+        "tiny",
+        "--encoders",
+        "dino,sam2",
+    ]
+    result = CliRunner().invoke(main, [*base, *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not out.exists()

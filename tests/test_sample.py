@@ -272,8 +272,8 @@ def test_sample_outputs_never_touch_other_files(tmp_path):
     assert (
         result.exit_code == 1 and "inside --checkpoint" in result.output and not (step / "samples").exists()
     )
-    # our own samples are replaced by a rerun, files of ours only
+    # earlier samples are kept (tests/test_sample_safety.py covers the rule and --overwrite)
     out = tmp_path / "samples"
     assert CliRunner().invoke(main, [*base, "--out", str(out)]).exit_code == 0
-    assert CliRunner().invoke(main, [*base, "--out", str(out), "--seed", "3"]).exit_code == 0
-    assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == 3
+    assert CliRunner().invoke(main, [*base, "--out", str(out), "--seed", "3"]).exit_code == 1
+    assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == 0

@@ -132,11 +132,38 @@ def test_class_names_and_bad_arguments(tmp_path: Path) -> None:
     assert (tmp_path / "file").read_text() == "x"
 
 
-def test_rewrite_replaces_previous_set(tmp_path: Path) -> None:
-    make_synthetic(tmp_path / "s", videos=6, classes=3, frames=2, size=16, progress=False)
-    make_synthetic(tmp_path / "s", videos=2, classes=2, frames=2, size=16, progress=False)
-    source = discover(tmp_path / "s")
+def test_an_existing_set_is_kept_unless_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    make_synthetic(out, videos=12, classes=3, frames=2, size=16, progress=False)
+    before = _digests(out)
+    result = CliRunner().invoke(main, ["data", "synth", "--out", str(out), "--videos", "2", "--classes", "2",
+                                       "--frames", "2", "--size", "16"])  # fmt: skip
+    assert (
+        result.exit_code == 1 and "already holds a synthetic set of other sizes (videos 12" in result.output
+    )
+    assert "--overwrite" in result.output and _digests(out) == before  # nothing deleted
+    with pytest.raises(ValueError, match="already holds this synthetic set"):
+        make_synthetic(out, videos=12, classes=3, frames=2, size=16, progress=False)
+    # --overwrite deletes only what the set wrote: a user's file stops it before anything goes
+    (out / "class_02_drift_down" / "mine.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"also class_02_drift_down/mine.txt.*nothing was deleted"):
+        make_synthetic(out, videos=2, classes=2, frames=2, size=16, progress=False, overwrite=True)
+    assert _digests(out).items() >= before.items()
+    (out / "class_02_drift_down" / "mine.txt").unlink()
+    result = CliRunner().invoke(main, ["data", "synth", "--out", str(out), "--videos", "2", "--classes", "2",
+                                       "--frames", "2", "--size", "16", "--overwrite"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    source = discover(out)
     assert len(source) == 2 and source.class_names == class_names(2)
+    assert sorted(p.name for p in out.iterdir()) == [".align4gen.json", *class_names(2), "synth.json"]
+
+
+def test_an_unfinished_set_is_redone(tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    make_synthetic(out, videos=4, classes=2, frames=2, size=16, progress=False)
+    (out / "synth.json").unlink()  # killed before the set was finished
+    info = make_synthetic(out, videos=2, classes=2, frames=2, size=16, progress=False)
+    assert len(discover(out)) == 2 and len(info.paths) == 2
 
 
 def test_all_motion_classes_render_and_move() -> None:

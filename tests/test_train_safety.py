@@ -16,9 +16,10 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from helpers import make_shards, subprocess_env, tiny_train_config
+from helpers import checkpoint_weights, make_shards, subprocess_env, tiny_train_config
 
 from cache_schema import CacheError, RunDir
+from cache_schema.checkpoint import CheckpointError, verify_checkpoint, write_manifest
 from stages.train import train
 from stages.train.data import CorruptSample
 
@@ -257,6 +258,7 @@ def test_checkpoint_payload_is_loadable_after_resume_across_ranks_count(shards: 
     state = torch.load(folder / "train_state.pt", weights_only=True)
     state["rng"]["noise"] = state["rng"]["noise"] * 2
     torch.save(state, folder / "train_state.pt")
+    write_manifest(folder)  # an edit on purpose: record the new checksum
     summary = train(tiny(shards, run, steps=3, resume=True), progress=False)
     assert any("reseeded" in n for n in summary["notes"])
     assert json.loads(json.dumps(RunDir(run).read_log()[-1]))["step"] == 3
@@ -288,3 +290,153 @@ def test_a_full_disk_while_checkpointing_is_named_and_resumes(
     monkeypatch.setattr(S, "save_file", original)
     train(tiny(shards, run, steps=4, checkpoint_every=2, resume=True), progress=False)
     assert RunDir(run).latest_checkpoint().name == "step-0000004"
+
+
+# --------------------------------------------------------------------------- damaged checkpoints
+
+MODEL_FILE = "model/diffusion_pytorch_model.safetensors"
+
+
+def test_checkpoints_carry_checksums_written_before_latest(shards: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(tiny(shards, run, steps=2), progress=False)
+    folder = RunDir(run).latest_checkpoint()
+    manifest = json.loads((folder / "checksums.json").read_text())["files"]
+    assert {MODEL_FILE, "ema/config.json", "train_state.pt", "projectors.safetensors"} <= set(manifest)
+    assert verify_checkpoint(folder)
+
+
+@pytest.mark.parametrize("damage", ["truncate-model", "flip-ema", "truncate-state"])
+def test_a_damaged_checkpoint_is_named_and_the_previous_offered(
+    shards: Path, tmp_path: Path, damage: str
+) -> None:
+    run = tmp_path / "run"
+    proc = invoke(tiny_args(shards, run, "--steps", "4", "--checkpoint-every", "2"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    folder = RunDir(run).step_dir(4)
+    name = {"truncate-model": MODEL_FILE, "flip-ema": "ema/diffusion_pytorch_model.safetensors",
+            "truncate-state": "train_state.pt"}[damage]  # fmt: skip
+    path = folder / name
+    data = bytearray(path.read_bytes())
+    if damage.startswith("truncate"):
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 2 : len(data) // 2 + 8] = bytes(
+            b ^ 0xFF for b in data[len(data) // 2 : len(data) // 2 + 8]
+        )
+    path.write_bytes(bytes(data))
+    config = (run / "config.yaml").read_bytes()
+    proc = invoke(cli("--out", str(run), "--resume", "--steps", "6"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"{path} is damaged" in proc.stderr and "--resume-from step-0000002" in proc.stderr
+    assert (run / "config.yaml").read_bytes() == config and folder.is_dir()  # nothing touched
+    # the previous checkpoint continues the run, exactly as an uninterrupted run from it would
+    proc = invoke(cli("--out", str(run), "--resume-from", "step-0000002", "--steps", "4"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reference = tmp_path / "reference"
+    assert invoke(tiny_args(shards, reference, "--steps", "4", "--checkpoint-every", "2")).returncode == 0
+    assert verify_checkpoint(RunDir(run).step_dir(4))
+    ours, theirs = (checkpoint_weights(RunDir(r).step_dir(4) / "ema") for r in (run, reference))
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_an_old_checkpoint_without_checksums_still_resumes(shards: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(tiny(shards, run, steps=2), progress=False)
+    (RunDir(run).latest_checkpoint() / "checksums.json").unlink()
+    summary = train(tiny(shards, run, steps=3, resume=True), progress=False)
+    assert summary["step"] == 3
+    # and a truncated file of such a checkpoint is still named (no checksum to compare with)
+    folder = RunDir(run).latest_checkpoint()
+    (folder / "checksums.json").unlink()
+    state = folder / "train_state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    with pytest.raises(
+        CheckpointError, match=rf"{state} is damaged and cannot be read.*--resume-from step-0000002"
+    ):
+        train(tiny(shards, run, steps=4, resume=True), progress=False)
+
+
+def test_pruning_keeps_the_previous_checkpoint_while_the_newest_is_unverified(
+    shards: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from cache_schema import run as run_module
+
+    run = tmp_path / "run"
+    train(tiny(shards, run, steps=2, checkpoint_every=1, keep_checkpoints=1), progress=False)
+    assert [p.name for p in RunDir(run).step_dirs()] == ["step-0000002"]
+    original = run_module.write_manifest
+
+    def damaged_after_writing(folder: Path) -> dict:  # a disk that corrupts what was just written
+        manifest = original(folder)
+        target = folder / MODEL_FILE
+        target.write_bytes(target.read_bytes()[:-10])
+        return manifest
+
+    monkeypatch.setattr(run_module, "write_manifest", damaged_after_writing)
+    with pytest.raises(
+        CheckpointError, match="step-0000003/model/diffusion_pytorch_model.safetensors is damaged"
+    ):
+        train(tiny(shards, run, steps=3, checkpoint_every=1, keep_checkpoints=1, resume=True), progress=False)
+    assert [p.name for p in RunDir(run).step_dirs()] == ["step-0000002", "step-0000003"]
+
+
+def test_resume_to_fewer_steps_than_the_run_has_is_refused(shards: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    proc = invoke(tiny_args(shards, run, "--steps", "4", "--checkpoint-every", "2"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    config = (run / "config.yaml").read_bytes()
+    proc = invoke(cli("--out", str(run), "--resume", "--steps", "2"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--steps 2 is below the run's current step 4" in proc.stderr
+    assert (run / "config.yaml").read_bytes() == config
+    with pytest.raises(ValueError, match="below the run's current step 4"):
+        train(tiny(shards, run, steps=3, resume=True), progress=False)
+    assert (run / "config.yaml").read_bytes() == config
+
+
+# --------------------------------------------------------------------------- a real full disk
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):
+    """A 16 MiB tmpfs, room for two tiny checkpoints (root only; skipped with the reason otherwise)."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or 'mount failed'}); needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_really_full_disk_while_checkpointing(shards: Path, tmp_path: Path, small_tmpfs: Path) -> None:
+    import shutil as sh
+
+    run = small_tmpfs / "run"
+    proc = invoke(tiny_args(shards, run, "--steps", "2", "--checkpoint-every", "2"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    filler = small_tmpfs / "filler.bin"  # leave ~64 KiB: enough for log rows, not for a checkpoint
+    with open(filler, "wb") as fh:
+        fh.write(b"\0" * max(0, sh.disk_usage(small_tmpfs).free - 64 * 1024))
+    proc = invoke(cli("--out", str(run), "--resume", "--steps", "4", "--checkpoint-every", "2"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    error = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1 and f"disk full while writing {run}/checkpoints/step-0000004.tmp/" in error[0], (
+        error
+    )
+    free = sh.disk_usage(small_tmpfs).free
+    assert "KiB free on that filesystem" in error[0] and free < 200 * 1024  # the tmpfs, not /tmp's disk
+    assert "last good checkpoint step-0000002 is kept" in error[0] and "--resume" in error[0]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-0000002"]
+    filler.unlink()
+    proc = invoke(cli("--out", str(run), "--resume", "--steps", "4", "--checkpoint-every", "2"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reference = tmp_path / "reference"
+    assert invoke(tiny_args(shards, reference, "--steps", "4", "--checkpoint-every", "2")).returncode == 0
+    ours, theirs = (checkpoint_weights(RunDir(r).step_dir(4) / "model") for r in (run, reference))
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)

@@ -301,8 +301,10 @@ def test_clear_errors_for_bad_sources(tmp_path: Path) -> None:
 
 def test_integer_manifest_labels_give_class_names(tmp_path: Path) -> None:
     write_mp4(tmp_path / "a.mp4", source_frames(8, 32, 48), fps=8)
+    for copy in ("b", "c", "d"):
+        (tmp_path / f"{copy}.mp4").write_bytes((tmp_path / "a.mp4").read_bytes())
     csv_path = tmp_path / "ints.csv"
-    csv_path.write_text("path,label\na.mp4,2\na.mp4,\na.mp4,4\na.mp4,0\n")
+    csv_path.write_text("path,label\na.mp4,2\nb.mp4,\nc.mp4,4\nd.mp4,0\n")
     source = discover(csv_path)
     assert source.class_names == ["0", "1", "2", "3", "4"]  # up to the largest label, gaps included
     assert [e.label for e in source.entries] == [2, None, 4, 0]
@@ -311,7 +313,7 @@ def test_integer_manifest_labels_give_class_names(tmp_path: Path) -> None:
     assert skipped == [] and len(clips) == 4
 
     names = tmp_path / "names.csv"
-    names.write_text("path,label\na.mp4,zebra\na.mp4,ant\n")
+    names.write_text("path,label\na.mp4,zebra\nb.mp4,ant\n")
     assert discover(names).class_names == ["ant", "zebra"]
     unlabelled = tmp_path / "none.csv"
     unlabelled.write_text("path,label\na.mp4,\n")
@@ -337,6 +339,35 @@ def test_mixed_or_bad_manifest_labels_name_the_line(
     manifest.write_text(text)
     with pytest.raises(ValueError, match=message):
         discover(manifest)
+
+
+def test_repeated_manifest_rows_are_used_once_and_conflicting_labels_refused(tmp_path: Path, caplog) -> None:
+    vids = tmp_path / "vids"
+    vids.mkdir()
+    write_mp4(vids / "x.mp4", source_frames(8, 32, 48), fps=8)
+    (vids / "y.mp4").write_bytes((vids / "x.mp4").read_bytes())
+    same = tmp_path / "same.csv"
+    same.write_text("path,label\nvids/x.mp4,walk\nvids/y.mp4,run\n./vids/x.mp4,walk\nvids/x.mp4,walk\n")
+    with caplog.at_level("WARNING", logger="stages.common.video"):
+        source = discover(same)
+    assert [Path(e.path).name for e in source.entries] == ["x.mp4", "y.mp4"]
+    assert f"lists 2 video(s) more than once; each is used once: {same}:4 repeats {same}:2" in caplog.text
+    for text, second in (
+        ("path,label\nvids/x.mp4,walk\nvids/y.mp4,run\n./vids/x.mp4,run\n", "label 'run'"),
+        ("path,label\nvids/x.mp4,walk\nvids/x.mp4,\n", "no label"),
+    ):
+        clash = tmp_path / "clash.csv"
+        clash.write_text(text)
+        where = f"{clash}:{text.count(chr(10))}"
+        with pytest.raises(ValueError) as info:
+            discover(clash)
+        assert str(info.value).startswith(
+            f"{where}: {(vids / 'x.mp4').resolve()} is listed again with {second}"
+        )
+        assert f"but {clash}:2 gives it label 'walk'; a video cannot be in two classes" in str(info.value)
+    jsonl = tmp_path / "ints.jsonl"
+    jsonl.write_text('{"path": "vids/x.mp4", "label": 1}\n{"path": "vids/x.mp4", "label": "1"}\n')
+    assert len(discover(jsonl)) == 1  # 1 and "1" are the same integer label
 
 
 def test_manifest_from_ucf_split(tmp_path: Path) -> None:
@@ -488,3 +519,22 @@ def test_hflip_clips_are_exact_mirrors(tmp_path: Path) -> None:
         batch = collate_clips([dataset[0], dataset[1]])
         assert batch["flip"] == [False, True]
     assert ClipRef(0, 5) == ClipRef(0, 5, False)  # positional form used by other stages still works
+
+
+def test_a_stream_decord_mis_sizes_is_decoded_with_pyav(tmp_path: Path) -> None:
+    """decord fails on (or mis-sizes) a valid 16 px wide, 1024 px tall H.264 stream; the clip
+    comes from PyAV instead of being dropped."""
+    path = tmp_path / "tall" / "v.mp4"
+    path.parent.mkdir()
+    frames = source_frames(12, 1024, 16)
+    write_mp4(path, frames, fps=8)
+    source = discover(tmp_path / "tall")
+    spec = ClipSpec(frames=4, stride=2, size=16)
+    clips, skipped, _ = plan_clips(source, spec, progress=False)
+    assert skipped == [] and len(clips) == 1
+    clip = read_clip(source.entries[0], 2, spec)
+    with av.open(str(path)) as container:
+        decoded = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    assert decoded.shape == (12, 1024, 16, 3)
+    expected = resize_crop(decoded[[2, 4, 6, 8]], 16).numpy()
+    np.testing.assert_array_equal(clip, expected)

@@ -23,7 +23,12 @@ def data() -> None:
 @click.option("--size", default=64, show_default=True, type=click.IntRange(min=16), help="Frame size (even).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed (same seed, same pixels).")
 @click.option("--fps", default=8, show_default=True, type=click.IntRange(min=1), help="Frames per second.")
-def synth(out: str, videos: int, classes: int, frames: int, size: int, seed: int, fps: int) -> None:
+@click.option(
+    "--overwrite", is_flag=True, default=False, help="Replace a synthetic set in --out (its own files only)."
+)
+def synth(
+    out: str, videos: int, classes: int, frames: int, size: int, seed: int, fps: int, overwrite: bool
+) -> None:
     """Write the synthetic dataset: H.264 mp4 files in class subfolders (UCF-101 layout),
     shapes moving with class-dependent motion over textured backgrounds."""
     from pathlib import Path
@@ -35,7 +40,14 @@ def synth(out: str, videos: int, classes: int, frames: int, size: int, seed: int
     start = time.perf_counter()
     try:
         info = make_synthetic(
-            out, videos=videos, classes=classes, frames=frames, size=size, seed=seed, fps=fps
+            out,
+            videos=videos,
+            classes=classes,
+            frames=frames,
+            size=size,
+            seed=seed,
+            fps=fps,
+            overwrite=overwrite,
         )
     except ValueError as exc:  # includes a refused --out (cache_schema.OutputError)
         raise click.ClickException(str(exc)) from None

@@ -132,6 +132,7 @@ def extract(config_file, overrides, **flags):
     cfg = resolve_stage_config(
         ExtractConfig, config_file, overrides, flags, base=base
     )  # usage errors name the key
+    _check_sizes(cfg)
     with cli_errors(cfg.out):
         try:
             result = run_extract(cfg)
@@ -149,6 +150,21 @@ def extract(config_file, overrides, **flags):
         with cli_errors(cfg.out):
             dump_config(cfg, f"{cfg.out.rstrip('/')}/extract_config.yaml")
     _print_outcome(cfg, result)
+
+
+def _check_sizes(cfg) -> None:
+    """Sizes and PCA dims against the models' config files, before any model loads (exit 2)."""
+    from pipeline.commands.common import cli_errors
+    from pipeline.config import ConfigError
+    from stages.extract.models import model_sources
+    from stages.extract.preflight import check_sizes
+
+    with cli_errors():
+        sources = model_sources(cfg)
+    try:
+        check_sizes(cfg, sources)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _print_layout(result) -> None:

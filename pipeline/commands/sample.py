@@ -75,6 +75,12 @@ def _d(name: str) -> str:
 @click.option("--no-ema", is_flag=True, default=False, help="Use the raw model weights instead of the EMA.")
 @click.option("--vae", default=None, help="VAE hub id or local folder [the run's VAE]; none: latents only.")
 @click.option("--device", default=None, help=f"{DEVICE_HELP} [{_d('device')}].")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    default=None,
+    help="Replace samples already in --out (this tool's own files only).",
+)
 @config_options
 def sample(
     config_file: str | None, overrides: tuple[str, ...], cfg_scale: float | None, no_ema: bool, **flags

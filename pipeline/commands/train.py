@@ -75,6 +75,11 @@ def _d(name: str) -> str:
     default=None,
     help="Continue RUN from its latest checkpoint, with its own config.",
 )
+@click.option(
+    "--resume-from",
+    type=str,
+    help="Continue RUN from this checkpoint (step-XXXXXXX) instead of its latest, e.g. when the latest is damaged.",
+)
 @click.option("--lr", type=float, help=f"AdamW learning rate [{_d('lr')}].")
 @click.option("--weight-decay", type=float, help=f"AdamW weight decay [{_d('weight_decay')}].")
 @click.option("--grad-clip", type=float, help=f"Gradient norm clip; 0 = off [{_d('grad_clip')}].")
@@ -123,9 +128,11 @@ def train(config_file, overrides, preset, **flags):
     if flags.get("encoders") is not None:
         flags["encoders"] = [e.strip() for e in flags["encoders"].split(",") if e.strip()]
     base = PRESETS.get(preset or "", {})
-    if flags.get("resume"):
+    if flags.get("resume") or flags.get("resume_from"):
         base = _resume_base(flags.get("out"), config_file, overrides)
     cfg = resolve_stage_config(TrainConfig, config_file, overrides, flags, base)
+    if cfg.resuming:
+        _refuse_steps_below(cfg)
     with cli_errors():
         summary = run_train(cfg)
     _report(summary)
@@ -148,6 +155,20 @@ def _resume_base(out: str | None, config_file, overrides) -> dict:
     previous.pop("vae_spec", None)
     previous.pop("shards_index", None)  # what the run read last: compared on resume, not a setting
     return previous
+
+
+def _refuse_steps_below(cfg: TrainConfig) -> None:
+    """A resume to fewer steps than the run has is a bad value (exit 2), refused before anything runs."""
+    from pipeline.commands.common import cli_errors
+    from pipeline.config import ConfigError
+    from stages.train.config import steps_below_resume
+    from stages.train.loop import checkpoint_step, resume_checkpoint
+
+    with cli_errors():
+        start = checkpoint_step(resume_checkpoint(cfg))
+    message = steps_below_resume(cfg.steps, start)
+    if message:
+        raise ConfigError(message)
 
 
 def _report(summary: dict) -> None:

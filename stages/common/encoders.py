@@ -219,6 +219,9 @@ class DinoEncoder(FrozenEncoder):
         return hidden.reshape(pixels.shape[0], g, g, -1)
 
 
+SAM2_SIZE_UNIT = 32  # Hiera's windowed position embedding is interpolated at multiples of 32
+
+
 class Sam2Encoder(FrozenEncoder):
     """SAM2.1 image encoder (Hiera + FPN neck), stride-16 feature map, per frame."""
 
@@ -230,8 +233,8 @@ class Sam2Encoder(FrozenEncoder):
     stride = 16
 
     def __init__(self, model: torch.nn.Module, model_id: str, input_size: int, **kw: Any):
-        if input_size % 32:
-            raise ValueError(f"sam2 input size {input_size} must be a multiple of 32")
+        if input_size % SAM2_SIZE_UNIT:
+            raise ValueError(f"sam2 input size {input_size} must be a multiple of {SAM2_SIZE_UNIT}")
         super().__init__(model, model_id, input_size, int(model.config.fpn_hidden_size), **kw)
 
     @classmethod

@@ -43,8 +43,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple, TypedDict
 
 import torch
-from tqdm.auto import tqdm
 
+from stages.common.progress import tqdm
 from stages.common.registry import SAMPLER_CONVENTIONS, SAMPLER_NAMES
 
 if TYPE_CHECKING:  # typing.Unpack is Python 3.11+

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from stages.common.flow import get_sampler
+from stages.common.progress import tqdm
 from stages.common.registry import SAMPLER_CONVENTIONS
 
 _NOISE_STRIDE = 1_000_003  # initial-noise seed of video i: seed * _NOISE_STRIDE + i (kept from `sample`)

@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
+
+from stages.common.progress import tqdm
 
 # Motion patterns; class k uses pattern k % len(MOTIONS), faster for each further round.
 MOTIONS = (
@@ -222,22 +223,50 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int, crf: int = 18) -> None:
             container.mux(packet)
 
 
-def _clear_previous(root: Path) -> None:
-    """Rewriting a synthetic set replaces its videos (no stale ones from a bigger earlier run);
-    any other non-empty folder is refused rather than mixed into the dataset (cache_schema.outputs),
-    and only our own video_*.mp4 files are deleted."""
-    from cache_schema.outputs import inspect_output, write_marker
+def _clear_previous(root: Path, params: SynthParams, overwrite: bool = False) -> None:
+    """The output rules of every command (cache_schema.outputs): a new or empty folder is marked;
+    a finished synthetic set is refused unless `overwrite`, which deletes only the files that set
+    wrote (the videos its synth.json implies, then synth.json and emptied class folders); an
+    unfinished set (killed before synth.json) is ours to redo. A folder that also holds files we
+    did not write is refused, and nothing is deleted."""
+    from cache_schema.outputs import LOCK, MARKER, OutputError, inspect_output, write_marker
 
-    state = inspect_output(root, "synth")
-    if state != "ours":
+    if inspect_output(root, "synth") != "ours":
         write_marker(root, "synth")
         return
-    for folder in root.glob("class_*"):
-        if folder.is_dir():
-            for video in folder.glob("video_*.mp4"):
-                video.unlink()
-            if not any(folder.iterdir()):
-                folder.rmdir()
+    meta_file = root / "synth.json"
+    try:
+        old = SynthParams(**json.loads(meta_file.read_text())["params"]) if meta_file.is_file() else None
+    except (ValueError, KeyError, TypeError):
+        raise OutputError(
+            f"{meta_file} is unreadable; move --out {root} away or choose another --out"
+        ) from None
+    if old is not None and not overwrite:
+        same = "this synthetic set" if old == params else "a synthetic set of other sizes"
+        raise OutputError(
+            f"--out {root} already holds {same} ({', '.join(f'{k} {v}' for k, v in asdict(old).items())}); "
+            "pass --overwrite to replace it or choose another --out (nothing was changed)"
+        )
+    if old is not None:
+        names = class_names(old.classes)
+        ours = {root / names[i % old.classes] / f"video_{i:04d}.mp4" for i in range(old.videos)}
+    else:  # killed before synth.json: its videos follow the naming pattern
+        ours = {v for folder in root.glob("class_*") if folder.is_dir() for v in folder.glob("video_*.mp4")}
+    folders = [f for f in root.iterdir() if f.name.startswith("class_") and f.is_dir()]
+    foreign = [e.name for e in root.iterdir() if not e.name.startswith("class_") and e.name not in
+               (MARKER, LOCK, "synth.json")]  # fmt: skip
+    foreign += [str(f.relative_to(root)) for d in folders for f in d.rglob("*") if f not in ours]
+    if foreign:
+        raise OutputError(
+            f"--overwrite refused: {root} holds a synthetic set but also {', '.join(sorted(foreign)[:5])}, "
+            "which align4gen did not write; move those away or choose another --out (nothing was deleted)"
+        )
+    meta_file.unlink(missing_ok=True)  # first: a kill below leaves an unfinished set, redone on rerun
+    for video in ours:
+        video.unlink(missing_ok=True)
+    for folder in folders:
+        if not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def make_synthetic(
@@ -250,9 +279,11 @@ def make_synthetic(
     fps: int = 8,
     progress: bool = True,
     background: str = "textured",
+    overwrite: bool = False,
 ) -> SynthInfo:
     """Write ``videos`` mp4 files into ``out/<class folder>/video_XXXX.mp4`` (video i has class
-    i % classes) plus ``synth.json`` with the parameters. Deterministic for a seed."""
+    i % classes) plus ``synth.json`` with the parameters. Deterministic for a seed. An existing
+    set in ``out`` is refused unless ``overwrite`` (see _clear_previous)."""
     params = SynthParams(videos, classes, frames, size, seed, fps, background)
     if videos < 1 or classes < 1 or frames < 1 or fps < 1:
         raise ValueError(f"videos, classes, frames and fps must be >= 1, got {params}")
@@ -261,7 +292,7 @@ def make_synthetic(
     if size < 16 or size % 2:
         raise ValueError(f"size must be an even number >= 16 (H.264 yuv420p), got {size}")
     root = Path(out).expanduser()
-    _clear_previous(root)
+    _clear_previous(root, params, overwrite)
     names = class_names(classes)
     for name in names:
         (root / name).mkdir(parents=True, exist_ok=True)

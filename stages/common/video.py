@@ -13,7 +13,9 @@ Three source layouts are recognised (DESIGN.md section 3):
 Manifests have two columns (CSV header / JSONL keys): ``path`` (a video file or a frame folder;
 relative paths are relative to the manifest's folder) and optional ``label``. Labels are either
 all class names (classes = the sorted distinct names) or all integers >= 0 (classes ``"0"`` ..
-``str(max_label)``); mixing both is an error. A row with an empty label is unlabelled::
+``str(max_label)``); mixing both is an error. A row with an empty label is unlabelled. A video
+listed twice (``./vids/x`` and ``vids/x`` are the same file) is used once, with a warning; listed
+under two labels it is refused, naming both lines::
 
     path,label
     ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi,ApplyEyeMakeup
@@ -30,7 +32,9 @@ returns decode errors instead of raising, so DataLoader workers keep going.
 from __future__ import annotations
 
 import csv
+import functools
 import json
+import logging
 import re
 import zlib
 from collections.abc import Sequence
@@ -42,7 +46,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
+
+from stages.common.progress import tqdm
+
+log = logging.getLogger(__name__)
 
 VIDEO_EXTS = (".avi", ".mp4", ".mkv", ".mov", ".webm")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -279,11 +286,39 @@ def _manifest_source(manifest: Path, rows: list[tuple[str, Any, str]], layout: s
             class_names = sorted({str(v) for v in values})
     index = {name: i for i, name in enumerate(class_names or [])}
     entries = []
-    for k, (raw_path, _, where) in zip(kinds, rows, strict=True):
+    first_row: dict[str, tuple[str, Any]] = {}  # resolved path -> (where, raw label) of its first line
+    repeats = []
+    for k, (raw_path, lab, where) in zip(kinds, rows, strict=True):
         path, kind = _entry_for(base, raw_path, where)
         label = None if k is None else (int(k[1]) if k[0] == "int" else index[str(k[1])])
+        if path in first_row:
+            repeats.append(_repeat(path, where, k, lab, first_row[path]))
+            continue
+        first_row[path] = (where, (k, lab))
         entries.append(VideoEntry(path, label, kind))
+    if repeats:
+        log.warning(
+            "manifest %s lists %d video(s) more than once; each is used once: %s",
+            manifest,
+            len(repeats),
+            "; ".join(repeats[:5]) + (" ..." if len(repeats) > 5 else ""),
+        )
     return VideoSource(str(manifest.resolve()), entries, class_names, layout)
+
+
+def _repeat(path: str, where: str, kind: Any, lab: Any, first: tuple[str, Any]) -> str:
+    """A repeated manifest line: a note when it says the same, a ValueError naming both lines when
+    it gives the video another label (one clip would land in two classes)."""
+    first_where, (first_kind, first_lab) = first
+    if first_kind != kind:
+        shown = [
+            f"label {x!r}" if k is not None else "no label" for k, x in ((first_kind, first_lab), (kind, lab))
+        ]
+        raise ValueError(
+            f"{where}: {path} is listed again with {shown[1]}, but {first_where} gives it {shown[0]}; "
+            "a video cannot be in two classes: keep one of these lines"
+        )
+    return f"{where} repeats {first_where}"
 
 
 def _from_csv(manifest: Path) -> VideoSource:
@@ -550,15 +585,59 @@ def _decode_clip(entry: VideoEntry, start: int, spec: ClipSpec, num_threads: int
     n = len(reader)
     if indices[-1] >= n:
         raise VideoDecodeError(entry.path, f"clip needs frame {indices[-1]} but video has {n} frames")
-    try:
-        batch = reader.get_batch(indices).asnumpy()
-    except Exception as exc:
-        raise VideoDecodeError(entry.path, f"decode failed: {_decord_reason(exc)}") from None
+    batch = _decode_file(reader, entry.path, indices)
     if batch.ndim == 3:
         batch = batch[..., None]
     if batch.shape[-1] == 1:
         batch = np.repeat(batch, 3, axis=-1)
     return resize_crop(batch, spec.size).numpy()
+
+
+def _decode_file(reader: Any, path: str, indices: list[int]) -> np.ndarray:
+    """decord's frames, or PyAV's when decord fails or its frame shape disagrees with the stream's
+    (decord mis-sizes some valid H.264 streams, e.g. 16 px wide and 1024 px tall)."""
+    try:
+        batch, failure = reader.get_batch(indices).asnumpy(), None
+    except Exception as exc:
+        batch, failure = None, f"decode failed: {_decord_reason(exc)}"
+    shape = stream_shape(path)
+    if batch is not None and (shape is None or batch.shape[1:3] == shape):
+        return batch
+    try:
+        return _pyav_frames(path, indices)
+    except Exception as exc:
+        reason = failure or f"decord gives frames of {batch.shape[1:3]}, the stream is {shape}"
+        raise VideoDecodeError(path, f"{reason}; PyAV failed too: {str(exc)[:120]}") from None
+
+
+@functools.lru_cache(maxsize=4096)
+def stream_shape(path: str) -> tuple[int, int] | None:
+    """(height, width) of a file's first video stream from its header (PyAV), None if unknown."""
+    import av
+
+    try:
+        with av.open(path) as container:
+            ctx = container.streams.video[0].codec_context
+            return (int(ctx.height), int(ctx.width)) if ctx.height and ctx.width else None
+    except Exception:
+        return None
+
+
+def _pyav_frames(path: str, indices: list[int]) -> np.ndarray:
+    """Frames `indices` (presentation order, as decord counts them) decoded with PyAV."""
+    import av
+
+    wanted, frames = set(indices), {}
+    with av.open(path) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i in wanted:
+                frames[i] = frame.to_ndarray(format="rgb24")
+            if i >= indices[-1]:
+                break
+    missing = [i for i in indices if i not in frames]
+    if missing:
+        raise ValueError(f"the stream ends before frame {missing[0]}")
+    return np.stack([frames[i] for i in indices])
 
 
 # --------------------------------------------------------------------------- dataset

@@ -22,9 +22,11 @@ keep their fingerprint and stay comparable with "first".
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import warnings
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,9 +34,9 @@ from typing import Any
 
 import numpy as np
 import scipy.linalg
-from tqdm.auto import tqdm
 
 from cache_schema import canonical_json
+from stages.common.progress import tqdm
 
 _BASE_FIELDS = ("detector", "weights_sha256", "frames", "frame_stride", "resolution", "count")
 PROTOCOL_FIELDS = (*_BASE_FIELDS, "real_subset", "subset_seed")
@@ -64,6 +66,39 @@ class EvalConfig:
     cache_dir: str | None = None  # real-stats cache (default ~/.cache/align4gen/fvd-stats)
     use_cache: bool = True
     progress: bool = True
+
+
+_NPZ_ERRORS = (zipfile.BadZipFile, ValueError, EOFError, OSError, KeyError)
+
+
+def _unreadable(path: str | Path, exc: BaseException) -> ValueError:
+    detail = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+    return ValueError(
+        f"{path} cannot be read ({detail}): the file is truncated or damaged, e.g. by a killed "
+        "writer; write it again (pipeline sample, pipeline evaluate stats)"
+    )
+
+
+@contextlib.contextmanager
+def open_npz(path: str | Path) -> Iterator[Any]:
+    """np.load of an .npz, or one ValueError naming the file when it is not a readable archive
+    (a torn file, a truncated member, another format)."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise
+    except _NPZ_ERRORS as exc:
+        raise _unreadable(path, exc) from None
+    with data:
+        yield data
+
+
+def read_member(data: Any, key: str, path: str | Path) -> np.ndarray:
+    """One array of an open .npz; a member that fails to decompress or check names the file."""
+    try:
+        return data[key]
+    except _NPZ_ERRORS as exc:
+        raise _unreadable(path, exc) from None
 
 
 class ProtocolMismatch(ValueError):
@@ -110,16 +145,17 @@ class FeatureStats:
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureStats:
-        with np.load(path, allow_pickle=False) as data:
+        with open_npz(path) as data:
             missing = [k for k in ("mu", "sigma", "n", "protocol") if k not in data]
             if missing:
                 raise ValueError(f"{path} is not an FVD stats file (missing {', '.join(missing)})")
+            get = {k: read_member(data, k, path) for k in data.files}
             return cls(
-                mu=data["mu"].astype(np.float64),
-                sigma=data["sigma"].astype(np.float64),
-                n=int(data["n"]),
-                protocol=json.loads(str(data["protocol"])),
-                source=str(data["source"]) if "source" in data else str(path),
+                mu=get["mu"].astype(np.float64),
+                sigma=get["sigma"].astype(np.float64),
+                n=int(get["n"]),
+                protocol=json.loads(str(get["protocol"])),
+                source=str(get["source"]) if "source" in get else str(path),
             )
 
 
@@ -212,12 +248,15 @@ def _clip_spec(cfg: EvalConfig):
 
 def _load_video_array(path: Path) -> np.ndarray:
     if path.suffix == ".npy":
-        arr = np.load(path, mmap_mode="r")
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except _NPZ_ERRORS as exc:
+            raise _unreadable(path, exc) from None
     else:
-        with np.load(path) as data:
+        with open_npz(path) as data:
             if "videos" not in data:
                 raise ValueError(f"{path} holds no 'videos' array (keys: {', '.join(data.files)})")
-            arr = data["videos"]
+            arr = read_member(data, "videos", path)
     if arr.ndim != 5 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
         raise ValueError(f"{path}: expected uint8 videos [N, T, H, W, 3], got {arr.dtype} {arr.shape}")
     return arr
@@ -331,7 +370,7 @@ def is_stats_file(path: str | Path) -> bool:
     p = Path(path)
     if not (p.is_file() and p.suffix == ".npz"):
         return False
-    with np.load(p) as data:
+    with open_npz(p) as data:
         return "mu" in data.files and "sigma" in data.files
 
 
@@ -375,9 +414,10 @@ def load_or_compute(path: str | Path, cfg: EvalConfig, detector_cache: dict, cac
     if is_stats_file(p):
         return FeatureStats.load(p)
     if p.is_file() and p.suffix == ".npz":
-        with np.load(p) as data:
+        with open_npz(p) as data:
             if "features" in data.files:
-                return stats_from_features(data["features"], json.loads(str(data["protocol"])), source=str(p))
+                features, protocol = (read_member(data, k, p) for k in ("features", "protocol"))
+                return stats_from_features(features, json.loads(str(protocol)), source=str(p))
     if "det" not in detector_cache:
         detector_cache["det"] = build_detector(cfg)
     return compute_stats(detector_cache["det"], p, cfg, cache=cache)

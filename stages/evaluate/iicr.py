@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
+
+from stages.common.progress import tqdm
 
 
 def _normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:

@@ -182,8 +182,7 @@ def spatial_from_store(
 ) -> dict[str, Any]:
     """The metrics per encoder over a feature store, blockwise with dask like IICR (targets as the
     trainer reconstructs them, valid clips only)."""
-    from tqdm.auto import tqdm
-
+    from stages.common.progress import tqdm
     from stages.evaluate.store_targets import open_targets
 
     store = open_targets(path, encoders, block_clips)

@@ -351,7 +351,7 @@ def _blocks_to_do(job: Job, group, result: ExtractResult) -> list[int]:
 
 def _run_blocks(job: Job, todo: list[tuple[int, int, int]], group, bases, result: ExtractResult) -> None:
     """Decode (workers) -> models -> compact arrays -> background writer, block by block."""
-    from tqdm import tqdm
+    from stages.common.progress import tqdm
 
     cfg = job.cfg
     encoders = list(group.attrs["encoders"])

@@ -8,7 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import SafetensorError
+
 from cache_schema import RunDir, RunError
+from cache_schema.checkpoint import MANIFEST, CheckpointError, verify_checkpoint
 from cache_schema.run import CHECKPOINTS, weights_folder
 from stages.common.dit import VideoDiT
 
@@ -46,7 +50,39 @@ def resolve_checkpoint(run: str | None, checkpoint: str | None, ema: bool = True
     return ResolvedCheckpoint(folder, kind, path, run_dir, vae_spec)
 
 
+def verify_weights(resolved: ResolvedCheckpoint) -> None:
+    """Check the weights about to be loaded against the checkpoint's checksums (a checkpoint
+    written before checksums loads unverified)."""
+    folder = resolved.weights_dir
+    if (folder.parent / MANIFEST).is_file():  # ema/ or model/ inside a step folder
+        verify_checkpoint(folder.parent, within=f"{folder.name}/")
+    elif (folder / MANIFEST).is_file():
+        verify_checkpoint(folder)
+
+
+def damaged(resolved: ResolvedCheckpoint, problem: str) -> CheckpointError:
+    """`problem` with the way out: another checkpoint of the run, when it has one."""
+    others = [p.name for p in resolved.run.step_dirs() if p != resolved.checkpoint] if resolved.run else []
+    hint = f"--checkpoint {others[-1]}" if others else "--checkpoint PATH"
+    return CheckpointError(f"{problem}. Sample from another checkpoint ({hint})")
+
+
 def load_model(resolved: ResolvedCheckpoint) -> VideoDiT:
-    """The VideoDiT in eval mode, fp32, on CPU (the caller moves it)."""
-    model = VideoDiT.from_pretrained(str(resolved.weights_dir), low_cpu_mem_usage=False)
+    """The VideoDiT in eval mode, fp32, on CPU (the caller moves it); a damaged weight file is
+    named (checksum, unreadable file or non-finite weights) instead of failing later."""
+    try:
+        verify_weights(resolved)
+    except CheckpointError as exc:
+        raise damaged(resolved, str(exc)) from None
+    folder = resolved.weights_dir
+    try:
+        model = VideoDiT.from_pretrained(str(folder), low_cpu_mem_usage=False)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        files = sorted(folder.glob("*.safetensors"))
+        name = files[0] if len(files) == 1 else folder
+        detail = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise damaged(resolved, f"{name} cannot be read ({detail})") from None
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise damaged(resolved, f"{folder} holds non-finite weights ({bad[0]}, {len(bad)} tensors)")
     return model.float().eval()

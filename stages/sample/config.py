@@ -42,6 +42,7 @@ class SampleConfig:
     grid_max: int = GIF_GRID_MAX  # videos shown in the GIF grid
     diffusion_norm: float = 1.0  # euler-maruyama only: g(t)^2 = 2 * diffusion_norm * t
     save_latents: bool = False  # also write latents.npz (always written when there is no VAE)
+    overwrite: bool = False  # replace samples already in --out (else they are kept and the run refused)
 
     def validate(self) -> None:
         """Raise ValueError naming the key for values no run can use."""

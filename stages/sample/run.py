@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from cache_schema import OutputLock, prepare_output
+from cache_schema import OutputError, OutputLock, prepare_output
+from cache_schema.outputs import LOCK, MARKER, clear_artifact
+from stages.common.progress import tqdm
 from stages.common.registry import SD_LATENT_SCALE
-from stages.common.runtime import dump_config, resolve_device
+from stages.common.runtime import config_to_dict, dump_config, resolve_device
 from stages.common.sampling import generate_latents, sample_labels, write_filmstrip, write_gif_grid
-from stages.sample.checkpoint import ResolvedCheckpoint, load_model, resolve_checkpoint
+from stages.sample.checkpoint import ResolvedCheckpoint, damaged, load_model, resolve_checkpoint
 from stages.sample.config import SampleConfig
-from stages.sample.writers import NpzVideoWriter, write_video
+from stages.sample.writers import NpzVideoWriter, save_npz, write_video
+
+SUMMARY_FILE = "summary.json"  # written last: its presence marks a finished set of samples
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +87,39 @@ def run_sample(cfg: SampleConfig) -> dict[str, Any]:
     cfg.validate()
     resolved = resolve_checkpoint(cfg.run, cfg.checkpoint, ema=cfg.ema)
     out = _output_dir(cfg, resolved)
-    prepare_output(out, "samples", overwrite=True, inputs={"--checkpoint": resolved.checkpoint})
+    prepare_output(out, "samples", inputs={"--checkpoint": resolved.checkpoint})
     with OutputLock(str(out), "pipeline sample"):
+        _replace_earlier(cfg, out)
         return _sample(cfg, resolved, out)
+
+
+def _recorded(out: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load((out / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return {k: v for k, v in (data or {}).items() if k != "overwrite"} if isinstance(data, dict) else {}
+
+
+def _replace_earlier(cfg: SampleConfig, out: Path) -> None:
+    """Samples already in `out` are kept unless --overwrite. An unfinished set (no summary.json:
+    a killed sampler) of the same config is ours to redo; of another config it is refused too."""
+    if not any(p.name not in (MARKER, LOCK) for p in out.iterdir()):
+        return
+    finished = (out / SUMMARY_FILE).is_file()
+    recorded = _recorded(out)
+    same = recorded == {k: v for k, v in config_to_dict(cfg).items() if k != "overwrite"}
+    if cfg.overwrite or (same and not finished):
+        clear_artifact(out, "samples")
+        return
+    what = "samples" if finished else "unfinished samples of another config"
+    made = ", ".join(f"{k} {recorded[k]}" for k in ("num", "seed", "steps", "sampler") if k in recorded)
+    raise OutputError(
+        f"--out {out} already holds {what} ({made or 'unknown settings'}); pass --overwrite to replace "
+        "them or choose another --out (nothing was changed)"
+    )
 
 
 def _sample(cfg: SampleConfig, resolved: ResolvedCheckpoint, out: Path) -> dict[str, Any]:
@@ -101,22 +135,11 @@ def _sample(cfg: SampleConfig, resolved: ResolvedCheckpoint, out: Path) -> dict[
     if vae is None:
         log.warning("no VAE configured (--vae or the run's VAE spec): writing latents only, no videos")
 
-    latents, labels = generate_latents(
-        model,
-        cfg.num,
-        steps=cfg.steps,
-        sampler=cfg.sampler,
-        convention=cfg.sampler_convention,
-        seed=cfg.seed,
-        cfg_scale=cfg.cfg,
-        guidance_interval=cfg.guidance_interval,
-        class_=cfg.class_,
-        batch_size=cfg.batch_size,
-        device=device,
-        autocast=use_amp,
-        diffusion_norm=cfg.diffusion_norm,
-        progress=True,
-    )
+    try:
+        latents, labels = _generate(cfg, model, device, use_amp)
+    except FloatingPointError as exc:
+        problem = f"sampling from {resolved.weights_dir} gave non-finite values ({exc}): its weights are damaged or diverged"
+        raise damaged(resolved, problem) from None
     conditional = mcfg.num_classes > 0
     keep_latents = vae is None or cfg.save_latents
     grid = _decode_and_write(cfg, vae, latents, labels, conditional, out, device) if vae is not None else []
@@ -128,7 +151,7 @@ def _sample(cfg: SampleConfig, resolved: ResolvedCheckpoint, out: Path) -> dict[
         outputs.update(videos=str(out / "videos"), grid=str(out / "grid.gif"), npz=str(out / "videos.npz"),
                        filmstrip=str(out / "filmstrip.png"))  # fmt: skip
     if keep_latents:
-        np.savez(out / "latents.npz", latents=latents.numpy(), labels=labels)
+        save_npz(out / "latents.npz", latents=latents.numpy(), labels=labels)
         outputs["latents"] = str(out / "latents.npz")
     seconds = time.perf_counter() - start
     summary = {
@@ -152,5 +175,28 @@ def _sample(cfg: SampleConfig, resolved: ResolvedCheckpoint, out: Path) -> dict[
         "videos_per_s": round(cfg.num / seconds, 4),
         "outputs": outputs,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    tmp = out / (SUMMARY_FILE + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, out / SUMMARY_FILE)
     return summary
+
+
+def _generate(
+    cfg: SampleConfig, model: Any, device: torch.device, use_amp: bool
+) -> tuple[torch.Tensor, np.ndarray]:
+    return generate_latents(
+        model,
+        cfg.num,
+        steps=cfg.steps,
+        sampler=cfg.sampler,
+        convention=cfg.sampler_convention,
+        seed=cfg.seed,
+        cfg_scale=cfg.cfg,
+        guidance_interval=cfg.guidance_interval,
+        class_=cfg.class_,
+        batch_size=cfg.batch_size,
+        device=device,
+        autocast=use_amp,
+        diffusion_norm=cfg.diffusion_norm,
+        progress=True,
+    )

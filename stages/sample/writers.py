@@ -3,6 +3,7 @@ stages.common.sampling.write_gif_grid, shared with the trainer's periodic sample
 
 from __future__ import annotations
 
+import os
 import zipfile
 from pathlib import Path
 
@@ -28,14 +29,17 @@ class NpzVideoWriter:
     """Write `videos` (uint8 [N, T, H, W, 3]) and `labels` into an .npz batch by batch.
 
     An .npz is a zip of .npy files, so the video array is streamed into the archive instead of
-    being held in memory whole (2048 videos of 16x256x256 are 6 GB).
+    being held in memory whole (2048 videos of 16x256x256 are 6 GB). It is written under a
+    temporary name and renamed once complete, so a killed sampler never leaves a torn file
+    under the final name.
     """
 
     def __init__(self, path: Path, num: int, labels: np.ndarray):
         self.path = Path(path)
+        self.tmp = partial_path(self.path)
         self.num = num
         self.written = 0
-        self._zip = zipfile.ZipFile(self.path, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        self._zip = zipfile.ZipFile(self.tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
         with self._zip.open("labels.npy", "w") as fh:
             np.lib.format.write_array(fh, np.asarray(labels, dtype=np.int64))
         self._fh = None
@@ -61,10 +65,26 @@ class NpzVideoWriter:
         self.written += len(batch)
 
     def close(self) -> None:
+        """Finish the archive and give it its final name; an incomplete one is removed."""
         if self._fh is not None:
             self._fh.close()
         self._zip.close()
         if self.written != self.num:
+            self.tmp.unlink(missing_ok=True)
             raise RuntimeError(
-                f"{self.path}: wrote {self.written} of {self.num} videos; the file is incomplete"
+                f"{self.path}: wrote {self.written} of {self.num} videos; incomplete, so the file was not written"
             )
+        os.replace(self.tmp, self.path)
+
+
+def partial_path(path: Path) -> Path:
+    """Where a file is written before it is complete (cache_schema.outputs lists the pattern)."""
+    return path.with_name(path.name + ".partial")
+
+
+def save_npz(path: Path, **arrays: np.ndarray) -> None:
+    """np.savez under a temporary name, then renamed: never a torn file under `path`."""
+    tmp = partial_path(path)
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+    os.replace(tmp, path)

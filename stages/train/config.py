@@ -104,12 +104,17 @@ class TrainConfig:
     eval_metric: str = "synth"
     eval_evaluator: str | None = None  # synth: evaluator folder (None: the one `pipeline models build` made)
     resume: bool = False
+    resume_from: str | None = None  # a step folder of RUN/checkpoints instead of `latest` (implies resume)
     device: str = "auto"
     precision: str = "bf16"  # bf16 autocast on CUDA; CPU always runs fp32
     # what the cache must be; None = whatever the shards hold (config.yaml records the value used)
     expect_fingerprint: str | None = None
     vae: str | None = None  # VAE (id or folder) for periodic sample GIFs; None: no GIFs. Kind and
     # scale come from the shards' VAE spec
+
+    @property
+    def resuming(self) -> bool:
+        return bool(self.resume or self.resume_from)
 
     def validate(self) -> None:
         """Raise ValueError on values no run can use, naming the key and the allowed range."""
@@ -157,6 +162,10 @@ class TrainConfig:
             (self.eval_num >= 1 and self.eval_steps >= 1, "eval_num and eval_steps must be >= 1"),
             (self.eval_cfg >= 1.0, f"eval_cfg must be >= 1 (1 = no guidance), got {self.eval_cfg}"),
             (self.eval_metric in EVAL_METRICS, f"eval_metric: {self.eval_metric!r} not in {EVAL_METRICS}"),
+            (
+                self.resume_from is None or _is_step_name(self.resume_from),
+                f"resume_from: {self.resume_from!r} is not a checkpoint name like step-0001000",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -165,6 +174,20 @@ class TrainConfig:
         from .align import parse_lambdas
 
         parse_lambdas(self.align_lambda, list(self.encoders) or _names_in(self.align_lambda))
+
+
+def _is_step_name(name: str) -> bool:
+    return name.startswith("step-") and name[5:].isdigit()
+
+
+def steps_below_resume(steps: int, start: int) -> str | None:
+    """The refusal of a resume whose --steps lies below the checkpoint's step (None: fine)."""
+    if steps >= start:
+        return None
+    return (
+        f"steps: --steps {steps} is below the run's current step {start}; a resume trains up to --steps, "
+        f"so pass --steps {start} or more (the run was not changed)"
+    )
 
 
 def _names_in(value: float | str) -> list[str]:

@@ -17,17 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 import cache_schema
 from cache_schema import RunDir, prepare_output
+from cache_schema.checkpoint import CheckpointError
 from cache_schema.formats import basis_tensors
 from cache_schema.outputs import refuse_if_locked
 from cache_schema.readers import ShardReader, describe_change, index_summary
 from stages.common import runtime
+from stages.common.progress import tqdm
 
 from .align import alignment_active, parse_lambdas, schedule_weight
-from .config import TrainConfig, resume_changes
+from .config import TrainConfig, resume_changes, steps_below_resume
 from .data import DevicePrefetch, LoaderSpec, derive_seed, iterate_steps, latents_only, shard_urls
 from .evaluation import EvalSettings, PeriodicEval
 from .report import RunLogger, write_samples
@@ -90,7 +91,7 @@ def check_cache(cfg: TrainConfig) -> RunSetup:
     lambdas = parse_lambdas(cfg.align_lambda, list(encoders))
     run = RunDir(cfg.out)
     resume_from, previous = None, {}
-    if cfg.resume:
+    if cfg.resuming:
         previous = run.require().read_config()
         recorded = previous.get("expect_fingerprint")
         if recorded and recorded != layout["fingerprint"]:
@@ -101,7 +102,10 @@ def check_cache(cfg: TrainConfig) -> RunSetup:
                 f"--resume cannot change {changed[0]}: the weights and optimizer state depend on it. "
                 "Resume with the run's own settings (omit the flag) or start a new run with another --out"
             )
-        resume_from = run.latest_checkpoint()
+        resume_from = resume_checkpoint(cfg)
+        below = steps_below_resume(cfg.steps, checkpoint_step(resume_from))
+        if below:
+            raise ValueError(below)
     notes = [
         f"{e}; its samples will be skipped (--on-corrupt skip)" for e in damaged if cfg.on_corrupt == "skip"
     ]
@@ -137,10 +141,26 @@ def check_shards_unchanged(cfg: TrainConfig, setup: RunSetup, step: int, run: Ru
         )
 
 
+def resume_checkpoint(cfg: TrainConfig) -> Path | None:
+    """The checkpoint a resume starts from: --resume-from's step folder, else `latest`."""
+    run = RunDir(cfg.out)
+    if not cfg.resume_from:
+        return run.latest_checkpoint()
+    folder = run.checkpoints / cfg.resume_from
+    if not folder.is_dir():
+        kept = ", ".join(p.name for p in run.step_dirs()) or "none"
+        raise ValueError(f"resume_from: {folder} does not exist (checkpoints kept: {kept})")
+    return folder
+
+
+def checkpoint_step(folder: Path | None) -> int:
+    return int(folder.name.split("-")[-1]) if folder is not None else 0
+
+
 def claim_run(cfg: TrainConfig) -> cache_schema.OutputLock:
     """Rank 0: refuse a foreign or finished --out, mark it, and hold its lock while training."""
     run = RunDir(cfg.out)
-    if not cfg.resume:
+    if not cfg.resuming:
         prepare_output(cfg.out, "run", inputs={"--shards": cfg.shards})
         if run.latest_checkpoint() is not None:
             raise FileExistsError(
@@ -189,6 +209,7 @@ def run_config(cfg: TrainConfig, setup: RunSetup, state: TrainState) -> dict[str
         align_depth=state.align_depth,
         expect_fingerprint=setup.layout["fingerprint"],
         resume=False,
+        resume_from=None,
     )
     vae = (setup.layout.get("spec") or {}).get("vae") or {}
     return {**runtime.config_to_dict(resolved), "vae_spec": vae, "shards_index": setup.shards_index}
@@ -226,7 +247,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
 
 def _start(cfg: TrainConfig, setup: RunSetup, info: runtime.DistInfo) -> tuple[TrainState, dict[str, Any]]:
     """A fresh or resumed state, and the saved extras (loader position, RNG) of a resume."""
-    start = int(setup.resume_from.name.split("-")[-1]) if setup.resume_from else 0
+    start = checkpoint_step(setup.resume_from)
     # a checkpoint of step s holds the head iff alignment ran at step s (it is dropped at the start of
     # the first step after --align-until), so a resume at the final step still loads it
     with_head = alignment_active(max(start, 1), cfg.align_until)
@@ -234,7 +255,7 @@ def _start(cfg: TrainConfig, setup: RunSetup, info: runtime.DistInfo) -> tuple[T
     state = build_state(cfg, setup.layout, dims, setup.lambdas, info.device, info.rank, with_head)
     saved: dict[str, Any] = {}
     if setup.resume_from is not None:
-        saved = load_state(setup.resume_from, state)
+        saved = _load(RunDir(cfg.out), setup.resume_from, state)
         noise = saved.get("rng", {}).get("noise", [])
         if len(noise) == info.world_size:
             state.gen.set_state(noise[info.rank])
@@ -249,6 +270,27 @@ def _start(cfg: TrainConfig, setup: RunSetup, info: runtime.DistInfo) -> tuple[T
     return state, saved
 
 
+def _load(run: RunDir, folder: Path, state: TrainState) -> dict[str, Any]:
+    """load_state, or a CheckpointError that names the damaged file and offers the previous one."""
+    try:
+        return load_state(folder, state)
+    except CheckpointError as exc:
+        previous = run.previous_checkpoint(folder)
+        offer = (
+            f"resume from the previous checkpoint with --resume-from {previous.name} (nothing was deleted)"
+            if previous is not None
+            else "no earlier checkpoint is kept: start a new run with another --out"
+        )
+        raise CheckpointError(f"{exc}. To continue, {offer}") from None
+
+
+def _disk_full_message(run: RunDir, exc: OSError) -> str:
+    last = run.latest_checkpoint()
+    kept = f"the last good checkpoint {last.name} is kept" if last else "no checkpoint was written yet"
+    resume = f"Its temporary folder was removed and {kept}: free space, then continue with --resume."
+    return runtime.disk_full_message(exc, str(run.checkpoints), resume)
+
+
 def _checkpoint(
     run: RunDir, cfg: TrainConfig, state: TrainState, info, segment_steps: int, config: dict
 ) -> None:
@@ -259,7 +301,15 @@ def _checkpoint(
         "config": json.dumps(config),
     }
     if info.is_main:
-        run.publish_checkpoint(state.step, lambda folder: save_state(folder, state, extra))
+        full = None
+        try:
+            run.publish_checkpoint(state.step, lambda folder: save_state(folder, state, extra))
+        except OSError as exc:
+            if not runtime.is_disk_full(exc):
+                raise
+            full = exc
+        if full is not None:  # raised outside the handler: the message below is the whole story
+            raise cache_schema.RunError(_disk_full_message(run, full))
         if cfg.keep_checkpoints:
             run.prune_checkpoints(cfg.keep_checkpoints)
     runtime.barrier()

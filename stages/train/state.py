@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
+import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cache_schema import run as R
+from cache_schema.checkpoint import CheckpointError, verify_checkpoint
 from stages.common.dit import VideoDiT, build_video_dit, default_align_depth
+from stages.common.runtime import is_disk_full
 
 from .align import AlignmentHead
 from .config import TrainConfig
@@ -159,13 +165,49 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 def save_state(folder: Path, state: TrainState, extra: dict[str, Any]) -> None:
     """Fill one checkpoint folder (RunDir.publish_checkpoint makes it the `latest`)."""
-    state.model.save_pretrained(folder / R.MODEL_WEIGHTS, safe_serialization=True)
-    state.ema.save_pretrained(folder / R.EMA_WEIGHTS, safe_serialization=True)
+    with _writing(folder / R.MODEL_WEIGHTS):
+        state.model.save_pretrained(folder / R.MODEL_WEIGHTS, safe_serialization=True)
+    with _writing(folder / R.EMA_WEIGHTS):
+        state.ema.save_pretrained(folder / R.EMA_WEIGHTS, safe_serialization=True)
     if state.head is not None:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.head.state_dict().items()}
-        save_file(tensors, folder / R.PROJECTORS_FILE)
+        with _writing(folder / R.PROJECTORS_FILE):
+            save_file(tensors, folder / R.PROJECTORS_FILE)
     payload = {**extra, "step": state.step, "optimizer": state.optimizer.state_dict()}
-    torch.save(payload, folder / R.TRAIN_STATE_FILE)
+    with _writing(folder / R.TRAIN_STATE_FILE), open(folder / R.TRAIN_STATE_FILE, "wb") as fh:
+        torch.save(payload, fh)  # through a Python file: a full disk raises ENOSPC, not a bare RuntimeError
+
+
+@contextlib.contextmanager
+def _writing(target: Path):
+    """A full disk while writing `target` (a file, or a save_pretrained folder) becomes one
+    OSError(ENOSPC) naming the file: safetensors and torch report it as SafetensorError or
+    RuntimeError with the OS error only in the message or the context."""
+    try:
+        yield
+    except Exception as exc:
+        if not _disk_full(exc):
+            raise
+        name = target
+        if target.is_dir():  # the weights file save_pretrained was writing, when it got that far
+            files = sorted(target.glob("*.safetensors"))
+            name = files[0] if files else target
+        raise OSError(errno.ENOSPC, "No space left on device", str(name)) from exc
+
+
+def _disk_full(exc: BaseException) -> bool:
+    return is_disk_full(exc) or "os error 28" in str(exc) or "No space left on device" in str(exc)
+
+
+def _read(path: Path, reader: Callable[[Path], Any]) -> Any:
+    """`reader(path)`, or a CheckpointError naming the file when it cannot be parsed."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing from the checkpoint")
+    try:
+        return reader(path)
+    except (SafetensorError, RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError) as exc:
+        detail = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path} is damaged and cannot be read ({detail})") from None
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -174,20 +216,27 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
         raise R.RunError(f"{folder} holds no safetensors weights")
     weights: dict[str, torch.Tensor] = {}
     for f in files:
-        weights.update(load_file(f))
+        weights.update(_read(f, load_file))
     return weights
 
 
+def _load_train_state(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_state(folder: Path, state: TrainState) -> dict[str, Any]:
-    """Load weights, EMA, projectors and optimizer in place; returns the rest of the saved state."""
+    """Load weights, EMA, projectors and optimizer in place, after checking the checkpoint's
+    checksums (an older checkpoint without them loads unverified); returns the rest of the saved
+    state. A damaged file raises CheckpointError naming it."""
+    verify_checkpoint(folder)
     state.model.load_state_dict(_weights(folder / R.MODEL_WEIGHTS))
     state.ema.load_state_dict(_weights(folder / R.EMA_WEIGHTS))
     if state.head is not None:
         projector_file = folder / R.PROJECTORS_FILE
         if not projector_file.is_file():
             raise R.RunError(f"{folder} has no {R.PROJECTORS_FILE} but this run still aligns to encoders")
-        state.head.load_state_dict(load_file(projector_file))
-    saved = torch.load(folder / R.TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
+        state.head.load_state_dict(_read(projector_file, load_file))
+    saved = _read(folder / R.TRAIN_STATE_FILE, _load_train_state)
     state.optimizer.load_state_dict(saved.pop("optimizer"))
     state.step = int(saved["step"])
     return saved
