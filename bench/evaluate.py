@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.evaluate.detectors import Detector, load_detector
-from stages.evaluate.tiny import make_tiny_i3d
+from stages.common.detectors import Detector, load_detector
+from stages.common.tiny_i3d import make_tiny_i3d
 
 
 def videomae_v2_random_state_dict(

@@ -84,3 +84,34 @@ def test_eval_every_refuses_a_resume_that_changes_the_series(pixel_shards, evalu
     train(_config(pixel_shards, run, evaluator, steps=3), progress=False)
     with pytest.raises(ValueError, match="eval_num"):
         train(_config(pixel_shards, run, evaluator, resume=True, eval_num=8), progress=False)
+
+
+def test_eval_every_computes_fvd_against_real_stats_with_the_samples_protocol(pixel_shards, tmp_path):
+    """`--eval-metric fvd`: the samples' FVD under the real stats file's protocol, equal to the FVD of
+    the same videos computed by the evaluate stage's own path (features of an .npz of videos)."""
+    import numpy as np
+
+    from stages.common import fvd
+    from stages.common.sampling import generate_latents
+    from stages.common.tiny_i3d import make_tiny_i3d
+    from stages.common.vae import VAEWrapper
+    from stages.sample.checkpoint import load_model, resolve_checkpoint
+
+    weights = make_tiny_i3d(tmp_path / "i3d.pt", features=16, seed=0)
+    data = pixel_shards.parent / "data"
+    cfg = fvd.EvalConfig(detector_weights=str(weights), frames=8, resolution=32, num_videos=8, progress=False)
+    real = fvd.compute_stats(fvd.build_detector(cfg), data, cfg)
+    real.save(tmp_path / "real.npz")
+    run = tmp_path / "run"
+    train(_config(pixel_shards, run, None, steps=3, eval_every=3, eval_metric="fvd",
+                  eval_real_stats=str(tmp_path / "real.npz"), eval_detector_weights=str(weights)), progress=False)  # fmt: skip
+    logged = _evals(run)[3]["fvd"]
+
+    # the same sample set, decoded and scored through the evaluate stage's file path
+    resolved = resolve_checkpoint(str(run), None, ema=True)
+    model = load_model(resolved)
+    latents, labels = generate_latents(model, 4, steps=2, seed=0, cfg_scale=1.5)
+    videos = VAEWrapper.load("patchify-8", kind="pixel").decode(latents).numpy()
+    np.savez(tmp_path / "fake.npz", videos=videos, labels=labels)
+    expected = fvd.compute_fvd(tmp_path / "real.npz", tmp_path / "fake.npz", cfg)["value"]
+    assert logged == pytest.approx(expected, rel=1e-5)

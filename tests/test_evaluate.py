@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from helpers import make_run, tiny_dit
 
 from pipeline.cli import main
-from stages.evaluate import fvd
-from stages.evaluate.detectors import DetectorError, load_detector, load_videomae_v2
-from stages.evaluate.tiny import make_tiny_i3d
+from stages.common import fvd
+from stages.common.detectors import DetectorError, load_detector, load_videomae_v2
+from stages.common.tiny_i3d import make_tiny_i3d
 
 cdfvd_vit = pytest.importorskip("cdfvd.third_party.VideoMAEv2.videomaev2_finetune")
 cdfvd_vmae_utils = pytest.importorskip("cdfvd.third_party.VideoMAEv2.utils")

@@ -19,7 +19,7 @@ from helpers import make_run, randomize_zero_inits, subprocess_env, tiny_dit
 
 from cache_schema.checkpoint import write_manifest
 from pipeline.cli import main
-from stages.evaluate.tiny import make_tiny_i3d
+from stages.common.tiny_i3d import make_tiny_i3d
 
 torch.set_num_threads(1)
 

@@ -59,7 +59,7 @@ def _common(func):
 
 def _config(config_file, overrides, **flags: Any):
     from pipeline.commands.common import resolve_stage_config
-    from stages.evaluate.fvd import EvalConfig
+    from stages.common.fvd import EvalConfig
 
     return resolve_stage_config(EvalConfig, config_file, overrides, flags)
 
@@ -95,7 +95,7 @@ def evaluate() -> None:
 @_common
 def stats(videos: str, out: str, overwrite: bool, config_file, overrides, **flags: Any) -> None:
     from pipeline.commands.common import cli_errors
-    from stages.evaluate import fvd
+    from stages.common import fvd
 
     cfg = _config(config_file, overrides, **flags)
     _file_out(out, overwrite)
@@ -112,7 +112,7 @@ def stats(videos: str, out: str, overwrite: bool, config_file, overrides, **flag
 @_common
 def features(videos: str, out: str, overwrite: bool, config_file, overrides, **flags: Any) -> None:
     from pipeline.commands.common import cli_errors
-    from stages.evaluate import fvd
+    from stages.common import fvd
 
     cfg = _config(config_file, overrides, **flags)
     _file_out(out, overwrite)
@@ -140,8 +140,8 @@ def fvd_cmd(
 ) -> None:
     from cache_schema import prepare_output
     from pipeline.commands.common import cli_errors
+    from stages.common import fvd
     from stages.common.runtime import config_to_dict
-    from stages.evaluate import fvd
 
     cfg = _config(config_file, overrides, **flags)
     if out:

@@ -17,6 +17,7 @@ from stages.common.registry import (
     TARGET_NORMS,
 )
 from stages.train.config import PRESETS, TIME_SCHEDULES, TrainConfig
+from stages.train.evaluation import EVAL_METRICS
 
 
 def _d(name: str) -> str:
@@ -113,6 +114,20 @@ def _d(name: str) -> str:
 @click.option(
     "--sample-every", type=int, help=f"Steps between sample GIF grids; 0 = never [{_d('sample_every')}]."
 )
+@click.option(
+    "--eval-every", type=int, help=f"Steps between evaluations of the EMA model; 0 = never [{_d('eval_every')}]."
+)
+@click.option("--eval-num", type=int, help=f"Videos per evaluation (fixed noise and labels) [{_d('eval_num')}].")
+@click.option("--eval-steps", type=int, help=f"Sampler steps of the evaluation videos [{_d('eval_steps')}].")
+@click.option("--eval-cfg", type=float, help=f"Guidance scale of the evaluation videos [{_d('eval_cfg')}].")
+@click.option(
+    "--eval-metric",
+    type=click.Choice(EVAL_METRICS),
+    help=f"synth: the synthetic-domain evaluator; fvd / cd-fvd against --eval-real-stats [{_d('eval_metric')}].",
+)
+@click.option("--eval-evaluator", type=str, help="synth: evaluator folder [the one `pipeline models build` made].")
+@click.option("--eval-real-stats", type=str, help="fvd / cd-fvd: real stats from `pipeline evaluate stats`.")
+@click.option("--eval-detector-weights", type=str, help="fvd / cd-fvd: the detector's weights file.")
 @click.option("--device", type=str, help=f"{DEVICE_HELP} [{_d('device')}].")
 @config_options
 def train(config_file, overrides, preset, **flags):

@@ -1,4 +1,4 @@
 """Evaluation: FVD / content-debiased FVD (detectors, fvd) and IICR encoder analysis (iicr).
 
-Modules are imported on demand (`from stages.evaluate import fvd`) so importing the package stays cheap.
+Modules are imported on demand (`from stages.common import fvd`) so importing the package stays cheap.
 """

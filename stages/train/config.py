@@ -103,6 +103,8 @@ class TrainConfig:
     eval_cfg: float = 1.0  # classifier-free guidance scale of the evaluation samples
     eval_metric: str = "synth"
     eval_evaluator: str | None = None  # synth: evaluator folder (None: the one `pipeline models build` made)
+    eval_real_stats: str | None = None  # fvd / cd-fvd: real stats from `pipeline evaluate stats`
+    eval_detector_weights: str | None = None  # fvd / cd-fvd: the detector's weights (as `pipeline evaluate`)
     resume: bool = False
     resume_from: str | None = None  # a step folder of RUN/checkpoints instead of `latest` (implies resume)
     device: str = "auto"

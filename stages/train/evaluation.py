@@ -7,6 +7,12 @@ steps (and at the last step) the EMA model generates `eval_num` videos with the 
 a resumed run (its EMA restored exactly) continues it exactly. The metrics go into the log row of
 that step (`eval` in log.jsonl, `eval/<name>` in TensorBoard).
 
+Metrics `fvd` / `cd-fvd`: StyleGAN-V's FVD or content-debiased FVD of the samples against the real
+stats a `pipeline evaluate stats` run wrote (`--eval-real-stats`), under that file's protocol
+(detector, frames, resolution, count) with the detector weights `--eval-detector-weights`. With
+fewer samples than the detector's feature width the covariance is rank-deficient: compare runs at
+one `--eval-num`, not with published FVDs.
+
 Metric `synth` is the synthetic-domain evaluator (`stages/common/synth_eval.py`): the class
 accuracy of class-conditional samples under a classifier trained on real synthetic clips, and a
 Fréchet distance in that classifier's feature space. They are named `synth_class_acc` and
@@ -21,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-EVAL_METRICS = ("synth",)
+EVAL_METRICS = ("synth", "fvd", "cd-fvd")
 
 
 @dataclass
@@ -34,6 +40,8 @@ class EvalSettings:
     cfg_scale: float
     metric: str
     evaluator: str | None
+    real_stats: str | None
+    detector_weights: str | None
     seed: int
     last_step: int
 
@@ -48,7 +56,7 @@ class PeriodicEval:
         if vae is None:
             raise ValueError("eval_every needs the run's autoencoder to decode samples: pass --vae")
         self.settings, self.vae, self.device, self.use_bf16 = settings, vae, device, use_bf16
-        self.scorer = load_scorer(settings)
+        self.scorer = load_scorer(settings, device)
 
     def __call__(self, ema: torch.nn.Module) -> dict[str, float]:
         from stages.common.sampling import generate_latents
@@ -62,8 +70,10 @@ class PeriodicEval:
         return self.scorer(frames, labels)
 
 
-def load_scorer(settings: EvalSettings):
+def load_scorer(settings: EvalSettings, device: torch.device):
     """The metric as a function (uint8 videos [N, T, H, W, 3], labels [N]) -> {name: value}."""
+    if settings.metric in ("fvd", "cd-fvd"):
+        return _fvd_scorer(settings, device)
     if settings.metric == "synth":
         from stages.common.synth_eval import SynthEvaluator, default_evaluator_folder
 
@@ -74,3 +84,26 @@ def load_scorer(settings: EvalSettings):
 
         return score
     raise ValueError(f"eval_metric: {settings.metric!r} not in {EVAL_METRICS}")
+
+
+def _fvd_scorer(settings: EvalSettings, device: torch.device):
+    """FVD (I3D) or content-debiased FVD (VideoMAE-v2) of the samples against the real stats file."""
+    from stages.common import fvd
+
+    if not settings.real_stats:
+        raise ValueError(
+            f"eval_metric {settings.metric} needs --eval-real-stats (a `pipeline evaluate stats` file)"
+        )
+    real = fvd.FeatureStats.load(settings.real_stats)
+    cfg = fvd.config_of_protocol(real.protocol, settings.detector_weights, device=str(device), progress=False)
+    detector = fvd.build_detector(cfg)
+    fvd.check_same_protocol(real.protocol, fvd.make_protocol(detector, cfg))
+    name = "cd-fvd" if real.protocol["detector"].startswith("videomae") else "fvd"
+    if name != settings.metric:
+        raise ValueError(f"eval_metric {settings.metric}: {settings.real_stats} holds {name} stats")
+
+    def score(frames: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        fake = fvd.stats_from_features(fvd.array_features(detector, frames, cfg), real.protocol)
+        return {name: fvd.frechet_distance(real.mu, real.sigma, fake.mu, fake.sigma)}
+
+    return score

@@ -431,7 +431,8 @@ def _start_loop(cfg, setup: RunSetup, state: TrainState, saved: dict, config: di
     evaluate = None
     if cfg.eval_every and info.is_main:
         settings = EvalSettings(cfg.eval_every, cfg.eval_num, cfg.eval_steps, cfg.eval_cfg, cfg.eval_metric,
-                                cfg.eval_evaluator, cfg.seed, cfg.steps)  # fmt: skip
+                                cfg.eval_evaluator, cfg.eval_real_stats, cfg.eval_detector_weights, cfg.seed,
+                                cfg.steps)  # fmt: skip
         evaluate = PeriodicEval(settings, vae, device, step_cfg.use_bf16)
     loop = Loop(
         cfg, setup, info, run, config, segment_steps, batches, step_cfg, logger, StopFlag(), vae, evaluate

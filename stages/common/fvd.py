@@ -279,6 +279,22 @@ def _array_batches(arr: np.ndarray, cfg: EvalConfig, indices: list[int]) -> Iter
         yield batch
 
 
+def config_of_protocol(protocol: dict[str, Any], detector_weights: str | None, **runtime: Any) -> EvalConfig:
+    """The EvalConfig that reproduces a stats file's protocol (its detector, frames, stride,
+    resolution, count, subset rule), with runtime knobs (device, batch size, ...) from `runtime`."""
+    p = _normalized(protocol)
+    return EvalConfig(detector=p["detector"], detector_weights=detector_weights, frames=p["frames"],
+                      frame_stride=p["frame_stride"], resolution=p["resolution"], num_videos=p["count"],
+                      real_subset=p["real_subset"], subset_seed=p["subset_seed"] or 0, **runtime)  # fmt: skip
+
+
+def array_features(detector, videos: np.ndarray, cfg: EvalConfig) -> np.ndarray:
+    """Detector features [n, D] of in-memory uint8 videos [n, T, H, W, 3], cut and resized by the
+    protocol exactly as a `videos.npz` would be (the trainer's `--eval-every` scores its samples so)."""
+    batches = _array_batches(videos, cfg, list(range(len(videos))))
+    return np.concatenate([detector.features(b) for b in batches]).astype(np.float32)
+
+
 def _folder_batches(source, refs, cfg: EvalConfig, skipped: list[str]) -> Iterator[np.ndarray]:
     from torch.utils.data import DataLoader
 
