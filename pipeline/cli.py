@@ -45,6 +45,11 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "analyze",
         "IICR encoder analysis over a cache or straight from videos.",
     ),
+    "models": (
+        "pipeline.commands.models",
+        "models",
+        "Locally trained tiny encoders, their random twins and the synthetic classifier (`models build`).",
+    ),
     "info": ("pipeline.commands.info", "info", "One-screen summary of a store, a shard folder or a run."),
     "demo": (
         "pipeline.commands.demo",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -308,3 +309,73 @@ def make_synthetic(
     meta = {"generator": "align4gen synthetic v1", "params": asdict(params), "class_names": names}
     (root / "synth.json").write_text(json.dumps(meta, indent=2) + "\n")
     return SynthInfo(str(root), paths, labels, names, params)
+
+
+# --------------------------------------------------------------------- in-memory clip sets
+# Seed streams of in-memory sets: clip i of a set with offset o is drawn from
+# default_rng([seed, o + i]). The written dataset (make_synthetic) uses [seed, i] with i < 100000,
+# so sets with an offset >= 100000 never repeat one of its videos.
+SEED_OFFSETS = {
+    "pretrain": 100_000,
+    "probe": 200_000,
+    "probe_shape": 250_000,
+    "classifier": 300_000,
+    "classifier_test": 400_000,
+}
+
+Renderer = Callable[[np.random.Generator, int, int, int], np.ndarray]
+
+
+def render_clips(
+    count: int,
+    seed: int,
+    offset: int,
+    classes: int = 4,
+    frames: int = 8,
+    size: int = 64,
+    render: Renderer | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` clips in memory: uint8 [count, frames, size, size, 3] and int64 labels
+    (clip i has class i % classes), clip i drawn with ``render`` (default ``render_video``)
+    from ``default_rng([seed, offset + i])``. ``render`` takes (rng, label, frames, size), so
+    a variant such as ``functools.partial(render_video, background=...)`` plugs in."""
+    render = render or render_video
+    labels = np.arange(count, dtype=np.int64) % classes
+    clips = np.stack(
+        [
+            render(np.random.default_rng([seed, offset + i]), int(labels[i]), frames, size)
+            for i in range(count)
+        ]
+    )
+    return clips, labels
+
+
+def render_shape_clip(rng: np.random.Generator, frames: int, size: int) -> tuple[np.ndarray, int]:
+    """One object of a random shape drifting slowly over a textured background, for a per-frame
+    shape probe: (uint8 [frames, size, size, 3], index into SHAPES). Bigger objects than
+    ``render_video`` draws (radius 8-13 px at 64 px), so the shape is visible at patch scale.
+    A separate generator: ``render_video``'s random draws (and so every dataset video) are unchanged."""
+    px = size / 64.0
+    shape = int(rng.integers(len(SHAPES)))
+    canvas = np.broadcast_to(_background(rng, size), (frames, size, size, 3)).copy()
+    colour = rng.uniform(0, 255, 3).astype(np.float32)
+    radius = np.float32(rng.uniform(8, 13) * px)
+    x0, y0 = rng.uniform(0, size, 2)
+    heading, theta = rng.uniform(0, 2 * math.pi, 2)
+    t = np.arange(frames, dtype=np.float32)[:, None, None]
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    cx, cy = x0 + px * math.cos(heading) * t, y0 + px * math.sin(heading) * t
+    ddx = (xx - cx + size / 2) % size - size / 2
+    ddy = (yy - cy + size / 2) % size - size / 2
+    u = math.cos(theta) * ddx + math.sin(theta) * ddy
+    w = -math.sin(theta) * ddx + math.cos(theta) * ddy
+    alpha = _shape_alpha(SHAPES[shape], u, w, np.full_like(t, radius))[..., None]
+    canvas = canvas * (1 - alpha) + colour * alpha
+    return np.clip(np.rint(canvas), 0, 255).astype(np.uint8), shape
+
+
+def render_shape_clips(count: int, seed: int, offset: int, frames: int = 8, size: int = 64):
+    """``count`` one-object clips (``render_shape_clip``) and their shape indices, clip i from
+    ``default_rng([seed, offset + i])``."""
+    pairs = [render_shape_clip(np.random.default_rng([seed, offset + i]), frames, size) for i in range(count)]
+    return np.stack([p[0] for p in pairs]), np.array([p[1] for p in pairs], dtype=np.int64)

@@ -1,0 +1,162 @@
+"""The tiny-trained models (issue 16 items 2 and 3): informative encoders against their random
+twins, the synthetic evaluator's classifier, reproducible builds and `pipeline models build`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from stages.common.synth import SEED_OFFSETS, SHAPES, render_clips, render_shape_clips, render_video
+
+# Margins (trained minus random twin, held-out probe accuracy, absolute) each informative encoder
+# must beat on the task it is meant for. Measured values: BENCHMARKS.md "Informative tiny encoders".
+VIDEOMAE_MOTION_MARGIN = 0.10
+DINO_SHAPE_MARGIN = 0.10
+
+
+def _short_recipe(seed: int = 0):
+    from stages.common.pretrain import PretrainConfig
+    from stages.common.synth_classifier import ClassifierConfig
+    from stages.common.trained import TrainedRecipe
+
+    return TrainedRecipe(
+        seed=seed,
+        pretrain_clips=8,
+        videomae=PretrainConfig(objective="mae", steps=2, batch_size=4, warmup=1),
+        dino=PretrainConfig(objective="distill", steps=2, batch_size=4, warmup=1),
+        classifier=ClassifierConfig(train_clips=8, test_clips=4, steps=2, batch_size=4),
+    )
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """The default recipe's models, built once per session (the demo's models)."""
+    from stages.common.trained import trained_models
+
+    return trained_models(tmp_path_factory.mktemp("trained"))
+
+
+@pytest.fixture(scope="session")
+def probes(trained, tmp_path_factory):
+    from stages.evaluate.probe import ProbeConfig, probe_models
+
+    return probe_models(trained, ProbeConfig())
+
+
+def test_in_memory_clips_use_their_own_seed_streams():
+    clips, labels = render_clips(3, 5, SEED_OFFSETS["probe"], classes=2, frames=4, size=32)
+    assert labels.tolist() == [0, 1, 0]
+    again = render_video(np.random.default_rng([5, SEED_OFFSETS["probe"] + 2]), 0, 4, 32)
+    np.testing.assert_array_equal(clips[2], again)
+    # the written dataset's video 0 (make_synthetic draws [seed, i]) is not among them
+    assert not np.array_equal(clips[0], render_video(np.random.default_rng([5, 0]), 0, 4, 32))
+    shapes_a, idx_a = render_shape_clips(12, 1, SEED_OFFSETS["probe_shape"], frames=3, size=32)
+    shapes_b, idx_b = render_shape_clips(12, 1, SEED_OFFSETS["probe_shape"], frames=3, size=32)
+    np.testing.assert_array_equal(shapes_a, shapes_b)
+    assert shapes_a.shape == (12, 3, 32, 32, 3) and set(idx_a.tolist()) == set(range(len(SHAPES)))
+
+
+def test_short_build_is_reproducible(tmp_path, one_thread):
+    from stages.common.trained import TRAINED_NAMES, trained_models
+
+    a = trained_models(tmp_path / "a", _short_recipe())
+    b = trained_models(tmp_path / "b", _short_recipe())
+    assert list(a) == list(TRAINED_NAMES)
+    assert {n: r["sha256"] for n, r in a.items()} == {n: r["sha256"] for n, r in b.items()}
+    assert a["videomae"]["sha256"] != a["random-videomae"]["sha256"]  # pretraining changed the weights
+    other = trained_models(tmp_path / "a", _short_recipe(seed=1))
+    assert other["dino"]["folder"] != a["dino"]["folder"]
+    assert other["dino"]["sha256"] != a["dino"]["sha256"]
+
+
+def test_random_twin_is_the_pretraining_start_and_loads_like_a_checkpoint(tmp_path):
+    from stages.common.encoders import load_encoder
+    from stages.common.trained import trained_models
+
+    rec = trained_models(tmp_path, _short_recipe(), names=["random-videomae", "random-dino"])
+    vm = load_encoder("videomae", rec["random-videomae"]["folder"])
+    dino = load_encoder("dino", rec["random-dino"]["folder"])
+    clip = torch.from_numpy(render_clips(1, 0, SEED_OFFSETS["probe"])[0])
+    assert vm.input_size == 64 and vm.features(clip).shape == (1, 4, 4, 4, 64)
+    assert dino.input_size == 56 and dino.features(clip).shape == (1, 8, 4, 4, 64)
+
+
+def test_a_cache_of_another_recipe_is_refused(tmp_path):
+    from stages.common.trained import RECIPE_FILE, trained_models
+
+    rec = trained_models(tmp_path, _short_recipe(), names=["random-dino"])
+    path = f"{rec['random-dino']['folder']}/{RECIPE_FILE}"
+    info = json.loads(open(path).read())
+    info["recipe"]["dino"]["steps"] = 999
+    open(path, "w").write(json.dumps(info))
+    with pytest.raises(ValueError, match="was built from another recipe"):
+        trained_models(tmp_path, _short_recipe(), names=["random-dino"])
+
+
+def test_classifier_holds_out_95_percent(trained):
+    from stages.common.synth_classifier import ClassifierConfig, classifier_data
+    from stages.evaluate.synth_eval import SynthEvaluator
+
+    rec = trained["classifier"]
+    assert rec["heldout_acc"] >= 0.95, rec
+    ev = SynthEvaluator.load(rec["folder"])
+    assert ev.sha256 == rec["sha256"]
+    test_clips, test_labels = classifier_data(ClassifierConfig())["test"]
+    ev.reference_stats(test_clips[:128])
+    res = ev.evaluate(test_clips[128:], test_labels[128:])
+    assert res["synth_class_acc"] >= 0.95
+    # wrong labels score low; noise videos are far from the real clips in feature space
+    wrong = ev.evaluate(test_clips[128:], (test_labels[128:] + 1) % 4)
+    assert wrong["synth_class_acc"] < 0.1
+    noise = np.random.default_rng(0).integers(0, 256, test_clips[128:].shape, dtype=np.uint8)
+    assert ev.evaluate(noise)["synth_frechet"] > 10 * res["synth_frechet"]
+
+
+def test_evaluator_input_rule(trained, tmp_path):
+    from stages.evaluate.synth_eval import SynthEvaluator
+
+    ev = SynthEvaluator.load(trained["classifier"]["folder"])
+    clips, labels = render_clips(16, 3, SEED_OFFSETS["classifier_test"] + 50_000, frames=12, size=96)
+    cache = tmp_path / "ref.npz"
+    ref = ev.reference_stats(clips, cache=cache)  # 12 frames at 96 px: first 8 frames, resized
+    assert cache.is_file() and ev.reference_stats(clips[:2], cache=cache).n == ref.n == 16
+    assert ev.evaluate(clips, labels)["synth_class_acc"] >= 0.8
+    with pytest.raises(ValueError, match="needs at least 8"):
+        ev.evaluate(clips[:, :4], labels)
+    with pytest.raises(ValueError, match=r"class indices in \[0, 4\)"):
+        ev.evaluate(clips, labels + 4)
+    with pytest.raises(FileNotFoundError, match="pipeline models build"):
+        SynthEvaluator.load(tmp_path)
+
+
+def test_informative_encoders_beat_their_random_twins(probes):
+    vm, vm_rand = probes["videomae"], probes["random-videomae"]
+    dino, dino_rand = probes["dino"], probes["random-dino"]
+    assert vm["motion"]["test_acc"] - vm_rand["motion"]["test_acc"] >= VIDEOMAE_MOTION_MARGIN, (vm, vm_rand)
+    assert dino["shape"]["test_acc"] - dino_rand["shape"]["test_acc"] >= DINO_SHAPE_MARGIN, (dino, dino_rand)
+    for r in probes.values():
+        assert r["iicr"]["intra"] is not None and r["iicr"]["inter_class"] is not None
+
+
+def test_models_build_command(tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    args = ["models", "build", "--out", str(tmp_path), "--pretrain-steps", "2", "--classifier-steps", "2",
+            "--probe-clips", "16"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "random-videomae" in result.output and "shape probe" in result.output
+    summary = next(tmp_path.rglob("models.json"))
+    assert set(json.loads(summary.read_text())["probes"]) == {
+        "videomae",
+        "random-videomae",
+        "dino",
+        "random-dino",
+    }
+    bad = CliRunner().invoke(main, ["models", "build", "--out", str(tmp_path), "--pretrain-steps", "0"])
+    assert bad.exit_code == 2 and "--pretrain-steps" in bad.output
