@@ -98,7 +98,7 @@ def test_a_cache_of_another_recipe_is_refused(tmp_path):
 
 def test_classifier_holds_out_95_percent(trained):
     from stages.common.synth_classifier import ClassifierConfig, classifier_data
-    from stages.evaluate.synth_eval import SynthEvaluator
+    from stages.common.synth_eval import SynthEvaluator
 
     rec = trained["classifier"]
     assert rec["heldout_acc"] >= 0.95, rec
@@ -116,7 +116,7 @@ def test_classifier_holds_out_95_percent(trained):
 
 
 def test_evaluator_input_rule(trained, tmp_path):
-    from stages.evaluate.synth_eval import SynthEvaluator
+    from stages.common.synth_eval import SynthEvaluator
 
     ev = SynthEvaluator.load(trained["classifier"]["folder"])
     clips, labels = render_clips(16, 3, SEED_OFFSETS["classifier_test"] + 50_000, frames=12, size=96)

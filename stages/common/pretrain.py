@@ -157,14 +157,15 @@ def videomae_initial(seed: int) -> Any:
 
 
 def pretrain_videomae(clips: np.ndarray, cfg: PretrainConfig) -> tuple[Any, dict[str, Any]]:
-    """VideoMAE's masked autoencoding on uint8 clips [N,8,64,64,3]; returns (VideoMAEModel, stats)."""
+    """VideoMAE's masked autoencoding on uint8 clips [N,8,H,W,3] (resized to its input as the encoder
+    loader does at extraction); returns (VideoMAEModel, stats)."""
     model = videomae_initial(cfg.seed).train()
     mc = model.config
     size, frames = int(mc.image_size), int(mc.num_frames)
-    if clips.shape[1:4] != (frames, size, size):
-        raise ValueError(f"videomae pretraining wants clips [N,{frames},{size},{size},3], got {clips.shape}")
+    if clips.ndim != 5 or clips.shape[1] != frames:
+        raise ValueError(f"videomae pretraining wants clips [N,{frames},H,W,3], got {clips.shape}")
     n = clips.shape[0]
-    data = normalise(torch.from_numpy(clips).reshape(-1, size, size, 3), size, "bilinear")
+    data = normalise(torch.from_numpy(clips).reshape(-1, *clips.shape[2:]), size, "bilinear")
     data = data.reshape(n, frames, 3, size, size)
     grid = size // int(mc.patch_size)
     slots = frames // int(mc.tubelet_size)

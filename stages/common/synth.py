@@ -350,6 +350,14 @@ def render_clips(
     return clips, labels
 
 
+def render_strided(
+    rng: np.random.Generator, label: int, frames: int, size: int, stride: int = 1, background: str = "textured"
+) -> np.ndarray:
+    """A clip as extraction cuts it from a video: ``frames`` frames taken every ``stride`` frames
+    (what `--stride` does), so objects move ``stride`` times as far per frame."""
+    return render_video(rng, label, (frames - 1) * stride + 1, size, background)[::stride]
+
+
 def render_shape_clip(rng: np.random.Generator, frames: int, size: int) -> tuple[np.ndarray, int]:
     """One object of a random shape drifting slowly over a textured background, for a per-frame
     shape probe: (uint8 [frames, size, size, 3], index into SHAPES). Bigger objects than

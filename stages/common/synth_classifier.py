@@ -1,5 +1,5 @@
 """A small video classifier of the built-in synthetic classes: the domain network of the
-synthetic evaluator (``stages.evaluate.synth_eval``), as a LeNet is for MNIST FID.
+synthetic evaluator (``stages.common.synth_eval``), as a LeNet is for MNIST FID.
 
 Why here (stages/common): the cached-model builder (``stages.common.trained``) trains it next to
 the encoders, and the evaluator loads it; neither stage imports the other.

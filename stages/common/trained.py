@@ -44,6 +44,9 @@ class TrainedRecipe:
 
     seed: int = 0
     pretrain_clips: int = 256
+    # the clips every model here is trained on: the demo's (32 px, every other frame, flat backgrounds)
+    clip_size: int = 32
+    clip_stride: int = 2
     videomae: PretrainConfig = field(
         default_factory=lambda: PretrainConfig(objective="mae", steps=200, mask_ratio=0.75, lr=1.5e-3)
     )
@@ -51,11 +54,12 @@ class TrainedRecipe:
         default_factory=lambda: PretrainConfig(objective="distill", steps=400, mask_ratio=0.5, lr=1e-3)
     )
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
-    render_kwargs: dict[str, Any] = field(default_factory=dict)
+    render_kwargs: dict[str, Any] = field(default_factory=lambda: {"background": "flat"})
 
     def __post_init__(self) -> None:
         for part in (self.videomae, self.dino, self.classifier):
             part.seed = self.seed
+        self.classifier.size = self.clip_size
 
     def as_dict(self) -> dict[str, Any]:
         return {"version": TRAINED_VERSION, **asdict(self)}
@@ -72,16 +76,17 @@ def default_base(root: str | Path | None, recipe: TrainedRecipe) -> Path:
 
 
 def _render(recipe: TrainedRecipe):
-    from stages.common.synth import render_video
+    from stages.common.synth import render_strided
 
-    return functools.partial(render_video, **recipe.render_kwargs) if recipe.render_kwargs else None
+    return functools.partial(render_strided, stride=recipe.clip_stride, **recipe.render_kwargs)
 
 
 def _pretrain_clips(recipe: TrainedRecipe):
     from stages.common.synth import MOTIONS, SEED_OFFSETS, render_clips
 
     clips, _ = render_clips(
-        recipe.pretrain_clips, recipe.seed, SEED_OFFSETS["pretrain"], len(MOTIONS), 8, 64, _render(recipe)
+        recipe.pretrain_clips, recipe.seed, SEED_OFFSETS["pretrain"], len(MOTIONS), 8, recipe.clip_size,
+        _render(recipe),
     )
     return clips
 
@@ -102,6 +107,16 @@ def _finish(model: Any, path: Path, recipe: TrainedRecipe, info: dict[str, Any])
     model.float().save_pretrained(path)
     info = {**info, "recipe": recipe.as_dict(), "sha256": weights_sha256(path)}
     (path / RECIPE_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _write_reference(folder: Path, recipe: TrainedRecipe) -> None:
+    """The evaluator's real-clip reference (feature mean / covariance of the classifier's held-out
+    clips), stored beside its weights so every user of the folder scores against the same stats."""
+    from stages.common.synth_classifier import classifier_data
+    from stages.common.synth_eval import REFERENCE_FILE, SynthEvaluator
+
+    clips, _ = classifier_data(recipe.classifier, _render(recipe))["test"]
+    SynthEvaluator.load(folder).reference_stats(clips, cache=folder / REFERENCE_FILE)
 
 
 def _builder(name: str, recipe: TrainedRecipe):
@@ -134,6 +149,8 @@ def _builder(name: str, recipe: TrainedRecipe):
             info = {"objective": "supervised", "steps": recipe.classifier.steps, "data": {"seed": recipe.seed,
                     "offsets": offsets}, **stats}  # fmt: skip
         _finish(model, path, recipe, {"name": name, **info, "wall_s": round(time.perf_counter() - t0, 2)})
+        if name == "classifier":
+            _write_reference(path, recipe)
 
     return build
 

@@ -10,7 +10,7 @@ gives two numbers, named so no one mistakes them for FVD:
   generated for ("does a drift_left sample drift left?");
 - ``synth_frechet``: |mu_r - mu_g|^2 + Tr(S_r + S_g - 2 (S_r S_g)^1/2) between the classifier's
   penultimate features of real clips (``reference_stats``) and of the videos
-  (``stages.evaluate.fvd.frechet_distance``). With fewer videos than the feature width (64) the
+  (``stages.common.fvd.frechet_distance``). With fewer videos than the feature width (64) the
   covariance is rank-deficient and the distance is biased upwards: compare runs at one count.
 
 Input rule: videos are uint8 [N, T, H, W, 3]. Frames: the first ``frames`` (the classifier's,
@@ -30,10 +30,11 @@ import numpy as np
 import torch
 
 from stages.common.encoders import resize_center_crop
+from stages.common.fvd import FeatureStats, frechet_distance, stats_from_features
 from stages.common.synth_classifier import SynthVideoClassifier
-from stages.evaluate.fvd import FeatureStats, frechet_distance, stats_from_features
 
 DETECTOR = "synth-classifier"
+REFERENCE_FILE = "reference.npz"  # the real clips' feature stats, written with the classifier
 
 
 class SynthEvaluator:
@@ -58,7 +59,10 @@ class SynthEvaluator:
             )
         recipe = folder / "recipe.json"
         sha = json.loads(recipe.read_text()).get("sha256", "") if recipe.is_file() else ""
-        return cls(SynthVideoClassifier.from_pretrained(folder), str(folder), sha)
+        evaluator = cls(SynthVideoClassifier.from_pretrained(folder), str(folder), sha)
+        if (folder / REFERENCE_FILE).is_file():
+            evaluator.reference_stats(None, cache=folder / REFERENCE_FILE)
+        return evaluator
 
     def _prepare(self, videos: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 [N,T,H,W,3] -> the classifier's input (input rule in the module doc)."""
@@ -116,7 +120,9 @@ class SynthEvaluator:
         "synth_frechet": Fréchet distance to the reference stats}."""
         reference = reference or self.reference
         if reference is None:
-            raise ValueError("no reference stats: call reference_stats(real_clips) first")
+            raise ValueError(
+                f"no reference stats: {self.folder} holds no {REFERENCE_FILE}; call reference_stats(real_clips) first"
+            )
         feats, preds = self._run(videos)
         if len(feats) < 2:
             raise ValueError(f"the synthetic Fréchet distance needs at least 2 videos, got {len(feats)}")
@@ -134,3 +140,10 @@ class SynthEvaluator:
             "synth_class_acc": acc,
             "synth_frechet": frechet_distance(reference.mu, reference.sigma, mu, sigma),
         }
+
+
+def default_evaluator_folder() -> str:
+    """The classifier folder of the default recipe (built by `pipeline models build` if missing)."""
+    from stages.common.trained import trained_models
+
+    return trained_models(names=["classifier"])["classifier"]["folder"]
