@@ -52,7 +52,7 @@ ARTIFACT_ENTRIES: dict[str, tuple[str, ...]] = {
         "extract_config.yaml",
     ),
     "shards": ("shard-*.tar", C.SHARD_INDEX, C.pca_file("*"), C.LATENTS_ONLY_DIR, "pack_config.yaml"),
-    "run": ("config.yaml", "log.jsonl", "checkpoints", "tensorboard", "samples", "loss.png"),
+    "run": ("config.yaml", "log.jsonl", "checkpoints", "tensorboard", "wandb", "samples", "loss.png"),
     "samples": ("videos", "videos.npz", "latents.npz", "grid.gif", "config.yaml", "summary.json"),
     "synth": ("class_*", "synth.json"),
     "evaluation": ("metrics.json", "*.npz"),

@@ -26,6 +26,7 @@ from stages.common import runtime
 from .align import alignment_active, parse_lambdas, schedule_weight
 from .config import TrainConfig, resume_changes
 from .data import DevicePrefetch, LoaderSpec, derive_seed, iterate_steps, latents_only, shard_urls
+from .lr import build_lr_scheduler, match_groups, restore_lr_scheduler
 from .report import RunLogger, write_samples
 from .state import TrainState, build_state, drop_alignment, load_state, save_state, wrap_ddp
 from .step import NonFiniteLoss, StepConfig, prepare_batch, train_step
@@ -196,9 +197,11 @@ def _start(cfg: TrainConfig, setup: RunSetup, info: runtime.DistInfo) -> tuple[T
     with_head = alignment_active(max(start, 1), cfg.align_until)
     dims = {n: int(e["dim"]) for n, e in setup.encoders.items()}
     state = build_state(cfg, setup.layout, dims, setup.lambdas, info.device, info.rank, with_head)
+    state.lr_scheduler = build_lr_scheduler(state.optimizer, cfg.lr_schedule, cfg.lr_warmup, cfg.steps)
     saved: dict[str, Any] = {}
     if setup.resume_from is not None:
         saved = load_state(setup.resume_from, state)
+        restore_lr_scheduler(state.lr_scheduler, saved.get("lr_scheduler"), state.step, cfg.lr)
         noise = saved.get("rng", {}).get("noise", [])
         if len(noise) == info.world_size:
             state.gen.set_state(noise[info.rank])
@@ -221,6 +224,7 @@ def _checkpoint(
         "rng": {"noise": noise, "torch": torch.get_rng_state()},
         "loader": {"seed": cfg.seed, "segment_steps": segment_steps, "world_size": info.world_size},
         "config": json.dumps(config),
+        "lr_scheduler": state.lr_scheduler.state_dict(),
     }
     if info.is_main:
         run.publish_checkpoint(state.step, lambda folder: save_state(folder, state, extra))
@@ -282,6 +286,7 @@ class Loop:
         cfg, step = self.cfg, state.step + 1
         if state.head is not None and not alignment_active(step, cfg.align_until):
             drop_alignment(state)
+            match_groups(state.lr_scheduler, state.optimizer)
         weights = _weights(cfg, self.setup, state, step)
         measure = state.head is not None and self.log_now(step)
         raw = next(self.batches)
@@ -305,7 +310,7 @@ class Loop:
         """Log, sample and checkpoint as scheduled (or when asked to stop); the log row, if any."""
         cfg, step, row = self.cfg, state.step, None
         if self.log_now(step):
-            row = self.logger.row(step, state.optimizer.param_groups[0]["lr"], weights or {})
+            row = self.logger.row(step, metrics.lr, weights or {})
         if self.vae is not None and step % cfg.sample_every == 0:
             write_samples(state.ema, self.vae, self.run, step, cfg, self.info.device, self.step_cfg.use_bf16)
             self.logger.restart_clock()
@@ -320,7 +325,8 @@ def _start_loop(cfg, setup: RunSetup, state: TrainState, saved: dict, config: di
     segment_steps = int(saved.get("loader", {}).get("segment_steps", cfg.checkpoint_every))
     full, lean = loader_specs(cfg, setup, segment_steps, pin=device.type == "cuda")
     batches = DevicePrefetch(iterate_steps(full, state.step, lean=lean, switch_after=cfg.align_until), device)
-    logger = RunLogger(run, info.is_main, cfg.batch_size * cfg.grad_accum * info.world_size, state.step)
+    logger = RunLogger(run, info.is_main, cfg.batch_size * cfg.grad_accum * info.world_size, state.step,
+                       cfg.report_to, config)  # fmt: skip
     vae = _load_vae(cfg, config["vae_spec"], device) if info.is_main else None
     loop = Loop(cfg, setup, info, run, config, segment_steps, batches, step_config(cfg, setup, info), logger,
                 StopFlag(), vae)  # fmt: skip

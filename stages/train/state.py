@@ -39,6 +39,7 @@ class TrainState:
     step: int = 0
     ddp_model: nn.Module | None = None  # DistributedDataParallel wrappers under torchrun
     ddp_head: nn.Module | None = None
+    lr_scheduler: Any = None  # torch LambdaLR from diffusers' get_scheduler (lr.py), stepped per step
 
     def parameters(self) -> list[nn.Parameter]:
         """What the optimizer updates (and gradient clipping sees)."""
