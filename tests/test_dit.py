@@ -6,7 +6,9 @@ import pytest
 import torch
 from helpers import randomize_zero_inits, tiny_dit
 
-from stages.common.dit import MODEL_SIZES, VideoDiT, build_video_dit, default_align_depth, sincos_2d
+from stages.common.dit import VideoDiT, default_align_depth, sincos_2d
+from stages.common.dit_sizes import build_video_dit
+from stages.common.registry import MODEL_SIZES
 
 torch.set_num_threads(1)
 

@@ -22,7 +22,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from stages.common.registry import MODEL_SIZES  # name -> (hidden size, depth, heads)
+# This module imports nothing else of this package: `pipeline export` ships it as-is beside the
+# weights, so a trained model loads with diffusers alone (named sizes: stages/common/dit_sizes.py).
 
 
 def default_align_depth(depth: int) -> int:
@@ -250,7 +251,8 @@ class VideoDiT(ModelMixin, ConfigMixin):
         y = y.long()
         if y.shape != (batch,):
             raise ValueError(f"y must have shape [{batch}], got {tuple(y.shape)}")
-        if torch.any((y < 0) | (y > null)):
+        # (a data-dependent check: skipped inside torch.compile, where it would break the graph)
+        if not torch.compiler.is_compiling() and torch.any((y < 0) | (y > null)):
             raise ValueError(f"class labels must lie in [0, {null}] ({null} = null class), got {y.tolist()}")
         if force_drop_ids is not None:
             drop = force_drop_ids.to(y.device).bool()
@@ -314,21 +316,3 @@ class VideoDiT(ModelMixin, ConfigMixin):
         out = out.reshape(b, frames, gh, gw, p, p, self.out_channels)
         out = out.permute(0, 6, 1, 2, 4, 3, 5).reshape(b, self.out_channels, frames, height, width)
         return out if return_hidden_at is None else (out, hidden)
-
-
-def build_video_dit(name: str, **config) -> VideoDiT:
-    """A VideoDiT of a named size ("S/2", "B/2", "L/2", "XL/2", "tiny"); `config` sets the rest.
-
-    Pass `gradient_checkpointing=True` to enable activation checkpointing (not stored in config).
-    """
-    if name not in MODEL_SIZES:
-        raise ValueError(f"unknown VideoDiT size {name!r}; known: {', '.join(MODEL_SIZES)}")
-    checkpointing = bool(config.pop("gradient_checkpointing", False))
-    hidden, depth, heads = MODEL_SIZES[name]
-    patch = int(name.split("/")[1]) if "/" in name else 2
-    values = {"hidden_size": hidden, "depth": depth, "num_heads": heads, "patch_size": patch}
-    values.update(config)
-    model = VideoDiT(**values)
-    if checkpointing:
-        model.enable_gradient_checkpointing()
-    return model

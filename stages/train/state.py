@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cache_schema import run as R
-from stages.common.dit import VideoDiT, build_video_dit, default_align_depth
+from stages.common.dit import VideoDiT, default_align_depth
+from stages.common.dit_sizes import build_video_dit
 
 from .align import AlignmentHead
 from .config import TrainConfig
