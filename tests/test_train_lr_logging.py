@@ -181,3 +181,20 @@ def test_report_to_wandb_without_wandb_is_refused_before_anything_runs(
     assert result.exit_code == 2, result.output
     assert "Error: report_to: wandb is not installed; install the extra" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_a_new_lr_on_resume_is_the_new_peak_and_older_checkpoints_resume(
+    shards: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    common = dict(lr_schedule="linear", lr_warmup=0, steps=4, checkpoint_every=2, report_to="none")
+    train(tiny(shards, run, **{**common, "steps": 4}), progress=False)
+    split = crashed_copy(run, tmp_path / "split", 2)
+    # a checkpoint written before the schedule was saved: the schedule continues from its step
+    state_file = split / "checkpoints" / "step-0000002" / "train_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    del state["lr_scheduler"]
+    torch.save(state, state_file)
+    train(tiny(shards, split, resume=True, **{**common, "lr": 5e-4}), progress=False)
+    assert lrs(split)[:2] == lrs(run)[:2]
+    np.testing.assert_allclose(lrs(split)[2:], [5e-4 * diffusers_lambda("linear", s, 0, 4) for s in (2, 3)])

@@ -24,6 +24,7 @@ from cache_schema.formats import basis_tensors
 from stages.common import runtime
 
 from .align import alignment_active, parse_lambdas, schedule_weight
+from .compiled import compile_state
 from .config import TrainConfig, resume_changes
 from .data import DevicePrefetch, LoaderSpec, derive_seed, iterate_steps, latents_only, shard_urls
 from .lr import build_lr_scheduler, match_groups, restore_lr_scheduler
@@ -211,6 +212,8 @@ def _start(cfg: TrainConfig, setup: RunSetup, info: runtime.DistInfo) -> tuple[T
                 f"resumed on {info.world_size} ranks from {len(noise)}; noise streams reseeded"
             )
         torch.set_rng_state(saved["rng"]["torch"])
+    if cfg.compile:
+        compile_state(state)
     if info.distributed:
         wrap_ddp(state, info.device)
     return state, saved
