@@ -209,7 +209,8 @@ def _start(cfg: TrainConfig, setup: RunSetup, info: runtime.DistInfo) -> tuple[T
         else:
             state.gen.manual_seed(derive_seed("noise", cfg.seed, info.rank, state.step))
             setup.notes.append(
-                f"resumed on {info.world_size} ranks from {len(noise)}; noise streams reseeded"
+                f"resumed on {info.world_size} ranks from {len(noise)}; noise streams reseeded, and the "
+                "data order restarts on the new split of shards across ranks (not the uninterrupted order)"
             )
         torch.set_rng_state(saved["rng"]["torch"])
     if cfg.compile:
