@@ -4,7 +4,8 @@
     RUN/config.yaml            the resolved training config, plus `vae_spec`: the shards' VAE
                                (id, kind, scale, ...), so sampling decodes with the right VAE
     RUN/log.jsonl              one JSON row per log step (LOG_FIELDS)
-    RUN/tensorboard/           TensorBoard events
+    RUN/tensorboard/           TensorBoard events (--report-to tensorboard)
+    RUN/wandb/                 Weights & Biases files and run id (--report-to wandb)
     RUN/loss.png               loss curves
     RUN/samples/               periodic sample GIF grids (step-XXXXXXX.gif)
     RUN/checkpoints/step-XXXXXXX/
@@ -39,6 +40,7 @@ LOG_FILE = "log.jsonl"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 TENSORBOARD = "tensorboard"
+WANDB = "wandb"
 SAMPLES = "samples"
 LOSS_PLOT = "loss.png"
 MODEL_WEIGHTS = "model"
@@ -99,6 +101,10 @@ class RunDir:
     @property
     def tensorboard(self) -> Path:
         return self.path / TENSORBOARD
+
+    @property
+    def wandb(self) -> Path:
+        return self.path / WANDB
 
     @property
     def loss_plot(self) -> Path:

@@ -35,6 +35,11 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "Stage two: train a VideoDiT from shards alone (no encoders).",
     ),
     "sample": ("pipeline.commands.sample", "sample", "Generate videos from a trained run or checkpoint."),
+    "export": (
+        "pipeline.commands.export",
+        "export",
+        "A run's checkpoint as a diffusers pipeline folder (loads without align4gen).",
+    ),
     "evaluate": (
         "pipeline.commands.evaluate",
         "evaluate",

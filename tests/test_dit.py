@@ -6,7 +6,9 @@ import pytest
 import torch
 from helpers import randomize_zero_inits, tiny_dit
 
-from stages.common.dit import MODEL_SIZES, VideoDiT, build_video_dit, default_align_depth, sincos_2d
+from stages.common.dit import VideoDiT, default_align_depth, sincos_2d
+from stages.common.dit_sizes import build_video_dit
+from stages.common.registry import MODEL_SIZES
 
 torch.set_num_threads(1)
 
@@ -212,3 +214,10 @@ def test_sample_prediction_returns_jit_velocity():
     assert as_sample.config.prediction == "sample"
     with pytest.raises(ValueError, match="prediction"):
         tiny_dit(prediction="epsilon", **kwargs)
+
+
+def test_predictions_of_the_standalone_model_module_match_the_registry():
+    """dit.py imports nothing of the package (`pipeline export` ships it), so it writes the tuple too."""
+    from stages.common import dit, registry
+
+    assert dit.PREDICTIONS == registry.PREDICTIONS

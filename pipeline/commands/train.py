@@ -10,10 +10,12 @@ from stages.common.registry import (
     ALIGN_SCHEDULES,
     DEFAULT_MODEL,
     DEVICE_HELP,
+    LR_SCHEDULES,
     MODEL_SIZES,
     ON_CORRUPT,
     PREDICTIONS,
     PROJECTORS,
+    REPORT_TO,
     TARGET_NORMS,
 )
 from stages.train.config import PRESETS, TIME_SCHEDULES, TrainConfig
@@ -81,9 +83,26 @@ def _d(name: str) -> str:
     type=str,
     help="Continue RUN from this checkpoint (step-XXXXXXX) instead of its latest, e.g. when the latest is damaged.",
 )
-@click.option("--lr", type=float, help=f"AdamW learning rate [{_d('lr')}].")
+@click.option("--lr", type=float, help=f"AdamW (peak) learning rate [{_d('lr')}].")
+@click.option(
+    "--lr-schedule",
+    type=click.Choice(LR_SCHEDULES),
+    help=f"Learning rate over steps, diffusers' get_scheduler shapes [{_d('lr_schedule')}].",
+)
+@click.option("--lr-warmup", type=int, help=f"Steps of linear warm-up from 0 [{_d('lr_warmup')}].")
 @click.option("--weight-decay", type=float, help=f"AdamW weight decay [{_d('weight_decay')}].")
 @click.option("--grad-clip", type=float, help=f"Gradient norm clip; 0 = off [{_d('grad_clip')}].")
+@click.option(
+    "--report-to",
+    type=click.Choice(REPORT_TO),
+    help=f"Where log rows also go (wandb: pip install 'align4gen[wandb]') [{_d('report_to')}].",
+)
+@click.option(
+    "--compile/--no-compile",
+    "compile_model",
+    default=None,
+    help="torch.compile the model's forward and the projectors [off].",
+)
 @click.option("--ema", type=float, help=f"EMA decay [{_d('ema')}].")
 @click.option(
     "--ema-warmup/--no-ema-warmup",
@@ -140,6 +159,7 @@ def train(config_file, overrides, preset, **flags):
     from pipeline.commands.common import cli_errors, resolve_stage_config
     from stages.train import train as run_train
 
+    flags["compile"] = flags.pop("compile_model")
     if flags.get("encoders") is not None:
         flags["encoders"] = [e.strip() for e in flags["encoders"].split(",") if e.strip()]
     base = PRESETS.get(preset or "", {})

@@ -30,7 +30,11 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from stages.common.registry import MODEL_SIZES, PREDICTIONS  # sizes: name -> (hidden, depth, heads)
+# This module imports nothing else of this package: `pipeline export` ships it as-is beside the
+# weights, so a trained model loads with diffusers alone (named sizes: stages/common/dit_sizes.py).
+# Kept equal to stages.common.registry.PREDICTIONS (a test checks it): this module imports nothing
+# of the package, so the tuple is written here too.
+PREDICTIONS = ("velocity", "sample")
 
 
 def default_align_depth(depth: int) -> int:
@@ -262,7 +266,8 @@ class VideoDiT(ModelMixin, ConfigMixin):
         y = y.long()
         if y.shape != (batch,):
             raise ValueError(f"y must have shape [{batch}], got {tuple(y.shape)}")
-        if torch.any((y < 0) | (y > null)):
+        # (a data-dependent check: skipped inside torch.compile, where it would break the graph)
+        if not torch.compiler.is_compiling() and torch.any((y < 0) | (y > null)):
             raise ValueError(f"class labels must lie in [0, {null}] ({null} = null class), got {y.tolist()}")
         if force_drop_ids is not None:
             drop = force_drop_ids.to(y.device).bool()
@@ -328,21 +333,3 @@ class VideoDiT(ModelMixin, ConfigMixin):
         if cfg.prediction == "sample":  # x0_hat -> velocity (JiT's v from its x-prediction)
             out = (x - out) / t.to(out.dtype).clamp_min(cfg.t_eps).reshape(b, 1, 1, 1, 1)
         return out if return_hidden_at is None else (out, hidden)
-
-
-def build_video_dit(name: str, **config) -> VideoDiT:
-    """A VideoDiT of a named size ("S/2", "B/2", "L/2", "XL/2", "tiny"); `config` sets the rest.
-
-    Pass `gradient_checkpointing=True` to enable activation checkpointing (not stored in config).
-    """
-    if name not in MODEL_SIZES:
-        raise ValueError(f"unknown VideoDiT size {name!r}; known: {', '.join(MODEL_SIZES)}")
-    checkpointing = bool(config.pop("gradient_checkpointing", False))
-    hidden, depth, heads = MODEL_SIZES[name]
-    patch = int(name.split("/")[1]) if "/" in name else 2
-    values = {"hidden_size": hidden, "depth": depth, "num_heads": heads, "patch_size": patch}
-    values.update(config)
-    model = VideoDiT(**values)
-    if checkpointing:
-        model.enable_gradient_checkpointing()
-    return model

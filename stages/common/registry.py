@@ -47,6 +47,13 @@ def train_rate(model: str) -> float:
     return H100_BF16_PEAK_TFLOPS * ASSUMED_MFU / TRAIN_TFLOP_PER_CLIP[model]
 
 
+# --------------------------------------------------------------------------- training
+
+# learning-rate schedules (diffusers.optimization.get_scheduler's definitions, stages/train/lr.py)
+LR_SCHEDULES = ("constant", "linear", "cosine")
+# where every log.jsonl row also goes (stages/train/trackers.py); wandb is an optional extra
+REPORT_TO = ("tensorboard", "wandb", "none")
+
 # --------------------------------------------------------------------------- samplers
 
 SAMPLER_NAMES = ("euler", "heun", "euler-maruyama")

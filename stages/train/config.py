@@ -8,10 +8,12 @@ from typing import Any
 from stages.common.registry import (
     ALIGN_SCHEDULES,
     DEFAULT_MODEL,
+    LR_SCHEDULES,
     MODEL_SIZES,
     ON_CORRUPT,
     PREDICTIONS,
     PROJECTORS,
+    REPORT_TO,
     TARGET_NORMS,
 )
 from stages.common.runtime import check_device
@@ -48,7 +50,11 @@ RESUME_FIXED = (
     "eval_steps",
     "eval_cfg",
     "eval_metric",
+    "lr_schedule",
+    "lr_warmup",
 )
+# A schedule that decays over the run's steps (lr.py) also fixes the number of steps.
+STEPS_FIXED_BY = ("linear", "cosine")
 
 
 @dataclass
@@ -61,6 +67,7 @@ class TrainConfig:
     model: str = DEFAULT_MODEL
     class_dropout: float = 0.1
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the model's forward and the projectors (compiled.py)
     # alignment (REPA; schedules after HASTE/CREPA; target norm and conv projector after iREPA)
     align_lambda: float | str = 0.5  # CLI --lambda: one number, or "dino=0.5,sam2=0.25"; 0 = off
     align_schedule: str = "constant"
@@ -79,7 +86,9 @@ class TrainConfig:
     steps: int = 400_000
     batch_size: int = 32  # per rank, per micro-step
     grad_accum: int = 1
-    lr: float = 1e-4
+    lr: float = 1e-4  # the peak: lr_schedule scales it (diffusers' get_scheduler)
+    lr_schedule: str = "constant"
+    lr_warmup: int = 0  # optimizer steps of linear warm-up from 0
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # 0 = off
     ema: float = 0.9999
@@ -91,6 +100,7 @@ class TrainConfig:
     on_corrupt: str = "stop"
     # bookkeeping
     log_every: int = 100
+    report_to: str = "tensorboard"  # every log.jsonl row also goes here (trackers.py)
     checkpoint_every: int = 5000
     keep_checkpoints: int | None = None  # None: keep every checkpoint
     sample_every: int = 5000
@@ -148,6 +158,11 @@ class TrainConfig:
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (
+                self.lr_schedule in LR_SCHEDULES,
+                f"lr_schedule: {self.lr_schedule!r} is not one of {' | '.join(LR_SCHEDULES)}",
+            ),
+            (self.lr_warmup >= 0, f"lr_warmup must be >= 0, got {self.lr_warmup}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
             (self.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}"),
             (0.0 <= self.ema < 1.0, f"ema must be in [0, 1), got {self.ema}"),
@@ -155,6 +170,10 @@ class TrainConfig:
             (self.shuffle_buffer >= 1, f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}"),
             (self.on_corrupt in ON_CORRUPT, f"on_corrupt: {self.on_corrupt!r} not in {ON_CORRUPT}"),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
+            (
+                self.report_to in REPORT_TO,
+                f"report_to: {self.report_to!r} is not one of {' | '.join(REPORT_TO)}",
+            ),
             (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
             (self.keep_checkpoints is None or self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
             (self.sample_every >= 0, f"sample_every must be >= 0 (0 = never), got {self.sample_every}"),
@@ -173,6 +192,9 @@ class TrainConfig:
             if not ok:
                 raise ValueError(message)
         check_device(self.device)
+        from .trackers import check_tracker
+
+        check_tracker(self.report_to)
         from .align import parse_lambdas
 
         parse_lambdas(self.align_lambda, list(self.encoders) or _names_in(self.align_lambda))
@@ -213,6 +235,11 @@ def resume_changes(previous: dict[str, Any], cfg: TrainConfig) -> list[str]:
             old, new = list(old or []), list(new or [])
         if str(old) != str(new):
             changed.append(f"{key} (run: {previous[key]!r}, now: {now[key]!r})")
+    if cfg.lr_schedule in STEPS_FIXED_BY and "steps" in previous and int(previous["steps"]) != cfg.steps:
+        changed.append(
+            f"steps (run: {previous['steps']}, now: {cfg.steps}; the {cfg.lr_schedule} learning-rate "
+            "schedule decays over them)"
+        )
     return changed
 
 

@@ -28,9 +28,11 @@ from stages.common import runtime
 from stages.common.progress import tqdm
 
 from .align import alignment_active, parse_lambdas, schedule_weight
+from .compiled import compile_state
 from .config import TrainConfig, resume_changes, steps_below_resume
 from .data import DevicePrefetch, LoaderSpec, derive_seed, iterate_steps, latents_only, shard_urls
 from .evaluation import EvalSettings, PeriodicEval
+from .lr import build_lr_scheduler, match_groups, restore_lr_scheduler
 from .report import RunLogger, write_samples
 from .state import TrainState, build_state, drop_alignment, load_state, save_state, wrap_ddp
 from .step import NonFiniteLoss, StepConfig, prepare_batch, train_step
@@ -253,18 +255,23 @@ def _start(cfg: TrainConfig, setup: RunSetup, info: runtime.DistInfo) -> tuple[T
     with_head = alignment_active(max(start, 1), cfg.align_until)
     dims = {n: int(e["dim"]) for n, e in setup.encoders.items()}
     state = build_state(cfg, setup.layout, dims, setup.lambdas, info.device, info.rank, with_head)
+    state.lr_scheduler = build_lr_scheduler(state.optimizer, cfg.lr_schedule, cfg.lr_warmup, cfg.steps)
     saved: dict[str, Any] = {}
     if setup.resume_from is not None:
         saved = _load(RunDir(cfg.out), setup.resume_from, state)
+        restore_lr_scheduler(state.lr_scheduler, saved.get("lr_scheduler"), state.step, cfg.lr)
         noise = saved.get("rng", {}).get("noise", [])
         if len(noise) == info.world_size:
             state.gen.set_state(noise[info.rank])
         else:
             state.gen.manual_seed(derive_seed("noise", cfg.seed, info.rank, state.step))
             setup.notes.append(
-                f"resumed on {info.world_size} ranks from {len(noise)}; noise streams reseeded"
+                f"resumed on {info.world_size} ranks from {len(noise)}; noise streams reseeded, and the "
+                "data order restarts on the new split of shards across ranks (not the uninterrupted order)"
             )
         torch.set_rng_state(saved["rng"]["torch"])
+    if cfg.compile:
+        compile_state(state)
     if info.distributed:
         wrap_ddp(state, info.device)
     return state, saved
@@ -299,6 +306,7 @@ def _checkpoint(
         "rng": {"noise": noise, "torch": torch.get_rng_state()},
         "loader": {"seed": cfg.seed, "segment_steps": segment_steps, "world_size": info.world_size},
         "config": json.dumps(config),
+        "lr_scheduler": state.lr_scheduler.state_dict(),
     }
     if info.is_main:
         full = None
@@ -376,6 +384,7 @@ class Loop:
         cfg, step = self.cfg, state.step + 1
         if state.head is not None and not alignment_active(step, cfg.align_until):
             drop_alignment(state)
+            match_groups(state.lr_scheduler, state.optimizer)
         weights = _weights(cfg, self.setup, state, step)
         measure = state.head is not None and self.log_now(step)
         raw = next(self.batches)
@@ -401,7 +410,7 @@ class Loop:
         cfg, step, row = self.cfg, state.step, None
         if self.log_now(step):
             scores = self._evaluate(state, step)
-            row = self.logger.row(step, state.optimizer.param_groups[0]["lr"], weights or {}, scores)
+            row = self.logger.row(step, metrics.lr, weights or {}, scores)
         if self.vae is not None and cfg.sample_every and step % cfg.sample_every == 0:
             write_samples(state.ema, self.vae, self.run, step, cfg, self.info.device, self.step_cfg.use_bf16)
             self.logger.restart_clock()
@@ -425,7 +434,8 @@ def _start_loop(cfg, setup: RunSetup, state: TrainState, saved: dict, config: di
     segment_steps = int(saved.get("loader", {}).get("segment_steps", cfg.checkpoint_every))
     full, lean = loader_specs(cfg, setup, segment_steps, pin=device.type == "cuda")
     batches = DevicePrefetch(iterate_steps(full, state.step, lean=lean, switch_after=cfg.align_until), device)
-    logger = RunLogger(run, info.is_main, cfg.batch_size * cfg.grad_accum * info.world_size, state.step)
+    logger = RunLogger(run, info.is_main, cfg.batch_size * cfg.grad_accum * info.world_size, state.step,
+                       cfg.report_to, config)  # fmt: skip
     vae = _load_vae(cfg, config["vae_spec"], device) if info.is_main else None
     step_cfg = step_config(cfg, setup, info)
     evaluate = None

@@ -15,15 +15,19 @@ from cache_schema import RunDir
 class RunLogger:
     """Averages step metrics over a log window and writes one row per log step (rank 0)."""
 
-    def __init__(self, run: RunDir, enabled: bool, samples_per_step: int, start_step: int) -> None:
-        self.run, self.enabled, self.samples_per_step = run, enabled, samples_per_step
-        self.writer = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
+    def __init__(
+        self,
+        run: RunDir,
+        enabled: bool,
+        samples_per_step: int,
+        start_step: int,
+        report_to: str = "tensorboard",
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        from .trackers import NoTracker, make_tracker
 
-            self.writer = SummaryWriter(
-                str(run.tensorboard), purge_step=start_step + 1 if start_step else None
-            )
+        self.run, self.enabled, self.samples_per_step = run, enabled, samples_per_step
+        self.tracker = make_tracker(report_to, run, start_step, config or {}) if enabled else NoTracker()
         self.skipped: list[str] = []
         self.skipped_total = 0
         self.last_row: dict[str, Any] = {}
@@ -75,26 +79,14 @@ class RunLogger:
             row["eval"] = dict(scores)
         if self.enabled:
             self.run.append_log(row)
-            self._scalars(row)
+            self.tracker.log(row)
         self.skipped = []
         self.last_row = row
         self.reset()
         return row
 
-    def _scalars(self, row: dict[str, Any]) -> None:
-        step = row["step"]
-        for key in ("loss", "flow_loss", "align_loss", "lr", "grad_norm", "samples_per_s"):
-            self.writer.add_scalar(f"train/{key}", row[key], step)
-        for name, value in row["cos_sim"].items():
-            self.writer.add_scalar(f"align/cos_{name}", value, step)
-        for name, value in row["align_weight"].items():
-            self.writer.add_scalar(f"align/weight_{name}", value, step)
-        for name, value in (row.get("eval") or {}).items():
-            self.writer.add_scalar(f"eval/{name}", value, step)
-
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        self.tracker.close()
         if self.enabled:
             plot_losses(self.run.read_log(), self.run.loss_plot)
 

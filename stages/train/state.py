@@ -24,7 +24,8 @@ from torch import nn
 
 from cache_schema import run as R
 from cache_schema.checkpoint import CheckpointError, verify_checkpoint
-from stages.common.dit import VideoDiT, build_video_dit, default_align_depth
+from stages.common.dit import VideoDiT, default_align_depth
+from stages.common.dit_sizes import build_video_dit
 from stages.common.runtime import is_disk_full
 
 from .align import AlignmentHead
@@ -45,6 +46,7 @@ class TrainState:
     step: int = 0
     ddp_model: nn.Module | None = None  # DistributedDataParallel wrappers under torchrun
     ddp_head: nn.Module | None = None
+    lr_scheduler: Any = None  # torch LambdaLR from diffusers' get_scheduler (lr.py), stepped per step
 
     def parameters(self) -> list[nn.Parameter]:
         """What the optimizer updates (and gradient clipping sees)."""

@@ -57,6 +57,7 @@ class StepMetrics:
     grad_norm: float
     cos: dict[str, float]
     stop_requested: bool
+    lr: float = math.nan  # the learning rate this step ran at (of the model's param group)
 
 
 def prepare_batch(batch: dict[str, Any], cfg: StepConfig, with_targets: bool = True) -> dict[str, Any]:
@@ -174,8 +175,11 @@ def train_step(
             f"non-finite loss at step {state.step + 1} (loss={metrics.loss}, flow={metrics.flow_loss}, "
             f"align={metrics.align_loss}, grad_norm={metrics.grad_norm}); stopped without updating the weights"
         )
+    metrics.lr = float(state.optimizer.param_groups[0]["lr"])
     state.optimizer.step()
     state.optimizer.zero_grad(set_to_none=True)
+    if state.lr_scheduler is not None:
+        state.lr_scheduler.step()
     update_ema(state.ema, state.model, ema_decay_at(state.step + 1, cfg.ema_decay, cfg.ema_warmup))
     state.step += 1
     return metrics
