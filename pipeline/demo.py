@@ -146,7 +146,7 @@ def _models(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
 
 
 def _model_summary(record: dict[str, Any]) -> dict[str, Any]:
-    keep = ("objective", "steps", "seconds", "sha256", "heldout_accuracy", "folder")
+    keep = ("objective", "steps", "wall_s", "sha256", "heldout_acc", "folder")
     return {k: record[k] for k in keep if k in record}
 
 
@@ -209,8 +209,8 @@ def _sample_and_score(cfg: DemoConfig, out: Path, name: str, evaluator: str) -> 
     """`pipeline sample --run` (decoded with the run's own autoencoder), then the synthetic-domain
     evaluator on the videos it wrote."""
     import numpy as np
-    from stages.common.synth_eval import SynthEvaluator
 
+    from stages.common.synth_eval import SynthEvaluator
     from stages.sample import SampleConfig, run_sample
 
     run = out / "runs" / name

@@ -122,7 +122,7 @@ def _tables(r: DemoResult) -> dict[str, tuple[list[str], list[list]]]:
         [name, _fmt(s.get("synth_class_acc"), 3), _fmt(s.get("synth_frechet"), 4)]
         for name, s in r.scores.items()
     ]
-    model_rows = [[name, m.get("objective", "supervised"), _fmt(m.get("steps")), _fmt(m.get("heldout_accuracy"), 3),
+    model_rows = [[name, m.get("objective", "supervised"), _fmt(m.get("steps")), _fmt(m.get("heldout_acc"), 3),
                    str(m.get("sha256", ""))[:12]] for name, m in r.models.items()]  # fmt: skip
     iicr_rows = [[name, x["dim"], _fmt(x.get("intra"), 3), _fmt(x.get("inter_video"), 3), _fmt(x.get("iicr_video"), 3)]
                  for name, x in r.iicr["encoders"].items()]  # fmt: skip

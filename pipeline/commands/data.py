@@ -7,6 +7,8 @@ from collections import Counter
 
 import click
 
+from stages.common.synth import BACKGROUNDS
+
 
 @click.group(name="data")
 def data() -> None:
@@ -24,13 +26,28 @@ def data() -> None:
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed (same seed, same pixels).")
 @click.option("--fps", default=8, show_default=True, type=click.IntRange(min=1), help="Frames per second.")
 @click.option(
+    "--background",
+    default=BACKGROUNDS[0],
+    show_default=True,
+    type=click.Choice(BACKGROUNDS),
+    help="textured: noise fields or stripes; flat: a two-colour gradient (the demo's).",
+)
+@click.option(
     "--overwrite", is_flag=True, default=False, help="Replace a synthetic set in --out (its own files only)."
 )
 def synth(
-    out: str, videos: int, classes: int, frames: int, size: int, seed: int, fps: int, overwrite: bool
+    out: str,
+    videos: int,
+    classes: int,
+    frames: int,
+    size: int,
+    seed: int,
+    fps: int,
+    background: str,
+    overwrite: bool,
 ) -> None:
     """Write the synthetic dataset: H.264 mp4 files in class subfolders (UCF-101 layout),
-    shapes moving with class-dependent motion over textured backgrounds."""
+    shapes moving with class-dependent motion over textured or flat backgrounds."""
     from pathlib import Path
 
     from stages.common.synth import make_synthetic
@@ -47,6 +64,7 @@ def synth(
             size=size,
             seed=seed,
             fps=fps,
+            background=background,
             overwrite=overwrite,
         )
     except ValueError as exc:  # includes a refused --out (cache_schema.OutputError)
