@@ -64,7 +64,7 @@ def test_a_running_training_is_named_by_pack_overwrite(store: Path, tmp_path: Pa
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], env=subprocess_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
-        deadline = time.time() + 180
+        deadline = time.time() + 600  # a fresh interpreter importing torch on a busy machine
         while time.time() < deadline and not live_readers(shards) and proc.poll() is None:
             time.sleep(0.1)
         assert live_readers(shards), proc.stderr.read() if proc.poll() is not None else "no reader file"

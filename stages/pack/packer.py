@@ -15,7 +15,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,12 +82,22 @@ def clip_sample(
     return with_checksum(sample)
 
 
-class _HashingWriter(io.RawIOBase):
-    """File wrapper that hashes and counts what passes through (one read of the data); a full
-    disk is reported with the file's name (the OS error of a write names none)."""
+@contextlib.contextmanager
+def _naming(path: str) -> Iterator[None]:
+    """A full disk reported with the file's name (the OS error of a write or a flush names none)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename or not is_disk_full(exc):
+            raise
+        raise OSError(exc.errno, exc.strerror, path) from exc
 
-    def __init__(self, raw, path: str) -> None:
-        self.raw, self.path, self.size, self._hash = raw, path, 0, hashlib.sha256()
+
+class _HashingWriter(io.RawIOBase):
+    """File wrapper that hashes and counts what passes through (one read of the data)."""
+
+    def __init__(self, raw) -> None:
+        self.raw, self.size, self._hash = raw, 0, hashlib.sha256()
 
     def writable(self) -> bool:
         return True
@@ -95,12 +105,7 @@ class _HashingWriter(io.RawIOBase):
     def write(self, data) -> int:
         self._hash.update(data)
         self.size += len(data)
-        try:
-            self.raw.write(data)
-        except OSError as exc:
-            if exc.filename or not is_disk_full(exc):
-                raise
-            raise OSError(exc.errno, exc.strerror, self.path) from exc
+        self.raw.write(data)
         return len(data)
 
 
@@ -111,12 +116,14 @@ class TarSink:
         import webdataset as wds
 
         self.path, self.count = path, 0
-        self._file = fsspec.open(path, "wb").open()
-        self._hashing = _HashingWriter(self._file, path)
+        with _naming(path):
+            self._file = fsspec.open(path, "wb").open()
+        self._hashing = _HashingWriter(self._file)
         self._tar = wds.TarWriter(self._hashing, encoder=False, mtime=0.0)
 
     def write(self, sample: dict[str, Any]) -> None:
-        self._tar.write(sample)
+        with _naming(self.path):
+            self._tar.write(sample)
         self.count += 1
 
     def abort(self) -> None:
@@ -131,8 +138,9 @@ class TarSink:
             self._file.close()
 
     def close(self) -> dict[str, Any]:
-        self._tar.close()
-        self._file.close()
+        with _naming(self.path):
+            self._tar.close()
+            self._file.close()
         return {
             "name": self.path.rstrip("/").rsplit("/", 1)[-1],
             "samples": self.count,
@@ -220,7 +228,8 @@ def shard_index(layout: dict[str, Any], entries: list[dict[str, Any]], **extra: 
 
 
 def write_index(out: str, index: dict[str, Any]) -> None:
-    with fsspec.open(f"{out.rstrip('/')}/{C.SHARD_INDEX}", "w") as fh:
+    path = f"{out.rstrip('/')}/{C.SHARD_INDEX}"
+    with _naming(path), fsspec.open(path, "w") as fh:
         json.dump(index, fh, indent=2)
 
 
