@@ -1,7 +1,8 @@
-"""Soak test (not part of CI): kill -9 extract, pack and train at random moments, rerun each until
-it finishes, and check that the final store, shards and weights equal an uninterrupted run.
+"""Soak test (not part of CI): kill -9 extract, pack, train and sample at random moments, rerun each
+until it finishes, and check that the final store, shards, weights and samples equal an
+uninterrupted run, and that a killed sampler never leaves a torn videos.npz under its final name.
 
-    python bench/soak.py --kills 12 --seed 0 --out bench/results/soak-cpu.json
+    python bench/soak.py --kills 12 --sample-kills 4 --seed 0 --out bench/results/soak-cpu.json
 
 On the built-in synthetic set with the tiny preset (CPU). Each stage is run as the real CLI in a
 subprocess; a seeded schedule kills it with SIGKILL after a random delay within its measured
@@ -43,6 +44,8 @@ def commands(root: Path, data: Path, name: str) -> dict[str, list[str]]:
         "pack": [*base, "pack", str(out / "store.zarr"), "--out", str(out / "shards"), "--samples-per-shard", "4"],
         "train": [*base, "train", "--shards", str(out / "shards"), "--out", str(out / "run"), "--preset", "tiny",
                   "--steps", "40", "--checkpoint-every", "5", "--device", "cpu", "--set", "projector_dim=32"],
+        "sample": [*base, "sample", "--run", str(out / "run"), "--out", str(out / "samples"), "--num", "48",
+                   "--steps", "4", "--batch-size", "4", "--device", "cpu"],
     }  # fmt: skip
 
 
@@ -78,9 +81,10 @@ def rerun_args(stage: str, cmd: list[str]) -> list[str]:
 
 def soak_stage(stage: str, cmd: list[str], kills: int, duration: float, rng: random.Random) -> dict:
     """Kill the stage `kills` times at random moments, then let it finish; count the reruns. A run
-    that finishes before its kill teaches the schedule a shorter duration and the stage starts over."""
+    that finishes before its kill teaches the schedule a shorter duration and the stage starts over.
+    After every kill of `sample`, a videos.npz under its final name must be complete (torn: 0)."""
     out = Path(cmd[cmd.index("--out") + 1])
-    done, runs, killed = False, 0, 0
+    done, runs, killed, torn = False, 0, 0, 0
     while not done:
         kill_after = (
             rng.uniform(0.3, 0.9) * duration if killed < kills else None
@@ -88,11 +92,24 @@ def soak_stage(stage: str, cmd: list[str], kills: int, duration: float, rng: ran
         code, seconds = run_once(cmd + (rerun_args(stage, cmd) if runs else []), kill_after)
         runs += 1
         killed += code == -signal.SIGKILL
+        if stage == "sample" and code == -signal.SIGKILL:
+            torn += not complete_npz(out / "videos.npz", int(cmd[cmd.index("--num") + 1]))
         done = code == 0 and killed >= kills
         if code == 0 and not done:  # finished too soon: shorter kills, from scratch
             duration = seconds
             shutil.rmtree(out)
-    return {"kills": killed, "runs": runs}
+    return {"kills": killed, "runs": runs, "torn": torn}
+
+
+def complete_npz(path: Path, num: int) -> bool:
+    """Absent (still being written under its temporary name), or complete with `num` videos."""
+    if not path.exists():
+        return True
+    try:
+        with np.load(path) as data:
+            return data["videos"].shape[0] == num
+    except Exception:
+        return False
 
 
 def file_digests(folder: Path, pattern: str) -> dict[str, str]:
@@ -124,12 +141,16 @@ def compare(ref: Path, soaked: Path) -> dict[str, int]:
     wb = RunDir(soaked / "run").latest_checkpoint()
     weights_a, weights_b = file_digests(wa, "*/*.safetensors"), file_digests(wb, "*/*.safetensors")
     weight_diff = sum((wa / k).stat().st_size for k in weights_a if weights_b.get(k) != weights_a[k])
-    return {"store": store_diff, "shards": shard_diff, "weights": weight_diff, "checkpoint": wb.name}
+    with np.load(ref / "samples" / "videos.npz") as va, np.load(soaked / "samples" / "videos.npz") as vb:
+        sample_diff = int(np.sum(va["videos"] != vb["videos"])) + int(np.sum(va["labels"] != vb["labels"]))
+    return {"store": store_diff, "shards": shard_diff, "weights": weight_diff, "samples": sample_diff,
+            "checkpoint": wb.name}  # fmt: skip
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kills", type=int, default=12, help="kill -9s in all, spread over the three stages")
+    ap.add_argument("--kills", type=int, default=12, help="kill -9s spread over extract, pack and train")
+    ap.add_argument("--sample-kills", type=int, default=4, help="kill -9s of pipeline sample")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON results file")
     args = ap.parse_args()
@@ -145,15 +166,22 @@ def main() -> None:
             durations[stage] = run_once(cmd, None)[1]
         per_stage = {"extract": args.kills // 3, "pack": args.kills // 3}
         per_stage["train"] = args.kills - 2 * (args.kills // 3)
+        per_stage["sample"] = args.sample_kills
         stages = {}
         for stage, cmd in commands(root, data, "soaked").items():
             stages[stage] = soak_stage(stage, cmd, per_stage[stage], durations[stage], rng)
         diff = compare(root / "reference", root / "soaked")
     rows = [(s, stages[s]["kills"], stages[s]["runs"], f"{durations[s]:.1f}", diff[{"extract": "store", "pack": "shards",
-             "train": "weights"}[s]]) for s in stages]  # fmt: skip
-    print(format_table(["stage", "kill -9s", "runs", "clean run s", "bytes differing"], rows))
+             "train": "weights", "sample": "samples"}[s]], stages[s]["torn"]) for s in stages]  # fmt: skip
+    print(format_table(["stage", "kill -9s", "runs", "clean run s", "bytes differing", "torn files"], rows))
     total_kills = sum(s["kills"] for s in stages.values())
-    lost = diff["store"] + diff["shards"] + diff["weights"]
+    lost = (
+        diff["store"]
+        + diff["shards"]
+        + diff["weights"]
+        + diff["samples"]
+        + sum(s["torn"] for s in stages.values())
+    )
     print(f"kills survived: {total_kills}   bytes lost: {lost}   final checkpoint {diff['checkpoint']}")
     result = {"kills": total_kills, "bytes_lost": lost, "stages": stages, "durations_s": durations, "diff": diff,
               "seed": args.seed, "machine": f"{os.cpu_count()} CPUs"}  # fmt: skip
