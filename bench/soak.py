@@ -1,6 +1,7 @@
-"""Soak test (not part of CI): kill -9 extract, pack (threads and the processes scheduler) and train
-at random moments, rerun each until it finishes, and check that the final store, shards and weights
-equal an uninterrupted run, and that no process of a killed command survives it.
+"""Soak test (not part of CI): kill -9 extract, pack (threads and the processes scheduler), train and
+sample at random moments, rerun each until it finishes, and check that the final store, shards,
+weights and samples equal an uninterrupted run, that no process of a killed command survives it,
+and that a killed sampler never leaves a torn videos.npz under its final name.
 
     python bench/soak.py --kills 12 --seed 0 --out bench/results/soak-cpu.json
     python bench/soak.py --kills 4 --stages pack-processes     # one stage (the others run unkilled)
@@ -48,10 +49,12 @@ def commands(root: Path, data: Path, name: str) -> dict[str, list[str]]:
                            "--samples-per-shard", "4", "--scheduler", "processes", "--workers", "2"],
         "train": [*base, "train", "--shards", str(out / "shards"), "--out", str(out / "run"), "--preset", "tiny",
                   "--steps", "40", "--checkpoint-every", "5", "--device", "cpu", "--set", "projector_dim=32"],
+        "sample": [*base, "sample", "--run", str(out / "run"), "--out", str(out / "samples"), "--num", "48",
+                   "--steps", "4", "--batch-size", "4", "--device", "cpu"],
     }  # fmt: skip
 
 
-STAGES = ("extract", "pack", "pack-processes", "train")
+STAGES = ("extract", "pack", "pack-processes", "train", "sample")
 
 
 def env() -> dict[str, str]:
@@ -102,9 +105,10 @@ def rerun_args(stage: str, cmd: list[str]) -> list[str]:
 def soak_stage(stage: str, cmd: list[str], kills: int, duration: float, rng: random.Random) -> dict:
     """Kill the stage `kills` times at random moments, then let it finish; count the reruns and the
     processes that outlived a kill. A run that finishes before its kill teaches the schedule a
-    shorter duration and the stage starts over."""
+    shorter duration and the stage starts over. After every kill of `sample`, a videos.npz under
+    its final name must be complete (torn: 0)."""
     out = Path(cmd[cmd.index("--out") + 1])
-    done, runs, killed, orphans = False, 0, 0, []
+    done, runs, killed, orphans, torn = False, 0, 0, [], 0
     while not done:
         kill_after = (
             rng.uniform(0.3, 0.9) * duration if killed < kills else None
@@ -112,11 +116,30 @@ def soak_stage(stage: str, cmd: list[str], kills: int, duration: float, rng: ran
         code, seconds = run_once(cmd + (rerun_args(stage, cmd) if runs else []), kill_after, orphans)
         runs += 1
         killed += code == -signal.SIGKILL
+        if stage == "sample" and code == -signal.SIGKILL:
+            torn += not complete_npz(out / "videos.npz", int(cmd[cmd.index("--num") + 1]))
         done = code == 0 and killed >= kills
         if code == 0 and not done:  # finished too soon: shorter kills, from scratch
             duration = seconds
             shutil.rmtree(out)
-    return {"kills": killed, "runs": runs, "orphans": len(orphans), "orphan_commands": orphans[:5]}
+    return {
+        "kills": killed,
+        "runs": runs,
+        "orphans": len(orphans),
+        "orphan_commands": orphans[:5],
+        "torn": torn,
+    }
+
+
+def complete_npz(path: Path, num: int) -> bool:
+    """Absent (still being written under its temporary name), or complete with `num` videos."""
+    if not path.exists():
+        return True
+    try:
+        with np.load(path) as data:
+            return data["videos"].shape[0] == num
+    except Exception:
+        return False
 
 
 def file_digests(folder: Path, pattern: str) -> dict[str, str]:
@@ -152,8 +175,10 @@ def compare(ref: Path, soaked: Path) -> dict[str, int]:
     wb = RunDir(soaked / "run").latest_checkpoint()
     weights_a, weights_b = file_digests(wa, "*/*.safetensors"), file_digests(wb, "*/*.safetensors")
     weight_diff = sum((wa / k).stat().st_size for k in weights_a if weights_b.get(k) != weights_a[k])
+    with np.load(ref / "samples" / "videos.npz") as va, np.load(soaked / "samples" / "videos.npz") as vb:
+        sample_diff = int(np.sum(va["videos"] != vb["videos"])) + int(np.sum(va["labels"] != vb["labels"]))
     return {"store": store_diff, "shards": shard_diff["shards"], "shards-processes": shard_diff["shards-processes"],
-            "weights": weight_diff, "checkpoint": wb.name}  # fmt: skip
+            "weights": weight_diff, "samples": sample_diff, "checkpoint": wb.name}  # fmt: skip
 
 
 def main() -> None:
@@ -188,12 +213,17 @@ def main() -> None:
         "pack": "shards",
         "pack-processes": "shards-processes",
         "train": "weights",
+        "sample": "samples",
     }
-    rows = [(s, stages[s]["kills"], stages[s]["runs"], f"{durations[s]:.1f}", diff[compared[s]], stages[s]["orphans"])
-            for s in stages]  # fmt: skip
-    print(format_table(["stage", "kill -9s", "runs", "clean run s", "bytes differing", "orphans"], rows))
+    rows = [(s, stages[s]["kills"], stages[s]["runs"], f"{durations[s]:.1f}", diff[compared[s]], stages[s]["orphans"],
+             stages[s]["torn"]) for s in stages]  # fmt: skip
+    print(
+        format_table(
+            ["stage", "kill -9s", "runs", "clean run s", "bytes differing", "orphans", "torn files"], rows
+        )
+    )
     total_kills = sum(s["kills"] for s in stages.values())
-    lost = sum(diff[compared[s]] for s in stages)
+    lost = sum(diff[compared[s]] for s in stages) + sum(s["torn"] for s in stages.values())
     orphans = sum(s["orphans"] for s in stages.values())
     print(
         f"kills survived: {total_kills}   bytes lost: {lost}   orphans: {orphans}   final checkpoint {diff['checkpoint']}"
