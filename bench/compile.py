@@ -6,7 +6,9 @@ Both states are built with `build_state` from the same seed; the compiled one go
 `--warmup` steps (which include compilation) are not timed; their losses are compared (the two
 states see the same batch and the same noise, so only the floating-point order differs). Then
 rounds of `--steps` steps alternate eager / compiled (`--repeats` rounds, median reported).
-Prints a table and writes JSON (`--out FILE.json`).
+Both wall time and this process's CPU time are recorded: with one thread on a shared machine the
+CPU time per step is the figure other load does not inflate. Prints a table and writes JSON
+(`--out FILE.json`).
 """
 
 from __future__ import annotations
@@ -39,15 +41,16 @@ def build(args, shapes: Shapes, device: torch.device, compiled: bool):
     return state, step_cfg, dict.fromkeys(dims, LAMBDA)
 
 
-def run(state, step_cfg, weights, batch, n: int) -> tuple[float, list[float]]:
+def run(state, step_cfg, weights, batch, n: int) -> tuple[tuple[float, float], list[float]]:
+    """((wall s, process CPU s), losses) of n steps."""
     if step_cfg.device.type == "cuda":
         torch.cuda.synchronize()
-    start, losses = time.perf_counter(), []
+    start, cpu, losses = time.perf_counter(), time.process_time(), []
     for _ in range(n):
         losses.append(train_step(state, [batch], step_cfg, weights).loss)
     if step_cfg.device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start, losses
+    return (time.perf_counter() - start, time.process_time() - cpu), losses
 
 
 def main() -> None:
@@ -75,12 +78,13 @@ def main() -> None:
     batch = resident_batch(shapes, args.batch_size, device)
     eager, compiled = build(args, shapes, device, False), build(args, shapes, device, True)
     _, eager_losses = run(*eager, batch, args.warmup)
-    compile_s, compiled_losses = run(*compiled, batch, args.warmup)
-    times = {"eager": [], "compiled": []}
+    (compile_s, compile_cpu_s), compiled_losses = run(*compiled, batch, args.warmup)
+    times: dict[str, list[tuple[float, float]]] = {"eager": [], "compiled": []}
     for _ in range(args.repeats):
         times["eager"].append(run(*eager, batch, args.steps)[0])
         times["compiled"].append(run(*compiled, batch, args.steps)[0])
-    step_ms = {k: 1000 * float(np.median(v)) / args.steps for k, v in times.items()}
+    step_ms = {k: 1000 * float(np.median([w for w, _ in v])) / args.steps for k, v in times.items()}
+    cpu_ms = {k: 1000 * float(np.median([c for _, c in v])) / args.steps for k, v in times.items()}
     rel = [abs(a - b) / abs(a) for a, b in zip(eager_losses, compiled_losses, strict=True)]
     res = {
         "machine": machine(),
@@ -88,19 +92,23 @@ def main() -> None:
         "args": {k: str(v) for k, v in vars(args).items()},
         "torch": torch.__version__,
         "step_ms": step_ms,
-        "rounds_s": times,
+        "cpu_ms_per_step": cpu_ms,
+        "rounds_wall_cpu_s": times,
         "compiled_over_eager_speed": step_ms["eager"] / step_ms["compiled"],
+        "compiled_over_eager_speed_cpu": cpu_ms["eager"] / cpu_ms["compiled"],
         "warmup_s_compiled": compile_s,
+        "warmup_cpu_s_compiled": compile_cpu_s,
         "warmup_losses": {"eager": eager_losses, "compiled": compiled_losses},
         "max_rel_loss_diff": max(rel),
     }
     print(f"\n{res['machine']}  model {args.model}  latents 4x{args.frames}x{args.latent}x{args.latent}  "
           f"batch {args.batch_size}  {args.steps} steps x {args.repeats} rounds (median)")  # fmt: skip
-    rows = [(k, f"{v:.1f}") for k, v in step_ms.items()]
-    rows.append(("speed-up (eager / compiled)", f"{res['compiled_over_eager_speed']:.2f}"))
-    rows.append(("first steps incl. compilation, s", f"{compile_s:.1f}"))
-    rows.append(("max relative loss difference (warm-up)", f"{res['max_rel_loss_diff']:.2e}"))
-    print(format_table(["", "ms/step"], rows))
+    rows = [(k, f"{step_ms[k]:.1f}", f"{cpu_ms[k]:.1f}") for k in step_ms]
+    rows.append(("speed-up (eager / compiled)", f"{res['compiled_over_eager_speed']:.2f}",
+                 f"{res['compiled_over_eager_speed_cpu']:.2f}"))  # fmt: skip
+    rows.append(("first steps incl. compilation, s", f"{compile_s:.1f}", f"{compile_cpu_s:.1f}"))
+    rows.append(("max relative loss difference (warm-up)", f"{res['max_rel_loss_diff']:.2e}", ""))
+    print(format_table(["", "wall ms/step", "CPU ms/step"], rows))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=2))
