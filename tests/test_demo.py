@@ -37,6 +37,10 @@ def test_demo_smallest_size_writes_a_valid_report(tmp_path: Path):
         "2",
         "--steps",
         "6",
+        "--eval-every",
+        "3",
+        "--eval-num",
+        "4",
         "--batch-size",
         "4",
         "--num-samples",
@@ -57,25 +61,47 @@ def test_demo_smallest_size_writes_a_valid_report(tmp_path: Path):
         assert all(math.isfinite(r["loss"]) for r in rows)
         grid = Image.open(out / "runs" / run / "samples" / "grid.gif")
         assert grid.format == "GIF" and grid.n_frames == 8
-    for png in ("loss_curves.png", "alignment_cosine.png"):
+    for png in (
+        "loss_curves.png",
+        "alignment_cosine.png",
+        "eval_synth_class_acc.png",
+        "eval_synth_frechet.png",
+    ):
         image = Image.open(out / png)
         image.verify()
         assert image.size[0] > 100
 
+    # evaluation during training: both runs scored at steps 3 and 6 (the last), same metrics
+    for run in ("aligned", "baseline"):
+        rows = [json.loads(line) for line in (out / "runs" / run / "log.jsonl").read_text().splitlines()]
+        evals = {r["step"]: r["eval"] for r in rows if "eval" in r}
+        assert sorted(evals) == [3, 6]
+        assert all(0.0 <= e["synth_class_acc"] <= 1.0 and e["synth_frechet"] >= 0 for e in evals.values())
+        strip = Image.open(out / "runs" / run / "samples" / "filmstrip.png")
+        assert strip.size == (2 * (8 * 32 + 7 * 2), 2 * (4 * 32 + 3 * 2))  # 4 videos x 8 frames, 2x
+
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["fvd"]) == {"aligned", "baseline"}
-    numbers = _finite_numbers({k: summary[k] for k in ("fvd", "final_flow_loss", "seconds")})
+    assert set(summary["scores"]) == {"aligned", "baseline"}
+    numbers = _finite_numbers({k: summary[k] for k in ("scores", "final_flow_loss", "seconds")})
     assert numbers and all(math.isfinite(x) for x in numbers)
-    assert all(v >= 0 for v in summary["fvd"].values())
+    assert set(summary["models"]) == {"dino", "videomae", "classifier"}
+    assert all(len(m["sha256"]) == 64 for m in summary["models"].values())
     iicr = json.loads((out / "iicr.json").read_text())
-    assert set(iicr["encoders"]) == {"dino", "sam2", "videomae"}
+    assert set(iicr["encoders"]) == {"dino", "videomae"}
     assert all(0.0 <= r["intra"] <= 1.0 + 1e-6 for r in iicr["encoders"].values())
 
     report = (out / "report.md").read_text()
-    for section in ("## Training", "## Samples", "## FVD", "## IICR"):
+    for section in (
+        "## Samples",
+        "## Evaluation during training",
+        "## Training",
+        "## IICR",
+        "Neither is FVD",
+    ):
         assert section in report
-    for target in ("loss_curves.png", "alignment_cosine.png", "runs/aligned/samples/grid.gif"):
+    for target in ("loss_curves.png", "eval_synth_class_acc.png", "runs/aligned/samples/grid.gif",
+                   "runs/aligned/samples/filmstrip.png"):  # fmt: skip
         assert f"]({target})" in report and (out / target).is_file()
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 2 and page.count("data:image/gif;base64,") == 2
+    assert page.count("data:image/png;base64,") == 6 and page.count("data:image/gif;base64,") == 2
     assert "<table>" in page
