@@ -50,6 +50,8 @@ class PretrainConfig:
     weight_decay: float = 0.05
     warmup: int = 20
     mask_ratio: float = 0.75
+    masking: str = "tube"  # VideoMAE: "tube" (one spatial mask for every time slot) | "random" (per token)
+    norm_pix_loss: bool = True  # VideoMAE: regress per-patch normalised pixels
     clips: int = 384
     seed: int = 0
     ema_start: float = 0.99  # DINOv2 teacher momentum, cosine to 1 over the run
@@ -160,6 +162,7 @@ def pretrain_videomae(clips: np.ndarray, cfg: PretrainConfig) -> tuple[Any, dict
     """VideoMAE's masked autoencoding on uint8 clips [N,8,H,W,3] (resized to its input as the encoder
     loader does at extraction); returns (VideoMAEModel, stats)."""
     model = videomae_initial(cfg.seed).train()
+    model.config.norm_pix_loss = cfg.norm_pix_loss
     mc = model.config
     size, frames = int(mc.image_size), int(mc.num_frames)
     if clips.ndim != 5 or clips.shape[1] != frames:
@@ -172,9 +175,11 @@ def pretrain_videomae(clips: np.ndarray, cfg: PretrainConfig) -> tuple[Any, dict
     cfg = PretrainConfig(**{**asdict(cfg), "clips": n})
 
     def loss_fn(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        spatial = _random_mask(gen, len(idx), grid * grid, cfg.mask_ratio)
-        tube = spatial.repeat(1, slots)  # the same spatial mask at every time slot (tube masking)
-        return model(pixel_values=data[idx], bool_masked_pos=tube).loss
+        if cfg.masking == "tube":  # the same spatial mask at every time slot
+            mask = _random_mask(gen, len(idx), grid * grid, cfg.mask_ratio).repeat(1, slots)
+        else:
+            mask = _random_mask(gen, len(idx), slots * grid * grid, cfg.mask_ratio)
+        return model(pixel_values=data[idx], bool_masked_pos=mask).loss
 
     stats = _run(cfg, model.parameters(), loss_fn)
     return model.videomae.eval(), stats

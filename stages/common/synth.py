@@ -360,19 +360,20 @@ def render_strided(
 
 def render_shape_clip(rng: np.random.Generator, frames: int, size: int) -> tuple[np.ndarray, int]:
     """One object of a random shape drifting slowly over a textured background, for a per-frame
-    shape probe: (uint8 [frames, size, size, 3], index into SHAPES). Bigger objects than
-    ``render_video`` draws (radius 8-13 px at 64 px), so the shape is visible at patch scale.
+    shape probe: (uint8 [frames, size, size, 3], index into SHAPES). The object is bigger than
+    ``render_video``'s (radius 12-18 px at 64 px) and starts in the central third, so it spans
+    whole patches and never wraps around the border.
     A separate generator: ``render_video``'s random draws (and so every dataset video) are unchanged."""
     px = size / 64.0
     shape = int(rng.integers(len(SHAPES)))
     canvas = np.broadcast_to(_background(rng, size), (frames, size, size, 3)).copy()
     colour = rng.uniform(0, 255, 3).astype(np.float32)
-    radius = np.float32(rng.uniform(8, 13) * px)
-    x0, y0 = rng.uniform(0, size, 2)
+    radius = np.float32(rng.uniform(12, 18) * px)
+    x0, y0 = rng.uniform(size / 3, 2 * size / 3, 2)
     heading, theta = rng.uniform(0, 2 * math.pi, 2)
     t = np.arange(frames, dtype=np.float32)[:, None, None]
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    cx, cy = x0 + px * math.cos(heading) * t, y0 + px * math.sin(heading) * t
+    cx, cy = x0 + 0.5 * px * math.cos(heading) * t, y0 + 0.5 * px * math.sin(heading) * t
     ddx = (xx - cx + size / 2) % size - size / 2
     ddy = (yy - cy + size / 2) % size - size / 2
     u = math.cos(theta) * ddx + math.sin(theta) * ddy

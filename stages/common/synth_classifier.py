@@ -25,7 +25,7 @@ from stages.common.synth import SEED_OFFSETS, render_clips
 
 
 class SynthVideoClassifier(ModelMixin, ConfigMixin):
-    """3D CNN: conv blocks (stride 1x2x2, 2x2x2, 2x2x2), GroupNorm + SiLU, mean pool, linear."""
+    """3D CNN: conv blocks (stride 1x2x2, 2x2x2, 2x2x2), BatchNorm + SiLU, mean pool, linear."""
 
     @register_to_config
     def __init__(
@@ -36,9 +36,11 @@ class SynthVideoClassifier(ModelMixin, ConfigMixin):
         c_in = 3
         for i, c in enumerate(channels):
             stride = (1, 2, 2) if i == 0 else (2, 2, 2)
+            # BatchNorm, not GroupNorm: a per-sample norm right before global pooling erases the
+            # differences between clips' pooled features (a first version did not learn).
             layers += [
                 torch.nn.Conv3d(c_in, c, 3, stride=stride, padding=1),
-                torch.nn.GroupNorm(4, c),
+                torch.nn.BatchNorm3d(c),
                 torch.nn.SiLU(),
             ]
             c_in = c
@@ -71,6 +73,7 @@ class ClassifierConfig:
     batch_size: int = 32
     lr: float = 3e-3
     seed: int = 0
+    arch: str = "cnn3d-bn"  # SynthVideoClassifier's layout (part of the cache key)
 
 
 def classifier_data(cfg: ClassifierConfig, render=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -114,7 +117,7 @@ def train_classifier(cfg: ClassifierConfig, render=None) -> tuple[SynthVideoClas
         sched.step()
     stats = {
         "train_s": round(time.perf_counter() - t0, 2),
-        "loss_last": round(float(loss), 4),
+        "loss_last": round(float(loss.detach()), 4),
         "train_acc": round(accuracy(model, clips, labels), 4),
         "heldout_acc": round(accuracy(model, *data["test"]), 4),
         "recipe": asdict(cfg),

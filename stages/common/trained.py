@@ -175,7 +175,7 @@ def trained_models(
     paths = presets._ensure(base, wanted, recipe.seed, builders, TRAINED_VERSION)
     records = {n: read_record(p) for n, p in paths.items()}
     for n, rec in records.items():
-        if rec["recipe"] != recipe.as_dict():
+        if rec["recipe"] != json.loads(json.dumps(recipe.as_dict())):
             raise ValueError(
                 f"{paths[n]}/{RECIPE_FILE} was built from another recipe than the one asked for; "
                 "delete that folder to rebuild it"
