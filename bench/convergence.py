@@ -42,6 +42,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lambda", dest="lam", type=float, default=0.5)
     p.add_argument("--model", default="mini/4")
     p.add_argument("--arms", nargs="+", default=["baseline", "informative", "random"])
+    p.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="data, models, stores and shards only (then run seeds in parallel)",
+    )
+    p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
     return p.parse_args()
 
 
@@ -159,8 +165,14 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     demo = demo_config(args)
     prep = prepare(work, demo)
+    if args.prepare_only:
+        return
     logs: dict[str, dict[int, list[dict]]] = {arm: {} for arm in args.arms}
     for seed in args.seeds:
         for arm in args.arms:
