@@ -62,10 +62,9 @@ def demo_config(args: argparse.Namespace):
 def prepare(work: Path, demo) -> dict[str, Any]:
     """The demo's synthetic set, the trained and random tiny encoders, and one store + shard set per
     encoder family (the same clips, latents and shard order; only the targets differ)."""
-    from stages.common.trained import trained_models
-
     from pipeline.demo import extract_config, trained_recipe
     from stages.common.synth import make_synthetic
+    from stages.common.trained import trained_models
     from stages.extract.runner import run_extract
     from stages.pack.packer import PackConfig, run_pack
 
