@@ -157,7 +157,7 @@ def probe_models(
 
     key = {
         "config": asdict(cfg),
-        "render": repr(render),
+        "render": getattr(render, "keywords", None),
         "sha256": {n: r["sha256"] for n, r in records.items() if n in ENCODER_KIND},
     }
     if cache and Path(cache).is_file():
