@@ -180,6 +180,8 @@ def _check_store_arrays(group: Any, attrs: dict[str, Any], path: str | Path) -> 
             errors.append(f"{path}: {values_path} shape {tuple(values.shape)} != {want}")
         if enc.get("scales") and scales_path not in group:
             errors.append(f"{path}: missing array '{scales_path}'")
+        if C.stores_norms(enc) and C.norms_path(enc["name"]) not in group:
+            errors.append(f"{path}: missing array '{C.norms_path(enc['name'])}'")
     return errors
 
 

@@ -111,7 +111,6 @@ def build_spec(job: Job) -> dict[str, Any]:
         "encoders": [p.spec(cfg.pca_fit_clips) for p in job.plans],
         "grid": list(job.grid),
         "patch_size": [1, cfg.patch_size, cfg.patch_size],
-        "fusion": cfg.fusion,
         "fidelity_clips": cfg.fidelity_clips,
         "seed": cfg.seed,
     }
@@ -365,8 +364,8 @@ def _compute_items(job: Job, items: list[dict[str, Any]], buf: BlockBuffer, base
         ok = [it["index"] for it in items if it["frames"] is not None]
         feats = compute_batch(frames, job.models, job.plans, job.grid, job.timings)
         check_finite(job, feats, ok)
-        latents, targets = encode_batch(feats, job.plans, bases, job.timings)
-        buf.put(ok, latents, targets)
+        latents, targets, norms = encode_batch(feats, job.plans, bases, job.timings)
+        buf.put(ok, latents, targets, norms)
     for it in items:
         if it["frames"] is None:
             result.invalid_clips.append(

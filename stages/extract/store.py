@@ -91,6 +91,8 @@ def create_store(
         if enc["scales"]:
             s_dim, s_dtype = enc["scales"]
             _per_clip_array(group, C.scales_path(enc["name"]), (*lead, s_dim), s_dtype, b, compressors)
+        if C.stores_norms(enc):
+            _per_clip_array(group, C.norms_path(enc["name"]), lead, "float16", b, compressors)
     for name, basis in bases.items():
         for part, array in ((C.PCA_MEAN, basis.mean), (C.PCA_COMPONENTS, basis.components)):
             arr = group.create_array(
@@ -135,6 +137,7 @@ def write_block(
     latents: np.ndarray,
     targets: dict[str, tuple[np.ndarray, np.ndarray | None]],
     valid: np.ndarray,
+    norms: dict[str, np.ndarray] | None = None,
 ) -> None:
     """Write one block's clips (whole shards at once), data before the marker."""
     stop = start + len(latents)
@@ -143,6 +146,8 @@ def write_block(
         group[C.values_path(name)][start:stop] = values
         if scales is not None:
             group[C.scales_path(name)][start:stop] = scales
+    for name, array in (norms or {}).items():
+        group[C.norms_path(name)][start:stop] = array
     group[C.VALID][start:stop] = valid.astype(np.uint8)
 
 

@@ -64,14 +64,17 @@ def clip_sample(
     targets: dict[str, tuple[np.ndarray, np.ndarray | None]],
     label: int,
     meta: dict[str, Any],
+    norms: dict[str, np.ndarray] | None = None,
 ) -> dict[str, bytes]:
-    """One schema-v2 sample: latent, each encoder's values (+ scales), class, meta, crc32.
-    `targets` empty gives the latents-only sample."""
+    """One schema-v2 sample: latent, each encoder's values (+ scales, + token norms), class, meta,
+    crc32. `targets` empty gives the latents-only sample."""
     sample: dict[str, Any] = {"__key__": C.KEY_FORMAT.format(row), C.SAMPLE_LATENT: npy_bytes(latent)}
     for name, (values, scales) in targets.items():
         sample[C.sample_values(name)] = npy_bytes(values)
         if scales is not None:
             sample[C.sample_scales(name)] = npy_bytes(scales)
+        if norms and name in norms:
+            sample[C.sample_norms(name)] = npy_bytes(norms[name])
     sample[C.SAMPLE_META] = json.dumps(meta, sort_keys=True).encode()
     if label >= 0:
         sample[C.SAMPLE_CLASS] = str(label).encode()
@@ -128,12 +131,13 @@ def write_tar(path: str, samples: Iterable[dict[str, Any]]) -> dict[str, Any]:
     return sink.close()
 
 
-def _target_arrays(group, encoders: list[dict[str, Any]]) -> dict[str, tuple[Any, Any]]:
-    """name -> (values array, scales array or None), opened once per task."""
+def _target_arrays(group, encoders: list[dict[str, Any]]) -> dict[str, tuple[Any, Any, Any]]:
+    """name -> (values array, scales array or None, norms array or None), opened once per task."""
     arrays = {}
     for enc in encoders:
         scales = group[C.scales_path(enc["name"])] if enc.get("scales") else None
-        arrays[enc["name"]] = (group[C.values_path(enc["name"])], scales)
+        norms = group[C.norms_path(enc["name"])] if C.stores_norms(enc) else None
+        arrays[enc["name"]] = (group[C.values_path(enc["name"])], scales, norms)
     return arrays
 
 
@@ -149,7 +153,8 @@ def write_shard(cache: str, out: str, name: str, rows: list[int]) -> tuple[dict[
     lean = TarSink(f"{out.rstrip('/')}/{C.LATENTS_ONLY_DIR}/{name}")
     for row in rows:
         latent = latents[row]
-        targets = {n: (v[row], None if s is None else s[row]) for n, (v, s) in target_arrays.items()}
+        targets = {n: (v[row], None if s is None else s[row]) for n, (v, s, _) in target_arrays.items()}
+        norms = {n: a[row] for n, (_, _, a) in target_arrays.items() if a is not None}
         label = int(labels[row])
         meta = {
             "video": sources[int(video_index[row])],
@@ -158,7 +163,7 @@ def write_shard(cache: str, out: str, name: str, rows: list[int]) -> tuple[dict[
             "clip_index": int(row),
             "label": label if label >= 0 else None,
         }
-        full.write(clip_sample(row, latent, targets, label, meta))
+        full.write(clip_sample(row, latent, targets, label, meta, norms))
         lean.write(clip_sample(row, latent, {}, label, meta))
     return full.close(), lean.close()
 
