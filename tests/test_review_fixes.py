@@ -139,3 +139,33 @@ def test_the_int4_even_dim_rule_is_stated_once(tmp_path: Path) -> None:
         ExtractConfig(data="d", out="o", target_format="int4", pca_dims="dino=7").validate()
     assert str(from_config.value) == f"pca_dims: dino={from_formats.value}"
     assert "7 is odd; int4 packs two channels per byte" in str(from_formats.value)
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _sources() -> list[Path]:
+    root = Path(__file__).resolve().parents[1]
+    return [p for d in ("stages", "cache_schema", "pipeline", "bench") for p in (root / d).rglob("*.py")]
+
+
+def test_every_notes_file_a_docstring_cites_is_in_the_repo() -> None:
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    cited = {m for p in _sources() for m in re.findall(r"`([\w./-]+\.md)`", p.read_text())}
+    assert all((root / name).is_file() for name in cited), sorted(
+        n for n in cited if not (root / n).is_file()
+    )
+
+
+def test_a_module_alias_names_one_module() -> None:
+    import re
+
+    aliases: dict[str, set[str]] = {}
+    for path in _sources():
+        for module, name, alias in re.findall(
+            r"^from ([\w.]+) import (\w+) as (\w+)$", path.read_text(), re.M
+        ):
+            aliases.setdefault(alias, set()).add(f"{module}.{name}")
+    assert aliases.get("R", set()) <= {"stages.common.registry"}, aliases["R"]
