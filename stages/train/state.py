@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cache_schema import run as R
+from cache_schema import run as run_files
 from stages.common.dit import VideoDiT, build_video_dit, default_align_depth
 
 from .align import AlignmentHead
@@ -111,6 +111,7 @@ def build_state(
             projector=cfg.projector,
             grid=tuple(layout["grid"]),
             target_norm=cfg.target_norm,
+            kernel_size=cfg.projector_kernel,
         ).to(device)
         for name, weight in lambdas.items():  # never trained: no gradient, no optimizer state
             if weight == 0.0:
@@ -159,19 +160,19 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 def save_state(folder: Path, state: TrainState, extra: dict[str, Any]) -> None:
     """Fill one checkpoint folder (RunDir.publish_checkpoint makes it the `latest`)."""
-    state.model.save_pretrained(folder / R.MODEL_WEIGHTS, safe_serialization=True)
-    state.ema.save_pretrained(folder / R.EMA_WEIGHTS, safe_serialization=True)
+    state.model.save_pretrained(folder / run_files.MODEL_WEIGHTS, safe_serialization=True)
+    state.ema.save_pretrained(folder / run_files.EMA_WEIGHTS, safe_serialization=True)
     if state.head is not None:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.head.state_dict().items()}
-        save_file(tensors, folder / R.PROJECTORS_FILE)
+        save_file(tensors, folder / run_files.PROJECTORS_FILE)
     payload = {**extra, "step": state.step, "optimizer": state.optimizer.state_dict()}
-    torch.save(payload, folder / R.TRAIN_STATE_FILE)
+    torch.save(payload, folder / run_files.TRAIN_STATE_FILE)
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise R.RunError(f"{folder} holds no safetensors weights")
+        raise run_files.RunError(f"{folder} holds no safetensors weights")
     weights: dict[str, torch.Tensor] = {}
     for f in files:
         weights.update(load_file(f))
@@ -180,14 +181,16 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def load_state(folder: Path, state: TrainState) -> dict[str, Any]:
     """Load weights, EMA, projectors and optimizer in place; returns the rest of the saved state."""
-    state.model.load_state_dict(_weights(folder / R.MODEL_WEIGHTS))
-    state.ema.load_state_dict(_weights(folder / R.EMA_WEIGHTS))
+    state.model.load_state_dict(_weights(folder / run_files.MODEL_WEIGHTS))
+    state.ema.load_state_dict(_weights(folder / run_files.EMA_WEIGHTS))
     if state.head is not None:
-        projector_file = folder / R.PROJECTORS_FILE
+        projector_file = folder / run_files.PROJECTORS_FILE
         if not projector_file.is_file():
-            raise R.RunError(f"{folder} has no {R.PROJECTORS_FILE} but this run still aligns to encoders")
+            raise run_files.RunError(
+                f"{folder} has no {run_files.PROJECTORS_FILE} but this run still aligns to encoders"
+            )
         state.head.load_state_dict(load_file(projector_file))
-    saved = torch.load(folder / R.TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
+    saved = torch.load(folder / run_files.TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
     state.optimizer.load_state_dict(saved.pop("optimizer"))
     state.step = int(saved["step"])
     return saved
