@@ -19,7 +19,7 @@ than absolute figures):
 
 Bytes read per step are the tar bytes of the samples consumed, from the shard index
 (bytes / samples of the set, times the batch size); the decoded payload per step (latent +
-target arrays, the loader's DECODED counters as carried by each batch) is reported beside them.
+target arrays, as each batch carries them) is reported beside them.
 A round starts with up to workers x 4 batches already prefetched, so a slow loader shows only
 partly in steps/s: the loader's own samples/s per worker (no model) is measured separately and
 set against what each variant consumes.
@@ -561,7 +561,7 @@ def main() -> None:
         "grid": list(grid),
         "encoders": {n: {"dim": d, "time_frames": t} for n, (d, t) in shapes.encoders.items()},
         "bytes_per_step_source": "tar bytes per sample from index.json (shards' bytes / samples) x batch size; "
-        "decoded = latent + target array bytes of each consumed batch (DECODED counters)",
+        "decoded = latent + target array bytes of each consumed batch (as each batch carries them)",
     }
     with tempfile.TemporaryDirectory() as tmp:
         pool = synth_pool(shapes, min(8, args.samples))

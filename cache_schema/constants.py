@@ -9,6 +9,14 @@ LATENTS = "latents"  # [N, C, T', h, w] float16, VAE posterior mean * scale
 TARGETS_GROUP = "targets"  # targets/<encoder>/values [N, T_e, H, W, *] and targets/<encoder>/scales
 TARGET_VALUES = "values"  # dtype and last axis by the encoder's target format (cache_schema.formats)
 TARGET_SCALES = "scales"  # float16 [N, T_e, H, W, groups]; absent for float16
+TOKEN_NORMS = "norms"  # float16 [N, T_e, H, W]: each token's L2 norm before it was normalised
+
+# An encoder's layout entry says under RAW_TOKENS how its raw tokens (before the per-token L2
+# normalisation; iREPA's spatial z-score needs them) are rebuilt. Stores written before norms were
+# kept have no such field: their raw tokens are lost.
+RAW_TOKENS = "raw_tokens"
+RAW_FROM_NORMS = "norms"  # values hold unit tokens; raw = unit token x its stored norm
+RAW_IN_VALUES = "values"  # values hold the raw tokens (an encoder stored at its own time grid)
 PCA_GROUP = "pca"  # pca/<encoder>/mean [D] and pca/<encoder>/components [k, D], float32
 PCA_MEAN = "mean"
 PCA_COMPONENTS = "components"
@@ -31,6 +39,16 @@ def values_path(encoder: str) -> str:
 def scales_path(encoder: str) -> str:
     """A store's array of an encoder's quantisation scales (formats with scales only)."""
     return f"{TARGETS_GROUP}/{encoder}/{TARGET_SCALES}"
+
+
+def norms_path(encoder: str) -> str:
+    """A store's array of an encoder's token norms (entries with raw_tokens = RAW_FROM_NORMS)."""
+    return f"{TARGETS_GROUP}/{encoder}/{TOKEN_NORMS}"
+
+
+def stores_norms(entry: dict) -> bool:
+    """True when an encoder's layout entry keeps its token norms beside the values."""
+    return entry.get(RAW_TOKENS) == RAW_FROM_NORMS
 
 
 STORE_ARRAYS = (LATENTS, LABELS, VIDEO_INDEX, START_FRAME, FLIP, VALID, BLOCK_DONE)
@@ -78,6 +96,11 @@ def sample_values(encoder: str) -> str:
 def sample_scales(encoder: str) -> str:
     """Shard member holding an encoder's quantisation scales (formats with scales only)."""
     return f"{encoder}.scale.npy"
+
+
+def sample_norms(encoder: str) -> str:
+    """Shard member holding an encoder's token norms, float16 [T_e, H, W] (see RAW_TOKENS)."""
+    return f"{encoder}.norm.npy"
 
 
 INDEX_FIELDS = (

@@ -1,6 +1,6 @@
 """Compact on-disk formats for alignment targets, PCA bases, and the reconstruction the trainer runs.
 
-A clip's fused float16 targets take 14.7 MB; the formats here shrink them:
+A clip's float16 targets of three encoders take 14.7 MB; the formats here shrink them:
 
 - ``float16``: the tokens as they are (the lossless baseline).
 - ``int8``: symmetric per-token quantisation, one float16 scale per token (``absmax / 127``).
@@ -83,19 +83,24 @@ def check_format(name: str) -> FormatSpec:
     return spec
 
 
-def _check_dim(spec: FormatSpec, dim: int) -> int:
+def check_dim(fmt: str, dim: int) -> int:
+    """The stored token dim a format can hold (int4 packs two channels per byte: even dims only)."""
+    spec = check_format(fmt)
     dim = int(dim)
     if dim < 1:
         raise ValueError(f"token dim must be >= 1, got {dim}")
     if spec.name == "int4" and dim % 2:
-        raise ValueError(f"int4 packs two channels per byte, so the token dim must be even; got {dim}")
+        raise ValueError(
+            f"{dim} is odd; int4 packs two channels per byte, so the stored token dim must be even "
+            f"(use {dim + 1})"
+        )
     return dim
 
 
 def stored_layout(fmt: str, dim: int) -> dict[str, tuple[int, str] | None]:
     """Last-axis size and numpy dtype of the stored ``values`` and ``scales`` (None: no scales)."""
     spec = check_format(fmt)
-    dim = _check_dim(spec, dim)
+    dim = check_dim(fmt, dim)
     if spec.name == "float16":
         return {"values": (dim, "float16"), "scales": None}
     if spec.name == "int8":
@@ -213,7 +218,7 @@ def encode(x: Any, fmt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise ValueError(f"encode needs floating-point tokens, got dtype {x.dtype}")
     if x.ndim < 1:
         raise ValueError("encode needs tokens with a channel axis [..., D], got a scalar")
-    _check_dim(spec, x.shape[-1])
+    check_dim(fmt, x.shape[-1])
     x = x.float()
     if spec.name == "float16":
         _check_range(x, FLOAT16_MAX, fmt)
@@ -475,6 +480,49 @@ def reconstruct(
         x = pca_reconstruct(x, basis)
     x = resample_time(x, frames)
     return (x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)).contiguous()
+
+
+def encode_norms(norms: Any) -> torch.Tensor:
+    """Token norms [...] (float) -> float16 as stored; refuses what float16 cannot hold."""
+    import torch
+
+    x = _as_tensor(norms).float()
+    _check_range(x, FLOAT16_MAX, "float16 token norms")
+    return x.to(torch.float16)
+
+
+def reconstruct_raw(
+    values: Any,
+    scales: Any,
+    fmt: str,
+    stored_dim: int,
+    frames: int,
+    basis: BasisLike | None = None,
+    norms: Any = None,
+) -> torch.Tensor:
+    """Stored [B,T_e,H,W,*] -> float32 raw tokens [B,frames,H,W,D]: the encoder's tokens on the DiT
+    grid before their L2 normalisation (what iREPA's spatial z-score takes).
+
+    With ``norms`` [B,T_e,H,W] (layout raw_tokens = "norms"): the unit target of :func:`reconstruct`
+    times each token's stored norm. Without (raw_tokens = "values", an encoder stored at its own time
+    grid): the values are the raw tokens, decoded and resampled in time, not normalised."""
+    import torch
+
+    if norms is None:
+        values = _as_tensor(values)
+        if values.ndim != 5:
+            raise ValueError(f"reconstruct_raw needs batched values [B,T_e,H,W,*], got {tuple(values.shape)}")
+        x = decode(values, scales, fmt, stored_dim)
+        if basis is not None:
+            x = pca_reconstruct(x, basis)
+        return resample_time(x, int(frames)).contiguous()
+    unit = reconstruct(values, scales, fmt, stored_dim, frames, basis)
+    n = _as_tensor(norms).to(device=unit.device, dtype=torch.float32)
+    if tuple(n.shape) != tuple(unit.shape[:-1]):
+        raise ValueError(
+            f"token norms {tuple(n.shape)} do not match the targets' tokens {tuple(unit.shape[:-1])}"
+        )
+    return unit * n.unsqueeze(-1)
 
 
 # ---------------------------------------------------------------------------------------- fidelity

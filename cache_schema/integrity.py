@@ -33,12 +33,14 @@ class BlockDamaged(CacheError):
 
 def per_clip_arrays(encoders: list[dict[str, Any]]) -> list[str]:
     """The store's per-clip arrays in `clip_crc` column order: latents, each encoder's values
-    (+ scales), the clip metadata, valid."""
+    (+ scales, + token norms), the clip metadata, valid."""
     names = [C.LATENTS]
     for enc in encoders:
         names.append(C.values_path(enc["name"]))
         if enc.get("scales"):
             names.append(C.scales_path(enc["name"]))
+        if C.stores_norms(enc):
+            names.append(C.norms_path(enc["name"]))
     return [*names, *C.META_ARRAYS, C.VALID]
 
 

@@ -179,6 +179,8 @@ def _check_store_arrays(group: Any, attrs: dict[str, Any], path: str | Path) -> 
         wanted[C.values_path(enc["name"])] = (*lead, int(enc["values"][0]))
         if enc.get("scales"):
             wanted[C.scales_path(enc["name"])] = None
+        if C.stores_norms(enc):
+            wanted[C.norms_path(enc["name"])] = lead
     for name, shape in wanted.items():
         try:
             array = open_array(group, name, path)

@@ -26,7 +26,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "extract": (
         "pipeline.commands.extract",
         "extract",
-        "Stage one: videos -> VAE latents + fused encoder targets (zarr).",
+        "Stage one: videos -> VAE latents + per-encoder targets (zarr).",
     ),
     "pack": ("pipeline.commands.pack", "pack", "Turn a zarr feature store into WebDataset tar shards."),
     "train": (
@@ -89,7 +89,7 @@ def main() -> None:
     """Train video diffusion transformers with representation alignment, in two stages.
 
     Stage one (`extract`, `pack`) runs the VAE and the frozen encoders once and caches
-    latents and fused alignment targets; stage two (`train`) trains from the cache alone.
+    latents and per-encoder alignment targets; stage two (`train`) trains from the cache alone.
     """
 
 

@@ -146,9 +146,9 @@ ENCODERS = [("dino", 8), ("sam2", 16)]
 CLASSES = ["left", "right"]
 
 
-def signal_targets(latents: np.ndarray, maps: list[np.ndarray]) -> list[np.ndarray]:
-    """Encoder-like targets with real signal: a fixed random linear map of each 2x2 latent patch,
-    L2-normalised per token, one array [T, H, W, D] per encoder."""
+def signal_targets(latents: np.ndarray, maps: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Encoder-like targets with real signal: a fixed random linear map of each 2x2 latent patch;
+    per encoder (unit tokens [T, H, W, D], the raw tokens' norms [T, H, W])."""
     c, t, h, w = latents.shape
     patches = (
         latents.reshape(c, t, h // 2, 2, w // 2, 2).transpose(1, 2, 4, 0, 3, 5).reshape(t, h // 2, w // 2, -1)
@@ -156,7 +156,8 @@ def signal_targets(latents: np.ndarray, maps: list[np.ndarray]) -> list[np.ndarr
     out = []
     for m in maps:
         feats = np.tanh(patches @ m)
-        out.append(feats / np.maximum(np.linalg.norm(feats, axis=-1, keepdims=True), 1e-6))
+        norms = np.maximum(np.linalg.norm(feats, axis=-1), 1e-6)
+        out.append((feats / norms[..., None], norms))
     return out
 
 
@@ -179,15 +180,19 @@ def make_shards(
     nan: bool = False,
     fmt: str = "float16",
     spec_extra: dict | None = None,
+    token_norms: bool = True,
 ):
     """A schema-v2 shard set (tars, latents-only twin, index.json files) written with the packer's
-    own writers: latents with a class signal, targets that are a function of the latents."""
+    own writers: latents with a class signal, targets that are a function of the latents, and
+    their token norms (without `token_norms`: as packed from a store written before norms were kept)."""
     rng = np.random.default_rng(seed)
     maps = [
         np.random.default_rng(100 + i).normal(size=(LATENT_SHAPE[0] * 4, d))
         for i, (_, d) in enumerate(ENCODERS)
     ]
     entries = layout_entries(fmt)
+    if not token_norms:
+        entries = [{k: v for k, v in e.items() if k != C.RAW_TOKENS} for e in entries]
     spec = {
         "dataset": {"layout": "synthetic", "files": [["a.mp4", 0], ["b.mp4", 1]]},
         "clips": {"frames": 4, "stride": 1, "size": 64},
@@ -214,12 +219,16 @@ def make_shards(
             latent[:, :, :, : LATENT_SHAPE[3] // 2] += 1.0 if label else -1.0
             if nan:
                 latent[:] = np.nan
-            targets = {}
-            for (name, _), tgt in zip(ENCODERS, signal_targets(np.nan_to_num(latent), maps), strict=True):
+            targets, norms = {}, {}
+            for (name, _), (tgt, n) in zip(
+                ENCODERS, signal_targets(np.nan_to_num(latent), maps), strict=True
+            ):
                 values, scales = formats.encode(torch.from_numpy(tgt.astype(np.float32)), fmt)
                 targets[name] = (values.numpy(), None if scales is None else scales.numpy())
+                if token_norms:
+                    norms[name] = n.astype(np.float16)
             meta = {"video": f"v{i}.mp4", "start_frame": 0, "flip": False, "clip_index": i, "label": label}
-            samples.append(clip_sample(i, latent.astype(np.float16), targets, label, meta))
+            samples.append(clip_sample(i, latent.astype(np.float16), targets, label, meta, norms))
             lean_samples.append(clip_sample(i, latent.astype(np.float16), {}, label, meta))
         name = C.SHARD_PATTERN.format(s // per_shard)
         full.append(write_tar(str(root / name), samples))

@@ -33,7 +33,6 @@ SPEC = {
     "vae": {"id": "stabilityai/sd-vae-ft-ema", "scale": 0.18215},
     "encoders": [{"name": "dino", "id": "facebook/dinov2-base", "input_size": 224, "dim": 768}],
     "grid": [16, 16, 16],
-    "fusion": "concat",
     "dtype": "float16",
 }
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from cache_schema import validate_store
 from pipeline.cli import main
-from stages.evaluate.iicr import iicr_from_array, iicr_from_store
+from stages.evaluate.iicr import INTER_MIN, format_table, iicr_from_array, iicr_from_store
 
 
 def _brute(x: np.ndarray, vid: np.ndarray, lab: np.ndarray | None) -> dict[str, float]:
@@ -39,7 +39,8 @@ def test_constant_within_video_gives_intra_one_and_orthogonal_videos_inter_zero(
     r = iicr_from_array(x)
     assert r["intra"] == pytest.approx(1.0, abs=1e-9)
     assert r["inter_video"] == pytest.approx(0.0, abs=1e-9)
-    assert r["iicr_video"] is None  # intra / 0 is undefined, reported as null
+    assert r["iicr_video"] is None  # intra / 0 is undefined, reported as null, with the reason
+    assert "below 0.1" in r["undefined"]["iicr_video"] and r["gap_video"] == pytest.approx(1.0)
     assert r["per_position"]["intra"] == pytest.approx(1.0, abs=1e-9)
     assert np.allclose(r["per_position"]["intra_map"], 1.0)
 
@@ -57,6 +58,29 @@ def test_constant_within_video_gives_intra_one_and_orthogonal_videos_inter_zero(
     alt[:, 0::2, 0] = 1.0
     alt[:, 1::2, 1] = 1.0
     assert iicr_from_array(alt)["intra"] == pytest.approx(1 / 3)
+
+
+def test_ratio_is_left_undefined_where_inter_is_near_zero_or_negative() -> None:
+    """Features spread around the origin: per-video content, inter cosine about 0 (the case that gave
+    IICR -15 on a random DINOv2). intra and inter stay; the ratio is None with the reason; the gap
+    intra - inter ranks the encoder instead. Shifted away from the origin, the ratio is back."""
+    rng = np.random.default_rng(1)
+    content = rng.normal(size=(8, 1, 16))
+    x = content + 0.3 * rng.normal(size=(8, 4, 16))  # 8 videos, 4 frames each, frame features
+    ref = _brute(x, np.arange(8), None)
+    assert abs(ref["inter_video"]) < INTER_MIN and ref["intra"] > 0.8
+    r = iicr_from_array(x)
+    assert r["intra"] == pytest.approx(ref["intra"]) and r["inter_video"] == pytest.approx(ref["inter_video"])
+    assert r["iicr_video"] is None and r["iicr"] is None
+    assert f"inter cosine {ref['inter_video']:.4f} is below {INTER_MIN}" in r["undefined"]["iicr_video"]
+    assert r["gap_video"] == pytest.approx(ref["intra"] - ref["inter_video"])
+    table = format_table({"encoders": {"enc": r}})
+    assert "n/a: enc IICR(video): inter cosine" in table
+    shifted = iicr_from_array(x + 3.0)  # a shared direction: inter well above INTER_MIN
+    ref = _brute(x + 3.0, np.arange(8), None)
+    assert ref["inter_video"] > INTER_MIN and "undefined" not in shifted
+    assert shifted["iicr_video"] == pytest.approx(ref["intra"] / ref["inter_video"])
+    assert abs(shifted["iicr_video"]) <= 1 / INTER_MIN
 
 
 def test_matches_brute_force_with_videos_and_labels() -> None:
@@ -135,8 +159,10 @@ def test_store_iicr_equals_in_memory(tmp_path: Path, block_clips: int | None) ->
         x = ref["targets"][enc["name"]][keep].astype(np.float32)
         expect = iicr_from_array(x, ref["video_index"][keep], ref["labels"][keep])
         got = res["encoders"][enc["name"]]
-        for key in ("intra", "inter_video", "inter_class", "iicr_video", "iicr_class"):
+        for key in ("intra", "inter_video", "inter_class", "gap_video", "gap_class"):
             assert got[key] == pytest.approx(expect[key], rel=1e-4), key  # float16 tokens re-normalised
+        for key in ("iicr_video", "iicr_class"):  # None (inter below INTER_MIN) on both sides, or equal
+            assert got[key] == (None if expect[key] is None else pytest.approx(expect[key], rel=1e-4)), key
         assert got["per_position"]["intra"] == pytest.approx(expect["per_position"]["intra"], rel=1e-4)
         assert got["per_position"]["inter_video"] == pytest.approx(
             expect["per_position"]["inter_video"], rel=1e-4
@@ -186,4 +212,9 @@ def test_analyze_straight_from_videos_with_tiny_encoders(synth_videos: Path, tmp
     r = data["encoders"]["dino"]
     assert data["labels"] is True and data["num_clips"] == 12
     assert r["frames_per_clip"] == 4 and -1.0 <= r["inter_video"] <= 1.0 and -1.0 <= r["intra"] <= 1.0
-    assert r["iicr_class"] is not None and "per_position" in r
+    assert "per_position" in r and r["gap_class"] == pytest.approx(r["intra"] - r["inter_class"])
+    # the random tiny DINOv2's frame features spread around the origin: the ratio is n/a, with why
+    if r["inter_class"] < INTER_MIN:
+        assert r["iicr_class"] is None and "n/a: dino IICR(class): inter cosine" in res.output
+    else:
+        assert r["iicr_class"] == pytest.approx(r["intra"] / r["inter_class"])

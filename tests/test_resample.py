@@ -1,4 +1,4 @@
-"""Resampling to the DiT grid, L2 normalisation and fusion: known answers."""
+"""Resampling to the DiT grid and L2 normalisation: known answers."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from stages.common.resample import (
-    fuse,
     l2_normalize_tokens,
     resample_spatial,
     resample_temporal,
@@ -72,24 +71,8 @@ def test_l2_normalize_unit_norm_and_zero_safe():
     torch.testing.assert_close(t.norm(dim=-1), torch.ones(1, 4, 2, 2))
 
 
-def test_fuse_slices_in_order():
+def test_resample_rejects_bad_input():
     a = torch.randn(2, 4, 3, 3, 5)
-    b = torch.randn(2, 4, 3, 3, 2)
-    c = torch.randn(2, 4, 3, 3, 3)
-    targets, slices = fuse({"dino": a, "sam2": b, "videomae": c}, ["sam2", "dino", "videomae"])
-    assert targets.shape == (2, 4, 3, 3, 10)
-    assert slices == [("sam2", 0, 2), ("dino", 2, 7), ("videomae", 7, 10)]
-    feats = {"dino": a, "sam2": b, "videomae": c}
-    for name, start, stop in slices:
-        assert torch.equal(targets[..., start:stop], feats[name])
-
-
-def test_fuse_and_resample_reject_bad_input():
-    a = torch.randn(2, 4, 3, 3, 5)
-    with pytest.raises(ValueError, match="sam2"):
-        fuse({"dino": a, "sam2": torch.randn(2, 4, 2, 2, 5)}, ["dino", "sam2"])
-    with pytest.raises(KeyError, match="videomae"):
-        fuse({"dino": a}, ["dino", "videomae"])
     with pytest.raises(ValueError):
         resample_to_grid(torch.randn(2, 3, 3, 5), (1, 3, 3))
     with pytest.raises(ValueError):

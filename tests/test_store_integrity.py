@@ -28,7 +28,7 @@ from pipeline.cli import main
 from stages.extract import runner
 from stages.pack.packer import PackConfig, PackError, run_pack
 
-ARRAYS = (C.LATENTS, C.values_path("dino"), C.scales_path("dino"))
+ARRAYS = (C.LATENTS, C.values_path("dino"), C.scales_path("dino"), C.norms_path("dino"))
 
 
 @pytest.fixture(scope="module")
@@ -106,24 +106,25 @@ def test_an_extract_rerun_redoes_a_block_with_a_deleted_chunk(
     assert again.blocks_computed == 0 and again.redone == [] and again.verifiable
 
 
+@pytest.mark.parametrize("array", (C.values_path("dino"), C.norms_path("dino")))
 def test_flipped_bytes_in_a_chunk_are_named_and_redone(
-    pristine: Path, synth_videos: Path, tmp_path: Path
+    pristine: Path, synth_videos: Path, tmp_path: Path, array: str
 ) -> None:
     store = copy_store(pristine, tmp_path)
-    path = chunk_file(store, C.values_path("dino"), 2)
+    path = chunk_file(store, array, 2)
     data = bytearray(path.read_bytes())
     for i in range(40, 48):
         data[i] ^= 0xFF
     path.write_bytes(bytes(data))
     packed = cli_process("pack", str(store), "--out", str(tmp_path / "shards"))
     assert packed.returncode == 1, packed.stderr
-    assert "targets/dino/values block 2 (rows 4-5): row " in packed.stderr, packed.stderr
+    assert f"{array} block 2 (rows 4-5): row " in packed.stderr, packed.stderr
     assert "Traceback" not in packed.stderr and "Exception ignored" not in packed.stderr
     assert [line for line in packed.stderr.splitlines() if line.startswith("Error:")] == [
         packed.stderr.strip().splitlines()[-1]
     ]
     result = rerun(synth_videos, store)
-    assert result.blocks_computed == 1 and "targets/dino/values block 2 (rows 4-5)" in result.redone[0]
+    assert result.blocks_computed == 1 and f"{array} block 2 (rows 4-5)" in result.redone[0]
     assert_same_arrays(pristine, store)
 
 

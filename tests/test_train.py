@@ -129,7 +129,7 @@ def test_mismatched_cache_is_refused_naming_the_field(shards: Path, tmp_path: Pa
     train(tiny(shards, tmp_path / "c", steps=2, checkpoint_every=2), progress=False)
     with pytest.raises(ValueError, match="encoders"):
         train(tiny(shards, tmp_path / "c", steps=4, resume=True, encoders=["dino"]), progress=False)
-    other = make_shards(tmp_path / "other", num_samples=16, spec_extra={"fusion": "concat-v2"})
+    other = make_shards(tmp_path / "other", num_samples=16, spec_extra={"seed": 1})
     with pytest.raises(cache_schema.CacheMismatch, match="fingerprint"):
         train(tiny(other, tmp_path / "c", steps=4, resume=True), progress=False)
 

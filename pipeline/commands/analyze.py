@@ -49,8 +49,9 @@ def _parse_models(items: tuple[str, ...]) -> dict[str, str]:
 
 
 @click.command(
-    help="IICR (intra/inter consistency ratio) per encoder, and from a cache iREPA's spatial metrics "
-    "(LDS, CDS, RMSC); writes iicr.json, spatial.json and a bar plot."
+    help="IICR (intra/inter consistency ratio; n/a, with the reason, where the inter cosine is below 0.1) "
+    "per encoder, and from a cache iREPA's spatial metrics (LDS, CDS, RMSC); writes iicr.json, "
+    "spatial.json and a bar plot."
 )
 @click.option(
     "--cache",

@@ -23,6 +23,14 @@ def default(cls: type, name: str) -> Any:
     return field.default_factory()  # type: ignore[misc]
 
 
+def help_default(cls: type, name: str, none: str = "none") -> str:
+    """`default` as a help text shows it: a list comma-joined, None as `none`."""
+    value = default(cls, name)
+    if value is None:
+        return none
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def resolve_stage_config(
     cls: type[T], config_file: str | None, overrides: tuple[str, ...], flags: Mapping[str, Any], base=None
 ) -> T:

@@ -12,7 +12,7 @@ from cache_schema.formats import TARGET_FORMATS
 from pipeline.config import config_options
 from pipeline.summary import human_bytes, print_table
 from stages.common import registry as R
-from stages.extract.config import CODEC_NAMES, PRESETS, TIME_GRIDS, ExtractConfig
+from stages.extract.config import CODEC_NAMES, EXTRACT_PRESETS, TIME_GRIDS, ExtractConfig
 
 _D = ExtractConfig()
 _FORMATS_HELP = "; ".join(f"{name}: {spec.description}" for name, spec in TARGET_FORMATS.items())
@@ -28,7 +28,7 @@ _FORMATS_HELP = "; ".join(f"{name}: {spec.description}" for name, spec in TARGET
 )
 @click.option(
     "--preset",
-    type=click.Choice(list(PRESETS)),
+    type=click.Choice(list(EXTRACT_PRESETS)),
     help="tiny: tiny random models, 8x64x64 clips; random-full: real architectures with random weights "
     "(GPU throughput checks without downloads).",
 )
@@ -204,7 +204,11 @@ def _print_sizes(table) -> None:
         (label, f"{rate:.1f}", *(f"{r['read_gbps'][label]:.3f}" for r in table.rows()))
         for label, rate in table.rates.items()
     ]
-    click.echo("shard read bandwidth a trainer needs (GB/s), per H100 at its clip rate:")
+    grid = "x".join(str(v) for v in table.latent_shape)
+    click.echo(
+        f"shard read bandwidth a trainer needs (GB/s), per H100 at 40% MFU training each model on "
+        f"this store's {grid} latents (FLOPs counted at that size; --train-rate sets a rate):"
+    )
     print_table(["trainer", "clips/s", *names], rate_rows)
 
 

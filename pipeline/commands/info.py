@@ -184,12 +184,12 @@ def _run(path: str) -> None:
     cfg = run.read_config()
     click.echo(f"training run: {path}")
     for key in ("model", "shards", "steps", "batch_size", "align_lambda", "align_schedule", "align_until",
-                "encoders", "projector", "target_norm", "align_depth"):  # fmt: skip
+                "encoders", "projector", "projector_kernel", "target_norm", "align_depth"):  # fmt: skip
         if key in cfg:
-            click.echo(f"{key:<15}{cfg[key]}")
+            click.echo(f"{key:<17}{cfg[key]}")
     vae = cfg.get("vae_spec") or {}
     if vae:
-        click.echo(f"{'vae':<15}{vae.get('id')} ({vae.get('kind', 'image')}, scale {vae.get('scale')})")
+        click.echo(f"{'vae':<17}{vae.get('id')} ({vae.get('kind', 'image')}, scale {vae.get('scale')})")
     rows = run.read_log()
     if rows:
         last = rows[-1]
@@ -198,6 +198,6 @@ def _run(path: str) -> None:
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(shown.items())[:8]))  # fmt: skip
         skipped = (last.get("skipped") or {}).get("count", 0)
         if skipped:
-            click.echo(f"{'skipped':<15}{skipped} corrupt sample(s) (keys in log.jsonl)")
+            click.echo(f"{'skipped':<17}{skipped} corrupt sample(s) (keys in log.jsonl)")
     latest = run.latest_checkpoint()
-    click.echo(f"{'checkpoint':<15}{latest.name if latest else 'none yet'} ({len(run.step_dirs())} kept)")
+    click.echo(f"{'checkpoint':<17}{latest.name if latest else 'none yet'} ({len(run.step_dirs())} kept)")

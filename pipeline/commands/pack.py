@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import click
 
-from pipeline.commands.common import default
+from pipeline.commands.common import help_default
 from pipeline.config import config_options
 from stages.pack.packer import PackConfig
 
-
-def _d(name: str) -> str:
-    value = default(PackConfig, name)
-    return ",".join(value) if isinstance(value, list) else str(value)
+_d = partial(help_default, PackConfig)
 
 
 @click.command("pack")

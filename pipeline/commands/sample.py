@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import click
 
-from pipeline.commands.common import default
+from pipeline.commands.common import help_default
 from pipeline.config import config_options
 from stages.common.registry import (
     DEFAULT_SAMPLER,
@@ -15,10 +17,7 @@ from stages.common.registry import (
 )
 from stages.sample.config import SampleConfig
 
-
-def _d(name: str) -> str:
-    value = default(SampleConfig, name)
-    return ",".join(value) if isinstance(value, list) else str(value)
+_d = partial(help_default, SampleConfig)
 
 
 @click.command("sample")

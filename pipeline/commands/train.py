@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import click
 
-from pipeline.commands.common import default
+from pipeline.commands.common import help_default
 from pipeline.config import config_options
 from stages.common.registry import (
     ALIGN_SCHEDULES,
@@ -18,13 +20,10 @@ from stages.common.registry import (
     REPORT_TO,
     TARGET_NORMS,
 )
-from stages.train.config import PRESETS, TIME_SCHEDULES, TrainConfig
+from stages.train.config import TIME_SCHEDULES, TRAIN_PRESETS, TrainConfig
 from stages.train.evaluation import EVAL_METRICS
 
-
-def _d(name: str) -> str:
-    value = default(TrainConfig, name)
-    return "never" if value is None else str(value)
+_d = partial(help_default, TrainConfig, none="never")
 
 
 @click.command("train")
@@ -34,7 +33,7 @@ def _d(name: str) -> str:
 @click.option("--out", type=str, help="Run directory (config, log, TensorBoard, checkpoints, plots).")
 @click.option(
     "--preset",
-    type=click.Choice(list(PRESETS)),
+    type=click.Choice(list(TRAIN_PRESETS)),
     help="tiny: tiny model, batch 4, 20 steps (tests, CPU demo).",
 )
 @click.option("--model", type=click.Choice(list(MODEL_SIZES)), help=f"VideoDiT size [{DEFAULT_MODEL}].")
@@ -64,9 +63,17 @@ def _d(name: str) -> str:
 )
 @click.option("--encoders", type=str, help="Comma-separated subset of the cached encoders [all].")
 @click.option(
-    "--projector", type=click.Choice(PROJECTORS), help=f"REPA's MLP or iREPA's 3x3 conv [{_d('projector')}]."
+    "--projector",
+    type=click.Choice(PROJECTORS),
+    help=f"REPA's MLP or iREPA's conv on the token grid [{_d('projector')}].",
 )
 @click.option("--projector-dim", type=int, help=f"MLP projector width [{_d('projector_dim')}].")
+@click.option(
+    "--projector-kernel",
+    type=int,
+    help=f"Conv projector kernel, odd (iREPA: 3 in its README and JiT code, 1 in its LDM script) "
+    f"[{_d('projector_kernel')}].",
+)
 @click.option(
     "--target-norm",
     type=click.Choice(TARGET_NORMS),
@@ -162,7 +169,7 @@ def train(config_file, overrides, preset, **flags):
     flags["compile"] = flags.pop("compile_model")
     if flags.get("encoders") is not None:
         flags["encoders"] = [e.strip() for e in flags["encoders"].split(",") if e.strip()]
-    base = PRESETS.get(preset or "", {})
+    base = TRAIN_PRESETS.get(preset or "", {})
     if flags.get("resume") or flags.get("resume_from"):
         base = _resume_base(flags.get("out"), config_file, overrides)
     cfg = resolve_stage_config(TrainConfig, config_file, overrides, flags, base)

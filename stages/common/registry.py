@@ -28,8 +28,9 @@ PREDICTIONS = ("velocity", "sample")
 
 # Training step cost per clip (forward + backward, torch.utils.flop_counter, 16 x 256 x 256
 # clips = 4 x 16 x 32 x 32 SD latents, no alignment head) and the clips/s one H100 sustains at
-# 40% of its 989 TFLOP/s dense bf16 peak. The dry run uses the rate to say how much target
-# bandwidth a trainer needs (`extract --train-rate` overrides it). See README "Cache budget".
+# 40% of its 989 TFLOP/s dense bf16 peak. This table is at Latte's grid (README); the dry run
+# counts each model's FLOPs at the store's own grid (stages.common.dit_sizes.train_tflop_per_clip) to say
+# how much target bandwidth a trainer needs (`extract --train-rate` overrides it).
 H100_BF16_PEAK_TFLOPS = 989.0
 ASSUMED_MFU = 0.40
 TRAIN_TFLOP_PER_CLIP: dict[str, float] = {
@@ -42,9 +43,17 @@ TRAIN_TFLOP_PER_CLIP: dict[str, float] = {
 }
 
 
+LATTE_LATENT_SHAPE = (4, 16, 32, 32)  # C, T', h, w of the table above
+
+
+def clips_per_s(tflop_per_clip: float) -> float:
+    """Clips/s one H100 consumes at ASSUMED_MFU for a training step of this cost per clip."""
+    return H100_BF16_PEAK_TFLOPS * ASSUMED_MFU / tflop_per_clip
+
+
 def train_rate(model: str) -> float:
-    """Clips/s one H100 consumes when training `model` at ASSUMED_MFU (the FLOP-count table)."""
-    return H100_BF16_PEAK_TFLOPS * ASSUMED_MFU / TRAIN_TFLOP_PER_CLIP[model]
+    """Clips/s one H100 consumes when training `model` on Latte's grid (the FLOP-count table)."""
+    return clips_per_s(TRAIN_TFLOP_PER_CLIP[model])
 
 
 # --------------------------------------------------------------------------- training

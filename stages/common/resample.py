@@ -1,4 +1,4 @@
-"""Resample encoder tokens onto the DiT token grid, L2-normalise them and fuse encoders.
+"""Resample encoder tokens onto the DiT token grid and L2-normalise them.
 
 Our definition (DESIGN.md section 6): every encoder's patch tokens ``[B, t, h, w, D]`` are
 brought to the DiT grid ``(T, H, W)`` = (latent frames, latent h / patch, latent w / patch).
@@ -14,7 +14,7 @@ brought to the DiT grid ``(T, H, W)`` = (latent frames, latent h / patch, latent
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -73,38 +73,6 @@ def l2_normalize_tokens(tokens: torch.Tensor, eps: float = 1e-6) -> torch.Tensor
 def to_target(tokens: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
     """Resample to the DiT grid, then L2-normalise per token: one encoder's slice of ``targets``."""
     return l2_normalize_tokens(resample_to_grid(tokens, grid))
-
-
-def fuse(
-    features: Mapping[str, torch.Tensor], order: Sequence[str] | None = None
-) -> tuple[torch.Tensor, list[tuple[str, int, int]]]:
-    """Concatenate per-encoder targets along channels in ``order``.
-
-    Returns ``(targets [B,T,H,W,sum D], [(name, start, stop), ...])`` so any subset of encoders
-    can be sliced back out at train time.
-    """
-    names = list(order) if order is not None else list(features)
-    if not names:
-        raise ValueError("fuse needs at least one encoder")
-    if len(set(names)) != len(names):
-        raise ValueError(f"duplicate encoder names in order: {names}")
-    missing = [n for n in names if n not in features]
-    if missing:
-        raise KeyError(f"no features for encoder(s) {missing}; have {sorted(features)}")
-    lead = tuple(features[names[0]].shape[:-1])
-    parts, slices, start = [], [], 0
-    for n in names:
-        f = features[n]
-        if f.ndim != 5 or tuple(f.shape[:-1]) != lead:
-            raise ValueError(
-                f"encoder '{n}' features have shape {tuple(f.shape)}; all must be [B,T,H,W,*] with "
-                f"[B,T,H,W] = {list(lead)}"
-            )
-        stop = start + int(f.shape[-1])
-        slices.append((n, start, stop))
-        parts.append(f)
-        start = stop
-    return torch.cat(parts, dim=-1), slices
 
 
 def causal_groups(frames: int, k: int) -> list[tuple[int, int]]:

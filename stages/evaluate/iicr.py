@@ -6,6 +6,13 @@ similarity between frames of different videos (and, when labels exist, of differ
 IICR = intra / inter (higher: temporally stable yet discriminative). The same is reported per
 token position without pooling (position p of frame t against position p of other frames).
 
+intra and inter are always reported. The ratio is reported only where inter >= INTER_MIN: the
+inter cosine of features that spread around the origin is near zero or negative (a random tiny
+DINOv2 gives inter -0.03 and a ratio of -15), where the ratio's sign and size say nothing; there
+the ratio is None and `undefined` gives the reason. With inter >= INTER_MIN the ratio lies in
+[-1 / INTER_MIN, 1 / INTER_MIN]. `gap_*` = intra - inter is always defined, bounded in [-2, 2],
+and ranks encoders where the ratio cannot.
+
 Everything is computed from sums of unit vectors, so memory stays O(positions x dim) plus one
 running sum per open video and per class, whatever N is: over a set of n unit vectors the sum
 of pairwise cosines over ordered pairs i != j is |sum|^2 - n; across groups it is
@@ -109,10 +116,32 @@ def _finite(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)) or abs(b) < 1e-12:
-        return None
-    return float(a / b)
+INTER_MIN = 0.1  # below this inter cosine the intra / inter ratio is not reported
+
+
+def _ratio(intra: float | None, inter: float | None) -> tuple[float | None, str | None]:
+    """(intra / inter, None) where inter >= INTER_MIN, else (None, why not)."""
+    if intra is None or inter is None:
+        return None, "intra or inter is undefined (a single clip or a single video)"
+    if inter < INTER_MIN:
+        return None, (
+            f"inter cosine {inter:.4f} is below {INTER_MIN}: the ratio is unstable there (its sign and "
+            "size follow the denominator); compare intra and inter, or the gap intra - inter"
+        )
+    return float(intra / inter), None
+
+
+def _add_ratios(out: dict[str, Any], kinds: tuple[str, ...]) -> None:
+    """out[iicr_k], out[gap_k] from out[intra] and out[inter_k]; reasons for undefined ratios go
+    under out["undefined"]."""
+    for kind in kinds:
+        if f"inter_{kind}" not in out:
+            continue
+        inter = out[f"inter_{kind}"]
+        out[f"iicr_{kind}"], why = _ratio(out["intra"], inter)
+        out[f"gap_{kind}"] = None if out["intra"] is None or inter is None else out["intra"] - inter
+        if why is not None:
+            out.setdefault("undefined", {})[f"iicr_{kind}"] = why
 
 
 class IICRAccumulator:
@@ -178,11 +207,10 @@ class IICRAccumulator:
             "dim": self.dim,
             "intra": pooled["intra"],
             "inter_video": pooled["inter_video"],
-            "iicr_video": _ratio(pooled["intra"], pooled["inter_video"]),
         }
         if "inter_class" in pooled:
             out["inter_class"] = pooled["inter_class"]
-            out["iicr_class"] = _ratio(pooled["intra"], pooled["inter_class"])
+        _add_ratios(out, ("video", "class"))
         out["iicr"] = out["iicr_class"] if "inter_class" in out else out["iicr_video"]
         if self.tokens is not None and self.tokens.clips:
             res = self.tokens.result()
@@ -193,10 +221,9 @@ class IICRAccumulator:
                 "intra_map": res["intra"].reshape(h, w).round(6).tolist(),
                 "inter_video_map": np.nan_to_num(res["inter_video"]).reshape(h, w).round(6).tolist(),
             }
-            tok["iicr_video"] = _ratio(tok["intra"], tok["inter_video"])
             if "inter_class" in res:
                 tok["inter_class"] = _finite(res["inter_class"].mean())
-                tok["iicr_class"] = _ratio(tok["intra"], tok["inter_class"])
+            _add_ratios(tok, ("video", "class"))
             out["per_position"] = tok
         return out
 
@@ -272,7 +299,8 @@ def iicr_from_store(
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """One row per encoder: intra, inter(video), IICR(video), [inter/IICR(class)], token IICR."""
+    """One row per encoder: intra, inter(video), IICR(video), [inter/IICR(class)], token IICR; then
+    one line per ratio left undefined, saying why (see INTER_MIN)."""
     encs = result["encoders"]
     has_cls = any("inter_class" in r for r in encs.values())
 
@@ -295,6 +323,10 @@ def format_table(result: dict[str, Any]) -> str:
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    for name, r in encs.items():
+        for where, part in (("", r), ("tokens ", r.get("per_position") or {})):
+            for key, why in (part.get("undefined") or {}).items():
+                lines.append(f"n/a: {name} {where}{key.replace('iicr_', 'IICR(')}): {why}")
     return "\n".join(lines)
 
 

@@ -1,1 +1,1 @@
-"""Stage one: videos -> VAE latents + fused frozen-encoder targets -> zarr."""
+"""Stage one: videos -> VAE latents + per-encoder frozen-encoder targets -> zarr."""

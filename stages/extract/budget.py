@@ -20,6 +20,7 @@ import torch
 from cache_schema import formats
 from stages.common import registry as R
 from stages.common import video as V
+from stages.common.dit_sizes import train_tflop_per_clip
 from stages.common.runtime import human_bytes
 
 from .job import Job
@@ -80,6 +81,7 @@ class SizeTable:
     formats: list[Option]
     current: Option
     rates: dict[str, float]  # label -> clips/s a trainer reads
+    latent_shape: tuple[int, ...] = ()  # C, T', h, w of the clips the rates are for
     alternatives: list[Option] = field(default_factory=list)
 
     def by_format(self, name: str) -> Option:
@@ -105,8 +107,14 @@ class SizeTable:
 class _Measured:
     """Compressed and raw bytes of one clip's arrays, per (encoder, format, PCA dims)."""
 
-    def __init__(self, job: Job, quantities: dict[str, torch.Tensor], latents: np.ndarray) -> None:
-        self.job, self.quantities = job, quantities
+    def __init__(
+        self,
+        job: Job,
+        quantities: dict[str, torch.Tensor],
+        latents: np.ndarray,
+        norms: dict[str, torch.Tensor],
+    ) -> None:
+        self.job, self.quantities, self.norms = job, quantities, norms
         self.codecs = compressors_for(job.cfg.codec, job.cfg.codec_level) or []
         self.latent = (self._compressed(latents), latents.nbytes)
         self._cache: dict[tuple[str, str, int | None], tuple[int, list[int]]] = {}
@@ -128,6 +136,8 @@ class _Measured:
                 x = formats.pca_project(x, self._basis(name, k))
             values, scales = formats.encode(x, fmt)
             parts = [values.cpu().numpy()] + ([] if scales is None else [scales.cpu().numpy()])
+            if name in self.norms:  # float16 token norms beside unit tokens (raw_tokens = "norms")
+                parts.append(formats.encode_norms(self.norms[name]).cpu().numpy())
             self._cache[key] = (sum(self._compressed(p) for p in parts), [p.nbytes for p in parts])
         return self._cache[key]
 
@@ -181,7 +191,8 @@ def _measure_clip(job: Job) -> tuple[int, _Measured]:
             continue
         batch = torch.from_numpy(frames)[None].to(job.device)
         feats = compute_batch(batch, job.models, job.plans, job.grid, job.timings)
-        return row, _Measured(job, feats.quantities, feats.latents.to(torch.float16).cpu().numpy()[0])
+        latents = feats.latents.to(torch.float16).cpu().numpy()[0]
+        return row, _Measured(job, feats.quantities, latents, feats.norms)
     raise ExtractError("could not decode any of the first clips to measure their size")
 
 
@@ -203,10 +214,12 @@ def count_clips(job: Job, clips_per_video: int, hflip: bool) -> int:
     return total * (2 if hflip else 1)
 
 
-def _rates(cfg_rate: float | None) -> dict[str, float]:
+def _rates(cfg_rate: float | None, latent_shape) -> dict[str, float]:
+    """Clips/s a trainer reads: --train-rate, or per model size its H100 rate on THIS store's grid
+    (FLOPs counted at latent_shape: a tiny store's clip is not a 16 x 256 x 256 clip)."""
     if cfg_rate is not None:
         return {"--train-rate": float(cfg_rate)}
-    return {name: R.train_rate(name) for name in R.MODEL_SIZES}
+    return {name: R.clips_per_s(train_tflop_per_clip(name, latent_shape)) for name in R.MODEL_SIZES}
 
 
 def size_table(job: Job) -> SizeTable:
@@ -223,7 +236,9 @@ def size_table(job: Job) -> SizeTable:
 
     table = [option(fmt, pca, cfg.clips_per_video, cfg.hflip) for fmt in formats.TARGET_FORMATS]
     current = next(o for o in table if o.format == cfg.target_format)
-    return SizeTable(row, table, current, _rates(cfg.train_rate), _alternatives(job, option, pca))
+    rates = _rates(cfg.train_rate, job.latent_shape)
+    alternatives = _alternatives(job, option, pca)
+    return SizeTable(row, table, current, rates, tuple(job.latent_shape), alternatives)
 
 
 def _alternatives(job: Job, option, pca: dict[str, int]) -> list[Option]:

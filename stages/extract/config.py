@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from cache_schema.formats import DEFAULT_TARGET_FORMAT, TARGET_FORMATS
+from cache_schema.formats import DEFAULT_TARGET_FORMAT, TARGET_FORMATS, check_dim
 from stages.common import registry as R
 
 CODEC_NAMES = ("zstd", "blosc", "none")  # zarr compressors (stages/extract/store.py builds them)
@@ -94,7 +94,6 @@ class ExtractConfig:
     videomae_size: int | None = None
     # DiT token grid = latent grid / patch
     patch_size: int = R.PATCH_SIZE
-    fusion: str = "concat"
     # targets: format, time grid, PCA, measured fidelity
     target_format: str = DEFAULT_TARGET_FORMAT
     time_grid: str = TIME_GRIDS[0]
@@ -147,10 +146,10 @@ class ExtractConfig:
         for name, k in self.pca_dims_by_encoder().items():
             if k < 1:
                 raise ValueError(f"pca_dims: {name}={k} must be >= 1")
-            if self.target_format == "int4" and k % 2:
-                raise ValueError(
-                    f"pca_dims: {name}={k} is odd; int4 packs two channels per byte (use {k + 1})"
-                )
+            try:
+                check_dim(self.target_format, k)
+            except ValueError as exc:
+                raise ValueError(f"pca_dims: {name}={exc}") from None
         if self.latent_scale is not None and not self.latent_scale > 0:
             raise ValueError(f"latent_scale: must be > 0, got {self.latent_scale!r}")
         if self.train_rate is not None and not self.train_rate > 0:
@@ -165,13 +164,12 @@ class ExtractConfig:
             "clip_placement": R.CLIP_PLACEMENTS,
             "codec": CODEC_NAMES,
             "vae_kind": R.VAE_KINDS,
-            "fusion": ("concat",),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        if self.preset is not None and self.preset not in PRESETS:
-            raise ValueError(f"preset: {self.preset!r} is not one of {', '.join(PRESETS)}")
+        if self.preset is not None and self.preset not in EXTRACT_PRESETS:
+            raise ValueError(f"preset: {self.preset!r} is not one of {', '.join(EXTRACT_PRESETS)}")
         if not isinstance(self.hflip, bool):
             raise ValueError(f"hflip: must be true or false, got {self.hflip!r}")
 
@@ -188,7 +186,7 @@ def _positive_int(key: str, value: object) -> None:
         raise ValueError(f"{key}: must be a positive integer, got {value!r}")
 
 
-PRESETS: dict[str, dict] = {
+EXTRACT_PRESETS: dict[str, dict] = {
     # tiny random-initialised models of the real classes; CPU-sized clips
     "tiny": {
         "frames": 8,
@@ -208,6 +206,6 @@ PRESETS: dict[str, dict] = {
 def preset_values(name: str | None) -> dict:
     if name is None:
         return {}
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset '{name}'; choose from {', '.join(PRESETS)}")
-    return dict(PRESETS[name], preset=name)
+    if name not in EXTRACT_PRESETS:
+        raise ValueError(f"unknown preset '{name}'; choose from {', '.join(EXTRACT_PRESETS)}")
+    return dict(EXTRACT_PRESETS[name], preset=name)

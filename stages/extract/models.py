@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cache_schema import constants as C
 from cache_schema import formats
 from stages.common import registry as R
 from stages.common.encoders import VideoMAEEncoder, load_encoder
@@ -25,7 +26,7 @@ from stages.common.resample import (
     l2_normalize_tokens,
     resample_spatial,
     resample_temporal,
-    to_target,
+    resample_to_grid,
 )
 from stages.common.vae import VAEWrapper
 
@@ -59,6 +60,11 @@ class TargetPlan:
     def stored_dim(self) -> int:
         return self.pca_dims or self.dim
 
+    @property
+    def raw_tokens(self) -> str:
+        """How a reader rebuilds the raw (unnormalised) tokens: stored norms, or the values themselves."""
+        return C.RAW_IN_VALUES if self.native else C.RAW_FROM_NORMS
+
     def entry(self) -> dict[str, Any]:
         layout = formats.stored_layout(self.format, self.stored_dim)
         values, scales = layout["values"], layout["scales"]
@@ -73,6 +79,7 @@ class TargetPlan:
             "values": [values[0], values[1]],
             "scales": None if scales is None else [scales[0], scales[1]],
             "pca": self.pca_dims is not None,
+            C.RAW_TOKENS: self.raw_tokens,
         }
 
     def spec(self, pca_fit_clips: int) -> dict[str, Any]:
@@ -85,15 +92,18 @@ class TargetPlan:
             "time_grid": "native" if self.native else "dit",
             "pca_dims": self.pca_dims,
             "pca_fit_clips": pca_fit_clips if self.pca_dims else None,
+            C.RAW_TOKENS: self.raw_tokens,
         }
 
 
 @dataclass
 class Features:
-    """One batch on the model's device: fp16 latents and each encoder's stored quantity (float32)."""
+    """One batch on the model's device: fp16 latents, each encoder's stored quantity (float32) and,
+    for encoders stored L2-normalised, each token's norm before normalising [B,T,H,W] (float32)."""
 
     latents: torch.Tensor
     quantities: dict[str, torch.Tensor]
+    norms: dict[str, torch.Tensor]
 
 
 def model_sources(cfg: ExtractConfig) -> dict[str, str | None]:
@@ -253,7 +263,7 @@ def compute_batch(
     """
     latents = _timed("vae", frames.device, timings, lambda: models.vae.encode(frames))
     k = causal_factor(models.vae)
-    quantities = {}
+    quantities, norms = {}, {}
     for plan in plans:
         enc = models.encoders[plan.name]
         tokens = _timed(f"encoder:{plan.name}", frames.device, timings, lambda enc=enc: enc.features(frames))
@@ -262,9 +272,11 @@ def compute_batch(
             tokens = causal_temporal_mean(tokens, k)  # DESIGN.md 6
         if plan.native:
             quantities[plan.name] = resample_spatial(tokens, grid[1:]).contiguous()
-        else:
-            quantities[plan.name] = to_target(tokens, grid)
-    return Features(latents=latents, quantities=quantities)
+        else:  # resample_to_grid then L2-normalise, as resample.to_target, keeping the norms
+            raw = resample_to_grid(tokens, grid)
+            norms[plan.name] = raw.norm(dim=-1)
+            quantities[plan.name] = l2_normalize_tokens(raw)
+    return Features(latents=latents, quantities=quantities, norms=norms)
 
 
 def exact_target(quantity: torch.Tensor, plan: TargetPlan, grid: tuple[int, int, int]) -> torch.Tensor:
@@ -287,16 +299,18 @@ def encode_batch(
     plans: list[TargetPlan],
     bases: dict[str, dict[str, torch.Tensor]],
     timings: dict[str, float],
-) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray | None]]]:
-    """Features -> compact CPU arrays: latents fp16, per encoder (values, scales | None)."""
+) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray | None]], dict[str, np.ndarray]]:
+    """Features -> compact CPU arrays: latents fp16, per encoder (values, scales | None), and the
+    float16 token norms of encoders stored L2-normalised."""
     t0 = time.perf_counter()
     targets = {}
     for plan in plans:
         values, scales = encode_quantity(features.quantities[plan.name], plan, bases.get(plan.name))
         targets[plan.name] = (values.cpu().numpy(), None if scales is None else scales.cpu().numpy())
+    norms = {name: formats.encode_norms(n).cpu().numpy() for name, n in features.norms.items()}
     latents = features.latents.to(torch.float16).cpu().numpy()
     timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - t0
-    return latents, targets
+    return latents, targets, norms
 
 
 def nonfinite_rows(features: Features) -> list[int]:

@@ -37,7 +37,7 @@ from .config import ExtractConfig
 from .derive import derive
 from .job import Job, check_finite, decoding, to_device
 from .models import ExtractError, compute_batch, encode_batch, load_models, plan_targets, token_grid
-from .store import StorePlan, create_store, open_store, read_json, write_json
+from .store import StorePlan, clear_block, create_store, open_store, read_json, write_json
 from .writer import BlockBuffer, BlockSampler, BlockWriter
 
 __all__ = ["BudgetExceeded", "ExtractError", "ExtractResult", "compute_batch", "run_extract"]
@@ -114,7 +114,6 @@ def build_spec(job: Job) -> dict[str, Any]:
         "encoders": [p.spec(cfg.pca_fit_clips) for p in job.plans],
         "grid": list(job.grid),
         "patch_size": [1, cfg.patch_size, cfg.patch_size],
-        "fusion": cfg.fusion,
         "fidelity_clips": cfg.fidelity_clips,
         "seed": cfg.seed,
     }
@@ -344,6 +343,7 @@ def _blocks_to_do(job: Job, group, result: ExtractResult) -> list[int]:
     for b in sorted(check.bad_blocks):
         marker[b] = 0  # a kill while redoing it leaves it unfinished, not "done" with torn data
         done[b] = 0
+        clear_block(group, b, verifier.arrays)
     result.redone = check.problems
     result.blocks_done = int(done.sum())
     return [b for b in mine if not done[b]]
@@ -403,8 +403,8 @@ def _compute_items(job: Job, items: list[dict[str, Any]], buf: BlockBuffer, base
         ok = [it["index"] for it in items if it["frames"] is not None]
         feats = compute_batch(frames, job.models, job.plans, job.grid, job.timings)
         check_finite(job, feats, ok)
-        latents, targets = encode_batch(feats, job.plans, bases, job.timings)
-        buf.put(ok, latents, targets)
+        latents, targets, norms = encode_batch(feats, job.plans, bases, job.timings)
+        buf.put(ok, latents, targets, norms)
     for it in items:
         if it["frames"] is None:
             result.invalid_clips.append(

@@ -93,6 +93,8 @@ def create_store(
         if enc["scales"]:
             s_dim, s_dtype = enc["scales"]
             _per_clip_array(group, C.scales_path(enc["name"]), (*lead, s_dim), s_dtype, b, compressors)
+        if C.stores_norms(enc):
+            _per_clip_array(group, C.norms_path(enc["name"]), lead, "float16", b, compressors)
     for name, basis in bases.items():
         for part, array in ((C.PCA_MEAN, basis.mean), (C.PCA_COMPONENTS, basis.components)):
             arr = group.create_array(
@@ -141,22 +143,28 @@ def write_block(
     targets: dict[str, tuple[np.ndarray, np.ndarray | None]],
     valid: np.ndarray,
     meta: dict[str, np.ndarray] | None = None,
+    norms: dict[str, np.ndarray] | None = None,
 ) -> None:
     """Write one block's clips (whole shards at once), then its rows' checksums; data before the
     marker. `meta` (labels, video_index, start_frame, flip of these rows) is rewritten too, so a
-    redone block repairs them; without it the rows created with the store are kept."""
+    redone block repairs them; without it the rows created with the store are kept. `norms`: the
+    float16 token norms of encoders whose layout keeps them (C.stores_norms)."""
     stop = start + len(latents)
     arrays = {C.LATENTS: latents.astype(np.float16, copy=False), C.VALID: valid.astype(np.uint8)}
     for name, (values, scales) in targets.items():
         arrays[C.values_path(name)] = values
         if scales is not None:
             arrays[C.scales_path(name)] = scales
+    for name, array in (norms or {}).items():
+        arrays[C.norms_path(name)] = array
     for name in C.META_ARRAYS:
         arrays[name] = group[name][start:stop] if meta is None else meta[name]
     integrity = dict(group.attrs).get(C.INTEGRITY_ATTR)
     columns = integrity["columns"] if integrity else list(arrays)
     for name in columns:  # fixed order: the marker-less block is torn the same way every time
         array = group[name]
+        if name not in arrays and name.endswith(f"/{C.TOKEN_NORMS}"):  # not given: 0, the fill value
+            arrays[name] = np.zeros((stop - start, *array.shape[1:]), array.dtype)
         arrays[name] = np.asarray(arrays[name]).astype(array.dtype, copy=False)
         if meta is not None or name not in C.META_ARRAYS:
             _write(array, name, start, stop, arrays[name], group)
@@ -175,6 +183,18 @@ def _write(array: zarr.Array, name: str, start: int, stop: int, data: np.ndarray
         key = array.metadata.encode_chunk_key((chunk, *([0] * (array.ndim - 1))))
         path = f"{str(group.store.root).rstrip('/')}/{name}/{key}" if hasattr(group.store, "root") else name
         raise OSError(exc.errno, exc.strerror, path) from exc
+
+
+def clear_block(group: zarr.Group, block: int, arrays: dict[str, zarr.Array]) -> None:
+    """Delete one block's shard of each sharded array before the block is redone: zarr reads the old
+    shard's index to rewrite it, so a damaged index would make the rewrite fail too."""
+    from zarr.core.sync import sync
+
+    prefix = f"{group.path}/" if group.path else ""
+    for name, array in arrays.items():
+        if array.shards:
+            key = array.metadata.encode_chunk_key((block, *([0] * (array.ndim - 1))))
+            sync(group.store.delete(f"{prefix}{name}/{key}"))
 
 
 def mark_block_done(group: zarr.Group, block: int) -> None:

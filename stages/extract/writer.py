@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from cache_schema import constants as C
+
 from .store import mark_block_done, write_block
 
 
@@ -51,10 +53,18 @@ class BlockBuffer:
             values = np.zeros((*lead, enc["values"][0]), enc["values"][1])
             scales = np.zeros((*lead, enc["scales"][0]), enc["scales"][1]) if enc["scales"] else None
             self.targets[enc["name"]] = (values, scales)
+        self.norms = {e["name"]: np.zeros((n, int(e["time_frames"]), h, w), np.float16) for e in encoders
+                      if C.stores_norms(e)}  # fmt: skip
         self.valid = np.zeros(n, np.uint8)
         self.filled = 0
 
-    def put(self, clips: list[int], latents: np.ndarray, targets: dict[str, tuple[Any, Any]]) -> None:
+    def put(
+        self,
+        clips: list[int],
+        latents: np.ndarray,
+        targets: dict[str, tuple[Any, Any]],
+        norms: dict[str, Any],
+    ) -> None:
         """Rows of decoded clips (store indices `clips`)."""
         rows = np.asarray(clips, dtype=np.int64) - self.start
         self.latents[rows] = latents
@@ -62,6 +72,8 @@ class BlockBuffer:
             self.targets[name][0][rows] = values
             if scales is not None:
                 self.targets[name][1][rows] = scales
+        for name, array in norms.items():
+            self.norms[name][rows] = array
         self.valid[rows] = 1
 
     def count(self, n: int) -> bool:
@@ -88,7 +100,7 @@ class BlockWriter(threading.Thread):
                 continue
             try:
                 t0 = time.perf_counter()
-                write_block(self.group, buf.start, buf.latents, buf.targets, buf.valid, buf.meta)
+                write_block(self.group, buf.start, buf.latents, buf.targets, buf.valid, buf.meta, buf.norms)
                 mark_block_done(self.group, buf.block)
                 self.timings["write"] = self.timings.get("write", 0.0) + time.perf_counter() - t0
             except BaseException as exc:  # surfaced by the main thread

@@ -68,14 +68,17 @@ def clip_sample(
     targets: dict[str, tuple[np.ndarray, np.ndarray | None]],
     label: int,
     meta: dict[str, Any],
+    norms: dict[str, np.ndarray] | None = None,
 ) -> dict[str, bytes]:
-    """One schema-v2 sample: latent, each encoder's values (+ scales), class, meta, crc32.
-    `targets` empty gives the latents-only sample."""
+    """One schema-v2 sample: latent, each encoder's values (+ scales, + token norms), class, meta,
+    crc32. `targets` empty gives the latents-only sample."""
     sample: dict[str, Any] = {"__key__": C.KEY_FORMAT.format(row), C.SAMPLE_LATENT: npy_bytes(latent)}
     for name, (values, scales) in targets.items():
         sample[C.sample_values(name)] = npy_bytes(values)
         if scales is not None:
             sample[C.sample_scales(name)] = npy_bytes(scales)
+        if norms and name in norms:
+            sample[C.sample_norms(name)] = npy_bytes(norms[name])
     sample[C.SAMPLE_META] = json.dumps(meta, sort_keys=True).encode()
     if label >= 0:
         sample[C.SAMPLE_CLASS] = str(label).encode()
@@ -157,12 +160,14 @@ def write_tar(path: str, samples: Iterable[dict[str, Any]]) -> dict[str, Any]:
     return sink.close()
 
 
-def _target_arrays(group, encoders: list[dict[str, Any]], where: str) -> dict[str, tuple[Any, Any]]:
-    """name -> (values array, scales array or None), opened once per task."""
+def _target_arrays(group, encoders: list[dict[str, Any]], where: str) -> dict[str, tuple[Any, Any, Any]]:
+    """name -> (values array, scales array or None, token norms array or None), opened once per task."""
     arrays = {}
     for enc in encoders:
-        scales = open_array(group, C.scales_path(enc["name"]), where) if enc.get("scales") else None
-        arrays[enc["name"]] = (open_array(group, C.values_path(enc["name"]), where), scales)
+        name = enc["name"]
+        scales = open_array(group, C.scales_path(name), where) if enc.get("scales") else None
+        norms = open_array(group, C.norms_path(name), where) if C.stores_norms(enc) else None
+        arrays[name] = (open_array(group, C.values_path(name), where), scales, norms)
     return arrays
 
 
@@ -184,7 +189,12 @@ def write_shard(cache: str, out: str, name: str, rows: list[int]) -> tuple[dict[
             for n, values in meta_arrays.items():
                 check.check(n, row, values[row : row + 1])
             latent = check.read(latents, C.LATENTS, row)
-            targets = {n: _read_target(check, n, v, s, row) for n, (v, s) in target_arrays.items()}
+            targets = {n: _read_target(check, n, v, s, row) for n, (v, s, _) in target_arrays.items()}
+            norms = {
+                n: check.read(a, C.norms_path(n), row)
+                for n, (_, _, a) in target_arrays.items()
+                if a is not None
+            }
             label = int(meta_arrays[C.LABELS][row])
             meta = {
                 "video": sources[int(meta_arrays[C.VIDEO_INDEX][row])],
@@ -193,7 +203,7 @@ def write_shard(cache: str, out: str, name: str, rows: list[int]) -> tuple[dict[
                 "clip_index": int(row),
                 "label": label if label >= 0 else None,
             }
-            full.write(clip_sample(row, latent, targets, label, meta))
+            full.write(clip_sample(row, latent, targets, label, meta, norms))
             lean.write(clip_sample(row, latent, {}, label, meta))
         return full.close(), lean.close()
     except BaseException:

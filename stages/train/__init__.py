@@ -5,9 +5,9 @@ loaded on first use."""
 
 from typing import Any
 
-from .config import PRESETS, TrainConfig
+from .config import TRAIN_PRESETS, TrainConfig
 
-__all__ = ["PRESETS", "NonFiniteLoss", "TrainConfig", "train"]
+__all__ = ["TRAIN_PRESETS", "NonFiniteLoss", "TrainConfig", "train"]
 
 
 def __getattr__(name: str) -> Any:

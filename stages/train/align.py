@@ -1,15 +1,17 @@
 """Representation alignment (REPA family): projectors, target normalisation, loss weights and schedules.
 
-Sources (read, not copied; details and line numbers in the project notes `align_sources.md`):
+Sources (read, not copied; each item names the repository, file and function followed):
 
 * REPA (sihyun-yu/REPA): MLP projector `build_mlp` (models/sit.py), loss = negative cosine between the
   L2-normalised projection and the L2-normalised encoder token, mean over tokens, batch and encoders
   (loss.py), scaled by one `proj_coeff` (train.py).
 * HASTE (NUS-HPC-AI-Lab/HASTE): alignment is switched off for good once `global_step >=
   early_stop_point` (train.py), i.e. it acts on optimizer steps 1..early_stop_point (1-based).
-* iREPA (End2End-Diffusion/iREPA): spatial z-score of encoder tokens over the token axis
-  (ldm/utils.py `spatial_zscore`) and a single Conv2d projector on the token grid (ldm/models/sit.py
-  `ProjectionLayer`).
+* iREPA (End2End-Diffusion/iREPA, commit 99ad4ac): spatial z-score of the encoder's raw patch tokens
+  over the token axis (ldm/utils.py and jit/spnorm.py `spatial_zscore`, applied in ldm/train.py and
+  jit/engine_jit.py to `x_norm_patchtokens`) and a single Conv2d projector on the token grid
+  (ldm/models/sit.py and jit/projectors.py `ProjectionLayer`; kernel 3 in README.md and
+  jit/main_jit.py, 1 by default in ldm/train.py).
 * CREPA in SimpleTuner (bghira/SimpleTuner, simpletuner/helpers/training/crepa.py `CrepaScheduler`):
   constant / linear / cosine decay of the coefficient driven by the count of completed steps, optional
   linear warm-up, step cut-off.
@@ -30,7 +32,7 @@ from torch import nn
 
 from stages.common.registry import ALIGN_SCHEDULES, PROJECTORS, TARGET_NORMS
 
-# iREPA ldm/train.py: --zscore-alpha default 0.6 (the JiT recipe uses 0.8); eps as in `spatial_zscore`.
+# iREPA ldm/train.py: --zscore-alpha default 0.6 (jit/main_jit.py: 0.8); eps as in `spatial_zscore`.
 SPATIAL_ALPHA = 0.6
 SPATIAL_EPS = 1e-6
 
@@ -188,8 +190,9 @@ def spatial_normalize(
     an image's patch tokens (no CLS token is involved: only patch tokens are aligned). iREPA is an image
     method; for video each frame is treated as one image, so nothing is pooled across time. The
     cosine loss L2-normalises the result afterwards, as iREPA's CosineProjectionLoss does.
-    Note that our cached tokens are already L2-normalised per token, whereas iREPA normalises the
-    encoder's raw (LayerNorm-ed) patch tokens.
+    `target` must be the encoder's raw tokens, as iREPA's: the trainer rebuilds them from the cache
+    (unit token x its stored norm, `cache_schema.formats.reconstruct_raw`); z-scoring unit tokens
+    instead gives other targets, since rescaling tokens one by one changes the mean and std.
     """
     if target.ndim < 3:
         raise ValueError(f"spatial_normalize expects [..., H, W, D], got shape {tuple(target.shape)}")

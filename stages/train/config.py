@@ -35,6 +35,7 @@ RESUME_FIXED = (
     "encoders",
     "projector",
     "projector_dim",
+    "projector_kernel",
     "target_norm",
     "time_schedule",
     "time_mean",
@@ -76,6 +77,9 @@ class TrainConfig:
     encoders: list[str] = field(default_factory=list)  # empty: every cached encoder
     projector: str = "mlp"
     projector_dim: int = 2048
+    # conv projector's kernel: 3 as iREPA's README ("kernel_size=3, padding=1") and its JiT script
+    # (jit/main_jit.py --proj_kwargs_kernel_size 3); its LDM script defaults to 1 (ldm/train.py)
+    projector_kernel: int = 3
     target_norm: str = "token"
     # flow matching: what the network predicts; t ~ uniform or sigmoid(N(time_mean, time_std^2))
     prediction: str = "velocity"
@@ -147,6 +151,10 @@ class TrainConfig:
             (len(set(self.encoders)) == len(self.encoders), f"encoders: {self.encoders} names one twice"),
             (self.projector in PROJECTORS, f"projector: {self.projector!r} not in {PROJECTORS}"),
             (self.projector_dim >= 1, "projector_dim must be >= 1"),
+            (
+                self.projector_kernel >= 1 and self.projector_kernel % 2 == 1,
+                f"projector_kernel must be odd and >= 1 (it keeps the token grid), got {self.projector_kernel}",
+            ),
             (self.target_norm in TARGET_NORMS, f"target_norm: {self.target_norm!r} not in {TARGET_NORMS}"),
             (
                 self.time_schedule in TIME_SCHEDULES,
@@ -244,7 +252,7 @@ def resume_changes(previous: dict[str, Any], cfg: TrainConfig) -> list[str]:
 
 
 # Small values for tests and the CPU demo: every path runs in seconds.
-PRESETS: dict[str, dict[str, Any]] = {
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "model": "tiny",
         "batch_size": 4,

@@ -34,14 +34,26 @@ from cache_schema.checksum import verify_checksum
 from cache_schema.tars import TarFormatError, iter_samples, open_shard
 from stages.common.runtime import close_loader, worker_init
 
-# Decoded-byte counters of this process (the trainer's own when num_workers=0); each batch also
-# carries its counts, so they add up across workers. Tests use them to prove what was read.
-DECODED = {"samples": 0, "latent_bytes": 0, "target_bytes": 0}
-_PENDING_SKIPS: list[str] = []  # keys dropped by the tar handler, reported with the next sample
-
 
 class CorruptSample(ValueError):
     """A shard sample that fails its checksum or cannot be read; names the shard and the key."""
+
+
+class SkipLog:
+    """What one stream dropped under on_corrupt="skip" (unreadable shards, corrupt samples) and has
+    not reported yet. One instance is shared by the stream's ReadShards and DecodeSamples stages
+    (each loader worker holds its own copy of the stream); the messages ride along with the next
+    good sample, so the trainer logs them."""
+
+    def __init__(self) -> None:
+        self.pending: list[str] = []
+
+    def add(self, message: str) -> None:
+        self.pending.append(message)
+
+    def take(self) -> list[str]:
+        taken, self.pending = self.pending, []
+        return taken
 
 
 def derive_seed(*parts: Any) -> int:
@@ -68,6 +80,7 @@ class LoaderSpec:
     batches_per_step: int  # gradient accumulation micro-batches per optimizer step
     segment_steps: int
     encoders: dict[str, dict[str, Any]] = field(default_factory=dict)  # empty: latents only
+    norms: bool = False  # also decode the token norms (raw targets for --target-norm spatial)
     shuffle_buffer: int = 1000
     num_workers: int = 0
     pin_memory: bool = False
@@ -125,12 +138,15 @@ def _where(sample: dict[str, Any]) -> str:
 class DecodeSamples:
     """Verify each sample's crc32 and decode it to compact arrays (a pipeline stage).
 
-    `encoders` are the layout entries of the targets to decode (none: latents only). Corrupt
-    samples raise CorruptSample, or with on_corrupt="skip" are dropped and their keys ride along
-    with the next good sample ("skipped") so the trainer can log them."""
+    `encoders` are the layout entries of the targets to decode (none: latents only); with `norms`,
+    the token norms of encoders that store them are decoded too. Corrupt samples raise
+    CorruptSample, or with on_corrupt="skip" are dropped and their keys ride along with the next
+    good sample ("skipped", through the stream's SkipLog) so the trainer can log them."""
 
-    def __init__(self, encoders: dict[str, dict[str, Any]], on_corrupt: str):
-        self.encoders, self.on_corrupt = encoders, on_corrupt
+    def __init__(
+        self, encoders: dict[str, dict[str, Any]], on_corrupt: str, skips: SkipLog, norms: bool = False
+    ):
+        self.encoders, self.on_corrupt, self.skips, self.norms = encoders, on_corrupt, skips, norms
 
     def decode(self, sample: dict[str, Any]) -> dict[str, Any]:
         problem = verify_checksum(sample)
@@ -142,15 +158,13 @@ class DecodeSamples:
             for name, entry in self.encoders.items():
                 values = npy(sample[C.sample_values(name)])
                 scales = npy(sample[C.sample_scales(name)]) if entry.get("scales") else None
-                targets[name] = (values, scales)
+                norms = npy(sample[C.sample_norms(name)]) if self.norms and C.stores_norms(entry) else None
+                targets[name] = (values, scales, norms)
         except KeyError as exc:
             raise CorruptSample(f"{_where(sample)} has no {exc.args[0]} (not a schema-v2 sample)") from None
         cls = sample.get(C.SAMPLE_CLASS)
         label = -1 if cls is None else int(cls.decode() if isinstance(cls, bytes) else cls)
-        target_bytes = sum(v.nbytes + (0 if s is None else s.nbytes) for v, s in targets.values())
-        DECODED["samples"] += 1
-        DECODED["latent_bytes"] += latent.nbytes
-        DECODED["target_bytes"] += target_bytes
+        target_bytes = sum(a.nbytes for parts in targets.values() for a in parts if a is not None)
         return {"latent": latent, "targets": targets, "label": label, "target_bytes": target_bytes}
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
@@ -160,10 +174,9 @@ class DecodeSamples:
             except CorruptSample as exc:
                 if self.on_corrupt == "stop":
                     raise
-                _PENDING_SKIPS.append(str(exc))
+                self.skips.add(str(exc))
                 continue
-            decoded["skipped"] = list(_PENDING_SKIPS)
-            _PENDING_SKIPS.clear()
+            decoded["skipped"] = self.skips.take()
             yield decoded
 
 
@@ -172,8 +185,8 @@ class ReadShards:
     truncated tar stops the run naming the shard, or with on_corrupt="skip" is reported and the
     stream goes on with the next shard."""
 
-    def __init__(self, on_corrupt: str):
-        self.on_corrupt = on_corrupt
+    def __init__(self, on_corrupt: str, skips: SkipLog):
+        self.on_corrupt, self.skips = on_corrupt, skips
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         for shard in src:
@@ -185,7 +198,10 @@ class ReadShards:
                 message = f"shard {url.rsplit('/', 1)[-1]} is unreadable: {exc}"
                 if self.on_corrupt == "stop":
                     raise CorruptSample(message) from None
-                _PENDING_SKIPS.append(message)
+                self.skips.add(message)
+
+
+TARGET_ROLES = ("values", "scales", "norms")  # a decoded target: (values, scales | None, norms | None)
 
 
 def _alloc(nbytes: int) -> torch.Tensor:
@@ -205,10 +221,10 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     parts: list[tuple[str, str | None, np.dtype, tuple[int, ...]]] = [
         ("latent", None, *_meta(samples[0]["latent"]))
     ]
-    for name, (values, scales) in samples[0]["targets"].items():
-        parts.append((name, "values", *_meta(values)))
-        if scales is not None:
-            parts.append((name, "scales", *_meta(scales)))
+    for name, arrays in samples[0]["targets"].items():
+        for role, array in zip(TARGET_ROLES, arrays, strict=True):
+            if array is not None:
+                parts.append((name, role, *_meta(array)))
     layout, offset = [], 0
     for key, role, dtype, shape in parts:
         layout.append((key, role, dtype.str, shape, offset))
@@ -218,7 +234,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     for key, role, dtype, shape, start in layout:
         size = int(np.prod(shape)) * np.dtype(dtype).itemsize
         for i, sample in enumerate(samples):
-            src = sample["latent"] if role is None else sample["targets"][key][0 if role == "values" else 1]
+            src = sample["latent"] if role is None else sample["targets"][key][TARGET_ROLES.index(role)]
             flat[start + i * size : start + (i + 1) * size] = src.reshape(-1).view(np.uint8)
     return {
         "buffer": buffer,
@@ -237,9 +253,9 @@ def _meta(array: np.ndarray) -> tuple[np.dtype, tuple[int, ...]]:
 def unpack(
     batch: dict[str, Any], buffer: torch.Tensor | None = None, with_targets: bool = True
 ) -> tuple[torch.Tensor, dict]:
-    """(latents [B, ...], {encoder: (values, scales | None)}) as views of `buffer` (default: the
-    batch's own; pass the batch buffer moved to a device to get device tensors). Without
-    targets, only the latents (the buffer's first part) are read."""
+    """(latents [B, ...], {encoder: (values, scales | None, norms | None)}) as views of `buffer`
+    (default: the batch's own; pass the batch buffer moved to a device to get device tensors).
+    Without targets, only the latents (the buffer's first part) are read."""
     buffer = batch["buffer"] if buffer is None else buffer
     n, latent, targets = batch["batch_size"], None, {}
     for key, role, dtype, shape, start in batch["layout"][: None if with_targets else 1]:
@@ -248,11 +264,10 @@ def unpack(
         view = buffer[start : start + size].view(torch_dtype).view(n, *shape)
         if role is None:
             latent = view
-        elif role == "values":
-            targets[key] = (view, None)
         else:
-            targets[key] = (targets[key][0], view)
-    return latent, targets
+            parts = targets.setdefault(key, [None] * len(TARGET_ROLES))
+            parts[TARGET_ROLES.index(role)] = view
+    return latent, {key: tuple(parts) for key, parts in targets.items()}
 
 
 _TORCH_DTYPES = {
@@ -265,6 +280,7 @@ _TORCH_DTYPES = {
 
 def build_dataset(spec: LoaderSpec, segment: int) -> wds.DataPipeline:
     """The infinite sample stream of one segment."""
+    skips = SkipLog()  # what ReadShards drops is reported by DecodeSamples with the next sample
     return wds.DataPipeline(
         wds.ResampledShards(
             spec.urls,
@@ -274,9 +290,9 @@ def build_dataset(spec: LoaderSpec, segment: int) -> wds.DataPipeline:
         ),
         wds.split_by_node,
         wds.split_by_worker,
-        ReadShards(spec.on_corrupt),
+        ReadShards(spec.on_corrupt, skips),
         SeededShuffle(spec.seed, segment, spec.shuffle_buffer),
-        DecodeSamples(spec.encoders, spec.on_corrupt),
+        DecodeSamples(spec.encoders, spec.on_corrupt, skips, spec.norms),
         wds.batched(spec.batch_size, collation_fn=collate, partial=False),
     )
 

@@ -90,6 +90,8 @@ def check_cache(cfg: TrainConfig) -> RunSetup:
     requested = {"fingerprint": cfg.expect_fingerprint, "encoders": list(cfg.encoders) or None}
     layout = cache_schema.compatible(cfg.shards, requested)
     encoders = cache_schema.encoder_entries(layout, list(cfg.encoders) or None)
+    if cfg.target_norm == "spatial":
+        check_raw_tokens(cfg.shards, encoders)
     lambdas = parse_lambdas(cfg.align_lambda, list(encoders))
     run = RunDir(cfg.out)
     resume_from, previous = None, {}
@@ -159,6 +161,21 @@ def checkpoint_step(folder: Path | None) -> int:
     return int(folder.name.split("-")[-1]) if folder is not None else 0
 
 
+def check_raw_tokens(shards: str, encoders: dict[str, dict[str, Any]]) -> None:
+    """--target-norm spatial z-scores the encoders' raw tokens (iREPA): refuse shards that cannot
+    rebuild them (packed from a store written before token norms were kept)."""
+    from cache_schema.constants import RAW_FROM_NORMS, RAW_IN_VALUES, RAW_TOKENS
+
+    lacking = [n for n, e in encoders.items() if e.get(RAW_TOKENS) not in (RAW_FROM_NORMS, RAW_IN_VALUES)]
+    if lacking:
+        raise cache_schema.CacheError(
+            f"--target-norm spatial needs the raw tokens of {', '.join(lacking)}, but {shards} holds only "
+            "their L2-normalised tokens (packed from a store written before token norms were kept). "
+            "iREPA z-scores raw tokens, and z-scoring normalised ones gives other targets. Re-extract "
+            "and pack again, or train with --target-norm token"
+        )
+
+
 def claim_run(cfg: TrainConfig) -> cache_schema.OutputLock:
     """Rank 0: refuse a foreign or finished --out, mark it, and hold its lock while training."""
     run = RunDir(cfg.out)
@@ -191,6 +208,7 @@ def loader_specs(
         batches_per_step=cfg.grad_accum,
         segment_steps=segment_steps,
         encoders=setup.encoders if setup.encoders else {},
+        norms=cfg.target_norm == "spatial",
         shuffle_buffer=cfg.shuffle_buffer,
         num_workers=cfg.num_workers,
         pin_memory=pin,
@@ -350,6 +368,7 @@ def step_config(cfg: TrainConfig, setup: RunSetup, info: runtime.DistInfo) -> St
         encoders=setup.encoders,
         bases=_bases(cfg, setup, device),
         frames=int(setup.layout["grid"][0]),
+        raw_targets=cfg.target_norm == "spatial",
         use_bf16=device.type == "cuda" and cfg.precision == "bf16",
         grad_accum=cfg.grad_accum,
         grad_clip=cfg.grad_clip,

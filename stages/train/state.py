@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cache_schema import run as R
+from cache_schema import run as run_files
 from cache_schema.checkpoint import CheckpointError, verify_checkpoint
 from stages.common.dit import VideoDiT, default_align_depth
 from stages.common.dit_sizes import build_video_dit
@@ -119,6 +119,7 @@ def build_state(
             projector=cfg.projector,
             grid=tuple(layout["grid"]),
             target_norm=cfg.target_norm,
+            kernel_size=cfg.projector_kernel,
         ).to(device)
         for name, weight in lambdas.items():  # never trained: no gradient, no optimizer state
             if weight == 0.0:
@@ -167,16 +168,16 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 def save_state(folder: Path, state: TrainState, extra: dict[str, Any]) -> None:
     """Fill one checkpoint folder (RunDir.publish_checkpoint makes it the `latest`)."""
-    with _writing(folder / R.MODEL_WEIGHTS):
-        state.model.save_pretrained(folder / R.MODEL_WEIGHTS, safe_serialization=True)
-    with _writing(folder / R.EMA_WEIGHTS):
-        state.ema.save_pretrained(folder / R.EMA_WEIGHTS, safe_serialization=True)
+    with _writing(folder / run_files.MODEL_WEIGHTS):
+        state.model.save_pretrained(folder / run_files.MODEL_WEIGHTS, safe_serialization=True)
+    with _writing(folder / run_files.EMA_WEIGHTS):
+        state.ema.save_pretrained(folder / run_files.EMA_WEIGHTS, safe_serialization=True)
     if state.head is not None:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.head.state_dict().items()}
-        with _writing(folder / R.PROJECTORS_FILE):
-            save_file(tensors, folder / R.PROJECTORS_FILE)
+        with _writing(folder / run_files.PROJECTORS_FILE):
+            save_file(tensors, folder / run_files.PROJECTORS_FILE)
     payload = {**extra, "step": state.step, "optimizer": state.optimizer.state_dict()}
-    with _writing(folder / R.TRAIN_STATE_FILE), open(folder / R.TRAIN_STATE_FILE, "wb") as fh:
+    with _writing(folder / run_files.TRAIN_STATE_FILE), open(folder / run_files.TRAIN_STATE_FILE, "wb") as fh:
         torch.save(payload, fh)  # through a Python file: a full disk raises ENOSPC, not a bare RuntimeError
 
 
@@ -215,7 +216,7 @@ def _read(path: Path, reader: Callable[[Path], Any]) -> Any:
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise R.RunError(f"{folder} holds no safetensors weights")
+        raise run_files.RunError(f"{folder} holds no safetensors weights")
     weights: dict[str, torch.Tensor] = {}
     for f in files:
         weights.update(_read(f, load_file))
@@ -231,14 +232,14 @@ def load_state(folder: Path, state: TrainState) -> dict[str, Any]:
     checksums (an older checkpoint without them loads unverified); returns the rest of the saved
     state. A damaged file raises CheckpointError naming it."""
     verify_checkpoint(folder)
-    state.model.load_state_dict(_weights(folder / R.MODEL_WEIGHTS))
-    state.ema.load_state_dict(_weights(folder / R.EMA_WEIGHTS))
+    state.model.load_state_dict(_weights(folder / run_files.MODEL_WEIGHTS))
+    state.ema.load_state_dict(_weights(folder / run_files.EMA_WEIGHTS))
     if state.head is not None:
-        projector_file = folder / R.PROJECTORS_FILE
+        projector_file = folder / run_files.PROJECTORS_FILE
         if not projector_file.is_file():
-            raise R.RunError(f"{folder} has no {R.PROJECTORS_FILE} but this run still aligns to encoders")
+            raise run_files.RunError(f"{folder} has no {run_files.PROJECTORS_FILE} but this run still aligns to encoders")
         state.head.load_state_dict(_read(projector_file, load_file))
-    saved = _read(folder / R.TRAIN_STATE_FILE, _load_train_state)
+    saved = _read(folder / run_files.TRAIN_STATE_FILE, _load_train_state)
     state.optimizer.load_state_dict(saved.pop("optimizer"))
     state.step = int(saved["step"])
     return saved

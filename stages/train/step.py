@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cache_schema.formats import reconstruct
+from cache_schema.constants import stores_norms
+from cache_schema.formats import reconstruct, reconstruct_raw
 from stages.common.flow import flow_loss, interpolate, sample_timesteps, velocity_target
 
 from .data import unpack
@@ -38,6 +39,7 @@ class StepConfig:
     encoders: dict[str, dict[str, Any]]  # cache layout entries of the targets to reconstruct
     bases: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # PCA bases on the device
     frames: int = 1  # DiT grid T: targets are interpolated to it
+    raw_targets: bool = False  # the encoders' raw tokens, not unit ones (iREPA's spatial z-score)
     use_bf16: bool = False
     grad_accum: int = 1
     grad_clip: float = 1.0
@@ -82,14 +84,19 @@ def prepare_batch(batch: dict[str, Any], cfg: StepConfig, with_targets: bool = T
     }
     if with_targets:
         for name, entry in cfg.encoders.items():
-            values, scales = stored[name]
-            out["targets"][name] = reconstruct(
+            values, scales, norms = stored[name]
+            if cfg.raw_targets and norms is None and stores_norms(entry):
+                raise ValueError(f"raw targets of {name!r} need its token norms, which this batch lacks")
+            args = (
                 values,
                 scales,
                 entry["format"],
                 int(entry["stored_dim"]),
-                frames=cfg.frames,
-                basis=cfg.bases.get(name),
+                cfg.frames,
+                cfg.bases.get(name),
+            )
+            out["targets"][name] = (
+                reconstruct_raw(*args, norms=norms) if cfg.raw_targets else reconstruct(*args)
             )
     return out
 
