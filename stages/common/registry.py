@@ -35,7 +35,7 @@ H100_BF16_PEAK_TFLOPS = 989.0
 ASSUMED_MFU = 0.40
 TRAIN_TFLOP_PER_CLIP: dict[str, float] = {
     "tiny": 0.0066,
-    "mini/4": 0.0195,
+    "mini/4": 0.0200,
     "S/2": 0.55,
     "B/2": 2.16,
     "L/2": 7.59,
