@@ -34,25 +34,23 @@ def _short_recipe(seed: int = 0):
 
 
 @pytest.fixture(scope="session")
-def trained_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("trained")
+def trained():
+    """The default recipe's classifier, built once per session in the session's model home (the
+    demo's, shared with the demo and --eval-every tests)."""
+    from stages.common.trained import trained_models
+
+    return trained_models(names=["classifier"])
 
 
 @pytest.fixture(scope="session")
-def trained(trained_root):
-    """The default recipe's classifier, built once per session (the demo's)."""
-    from stages.common.trained import trained_models
+def probes():
+    """Every default-recipe model (built once per session in the session's model home) and its
+    probes, as `pipeline models build` runs them."""
+    from stages.common.trained import TrainedRecipe, trained_models
+    from stages.evaluate.probe import probe_models, recipe_probe
 
-    return trained_models(trained_root, names=["classifier"])
-
-
-@pytest.fixture(scope="session")
-def probes(trained_root):
-    """Every default-recipe model (built once per session) and its probes."""
-    from stages.common.trained import trained_models
-    from stages.evaluate.probe import ProbeConfig, probe_models
-
-    return probe_models(trained_models(trained_root), ProbeConfig())
+    cfg, render = recipe_probe(TrainedRecipe())
+    return probe_models(trained_models(), cfg, None, render)
 
 
 def test_in_memory_clips_use_their_own_seed_streams():
@@ -105,19 +103,18 @@ def test_a_cache_of_another_recipe_is_refused(tmp_path):
         trained_models(tmp_path, _short_recipe(), names=["random-dino"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="measured: the 200-step classifier recipe holds out 32 % (BENCHMARKS.md); remove when a recipe reaches 95 %",
-)
 def test_classifier_holds_out_95_percent(trained):
-    from stages.common.synth_classifier import ClassifierConfig, classifier_data
+    """The evaluator's classifier on held-out clips of the demo's kind (seeds no training clip used)."""
+    from stages.common.synth_classifier import classifier_data
     from stages.common.synth_eval import SynthEvaluator
+    from stages.common.trained import TrainedRecipe, recipe_render
 
     rec = trained["classifier"]
     assert rec["heldout_acc"] >= 0.95, rec
     ev = SynthEvaluator.load(rec["folder"])
-    assert ev.sha256 == rec["sha256"]
-    test_clips, test_labels = classifier_data(ClassifierConfig())["test"]
+    assert ev.sha256 == rec["sha256"] and ev.reference is not None  # the reference is stored with it
+    recipe = TrainedRecipe()
+    test_clips, test_labels = classifier_data(recipe.classifier, recipe_render(recipe))["test"]
     ev.reference_stats(test_clips[:128])
     res = ev.evaluate(test_clips[128:], test_labels[128:])
     assert res["synth_class_acc"] >= 0.95

@@ -43,6 +43,15 @@ class ProbeConfig:
     max_iter: int = 300
 
 
+def recipe_probe(recipe: Any, clips: int = 384, seed: int = 0) -> tuple[ProbeConfig, Any]:
+    """The probe config and motion-clip renderer for a `stages.common.trained.TrainedRecipe`: its clip
+    size, stride and background, and the classes its classifier knows (the demo's four drifts)."""
+    from stages.common.trained import recipe_render
+
+    cfg = ProbeConfig(clips=clips, seed=seed, size=recipe.clip_size, motion_classes=recipe.classifier.classes)
+    return cfg, recipe_render(recipe)
+
+
 def probe_data(cfg: ProbeConfig, render=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The two tasks' clips and labels: {"motion": (clips, labels), "shape": (clips, shapes)}."""
     motion = render_clips(
