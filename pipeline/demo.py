@@ -36,11 +36,11 @@ class DemoConfig:
     seed: int = 0
     encoders: list[str] = field(default_factory=lambda: list(DEMO_ENCODERS))
     model: str = "mini/4"
-    steps: int = 1000
+    steps: int = 1800
     batch_size: int = 8
     lr: float = 1e-3
     align_lambda: float = 0.5
-    eval_every: int = 250
+    eval_every: int = 450
     eval_num: int = 32
     eval_steps: int = 20
     cfg: float = 2.0  # guidance of the evaluation and final samples
