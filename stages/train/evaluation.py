@@ -87,7 +87,7 @@ def load_scorer(settings: EvalSettings, device: torch.device):
 
 
 def _fvd_scorer(settings: EvalSettings, device: torch.device):
-    """FVD (I3D) or content-debiased FVD (VideoMAE-v2) of the samples against the real stats file."""
+    """FVD (I3D) or content-debiased FVD of the samples against the real stats file."""
     from stages.common import fvd
 
     if not settings.real_stats:
