@@ -199,6 +199,8 @@ def _print_sizes(table) -> None:
     ]
     click.echo(f"sizes for {table.current.clips} clips (measured on store row {table.measured_clip}):")
     print_table(["format", "bytes/clip", "store", "shards (+latents-only)", "vs float16"], rows)
+    if not table.rates:  # a refused real run: its size check counts no trainer rates
+        return
     names = [r["format"] for r in table.rows()]
     rate_rows = [
         (label, f"{rate:.1f}", *(f"{r['read_gbps'][label]:.3f}" for r in table.rows()))

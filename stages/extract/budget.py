@@ -222,8 +222,9 @@ def _rates(cfg_rate: float | None, latent_shape) -> dict[str, float]:
     return {name: R.clips_per_s(train_tflop_per_clip(name, latent_shape)) for name in R.MODEL_SIZES}
 
 
-def size_table(job: Job) -> SizeTable:
-    """Measure one clip; project every format and the alternatives a budget refusal names."""
+def size_table(job: Job, with_rates: bool = False) -> SizeTable:
+    """Measure one clip; project every format and the alternatives a budget refusal names; with
+    `with_rates` (the dry run's bandwidth table; FLOP counting takes seconds) the trainer rates."""
     cfg = job.cfg
     row, measured = _measure_clip(job)
     pca = cfg.pca_dims_by_encoder()
@@ -236,7 +237,7 @@ def size_table(job: Job) -> SizeTable:
 
     table = [option(fmt, pca, cfg.clips_per_video, cfg.hflip) for fmt in formats.TARGET_FORMATS]
     current = next(o for o in table if o.format == cfg.target_format)
-    rates = _rates(cfg.train_rate, job.latent_shape)
+    rates = _rates(cfg.train_rate, job.latent_shape) if with_rates else {}
     alternatives = _alternatives(job, option, pca)
     return SizeTable(row, table, current, rates, tuple(job.latent_shape), alternatives)
 

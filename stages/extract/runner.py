@@ -301,7 +301,7 @@ def _initialized() -> bool:
 
 
 def _dry_run(job: Job) -> SizeTable:
-    table = size_table(job)
+    table = size_table(job, with_rates=True)
     budget = job.cfg.budget_bytes()
     if budget is not None:
         check_budget(job, table, budget)
