@@ -48,6 +48,9 @@ def parse_args() -> argparse.Namespace:
         help="data, models, stores and shards only (then run seeds in parallel)",
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
+    p.add_argument(
+        "--summarise-only", action="store_true", help="read the runs' logs as they are; train nothing"
+    )
     return p.parse_args()
 
 
@@ -160,6 +163,8 @@ def plot(summary: dict, path: Path) -> None:
 
 
 def main() -> None:
+    from cache_schema import RunDir
+
     args = parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -176,6 +181,9 @@ def main() -> None:
     for seed in args.seeds:
         for arm in args.arms:
             t0 = time.perf_counter()
+            if args.summarise_only:
+                logs[arm][seed] = RunDir(work / "runs" / f"{arm}-seed{seed}").read_log()
+                continue
             logs[arm][seed] = run_arm(demo, work, prep, arm, seed)
             print(f"{arm} seed {seed}: {time.perf_counter() - t0:.0f}s", flush=True)
     summary = summarise(logs)

@@ -63,6 +63,11 @@ def build(out: str | None, seed: int, pretrain_steps: int | None, classifier_ste
     click.echo(f"models in {base} (summary: {Path(base) / 'models.json'})")
 
 
+def _ratio(value: float | None) -> str:
+    """IICR is undefined (None) where the inter-video cosine is not clearly positive."""
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def _table(records: dict, probes: dict) -> None:
     from pipeline.summary import print_table
 
@@ -73,7 +78,7 @@ def _table(records: dict, probes: dict) -> None:
     for name, rec in records.items():
         p = probes.get(name, {})
         extra = (
-            (pct(p["motion"]["test_acc"]), pct(p["shape"]["test_acc"]), f"{p['iicr']['iicr_class']:.3f}")
+            (pct(p["motion"]["test_acc"]), pct(p["shape"]["test_acc"]), _ratio(p["iicr"].get("iicr_class")))
             if p
             else ("", "", "")
         )
