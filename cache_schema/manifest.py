@@ -57,7 +57,7 @@ def store_manifest(root: Path) -> Manifest:
     dirs: list[str] = []
     parts = [_array(re.escape(name)) for name in (*C.STORE_ARRAYS, C.CLIP_CRC)]
     parts += [_group(C.TARGETS_GROUP), _group(f"{C.TARGETS_GROUP}/{enc}")]
-    parts += [_array(f"{C.TARGETS_GROUP}/{enc}/(?:{C.TARGET_VALUES}|{C.TARGET_SCALES})")]
+    parts += [_array(f"{C.TARGETS_GROUP}/{enc}/(?:{C.TARGET_VALUES}|{C.TARGET_SCALES}|{C.TOKEN_NORMS})")]
     parts += [_group(C.PCA_GROUP), _group(f"{C.PCA_GROUP}/{enc}")]
     parts += [_array(f"{C.PCA_GROUP}/{enc}/(?:{C.PCA_MEAN}|{C.PCA_COMPONENTS})")]
     for f, d in parts:

@@ -299,7 +299,7 @@ def test_parse_size():
     ("extra", "message"),
     [
         (["--size", "7"], "size: 7 is not a multiple of the patch size 2"),
-        (["--size", "24"], "size: 24 is not a multiple of 16 (VAE"),
+        (["--size", "24"], "size: 24 is not a multiple of 16"),
         (["--block-size", "0"], "block_size: must be a positive integer, got 0"),
         (["--batch-size", "0"], "batch_size: must be a positive integer, got 0"),
         (["--num-workers", "-1"], "num_workers: must be an integer >= 0, got -1"),
