@@ -152,7 +152,7 @@ def test_a_second_writer_is_refused_naming_the_first(shards: Path, tmp_path: Pat
         deadline = time.time() + 60
         while time.time() < deadline and len(RunDir(run).read_log()) < 1:
             time.sleep(0.2)
-        second = run_cli(tiny_args(shards, run, "--steps", "3", "--resume"))
+        second = run_cli(tiny_args(shards, run, "--steps", "100000", "--resume"))
         assert (
             second.returncode == 1 and "being written by" in second.stderr and str(first.pid) in second.stderr
         )
