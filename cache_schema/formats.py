@@ -469,6 +469,13 @@ def reconstruct(
     token (eps 1e-6, zero stays zero). All steps before the norm are linear, so this equals
     resampling then normalising the float tokens, as extraction does.
     """
+    x = _decoded_tokens(values, scales, fmt, stored_dim, frames, basis)
+    return (x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)).contiguous()
+
+
+def _decoded_tokens(values: Any, scales: Any, fmt: str, stored_dim: int, frames: int, basis) -> torch.Tensor:
+    """decode -> PCA reconstruct (if ``basis``) -> resample time to ``frames``: the linear part that
+    `reconstruct` and `reconstruct_raw` share."""
     values = _as_tensor(values)
     if values.ndim != 5:
         raise ValueError(f"reconstruct needs batched values [B,T_e,H,W,*], got shape {tuple(values.shape)}")
@@ -478,8 +485,7 @@ def reconstruct(
     x = decode(values, scales, fmt, stored_dim)
     if basis is not None:
         x = pca_reconstruct(x, basis)
-    x = resample_time(x, frames)
-    return (x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)).contiguous()
+    return resample_time(x, frames)
 
 
 def encode_norms(norms: Any) -> torch.Tensor:
@@ -509,13 +515,7 @@ def reconstruct_raw(
     import torch
 
     if norms is None:
-        values = _as_tensor(values)
-        if values.ndim != 5:
-            raise ValueError(f"reconstruct_raw needs batched values [B,T_e,H,W,*], got {tuple(values.shape)}")
-        x = decode(values, scales, fmt, stored_dim)
-        if basis is not None:
-            x = pca_reconstruct(x, basis)
-        return resample_time(x, int(frames)).contiguous()
+        return _decoded_tokens(values, scales, fmt, stored_dim, frames, basis).contiguous()
     unit = reconstruct(values, scales, fmt, stored_dim, frames, basis)
     n = _as_tensor(norms).to(device=unit.device, dtype=torch.float32)
     if tuple(n.shape) != tuple(unit.shape[:-1]):
