@@ -392,3 +392,70 @@ def full_size_random_models(
         raise ValueError(f"unknown full-size model(s) {unknown}; choose from {list(FULL_NAMES)}")
     builders = {n: _saver(n, _FULL_CONFIGS[n]) for n in wanted}
     return _ensure(base, wanted, seed, builders, FULL_PRESET_VERSION)
+
+
+# ------------------------------------------------------------------ tiny Wan pipeline
+WAN_PRESET_VERSION = "tiny-wan-v1"
+# The tiny tokenizer's words: the built-in synthetic set's captions and a few common ones; any other
+# word is spelled letter by letter (T5's unigram fallback), so every caption tokenises.
+_TINY_WAN_WORDS = (
+    "a an the of on in with video clip object small large slowly quickly moves moving drifts drifting "
+    "left right up down zoom zooming rotate rotating orbit orbiting pulse pulsing clockwise counterclockwise circle square triangle red green blue yellow "
+    "flat textured gradient background"
+).split()
+
+
+def _tiny_wan_tokenizer() -> Any:
+    """A T5 tokenizer built from a word list (no sentencepiece file, no download): Wan's UMT5 reads
+    T5's unigram layout, <pad>=0, </s>=1, <unk>=2."""
+    import string
+
+    from transformers import T5TokenizerFast
+
+    space = "\u2581"  # sentencepiece's word-start marker
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), (space, -2.0)]
+    pieces += [(space + w, -1.0) for w in _TINY_WAN_WORDS]
+    pieces += [(c, -5.0) for c in string.ascii_lowercase + string.digits]
+    pieces += [(space + c, -4.0) for c in string.ascii_lowercase]
+    return T5TokenizerFast(vocab=pieces, extra_ids=0)
+
+
+def _save_tiny_wan_pipeline(path: Path) -> None:
+    """A WanPipeline of the real classes (WanTransformer3DModel, AutoencoderKLWan, UMT5EncoderModel,
+    T5 tokenizer, Wan's flow UniPC scheduler) at toy widths, saved with WanPipeline.save_pretrained."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = _tiny_wan_tokenizer()
+    text_cfg = UMT5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16,
+    )  # fmt: skip
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=4, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    )  # fmt: skip
+    vae = AutoencoderKLWan(
+        base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0
+    )
+    pipe = WanPipeline(
+        tokenizer=tokenizer, text_encoder=UMT5EncoderModel(text_cfg).float(), transformer=transformer.float(),
+        vae=vae.float(), scheduler=scheduler,
+    )  # fmt: skip
+    pipe.save_pretrained(path)
+
+
+def tiny_wan_pipeline(root: str | Path | None = None, seed: int = 0) -> str:
+    """Create (once) and return the folder of a tiny random WanPipeline in diffusers' layout
+    (transformer/, vae/, text_encoder/, tokenizer/, scheduler/, model_index.json): what
+    `--base PIPELINE` reads, loadable by `WanPipeline.from_pretrained`. Seeded, cached, built
+    atomically like `tiny_models`."""
+    base = Path(root).expanduser() if root is not None else default_root()
+    if seed:
+        base = base / f"seed{seed}"
+    builders = {"wan": _save_tiny_wan_pipeline}
+    return _ensure(base, ["wan"], seed, builders, WAN_PRESET_VERSION)["wan"]
