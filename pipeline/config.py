@@ -1,23 +1,49 @@
 """Stage configs from dataclass defaults, a YAML file, flags and `--set key=value` overrides.
 
-Precedence (lowest to highest): dataclass defaults < `--config FILE.yaml` < explicit flags
-< `--set` overrides. The resolved config is what every output records.
+Precedence (lowest to highest): dataclass defaults < base (a preset, or a resumed run's config)
+< `--config FILE.yaml` < explicit flags < `--set` overrides. The resolved config is what every
+output records.
+
+OmegaConf structured configs do the work: the dataclass is the schema, each layer is merged
+into it (unknown keys and wrong types are OmegaConf's typed errors, re-raised here as one
+ConfigError naming the key and the expected type), `--set` is an OmegaConf dotlist, and
+`${key}` interpolations resolve before the dataclass is built. What OmegaConf does differently
+from what our CLI promises is handled here, explicitly:
+
+- unions of scalars (`float | str`, `int | str | None`): OmegaConf keeps '0.5' a string and
+  refuses 1 for `float | str`; we try the members in declared order, so `--lambda 0.5` and
+  `--set align_lambda=1` are numbers, `dino=0.5` a string;
+- a comma-separated string for a list field (`--set encoders=dino,sam2`) is split into the list;
+- a whole number written as a float is an integer for an int field (`--set steps=4e5`);
+- a `--set` value for a string field is taken as typed (`vae=no`, `out=007`, `x=1e5` stay text;
+  YAML would read them as false, 7, 100000.0); `key=` is the empty string, `key=null` is null;
+- dashes in keys read as underscores; a `--set` value that is not valid YAML is kept as text.
+
+Field types: scalars, `X | None`, lists of scalars, unions of scalars and nested dataclasses,
+which OmegaConf 2.3 and 2.4 both hold. A type 2.3 cannot hold (Literal, a union with a list
+member) fails when the schema is built, a programming error with OmegaConf's message;
+tests/test_cli.py builds every stage config.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import re
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-import yaml
 
 from cache_schema.validate import read_yaml_mapping
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+    from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
 
@@ -29,6 +55,37 @@ class ConfigError(click.UsageError):
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls)}
+
+
+def _union_args(annotation: Any) -> tuple[Any, ...]:
+    """The members of a union annotation (None included), else ()."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return typing.get_args(annotation)
+    return ()
+
+
+def _strip_optional(annotation: Any) -> Any:
+    """`X | None` -> X; any other annotation unchanged."""
+    members = [a for a in _union_args(annotation) if a is not type(None)]
+    return members[0] if len(members) == 1 else annotation
+
+
+def _annotation_at(cls: type, path: list[str]) -> Any | None:
+    """The declared type of the field at `path` (nested dataclasses), None if there is none."""
+    annotation: Any = cls
+    for part in path:
+        owner = _strip_optional(annotation)
+        if not dataclasses.is_dataclass(owner):
+            return None
+        annotation = _field_types(owner).get(part)
+        if annotation is None:
+            return None
+    return annotation
+
+
+def _is_list(annotation: Any) -> bool:
+    annotation = _strip_optional(annotation)
+    return typing.get_origin(annotation) in (list, tuple) or annotation in (list, tuple)
 
 
 _SCALAR_NAMES = {bool: "a boolean (true or false)", int: "an integer", float: "a number", str: "a string"}
@@ -60,113 +117,150 @@ def _shown(value: Any) -> str:
     )
 
 
-def _wrong(key: str, annotation: Any, value: Any) -> ConfigError:
-    return ConfigError(f"config key '{key}': expected {_expected(annotation)}, got {_shown(value)}")
+def _wrong(key: str, annotation: Any, value: Any, where: str = "") -> ConfigError:
+    return ConfigError(f"config key '{key}': expected {_expected(annotation)}, got {_shown(value)}{where}")
 
 
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Turn a YAML/CLI value into the field's declared type (int, float, bool, str, list, dataclass);
-    a value of another shape (a list for a number, null for a required value) is a ConfigError
-    naming the key and the expected type."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if annotation is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, option, key)
-            except (ConfigError, ValueError, TypeError):
-                continue
-        raise _wrong(key, annotation, value)
-    if annotation in _SCALAR_NAMES and (value is None or isinstance(value, (list, tuple, dict))):
-        raise _wrong(key, annotation, value)
-    if origin in (list, tuple, typing.Sequence) or annotation in (list, tuple):
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()] if value.strip() else []
-        if not isinstance(value, (list, tuple)):
-            raise _wrong(key, annotation, value)
-        inner = args[0] if args else Any
-        items = [_coerce(v, inner, key) for v in value]
-        return tuple(items) if origin is tuple or annotation is tuple else items
-    if origin in (dict, Mapping) or annotation is dict:
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, dict):
-            raise _wrong(key, annotation, value)
-        return dict(value)
-    if dataclasses.is_dataclass(annotation):
-        if isinstance(value, annotation):
-            return value
-        if not isinstance(value, Mapping):
-            raise _wrong(key, annotation, value)
-        return _build(annotation, value, prefix=f"{key}.")
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("1", "true", "yes", "on"):
-            return True
-        if text in ("0", "false", "no", "off"):
-            return False
-        raise _wrong(key, annotation, value)
-    if annotation is int:
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise _wrong(key, annotation, value)
-        try:
-            return int(value)
-        except ValueError:
-            raise _wrong(key, annotation, value) from None
-    if annotation is float:
-        try:
-            return float(value)
-        except ValueError:
-            raise _wrong(key, annotation, value) from None
-    if annotation is str:
-        return str(value)
-    return value
+def _lookup(tree: Any, path: list[str]) -> tuple[bool, Any]:
+    """(found, value) at `path` in a plain nested mapping."""
+    for part in path:
+        if not isinstance(tree, Mapping) or part not in tree:
+            return False, None
+        tree = tree[part]
+    return True, tree
 
 
-def _build(cls: type[T], values: Mapping[str, Any], prefix: str = "") -> T:
+def _translate(exc: OmegaConfBaseException, cls: type, layer: Any, where: str) -> ConfigError:
+    """OmegaConf's typed error -> one ConfigError naming the key (and the file it came from)."""
+    from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, ValidationError
+
+    key = re.sub(r"(\[\d+\])+$", "", str(exc.full_key or ""))  # `encoders[1]`: the list field
+    path = key.split(".")
+    if isinstance(exc, ConfigKeyError):
+        owner = _strip_optional(_annotation_at(cls, path[:-1]))
+        if dataclasses.is_dataclass(owner):
+            known = sorted(_field_types(owner))
+            close = difflib.get_close_matches(path[-1], known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            return ConfigError(
+                f"unknown config key '{key}' for {owner.__name__}{hint}{where}; known keys: {', '.join(known)}"
+            )
+    annotation = _annotation_at(cls, path)
+    found, value = _lookup(layer, path)
+    if isinstance(exc, ValidationError) and annotation is not None and found:
+        return _wrong(key, annotation, value, where)
+    message = str(exc.msg).splitlines()[0] if exc.msg else type(exc).__name__
+    if isinstance(exc, InterpolationResolutionError) and found:
+        message = f"{value!r} does not resolve ({message}); write \\${{ for a literal ${{"
+    return ConfigError(f"config key '{key}': {message}{where}" if key else f"config: {message}{where}")
+
+
+def _prepared(cls: type, tree: Mapping[str, Any], where: str = "", prefix: str = "") -> dict[str, Any]:
+    """A layer as the schema takes it: comma-separated strings split for list fields, tuples as
+    lists, a whole float as an int for an int field (OmegaConf refuses 4e5), a union's scalar as
+    its first member type that takes it, recursively into nested dataclass fields. Unknown keys
+    and wrong types are left for OmegaConf, except a scalar for a nested config (OmegaConf's
+    error for it names no key)."""
     types_ = _field_types(cls)
-    unknown = sorted(set(values) - set(types_))
-    if unknown:
-        raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}' for {cls.__name__}; known keys: {', '.join(sorted(types_))}"
-        )
-    kwargs = {k: _coerce(v, types_[k], prefix + k) for k, v in values.items()}
-    return cls(**kwargs)
-
-
-def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _merge(dict(out[key]), value)
-        else:
-            out[key] = value
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        annotation = types_.get(key)
+        nested = _strip_optional(annotation)
+        scalar = isinstance(value, (str, int, float, bool))
+        if isinstance(value, str) and _is_list(annotation):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, tuple):
+            value = list(value)
+        elif isinstance(value, float) and nested is int and value.is_integer():
+            value = int(value)  # `steps: 4e5`
+        elif scalar and len([a for a in _union_args(annotation) if a is not type(None)]) > 1:
+            value = _first_member(value, annotation, prefix + key, where)
+        elif dataclasses.is_dataclass(nested) and isinstance(value, Mapping):
+            value = _prepared(nested, value, where, f"{prefix}{key}.")
+        elif dataclasses.is_dataclass(nested) and value is not None:
+            raise _wrong(prefix + key, annotation, value, where)
+        out[key] = value
     return out
 
 
-def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
-    """`a.b=1` -> {"a": {"b": 1}}; values are parsed as YAML scalars/lists."""
-    tree: dict[str, Any] = {}
+def _first_member(value: Any, annotation: Any, key: str, where: str) -> Any:
+    """A union field's scalar as its first member type that takes it (declared order)."""
+    from omegaconf.errors import ValidationError
+    from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode
+
+    nodes = {int: IntegerNode, float: FloatNode, bool: BooleanNode}
+    for member in (a for a in typing.get_args(annotation) if a is not type(None)):
+        if member is str:
+            return str(value)
+        if member in nodes:
+            try:
+                return nodes[member]().validate_and_convert(value)
+            except ValidationError:
+                continue
+    raise _wrong(key, annotation, value, where)
+
+
+def _merge_layer(cfg: DictConfig, cls: type, layer: Mapping[str, Any], where: str = "") -> DictConfig:
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    layer = _prepared(cls, layer, where)
+    try:
+        return OmegaConf.merge(cfg, layer)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        raise _translate(exc, cls, layer, where) from None
+
+
+def _to_object(cfg: DictConfig, cls: type[T]) -> T:
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:  # an interpolation that does not resolve, or to a wrong type
+        raise _translate(exc, cls, OmegaConf.to_container(cfg, resolve=False), "") from None
+
+
+_EMPTY = "''"  # `--set key=` is the empty string (a bare `key=` reads as null in a dotlist)
+
+
+def _dotlist(overrides: Iterable[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """`--set` items as one nested mapping (values read as YAML by OmegaConf) and each dotted
+    key's text as typed."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    tree = OmegaConf.create()
+    raw_by_key: dict[str, str] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
-        key = key.strip().replace("-", "_")
+        key, raw = key.strip().replace("-", "_"), raw.strip()
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        node = tree
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
+            layer = OmegaConf.from_dotlist([f"{key}={raw or _EMPTY}"])
+        except yaml.YAMLError:  # `{a`, `[1,`: the text itself
+            layer = OmegaConf.create()
+            OmegaConf.update(layer, key, raw)
+        tree = OmegaConf.merge(tree, layer)
+        raw_by_key[key] = raw
+    return OmegaConf.to_container(tree), raw_by_key  # type: ignore[return-value]
+
+
+def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
+    """`a.b=1` -> {"a": {"b": 1}}; values are read as YAML (OmegaConf's dotlist)."""
+    return _dotlist(overrides)[0]
+
+
+def _override_layer(cls: type, overrides: Iterable[str]) -> dict[str, Any]:
+    """parse_overrides, with a string field's value kept as typed (`vae=no` is 'no', not false)."""
+    tree, raw_by_key = _dotlist(overrides)
+    for key, raw in raw_by_key.items():
+        path = key.split(".")
+        found, value = _lookup(tree, path)
+        text = _strip_optional(_annotation_at(cls, path)) is str
+        if found and text and isinstance(value, (bool, int, float)):
+            _lookup(tree, path[:-1])[1][path[-1]] = raw
     return tree
 
 
@@ -188,13 +282,16 @@ def resolve_config(
 
     Flags whose value is None (not given on the command line) are ignored.
     """
-    values: dict[str, Any] = dict(base or {})
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.structured(cls)
+    cfg = _merge_layer(cfg, cls, base or {})
     if config_file:
-        values = _merge(values, load_yaml(config_file))
-    if flags:
-        values = _merge(values, {k: v for k, v in flags.items() if v is not None and v != ()})
-    values = _merge(values, parse_overrides(overrides))
-    return _build(cls, values)
+        cfg = _merge_layer(cfg, cls, load_yaml(config_file), f" (in config file {config_file})")
+    given = {k: v for k, v in (flags or {}).items() if v is not None and v != ()}
+    cfg = _merge_layer(cfg, cls, given)
+    cfg = _merge_layer(cfg, cls, _override_layer(cls, overrides))
+    return _to_object(cfg, cls)
 
 
 def config_options(func: Callable) -> Callable:

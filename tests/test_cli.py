@@ -37,6 +37,12 @@ def test_every_subcommand_has_help(name):
 
 
 @dataclass
+class _Opt:
+    lr: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+
+
+@dataclass
 class _Cfg:
     steps: int = 10
     lr: float = 1e-4
@@ -44,6 +50,10 @@ class _Cfg:
     encoders: list[str] = field(default_factory=lambda: ["dino"])
     depth: int | None = None
     flag: bool = False
+    weight: float | str = 0.5  # a number, or per-encoder weights "dino=0.5,sam2=0.25"
+    dims: int | str | None = None
+    vae: str | None = None
+    opt: _Opt = field(default_factory=_Opt)
 
 
 def test_precedence_defaults_file_flags_overrides(tmp_path):
@@ -58,7 +68,7 @@ def test_precedence_defaults_file_flags_overrides(tmp_path):
 
 
 def test_bad_config_keys_and_values_are_named(tmp_path):
-    with pytest.raises(ConfigError, match="unknown config key 'stepz'"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'stepz' for _Cfg \(did you mean 'steps'\?\)"):
         resolve_config(_Cfg, None, ["stepz=3"])
     with pytest.raises(ConfigError, match="'steps'.*integer"):
         resolve_config(_Cfg, None, ["steps=many"])
@@ -66,6 +76,113 @@ def test_bad_config_keys_and_values_are_named(tmp_path):
         parse_overrides(["steps"])
     with pytest.raises(ConfigError, match="not found"):
         resolve_config(_Cfg, tmp_path / "missing.yaml")
+
+
+def test_nested_yaml_merges_key_by_key_and_dotlist_wins(tmp_path):
+    """A file's nested mapping merges into the nested config key by key (opt.betas keeps its
+    default); a dotted --set beats the file, the flag and the base; the dump resolves back."""
+    path = tmp_path / "c.yaml"
+    path.write_text("opt:\n  lr: 0.5\nsteps: 20\nweight: 1\n")
+    overrides = ["opt.lr=0.25", "opt.betas=0.8,0.9", "steps=40"]
+    cfg = resolve_config(_Cfg, path, overrides, {"steps": 30}, base={"steps": 15, "name": "p"})
+    assert cfg == _Cfg(steps=40, name="p", weight=1.0, opt=_Opt(lr=0.25, betas=[0.8, 0.9]))
+    assert isinstance(cfg.opt, _Opt) and isinstance(cfg.weight, float)
+    dump_config(cfg, tmp_path / "resolved.yaml")
+    assert resolve_config(_Cfg, base=yaml.safe_load((tmp_path / "resolved.yaml").read_text())) == cfg
+    with pytest.raises(ConfigError) as info:
+        resolve_config(_Cfg, None, ["opt.lr=abc"])
+    assert info.value.message == "config key 'opt.lr': expected a number, got 'abc'"
+    with pytest.raises(ConfigError) as info:
+        resolve_config(_Cfg, None, ["opt.lrr=1"])
+    unknown = "unknown config key 'opt.lrr' for _Opt (did you mean 'lr'?); known keys: betas, lr"
+    assert info.value.message == unknown
+    with pytest.raises(ConfigError) as info:
+        resolve_config(_Cfg, None, ["opt=3"])
+    assert info.value.message == "config key 'opt': expected a mapping, got 3"
+
+
+def test_a_config_file_error_names_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("stepz: 1\n")
+    with pytest.raises(ConfigError) as info:
+        resolve_config(_Cfg, path)
+    assert info.value.message.startswith(
+        f"unknown config key 'stepz' for _Cfg (did you mean 'steps'?) (in config file {path}); known keys: "
+    )
+    path.write_text("opt: {betas: [0.9, x]}\n")
+    with pytest.raises(ConfigError) as info:
+        resolve_config(_Cfg, path)
+    expected = f"config key 'opt.betas': expected a list of numbers, got [0.9, \"x\"] (in config file {path})"
+    assert info.value.message == expected
+
+
+@pytest.mark.parametrize(
+    "source,value,expected",
+    [
+        ("flag", "0.5", 0.5),  # click hands `--lambda 0.5` over as text
+        ("set", "1", 1.0),  # YAML reads an int; OmegaConf alone refuses an int for float | str
+        ("set", "dino=0.5,sam2=0.25", "dino=0.5,sam2=0.25"),
+        ("file", "'0.5'", 0.5),
+    ],
+)
+def test_a_union_takes_its_first_member_that_fits(source, value, expected, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"weight: {value}\ndims: '64'\n")
+    flags = {"weight": value, "dims": "64"} if source == "flag" else None
+    overrides = [f"weight={value}", "dims=64"] if source == "set" else []
+    cfg = resolve_config(_Cfg, path if source == "file" else None, overrides, flags)
+    assert cfg.weight == expected and type(cfg.weight) is type(expected)
+    assert cfg.dims == 64
+    assert resolve_config(_Cfg, None, ["dims=dino=8"]).dims == "dino=8"
+
+
+def test_set_keeps_a_string_fields_text_and_other_fields_typed():
+    """YAML would make `no` false and `007` 7; a string field takes the text as typed, while
+    numbers, booleans and null still parse for the fields of those types."""
+    cfg = resolve_config(_Cfg, None, ["vae=no", "name=007", "steps=4e5", "flag=yes", "depth=null", "lr=3e-4"])
+    got = (cfg.vae, cfg.name, cfg.steps, cfg.flag, cfg.depth, cfg.lr)
+    assert got == ("no", "007", 400000, True, None, 3e-4)
+    assert resolve_config(_Cfg, None, ["vae=null", "name="]) == _Cfg(vae=None, name="")
+    assert resolve_config(_Cfg, None, ["name={a"]).name == "{a"  # not YAML: the text itself
+    assert resolve_config(_Cfg, None, ["name=run-${steps}", "steps=3"]).name == "run-3"
+    with pytest.raises(ConfigError) as info:
+        resolve_config(_Cfg, None, ["name=${nope}"])
+    assert info.value.message == (
+        "config key 'name': '${nope}' does not resolve (Interpolation key 'nope' not found); "
+        "write \\${ for a literal ${"
+    )
+    assert resolve_config(_Cfg, None, [r"name=\${nope}"]).name == "${nope}"
+
+
+def test_every_stage_config_loads_through_its_schema():
+    """Each stage config's field types are ones OmegaConf holds: defaults resolve to the defaults."""
+    from pipeline.demo import DemoConfig
+    from stages.common.fvd import EvalConfig
+    from stages.export.export import ExportConfig
+    from stages.extract.config import ExtractConfig
+    from stages.pack.packer import PackConfig
+    from stages.sample.config import SampleConfig
+    from stages.train.config import TrainConfig
+
+    for cls in (DemoConfig, EvalConfig, ExportConfig, ExtractConfig, PackConfig, SampleConfig, TrainConfig):
+        assert resolve_config(cls) == cls()
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("lr=abc", "config key 'lr': expected a number, got 'abc'"),
+        ("stepz=3", "unknown config key 'stepz' for TrainConfig (did you mean 'steps'?); known keys: "),
+        ("align_lambda=[1]", "config key 'align_lambda': expected a number or a string, got [1]"),
+    ],
+)
+def test_cli_prints_one_error_line_naming_the_key_and_exits_2(override, message, tmp_path):
+    args = ["train", "--shards", "s", "--out", str(tmp_path / "r"), "--set", override]
+    result = CliRunner().invoke(main, args)
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert errors[0].startswith(f"Error: {message}")
+    assert not (tmp_path / "r").exists()
 
 
 def test_extract_with_missing_weights_fails_at_once_naming_the_flag(synth_videos, tmp_path):
