@@ -1,8 +1,8 @@
 """`pipeline demo`: the whole chain on the built-in synthetic set, then a report.
 
-synth (flat backgrounds, the four drifts) -> the tiny trained models (self-supervised encoders and
+synth (flat backgrounds, the four drifts) -> the tiny trained models (the alignment target and
 the synthetic-domain evaluator, built once and cached) -> extract (exact pixel-space patchify,
-trained dino and videomae) -> pack -> train a baseline and an aligned run on the same seed and
+the weight-free HOG + normal-flow target, stages.common.hog) -> pack -> train a baseline and an aligned run on the same seed and
 batches, evaluating both during training -> sample both -> score the samples -> IICR of the
 cache -> DIR/report.md + report.html. Each step calls a stage's public function; this module
 only orchestrates. The report is written by `pipeline.report`.
@@ -20,7 +20,7 @@ import click
 
 from pipeline.report import DemoResult
 
-DEMO_ENCODERS = ("dino", "videomae")  # the tiny encoders pretrained on the synthetic set
+DEMO_ENCODERS = ("hog",)  # the weight-free HOG + normal-flow target (stages.common.hog); see README
 
 
 @dataclass

@@ -150,7 +150,7 @@ def _markdown(r: DemoResult, tables: dict[str, tuple[list[str], list[list]]]) ->
         "# align4gen demo report", "",
         f"Synthetic set: {c.videos} videos of {c.classes} classes (the drifts), {c.background} backgrounds, "
         f"{c.size} x {c.size} px; {r.clips} clips of 8 frames cached in pixel space (exact patchify-8) with the "
-        f"tiny encoders {', '.join(c.encoders)} pretrained on synthetic clips, as {r.target_format} targets. "
+        f"alignment targets of {', '.join(c.encoders)} (`pipeline models build`), as {r.target_format} targets. "
         f"Two VideoDiT-{c.model} runs on the same seed and batches, {c.steps} steps each: a baseline and one "
         f"aligned with lambda {c.align_lambda}. Samples use classifier-free guidance {c.cfg}.", "",
         "The evaluator is a small video classifier trained on real synthetic clips: *class accuracy* is the "

@@ -71,6 +71,11 @@ _FORMATS_HELP = "; ".join(f"{name}: {spec.description}" for name, spec in TARGET
     "--videomae-model", type=str, help=f"VideoMAE hub id or local folder [{R.ENCODERS['videomae'].hub_id}]."
 )
 @click.option(
+    "--hog-model",
+    type=str,
+    help=f"HOG target: '{R.ENCODERS['hog'].hub_id}' (built in, no weights) or a HogFlow folder (random-hog).",
+)
+@click.option(
     "--dino-size", type=int, help="DINOv2 input px [DiT grid side x its patch: 224 for 256 px clips]."
 )
 @click.option(

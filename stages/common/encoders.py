@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from stages.common.vae import FrozenModel, hub_kwargs, weights_not_found_as_error
+from stages.common.vae import FrozenModel, WeightsNotFoundError, hub_kwargs, weights_not_found_as_error
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -329,10 +329,71 @@ class VideoMAEEncoder(FrozenEncoder):
         return torch.cat(out).contiguous()
 
 
+class HogEncoder(FrozenEncoder):
+    """Weight-free: MaskFeat's HOG per frame plus a normal-flow direction histogram
+    (stages.common.hog), one token per cell and frame. `input_size` 0 (the default) keeps the
+    clip's own resolution; another value resizes frames to it first (a multiple of the cell)."""
+
+    name = "hog"
+    flag = "--hog-model"
+    default_id = "maskfeat-hog"  # built in memory: there are no weights to download
+    resize_mode = "bilinear"
+
+    def __init__(self, model: torch.nn.Module, model_id: str, input_size: int, **kw: Any):
+        self.cell = int(model.config.cell)
+        if input_size % self.cell:
+            raise ValueError(f"hog input size {input_size} is not a multiple of its cell {self.cell}")
+        super().__init__(model, model_id, input_size, int(model.dim), **kw)
+
+    @classmethod
+    def load(
+        cls,
+        id_or_path: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        input_size: int | None = None,
+    ) -> FrozenEncoder:
+        from stages.common.hog import HogFlow
+
+        source = str(id_or_path or cls.default_id)
+        if source == cls.default_id:
+            model = HogFlow()
+        elif Path(source).is_dir():
+            model = HogFlow.from_pretrained(source)
+        else:
+            raise WeightsNotFoundError(
+                source,
+                cls.flag,
+                f"hog is built in as '{cls.default_id}'; any other source must be a folder "
+                "saved by HogFlow.save_pretrained (e.g. `pipeline models build`'s random-hog)",
+            )
+        return cls(model, source, int(input_size or 0), device=device)
+
+    def _param_dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def grid(self, frames: int, size: int | None = None) -> tuple[int, int, int]:
+        """(frames, cells, cells) for square frames of `size` px (the input size when it is set)."""
+        side = self.input_size or size
+        if not side:
+            raise ValueError("hog follows the clip's size: pass size=")
+        return (frames, side // self.cell, side // self.cell)
+
+    @torch.no_grad()
+    def features(self, frames: torch.Tensor) -> torch.Tensor:
+        self._check_frames(frames)
+        b, t, h, w, _ = frames.shape
+        x = frames.to(self.device).permute(0, 1, 4, 2, 3).float().flatten(0, 1) / 255.0
+        if self.input_size and (h, w) != (self.input_size, self.input_size):
+            x = resize_center_crop(x, self.input_size, self.resize_mode).clamp(0.0, 1.0)
+        return self.model(x.unflatten(0, (b, t)))
+
+
 ENCODERS: dict[str, type[FrozenEncoder]] = {
     DinoEncoder.name: DinoEncoder,
     Sam2Encoder.name: Sam2Encoder,
     VideoMAEEncoder.name: VideoMAEEncoder,
+    HogEncoder.name: HogEncoder,
 }
 
 

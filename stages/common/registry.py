@@ -106,6 +106,12 @@ ENCODERS: dict[str, EncoderDefaults] = {
         224,
         "VideoMAE ViT-B tubelet tokens (D=768), 16 frames at 224 px",
     ),
+    "hog": EncoderDefaults(
+        "maskfeat-hog",
+        "--hog-model",
+        None,
+        "weight-free: MaskFeat's HOG per frame + normal-flow directions (D=36), one token per 8 x 8 px",
+    ),
 }
 DEFAULT_ENCODERS = ("dino", "sam2", "videomae")
 

@@ -9,10 +9,12 @@ domain, all without downloading weights. Each model is built like the tiny prese
 the sha256 of its weights file; the folders load with ``load_encoder`` and
 ``SynthVideoClassifier.from_pretrained`` like any checkpoint.
 
-Layout: ``<root>/tiny-trained-v1/{videomae,random-videomae,dino,random-dino,classifier}`` for
+Layout: ``<root>/tiny-trained-v1/{videomae,random-videomae,dino,random-dino,hog,random-hog,classifier}`` for
 the default recipe (root: ``$ALIGN4GEN_HOME`` or ``~/.cache/align4gen``); any other recipe (a
 seed, a step count, render arguments) goes to ``tiny-trained-v1/<recipe hash>/`` so caches of
-different recipes never mix. The random twins are the pretraining runs' exact initial weights.
+different recipes never mix. The random twins are the pretraining runs' exact initial weights;
+``hog`` (weight-free, stages.common.hog) is saved as it is, and ``random-hog`` is its pipeline with
+seeded random filters.
 """
 
 from __future__ import annotations
@@ -31,10 +33,13 @@ from stages.common.pretrain import PretrainConfig
 from stages.common.synth_classifier import ClassifierConfig
 
 TRAINED_VERSION = "tiny-trained-v1"
-TRAINED_NAMES = ("videomae", "random-videomae", "dino", "random-dino", "classifier")
+TRAINED_NAMES = ("videomae", "random-videomae", "dino", "random-dino", "hog", "random-hog", "classifier")
 RECIPE_FILE = "recipe.json"
 # The encoder registry name each encoder folder loads as (load_encoder(kind, folder)).
-ENCODER_KIND = {"videomae": "videomae", "random-videomae": "videomae", "dino": "dino", "random-dino": "dino"}
+ENCODER_KIND = {
+    "videomae": "videomae", "random-videomae": "videomae", "dino": "dino", "random-dino": "dino",
+    "hog": "hog", "random-hog": "hog",
+}  # fmt: skip
 
 
 @dataclass
@@ -90,7 +95,12 @@ def _pretrain_clips(recipe: TrainedRecipe):
     from stages.common.synth import MOTIONS, SEED_OFFSETS, render_clips
 
     clips, _ = render_clips(
-        recipe.pretrain_clips, recipe.seed, SEED_OFFSETS["pretrain"], len(MOTIONS), 8, recipe.clip_size,
+        recipe.pretrain_clips,
+        recipe.seed,
+        SEED_OFFSETS["pretrain"],
+        len(MOTIONS),
+        8,
+        recipe.clip_size,
         _render(recipe),
     )
     return clips
@@ -146,6 +156,12 @@ def _builder(name: str, recipe: TrainedRecipe):
         elif name == "random-dino":
             model = pretrain.dino_initial(recipe.seed)
             info = {"objective": "random (dino's initial weights)", "steps": 0}
+        elif name in ("hog", "random-hog"):  # weight-free: saved so it loads, hashes and probes like the rest
+            from stages.common.hog import HogFlow
+
+            model = HogFlow(random_seed=recipe.seed if name == "random-hog" else None)
+            info = {"objective": "maskfeat-hog + normal flow" if name == "hog" else "random filters (hog's control)",
+                    "steps": 0}  # fmt: skip
         else:
             from stages.common.synth_classifier import train_classifier
 

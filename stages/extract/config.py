@@ -89,9 +89,11 @@ class ExtractConfig:
     dino_model: str | None = None
     sam2_model: str | None = None
     videomae_model: str | None = None
+    hog_model: str | None = None  # "maskfeat-hog" (built in) or a HogFlow folder (random-hog)
     dino_size: int | None = None
     sam2_size: int | None = None
     videomae_size: int | None = None
+    hog_size: int | None = None  # None: the clip's own size
     # DiT token grid = latent grid / patch
     patch_size: int = R.PATCH_SIZE
     # targets: format, time grid, PCA, measured fidelity
@@ -140,7 +142,7 @@ class ExtractConfig:
         dupes = sorted({e for e in self.encoders if self.encoders.count(e) > 1})
         if dupes:
             raise ValueError(f"encoders: {','.join(self.encoders)} names {dupes[0]!r} twice")
-        for key in ("dino_size", "sam2_size", "videomae_size"):
+        for key in ("dino_size", "sam2_size", "videomae_size", "hog_size"):
             if getattr(self, key) is not None:
                 _positive_int(key, getattr(self, key))
         for name, k in self.pca_dims_by_encoder().items():

@@ -116,6 +116,7 @@ def model_sources(cfg: ExtractConfig) -> dict[str, str | None]:
         "dino": cfg.dino_model,
         "sam2": cfg.sam2_model,
         "videomae": cfg.videomae_model,
+        "hog": cfg.hog_model,
     }
     default_vae = cfg.vae is None
     if cfg.preset == "tiny":
@@ -125,7 +126,7 @@ def model_sources(cfg: ExtractConfig) -> dict[str, str | None]:
         if default_vae:
             sources["vae"] = tiny["video_vae" if cfg.vae_kind == "video" else "vae"]
         for name in R.ENCODERS:
-            sources[name] = sources[name] or tiny[name]
+            sources[name] = sources[name] or tiny.get(name)  # hog has no tiny copy: it has no weights
     elif cfg.preset == "random-full":
         from stages.common.presets import full_size_random_models
 
@@ -147,7 +148,7 @@ def load_models(cfg: ExtractConfig, device: torch.device) -> Models:
         scale = R.SD_LATENT_SCALE  # video VAEs carry their own scaling_factor
     vae = VAEWrapper.load(sources["vae"], kind=cfg.vae_kind, scale=scale, device=device)
     token_grid(cfg, vae)  # --size / --frames against this VAE, before the encoders load
-    sizes = {"dino": cfg.dino_size, "sam2": cfg.sam2_size, "videomae": cfg.videomae_size}
+    sizes = {n: getattr(cfg, f"{n}_size") for n in R.ENCODERS}
     side = cfg.size // vae.spatial_factor // cfg.patch_size
     encoders = {}
     for name in cfg.encoders:
