@@ -213,3 +213,45 @@ def test_full_finetune_loads_as_the_pipelines_transformer_and_generates(
         output_type="np", max_sequence_length=TEXT_TOKENS,
     ).frames  # fmt: skip
     assert video.shape == (1, 5, 16, 16, 3) and np.isfinite(video).all()
+
+
+# ---------------------------------------------------------------------------------- the Wan VAE
+def _clip(frames: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (1, frames, 16, 16, 3), dtype=torch.uint8, generator=g)
+
+
+def test_wan_vae_normalises_latents_as_the_pipeline_decodes(wan_folder: str, pipe) -> None:
+    """`decode` of the pipeline's own output latents is the pipeline's video; `encode` is its inverse
+    normalisation (per-channel latents_mean / latents_std), at 1 + (T - 1) / 4 latent frames."""
+    from stages.common.vae import VAEWrapper
+
+    vae = VAEWrapper.load(wan_folder, kind="wan")
+    assert (vae.latent_channels, vae.spatial_factor, vae.temporal_factor, vae.scale) == (16, 8, 4, 1.0)
+    assert vae.latent_shape(81, 480, 832) == (16, 21, 60, 104)
+    kw = dict(prompt="a red circle", num_frames=5, height=16, width=16, num_inference_steps=2,
+              max_sequence_length=TEXT_TOKENS)  # fmt: skip
+    latents = pipe(**kw, output_type="latent", generator=torch.Generator().manual_seed(0)).frames
+    video = pipe(**kw, output_type="np", generator=torch.Generator().manual_seed(0)).frames
+    ours = vae.decode(latents)
+    assert ours.shape == (1, 5, 16, 16, 3)
+    assert (ours.float() - torch.from_numpy(video * 255).float()).abs().max() <= 1.0  # uint8 rounding
+
+    z = vae.encode(_clip(9))
+    assert z.shape == (1, 16, 3, 2, 2) and z.dtype == torch.float16
+    with torch.no_grad():
+        x = _clip(9).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+        mu = vae.model.encode(x).latent_dist.mean  # un-normalised
+    mean = torch.tensor(vae.model.config.latents_mean).view(1, 16, 1, 1, 1)
+    std = torch.tensor(vae.model.config.latents_std).view(1, 16, 1, 1, 1)
+    torch.testing.assert_close(z.float(), ((mu - mean) / std).half().float(), rtol=0, atol=0)
+    assert not torch.allclose(z.float(), mu.half().float(), atol=1e-2)  # the normalisation is not a no-op
+
+
+def test_wan_vae_refuses_frame_counts_it_cannot_encode(wan_folder: str) -> None:
+    from stages.common.vae import VAEWrapper
+
+    vae = VAEWrapper.load(wan_folder, kind="wan")
+    assert [vae.latent_frames(n) for n in (1, 5, 81)] == [1, 2, 21]
+    with pytest.raises(ValueError, match=r"clips need 1 \+ 4\*j frames \(e\.g\. 5, 17, 81\), got 8"):
+        vae.encode(_clip(8))
