@@ -284,3 +284,32 @@ def test_fsdp2_two_gloo_ranks_equal_one_rank(wan_folder: str, tmp_path: Path) ->
     moved = max(float((one[f"full.transformer.{k}"] - v).abs().max()) for k, v in base.items())
     lora_b = [v for k, v in one.items() if k.startswith("lora.") and "lora_B" in k]
     assert moved > 1e-3 and lora_b and all(float(v.abs().max()) > 0 for v in lora_b)  # training happened
+
+
+# ---------------------------------------------------------------------------------- sizes and budget
+def test_wan_sizes_match_the_released_models_and_the_cache_layout() -> None:
+    from diffusers import WanTransformer3DModel
+
+    from cache_schema import formats
+    from stages.common.models.wan_sizes import WAN_SIZES, wan_bytes_per_clip, wan_config, wan_token_grid
+
+    params = {}
+    for name in WAN_SIZES:
+        with torch.device("meta"):
+            params[name] = sum(p.numel() for p in WanTransformer3DModel(**wan_config(name)).parameters())
+        assert wan_token_grid(name, 81, 480, 832) == (21, 30, 52)
+    assert 1.3e9 < params["Wan2.1-T2V-1.3B"] < 1.5e9 and 13.5e9 < params["Wan2.1-T2V-14B"] < 14.5e9
+    b = wan_bytes_per_clip(
+        "Wan2.1-T2V-1.3B",
+        81,
+        480,
+        832,
+        {"dino": 768, "videomae": 768},
+        "int8",
+        encoder_frames={"videomae": 8},
+    )
+    assert b["latents"] == 16 * 21 * 60 * 104 * 2 and b["text"] == 512 * 4096 * 2 + 512
+    assert b["dino"] == 21 * 30 * 52 * (formats.bytes_per_token("int8", 768) + 2) == 21 * 1560 * 772
+    assert b["videomae"] == 8 * 1560 * 772 and b["total"] == sum(v for k, v in b.items() if k != "total")
+    with pytest.raises(ValueError, match=r"Wan clips need 1 \+ 4\*j frames \(e\.g\. 81\), got 80"):
+        wan_token_grid("Wan2.1-T2V-1.3B", 80, 480, 832)
