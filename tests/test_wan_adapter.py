@@ -313,3 +313,52 @@ def test_wan_sizes_match_the_released_models_and_the_cache_layout() -> None:
     assert b["videomae"] == 8 * 1560 * 772 and b["total"] == sum(v for k, v in b.items() if k != "total")
     with pytest.raises(ValueError, match=r"Wan clips need 1 \+ 4\*j frames \(e\.g\. 81\), got 80"):
         wan_token_grid("Wan2.1-T2V-1.3B", 80, 480, 832)
+
+
+def test_gradient_checkpointing_keeps_the_aligned_hidden_states_differentiable(wan_folder: str) -> None:
+    """With diffusers' gradient checkpointing the hooked block output still carries the alignment
+    loss's gradient: the same gradients as without checkpointing."""
+    grads = []
+    for checkpointing in (False, True):
+        a = _adapter(wan_folder)
+        if checkpointing:
+            a.module.enable_gradient_checkpointing()
+        a.module.train()
+        out = a.forward(a.module, _latents(2), torch.tensor([0.3, 0.7]), _condition(2), align_block=2)
+        out.hidden.pow(2).mean().backward()
+        grads.append(a.module.blocks[0].attn1.to_q.weight.grad.clone())
+        assert a.module.blocks[3].attn1.to_q.weight.grad is None  # past the aligned block: no gradient
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+def test_training_process_imports_no_vae_and_no_text_encoder(wan_folder: str, tmp_path: Path) -> None:
+    """What a Wan training step needs (adapter, LoRA, FSDP2 helpers, a forward, a LoRA save) loads
+    neither the Wan VAE nor UMT5 nor the pipeline module that imports them."""
+    import subprocess
+    import sys
+
+    from helpers import subprocess_env
+
+    probe = (
+        "import sys, json, torch\n"
+        "from stages.common.models.adapter import Condition\n"
+        "from stages.common.models.wan import WanAdapter\n"
+        "from stages.common.models.lora import LoraSpec, add_lora\n"
+        "import stages.common.models.fsdp\n"
+        f"a = WanAdapter.from_pretrained({wan_folder!r}, max_text_tokens=8)\n"
+        "add_lora(a.module, LoraSpec(rank=2))\n"
+        "out = a.forward(a.module, torch.randn(1, 16, 1, 2, 2), torch.rand(1), "
+        "Condition(text_embeds=torch.randn(1, 3, 32)), align_block=1)\n"
+        f"a.save_pretrained(a.module, {str(tmp_path / 'lora')!r})\n"
+        "bad = [m for m in sys.modules if m.startswith(('transformers.models.umt5', 'transformers.models.t5',\n"
+        "       'diffusers.pipelines.wan', 'diffusers.models.autoencoders.autoencoder_kl_wan',\n"
+        "       'stages.common.encoders', 'stages.extract', 'timm'))]\n"
+        "print('LOADED=' + json.dumps(bad))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=subprocess_env(), timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "LOADED=[]" in proc.stdout, proc.stdout
+    assert (tmp_path / "lora" / LORA_WEIGHTS_NAME).is_file()
