@@ -362,3 +362,21 @@ def test_training_process_imports_no_vae_and_no_text_encoder(wan_folder: str, tm
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "LOADED=[]" in proc.stdout, proc.stdout
     assert (tmp_path / "lora" / LORA_WEIGHTS_NAME).is_file()
+
+
+def test_missing_or_damaged_weights_are_named(wan_folder: str, tmp_path: Path) -> None:
+    from stages.common.vae import WeightsNotFoundError
+
+    with pytest.raises(
+        WeightsNotFoundError, match=r"weights for model '/no/such/wan' were not found locally"
+    ):
+        WanAdapter.from_pretrained("/no/such/wan")
+    with pytest.raises(FileNotFoundError, match=r"pytorch_lora_weights.safetensors does not exist"):
+        load_lora(_adapter(wan_folder).module, tmp_path)
+    a = _adapter(wan_folder)
+    add_lora(a.module, LoraSpec(rank=2))
+    a.save_pretrained(a.module, tmp_path / "lora")
+    path = tmp_path / "lora" / LORA_WEIGHTS_NAME
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated, as by a full disk
+    with pytest.raises(ValueError, match=r"pytorch_lora_weights.safetensors is not a readable LoRA file"):
+        load_lora(_adapter(wan_folder).module, tmp_path / "lora")

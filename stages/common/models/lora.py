@@ -94,7 +94,15 @@ def load_lora(module: nn.Module, folder: str | Path, spec: LoraSpec | None = Non
     from diffusers.loaders import WanLoraLoaderMixin
     from peft import set_peft_model_state_dict
 
-    state, meta = WanLoraLoaderMixin.lora_state_dict(str(folder), return_lora_metadata=True)
+    path = Path(folder) / LORA_WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: a LoRA checkpoint folder holds {LORA_WEIGHTS_NAME}")
+    try:
+        state, meta = WanLoraLoaderMixin.lora_state_dict(str(folder), return_lora_metadata=True)
+    except Exception as e:  # safetensors' own errors (truncated or garbage file) have no common base class
+        raise ValueError(
+            f"{path} is not a readable LoRA file ({type(e).__name__}: {e}); save it again"
+        ) from e
     prefix = WanLoraLoaderMixin.transformer_name + "."
     if spec is None:  # diffusers stores the metadata keys as "transformer.<LoraConfig field>"
         m = {k[len(prefix) :]: v for k, v in (meta or {}).items() if k.startswith(prefix)}
