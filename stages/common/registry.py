@@ -122,8 +122,10 @@ DEFAULT_VAE: dict[str, str] = {
     "image": "stabilityai/sd-vae-ft-ema",
     "video": "THUDM/CogVideoX-2b",
     "pixel": "patchify-8",  # exact space-to-depth (stages/common/pixel.py): no weights
+    "wan": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",  # AutoencoderKLWan in its pipeline's vae/
 }
 VAE_KINDS = tuple(DEFAULT_VAE)
+CAUSAL_VAE_KINDS = ("video", "wan")  # frame 0 alone, then k frames per latent step
 
 
 @dataclass(frozen=True)

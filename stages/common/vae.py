@@ -10,6 +10,10 @@ way back to uint8 frames. Two kinds are supported:
   ``subfolder="vae"``), causal 3D VAE with temporal compression ``k`` read from its config.
   Video VAEs usually ship inside a pipeline repo; any such repo (hub id or local folder) is
   recognised and its ``vae/`` subfolder used (``_pipeline_vae_subfolder``).
+- ``kind="wan"``: diffusers ``AutoencoderKLWan`` (default the Wan2.1-T2V-1.3B pipeline's ``vae/``),
+  causal 3D VAE, 8x spatial, 4x temporal (1 + (T-1)/4 latent frames; other T are refused). Its
+  latents are normalised per channel as WanPipeline un-does before decoding:
+  z = (mu - latents_mean) / latents_std, so the cache holds what the transformer trains on.
 - ``kind="pixel"``: no network at all: an exact space-to-depth patchify (``patchify-F``,
   `stages.common.pixel`), as pixel-space diffusion transformers use. decode(encode(x)) == x.
 
@@ -26,7 +30,7 @@ from typing import Any
 
 import torch
 
-from stages.common.registry import DEFAULT_VAE, VAE_KINDS
+from stages.common.registry import CAUSAL_VAE_KINDS, DEFAULT_VAE, VAE_KINDS
 from stages.common.registry import SD_LATENT_SCALE as SD_SCALE
 
 
@@ -159,6 +163,12 @@ class _Info:
     temporal_factor: int
 
 
+def _wan_stats(cfg: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """AutoencoderKLWan's per-channel latents_mean and latents_std, shaped [1, C, 1, 1, 1]."""
+    shape = (1, int(cfg.z_dim), 1, 1, 1)
+    return torch.tensor(cfg.latents_mean).view(shape), torch.tensor(cfg.latents_std).view(shape)
+
+
 class VAEWrapper(FrozenModel):
     """uint8 clips <-> scaled fp16 latents, for an image VAE (per frame) or a video VAE."""
 
@@ -178,6 +188,14 @@ class VAEWrapper(FrozenModel):
         self.kind = kind
         if kind == "pixel":
             channels, spatial, temporal = 3 * model.factor**2, model.factor, 1
+        elif kind == "wan":  # the factors WanPipeline reads
+            cfg = model.config
+            channels, spatial, temporal = (
+                int(cfg.z_dim),
+                int(cfg.scale_factor_spatial),
+                int(cfg.scale_factor_temporal),
+            )
+            self._wan_stats = _wan_stats(cfg)
         else:
             cfg = model.config
             channels, spatial = int(cfg.latent_channels), 2 ** (len(cfg.block_out_channels) - 1)
@@ -225,20 +243,21 @@ class VAEWrapper(FrozenModel):
             return cls(Patchify(factor).to(device), kind, model_id, scale, device=device, amp=amp)
         if id_or_path is None:
             id_or_path = DEFAULT_VAE[kind]
-            if kind == "video" and subfolder is None:
+            if kind in CAUSAL_VAE_KINDS and subfolder is None:
                 subfolder = "vae"
         import diffusers
 
-        klass = diffusers.AutoencoderKL if kind == "image" else diffusers.AutoencoderKLCogVideoX
+        klass = {"image": diffusers.AutoencoderKL, "video": diffusers.AutoencoderKLCogVideoX}.get(kind)
+        klass = klass or diffusers.AutoencoderKLWan
         src, kwargs = hub_kwargs(id_or_path, flag)
-        if kind == "video" and subfolder is None:
+        if kind in CAUSAL_VAE_KINDS and subfolder is None:
             subfolder = _pipeline_vae_subfolder(src, bool(kwargs.get("local_files_only")))
         if subfolder:
             kwargs["subfolder"] = subfolder
         with weights_not_found_as_error(id_or_path, flag):
             model = klass.from_pretrained(src, torch_dtype=dtype, low_cpu_mem_usage=False, **kwargs)
-        if scale is None:
-            scale = float(getattr(model.config, "scaling_factor", SD_SCALE))
+        if scale is None:  # Wan normalises per channel (latents_mean / latents_std), no global scale
+            scale = 1.0 if kind == "wan" else float(getattr(model.config, "scaling_factor", SD_SCALE))
         return cls(model.to(device), kind, str(id_or_path), scale, device=device, amp=amp)
 
     # --------------------------------------------------------------- properties
@@ -267,6 +286,13 @@ class VAEWrapper(FrozenModel):
         k = self.temporal_factor
         if k == 1:
             return frames
+        if self.kind == "wan":
+            if frames < 1 or (frames - 1) % k:
+                raise ValueError(
+                    f"the Wan VAE '{self.model_id}' encodes frame 0 alone and then {k} frames per latent "
+                    f"frame: clips need 1 + {k}*j frames (e.g. {1 + k}, {1 + 4 * k}, 81), got {frames}"
+                )
+            return 1 + (frames - 1) // k
         return frames // k if frames % k == 0 else (frames - 1) // k + 1
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
@@ -295,6 +321,7 @@ class VAEWrapper(FrozenModel):
         f = self.spatial_factor
         if h % f or w % f:
             raise ValueError(f"frame size {h}x{w} is not a multiple of the VAE factor {f}")
+        self.latent_frames(t)  # a Wan VAE refuses T with (T - 1) % 4 != 0
         x = frames.to(self.device).permute(0, 1, 4, 2, 3).to(self._param_dtype())  # B,T,3,H,W
         x = x / 127.5 - 1.0
         with self._autocast():
@@ -310,6 +337,9 @@ class VAEWrapper(FrozenModel):
                 z = torch.cat(means).float().reshape(b, t, -1, h // f, w // f).permute(0, 2, 1, 3, 4)
             else:
                 z = self.model.encode(x.permute(0, 2, 1, 3, 4)).latent_dist.mean.float()
+        if self.kind == "wan":
+            mean, std = (s.to(z.device) for s in self._wan_stats)
+            z = (z - mean) / std
         return (z * self.scale).to(torch.float16).contiguous()
 
     @torch.no_grad()
@@ -320,6 +350,9 @@ class VAEWrapper(FrozenModel):
                 f"latents must have shape [B,{self.latent_channels},T',h,w], got {tuple(latents.shape)}"
             )
         z = latents.to(self.device, self._param_dtype()) / self.scale
+        if self.kind == "wan":  # as WanPipeline, operation for operation: latents / (1 / std) + mean
+            mean, std = self._wan_stats
+            z = z / (1.0 / std).to(z.device, z.dtype) + mean.to(z.device, z.dtype)
         b, c, t, h, w = z.shape
         with self._autocast():
             if self.kind == "pixel":

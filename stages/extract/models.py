@@ -163,7 +163,7 @@ def load_models(cfg: ExtractConfig, device: torch.device) -> Models:
 def causal_factor(vae: VAEWrapper) -> int:
     """Temporal compression k of a causal video VAE (frame 0 alone, then k frames per latent
     step), or 1 when latent steps are plain frames (image VAE, frame by frame)."""
-    return vae.temporal_factor if vae.kind == "video" and vae.temporal_factor > 1 else 1
+    return vae.temporal_factor if vae.kind in R.CAUSAL_VAE_KINDS and vae.temporal_factor > 1 else 1
 
 
 def latent_frames(frames: int, vae: VAEWrapper) -> int:
