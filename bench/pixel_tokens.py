@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from stages.common.dit import VideoDiT
+from stages.common.models.dit import VideoDiT
 from stages.common.synth import render_video
 
 

@@ -216,7 +216,7 @@ def loader_spec(data: ShardSet, args: argparse.Namespace, workers: int, pin_memo
 
 
 def load_encoders(args: argparse.Namespace, device: torch.device) -> dict:
-    from stages.common.encoders import load_encoder
+    from stages.common.models.encoders import load_encoder
 
     names = [e.strip() for e in args.encoders.split(",") if e.strip()]
     if args.preset == "tiny":
@@ -236,7 +236,7 @@ def load_encoders(args: argparse.Namespace, device: torch.device) -> dict:
 
 def stored_frames(enc: Any, frames: int) -> int:
     """T_e: an encoder's own time grid when coarser than the DiT grid (VideoMAE), else the DiT grid."""
-    from stages.common.encoders import VideoMAEEncoder
+    from stages.common.models.encoders import VideoMAEEncoder
 
     own = enc.grid(frames)[0] if isinstance(enc, VideoMAEEncoder) else frames
     return own if own < frames else frames

@@ -92,9 +92,9 @@ def test_eval_every_computes_fvd_against_real_stats_with_the_samples_protocol(pi
     import numpy as np
 
     from stages.common import fvd
+    from stages.common.models.vae import VAEWrapper
     from stages.common.sampling import generate_latents
     from stages.common.tiny_i3d import make_tiny_i3d
-    from stages.common.vae import VAEWrapper
     from stages.sample.checkpoint import load_model, resolve_checkpoint
 
     weights = make_tiny_i3d(tmp_path / "i3d.pt", features=16, seed=0)

@@ -15,10 +15,10 @@ from helpers import make_run, randomize_zero_inits, tiny_dit
 from PIL import Image
 
 from pipeline.cli import main
-from stages.common.dit import VideoDiT
 from stages.common.flow import euler_sample, heun_sample
+from stages.common.models.dit import VideoDiT
+from stages.common.models.vae import VAEWrapper
 from stages.common.sampling import generate_latents, initial_noise, sample_labels
-from stages.common.vae import VAEWrapper
 from stages.sample import SampleConfig, run_sample
 from stages.sample.writers import NpzVideoWriter
 

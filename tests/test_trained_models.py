@@ -81,7 +81,7 @@ def test_short_build_is_reproducible(tmp_path, one_thread):
 
 
 def test_random_twin_is_the_pretraining_start_and_loads_like_a_checkpoint(tmp_path):
-    from stages.common.encoders import load_encoder
+    from stages.common.models.encoders import load_encoder
     from stages.common.trained import trained_models
 
     rec = trained_models(tmp_path, _short_recipe(), names=["random-videomae", "random-dino"])

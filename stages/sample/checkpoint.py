@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from cache_schema import RunDir, RunError
 from cache_schema.checkpoint import MANIFEST, CheckpointError, verify_checkpoint
 from cache_schema.run import CHECKPOINTS, weights_folder
-from stages.common.dit import VideoDiT
+from stages.common.models.dit import VideoDiT
 
 log = logging.getLogger(__name__)
 

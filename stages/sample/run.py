@@ -48,7 +48,7 @@ def vae_settings(cfg: SampleConfig, resolved: ResolvedCheckpoint) -> tuple[str |
 
 
 def _load_vae(vae_id: str, kind: str, scale: float | None, device: torch.device):
-    from stages.common.vae import VAEWrapper
+    from stages.common.models.vae import VAEWrapper
 
     return VAEWrapper.load(vae_id, kind=kind, scale=scale, device=str(device), dtype=torch.float32)
 

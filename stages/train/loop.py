@@ -240,7 +240,7 @@ def _load_vae(cfg: TrainConfig, vae_spec: dict[str, Any], device: torch.device):
     vae_id = cfg.vae or (vae_spec.get("id") if cfg.eval_every else None)
     if not vae_id or str(vae_id).lower() == "none" or (cfg.sample_every == 0 and cfg.eval_every == 0):
         return None
-    from stages.common.vae import VAEWrapper
+    from stages.common.models.vae import VAEWrapper
 
     return VAEWrapper.load(
         vae_id, kind=vae_spec.get("kind", "image"), scale=vae_spec.get("scale"), device=device

@@ -24,8 +24,8 @@ from torch import nn
 
 from cache_schema import run as run_files
 from cache_schema.checkpoint import CheckpointError, verify_checkpoint
-from stages.common.dit import VideoDiT, default_align_depth
-from stages.common.dit_sizes import build_video_dit
+from stages.common.models.dit import VideoDiT, default_align_depth
+from stages.common.models.dit_sizes import build_video_dit
 from stages.common.runtime import is_disk_full
 
 from .align import AlignmentHead

@@ -124,6 +124,6 @@ class VideoModelAdapter(ABC):
 
     def default_align_block(self) -> int:
         """REPA's block 8 for deep models, a third of the depth for shallow ones (dit.default_align_depth)."""
-        from stages.common.dit import default_align_depth
+        from stages.common.models.dit import default_align_depth
 
         return default_align_depth(self.tokens.depth)

@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from stages.common.vae import FrozenModel, hub_kwargs, weights_not_found_as_error
+from stages.common.models.vae import FrozenModel, hub_kwargs, weights_not_found_as_error
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
