@@ -29,7 +29,7 @@ Shards are written here with the packer's writers (`clip_sample`, `write_tar`, `
 different keys (the loader's cost per sample is the same). VideoMAE is stored on its own time
 grid when that is coarser than the DiT grid (the extract default `time_grid="native"`).
 
-CPU default: the tiny preset (tiny VideoDiT, tiny random-initialised encoders of the real
+CPU default: the tiny preset (tiny DiT, tiny random-initialised encoders of the real
 classes). GPU default: `--preset random-full --model B/2 --frames 16 --size 256`, bf16, with
 full-size random-initialised copies of the default encoders (real architectures and costs,
 meaningless features; no download). `--preset none` (or any --dino-model/--sam2-model/
@@ -482,7 +482,7 @@ def parse_args() -> argparse.Namespace:
         choices=["tiny", "random-full", "none"],
         help="tiny (CPU default) | random-full (GPU default: full-size random encoders) | none (real weights)",
     )
-    ap.add_argument("--model", default=None, help="VideoDiT size [tiny on CPU, B/2 on GPU]")
+    ap.add_argument("--model", default=None, help="model size [tiny on CPU, B/2 on GPU]")
     ap.add_argument("--frames", type=int, default=None, help="frames per clip [8 tiny, 16]")
     ap.add_argument("--size", type=int, default=None, help="frame size in pixels [64 tiny, 256]")
     ap.add_argument("--batch-size", type=int, default=None, help="clips per step [4 tiny, 8]")

@@ -109,8 +109,8 @@ def test_eval_every_computes_fvd_against_real_stats_with_the_samples_protocol(pi
 
     # the same sample set, decoded and scored through the evaluate stage's file path
     resolved = resolve_checkpoint(str(run), None, ema=True)
-    model = load_model(resolved)
-    latents, labels = generate_latents(model, 4, steps=2, seed=0, cfg_scale=1.5)
+    adapter = load_model(resolved)
+    latents, labels = generate_latents(adapter, adapter.module, 4, steps=2, seed=0, cfg_scale=1.5)
     videos = VAEWrapper.load("patchify-8", kind="pixel").decode(latents).numpy()
     np.savez(tmp_path / "fake.npz", videos=videos, labels=labels)
     expected = fvd.compute_fvd(tmp_path / "real.npz", tmp_path / "fake.npz", cfg)["value"]
