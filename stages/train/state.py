@@ -1,7 +1,7 @@
 """The training state and how it is built, saved and loaded (torchtitan's "state" in one place).
 
-TrainState holds everything a step changes: the model's adapter (its module is the trained
-network, stages/common/models), its EMA, the alignment head (None
+TrainState holds everything a step changes: the model's adapter (stages/common/models; its
+module is the trained network), its EMA, the alignment head (None
 once alignment has ended, or when it never ran), AdamW, and the per-rank generator of noise,
 timesteps and class dropout. `save_state` / `load_state` write and read a checkpoint folder in
 the run directory's layout (cache_schema.run): a resume restores all of it exactly.
@@ -34,8 +34,6 @@ from .config import TrainConfig
 from .data import derive_seed
 
 PROJECTOR_GROUP = "projectors"
-
-
 MODEL_FAMILY = "videodit"  # the family `pipeline train` builds (stages/common/models/factory.py)
 
 
