@@ -1,7 +1,7 @@
-"""How many tokens per frame can a CPU-minute pixel-space VideoDiT coordinate? (the demo's model choice)
+"""How many tokens per frame can a CPU-minute pixel-space DiT coordinate? (the demo's model choice)
 
-Renders flat-background synthetic clips in memory, patchifies them exactly (patchify-F), trains a
-VideoDiT with JiT's clean-sample prediction for a fixed wall-clock budget, samples with Euler
+Renders flat-background synthetic clips in memory, patchifies them exactly (patchify-F), trains our
+DiT (adapter "videodit") with JiT's clean-sample prediction for a fixed wall-clock budget, samples with Euler
 (and optional guidance) and writes a PNG: the first 4 rows real clips, then samples, one row per
 video, one column per frame. The demo's choice (one token per 32 x 32 frame) comes from these runs
 (BENCHMARKS.md, "Why the demo's model has one token per frame"):
@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from stages.common.dit import VideoDiT
+from stages.common.models.adapter import Condition
+from stages.common.models.factory import build_adapter
 from stages.common.synth import render_video
 
 
@@ -67,9 +68,11 @@ def main() -> None:
         return y.reshape(len(z), t, 3, h, w).permute(0, 2, 1, 3, 4)
 
     z, y = enc(x), torch.arange(b) % 4
-    model = VideoDiT(in_channels=z.shape[1], num_frames=t, sample_size=h // a.f, patch_size=a.patch,
-                     hidden_size=a.hidden, depth=a.depth, num_heads=a.heads, num_classes=4, prediction="sample")  # fmt: skip
-    ema = VideoDiT(**model.config)
+    adapter = build_adapter("videodit", in_channels=z.shape[1], num_frames=t, sample_size=h // a.f,
+                            patch_size=a.patch, hidden_size=a.hidden, depth=a.depth, num_heads=a.heads,
+                            num_classes=4, prediction="sample")  # fmt: skip
+    model = adapter.module
+    ema = build_adapter("videodit", **model.config).module
     ema.load_state_dict(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0)
     start, step = time.time(), 0
@@ -79,7 +82,7 @@ def main() -> None:
         tt = torch.sigmoid(torch.randn(a.bs) * 0.8 + a.time_mean)
         xt = (1 - tt).view(-1, 1, 1, 1, 1) * x0 + tt.view(-1, 1, 1, 1, 1) * eps
         model.train()
-        loss = F.mse_loss(model(xt, tt, y[idx]), eps - x0)
+        loss = F.mse_loss(adapter.forward(model, xt, tt, Condition(class_labels=y[idx])).velocity, eps - x0)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -96,9 +99,8 @@ def main() -> None:
     with torch.no_grad():
         for i in range(50):
             tc = grid[i].expand(n)
-            vc, vu = ema(
-                torch.cat([xs, xs]), torch.cat([tc, tc]), torch.cat([ys, torch.full_like(ys, 4)])
-            ).chunk(2)
+            both = Condition(class_labels=ys).with_null()  # the null class through the drop mask
+            vc, vu = adapter.forward(ema, torch.cat([xs, xs]), torch.cat([tc, tc]), both).velocity.chunk(2)
             xs = xs + (grid[i + 1] - grid[i]) * (vu + a.cfg * (vc - vu))
     frames = ((dec(xs).clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 4, 1).numpy()
     real = ((x[:4] + 1) * 127.5).round().byte().permute(0, 2, 3, 4, 1).numpy()

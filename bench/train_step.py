@@ -29,7 +29,7 @@ Shards are written here with the packer's writers (`clip_sample`, `write_tar`, `
 different keys (the loader's cost per sample is the same). VideoMAE is stored on its own time
 grid when that is coarser than the DiT grid (the extract default `time_grid="native"`).
 
-CPU default: the tiny preset (tiny VideoDiT, tiny random-initialised encoders of the real
+CPU default: the tiny preset (tiny DiT, tiny random-initialised encoders of the real
 classes). GPU default: `--preset random-full --model B/2 --frames 16 --size 256`, bf16, with
 full-size random-initialised copies of the default encoders (real architectures and costs,
 meaningless features; no download). `--preset none` (or any --dino-model/--sam2-model/
@@ -216,7 +216,7 @@ def loader_spec(data: ShardSet, args: argparse.Namespace, workers: int, pin_memo
 
 
 def load_encoders(args: argparse.Namespace, device: torch.device) -> dict:
-    from stages.common.encoders import load_encoder
+    from stages.common.models.encoders import load_encoder
 
     names = [e.strip() for e in args.encoders.split(",") if e.strip()]
     if args.preset == "tiny":
@@ -236,7 +236,7 @@ def load_encoders(args: argparse.Namespace, device: torch.device) -> dict:
 
 def stored_frames(enc: Any, frames: int) -> int:
     """T_e: an encoder's own time grid when coarser than the DiT grid (VideoMAE), else the DiT grid."""
-    from stages.common.encoders import VideoMAEEncoder
+    from stages.common.models.encoders import VideoMAEEncoder
 
     own = enc.grid(frames)[0] if isinstance(enc, VideoMAEEncoder) else frames
     return own if own < frames else frames
@@ -482,7 +482,7 @@ def parse_args() -> argparse.Namespace:
         choices=["tiny", "random-full", "none"],
         help="tiny (CPU default) | random-full (GPU default: full-size random encoders) | none (real weights)",
     )
-    ap.add_argument("--model", default=None, help="VideoDiT size [tiny on CPU, B/2 on GPU]")
+    ap.add_argument("--model", default=None, help="model size [tiny on CPU, B/2 on GPU]")
     ap.add_argument("--frames", type=int, default=None, help="frames per clip [8 tiny, 16]")
     ap.add_argument("--size", type=int, default=None, help="frame size in pixels [64 tiny, 256]")
     ap.add_argument("--batch-size", type=int, default=None, help="clips per step [4 tiny, 8]")

@@ -2,14 +2,15 @@
 
     RUN/.align4gen.json        marker (kind "run"), see outputs.py
     RUN/config.yaml            the resolved training config, plus `vae_spec`: the shards' VAE
-                               (id, kind, scale, ...), so sampling decodes with the right VAE
+                               (id, kind, scale, ...), so sampling decodes with the right VAE,
+                               and `model_family` (stages/common/models/factory.py)
     RUN/log.jsonl              one JSON row per log step (LOG_FIELDS)
     RUN/tensorboard/           TensorBoard events (--report-to tensorboard)
     RUN/wandb/                 Weights & Biases files and run id (--report-to wandb)
     RUN/loss.png               loss curves
     RUN/samples/               periodic sample GIF grids (step-XXXXXXX.gif)
     RUN/checkpoints/step-XXXXXXX/
-        model/                 VideoDiT.save_pretrained (config.json + safetensors): raw weights
+        model/                 the adapter's save_pretrained (config.json + safetensors): raw weights
         ema/                   the EMA weights, same format (what sampling uses)
         projectors.safetensors alignment projectors (absent once alignment has ended)
         train_state.pt         optimizer, step, RNG states per rank, loader position
@@ -138,6 +139,10 @@ class RunDir:
     def vae_spec(self) -> dict[str, Any]:
         """The VAE the run's latents came from ({} when the run predates the field)."""
         return dict(self.read_config().get("vae_spec") or {})
+
+    def model_family(self) -> str | None:
+        """The model family the run trained (None when the run predates the field)."""
+        return self.read_config().get("model_family")
 
     # ------------------------------------------------------------------ log
 

@@ -2,7 +2,7 @@
 
 synth (flat backgrounds, the four drifts) -> the tiny trained models (the alignment target and
 the synthetic-domain evaluator, built once and cached) -> extract (exact pixel-space patchify,
-the weight-free HOG + normal-flow target, stages.common.hog) -> pack -> train a baseline and an aligned run on the same seed and
+the weight-free HOG + normal-flow target, stages.common.models.hog) -> pack -> train a baseline and an aligned run on the same seed and
 batches, evaluating both during training -> sample both -> score the samples -> IICR of the
 cache -> DIR/report.md + report.html. Each step calls a stage's public function; this module
 only orchestrates. The report is written by `pipeline.report`.
@@ -20,7 +20,7 @@ import click
 
 from pipeline.report import DemoResult
 
-DEMO_ENCODERS = ("hog",)  # the weight-free HOG + normal-flow target (stages.common.hog); see README
+DEMO_ENCODERS = ("hog",)  # the weight-free HOG + normal-flow target (stages.common.models.hog); see README
 
 
 @dataclass

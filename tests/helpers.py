@@ -62,7 +62,7 @@ TINY_DIT = dict(in_channels=4, num_frames=3, sample_size=8, hidden_size=32, dept
 def tiny_dit(**overrides):
     """A 2-block VideoDiT on a 3 x 8 x 8 latent grid (4 channels, width 32, 4 heads); `overrides`
     sets any other constructor argument."""
-    from stages.common.dit import VideoDiT
+    from stages.common.models.dit import VideoDiT
 
     return VideoDiT(**{**TINY_DIT, **overrides})
 

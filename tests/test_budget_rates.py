@@ -11,7 +11,7 @@ from helpers import tiny_extract_config
 
 from pipeline.cli import main as cli_main
 from stages.common import registry as registry
-from stages.common.dit_sizes import train_tflop_per_clip
+from stages.common.models.dit_sizes import train_tflop_per_clip
 from stages.extract import runner
 
 

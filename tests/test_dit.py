@@ -6,8 +6,8 @@ import pytest
 import torch
 from helpers import randomize_zero_inits, tiny_dit
 
-from stages.common.dit import VideoDiT, default_align_depth, sincos_2d
-from stages.common.dit_sizes import build_video_dit
+from stages.common.models.dit import VideoDiT, default_align_depth, sincos_2d
+from stages.common.models.dit_sizes import build_video_dit
 from stages.common.registry import MODEL_SIZES
 
 torch.set_num_threads(1)
@@ -218,6 +218,7 @@ def test_sample_prediction_returns_jit_velocity():
 
 def test_predictions_of_the_standalone_model_module_match_the_registry():
     """dit.py imports nothing of the package (`pipeline export` ships it), so it writes the tuple too."""
-    from stages.common import dit, registry
+    from stages.common import registry
+    from stages.common.models import dit
 
     assert dit.PREDICTIONS == registry.PREDICTIONS

@@ -16,9 +16,9 @@ from transformers import (
     VideoMAEModel,
 )
 
-from stages.common.encoders import ENCODERS, load_encoder
+from stages.common.models.encoders import ENCODERS, load_encoder
+from stages.common.models.vae import WeightsNotFoundError
 from stages.common.presets import TINY_DINO, tiny_models
-from stages.common.vae import WeightsNotFoundError
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 

@@ -92,9 +92,9 @@ def test_eval_every_computes_fvd_against_real_stats_with_the_samples_protocol(pi
     import numpy as np
 
     from stages.common import fvd
+    from stages.common.models.vae import VAEWrapper
     from stages.common.sampling import generate_latents
     from stages.common.tiny_i3d import make_tiny_i3d
-    from stages.common.vae import VAEWrapper
     from stages.sample.checkpoint import load_model, resolve_checkpoint
 
     weights = make_tiny_i3d(tmp_path / "i3d.pt", features=16, seed=0)
@@ -109,8 +109,8 @@ def test_eval_every_computes_fvd_against_real_stats_with_the_samples_protocol(pi
 
     # the same sample set, decoded and scored through the evaluate stage's file path
     resolved = resolve_checkpoint(str(run), None, ema=True)
-    model = load_model(resolved)
-    latents, labels = generate_latents(model, 4, steps=2, seed=0, cfg_scale=1.5)
+    adapter = load_model(resolved)
+    latents, labels = generate_latents(adapter, adapter.module, 4, steps=2, seed=0, cfg_scale=1.5)
     videos = VAEWrapper.load("patchify-8", kind="pixel").decode(latents).numpy()
     np.savez(tmp_path / "fake.npz", videos=videos, labels=labels)
     expected = fvd.compute_fvd(tmp_path / "real.npz", tmp_path / "fake.npz", cfg)["value"]

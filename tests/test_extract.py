@@ -20,10 +20,10 @@ from helpers import decoded_rows, read_arrays, store_targets, tiny_extract_confi
 
 from cache_schema import constants as C
 from cache_schema import formats, validate_shards, validate_store
-from stages.common.encoders import load_encoder
+from stages.common.models.encoders import load_encoder
+from stages.common.models.vae import VAEWrapper
 from stages.common.presets import tiny_models
 from stages.common.resample import to_target
-from stages.common.vae import VAEWrapper
 from stages.extract import runner
 from stages.extract.config import ExtractConfig
 from stages.pack.packer import PackConfig, run_pack

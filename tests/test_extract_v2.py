@@ -17,10 +17,10 @@ from cache_schema import constants as C
 from cache_schema import formats, validate_store
 from pipeline.cli import main as cli_main
 from stages.common import video as V
-from stages.common.encoders import load_encoder
+from stages.common.models.encoders import load_encoder
+from stages.common.models.vae import VAEWrapper
 from stages.common.presets import tiny_models
 from stages.common.resample import to_target
-from stages.common.vae import VAEWrapper
 from stages.extract import runner
 from stages.extract.budget import BudgetExceeded
 from stages.extract.config import ExtractConfig, parse_size

@@ -1,4 +1,4 @@
-"""The weight-free HOG + normal-flow target (stages.common.hog) against an independent reference."""
+"""The weight-free HOG + normal-flow target (stages.common.models.hog) against an independent reference."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from stages.common.encoders import load_encoder
-from stages.common.hog import HogFlow
-from stages.common.vae import WeightsNotFoundError
+from stages.common.models.encoders import load_encoder
+from stages.common.models.hog import HogFlow
+from stages.common.models.vae import WeightsNotFoundError
 
 
 def _reference_hog(image: np.ndarray, nbins: int = 9, cell: int = 8) -> np.ndarray:

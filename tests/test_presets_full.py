@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages.common.encoders import DinoEncoder, Sam2Encoder, VideoMAEEncoder
+from stages.common.models.encoders import DinoEncoder, Sam2Encoder, VideoMAEEncoder
 from stages.common.presets import (
     FULL_NAMES,
     full_size_config,

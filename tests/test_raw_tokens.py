@@ -18,7 +18,7 @@ from cache_schema import constants as C
 from cache_schema import formats, read_index
 from cache_schema.tars import iter_samples, open_shard
 from pipeline.cli import main as cli_main
-from stages.common.encoders import load_encoder
+from stages.common.models.encoders import load_encoder
 from stages.common.presets import tiny_models
 from stages.common.resample import resample_to_grid
 from stages.extract import runner

@@ -15,10 +15,11 @@ from helpers import make_run, randomize_zero_inits, tiny_dit
 from PIL import Image
 
 from pipeline.cli import main
-from stages.common.dit import VideoDiT
 from stages.common.flow import euler_sample, heun_sample
+from stages.common.models.dit import VideoDiT
+from stages.common.models.vae import VAEWrapper
+from stages.common.models.videodit import VideoDiTAdapter
 from stages.common.sampling import generate_latents, initial_noise, sample_labels
-from stages.common.vae import VAEWrapper
 from stages.sample import SampleConfig, run_sample
 from stages.sample.writers import NpzVideoWriter
 
@@ -105,7 +106,7 @@ def test_latents_match_direct_sampling_and_ema_choice(tmp_path):
 
     # the same numbers from the EMA model and the public sampler directly
     model = VideoDiT.from_pretrained(run / "checkpoints" / "step-0000010" / "ema").eval()
-    noise = initial_noise(model, range(3), seed=3)
+    noise = initial_noise(VideoDiTAdapter(model), range(3), seed=3)
     with torch.no_grad():
         direct = euler_sample(lambda x, t, y: model(x, t, y), noise, num_steps=4, y=torch.tensor([0, 1, 2]))
     np.testing.assert_allclose(z_ema, direct.numpy(), atol=1e-5)
@@ -206,34 +207,40 @@ def test_sample_on_cuda_bf16(tmp_path, tiny_vae):
 @pytest.mark.parametrize("sampler", ["euler", "euler-maruyama"])
 def test_generate_latents_ignores_batch_size_and_balances_labels(sampler):
     model = _dit(1)
+    adapter = VideoDiTAdapter(model)
     kwargs = dict(steps=3, sampler=sampler, seed=11, device="cpu")
-    z2, labels2 = generate_latents(model, 7, batch_size=2, **kwargs)
-    z3, labels3 = generate_latents(model, 7, batch_size=3, **kwargs)
+    z2, labels2 = generate_latents(adapter, model, 7, batch_size=2, **kwargs)
+    z3, labels3 = generate_latents(adapter, model, 7, batch_size=3, **kwargs)
     assert z2.dtype == torch.float32 and z2.device.type == "cpu" and z2.shape == (7, 4, T, LATENT, LATENT)
     torch.testing.assert_close(z2, z3, rtol=0, atol=1e-5)
     assert labels2.tolist() == labels3.tolist() == [0, 1, 2, 0, 1, 2, 0]  # balanced round-robin
-    other, _ = generate_latents(model, 7, batch_size=3, **{**kwargs, "seed": 12})
+    other, _ = generate_latents(adapter, model, 7, batch_size=3, **{**kwargs, "seed": 12})
     assert (other - z2).abs().mean() > 0.1
     # video i depends on (seed, i) only: the first 4 of 7 are the 4 of a shorter run
-    z4, _ = generate_latents(model, 4, batch_size=4, **kwargs)
+    z4, _ = generate_latents(adapter, model, 4, batch_size=4, **kwargs)
     torch.testing.assert_close(z4, z2[:4], rtol=0, atol=1e-5)
 
 
 def test_generate_latents_matches_the_sampler_and_keeps_mode():
     model = _dit(2).train()
-    z, labels = generate_latents(model, 3, steps=4, sampler="heun", seed=5, class_=1, device="cpu")
+    adapter = VideoDiTAdapter(model)
+    z, labels = generate_latents(adapter, model, 3, steps=4, sampler="heun", seed=5, class_=1, device="cpu")
     assert labels.tolist() == [1, 1, 1] and model.training  # mode restored
-    noise = initial_noise(model.eval(), range(3), seed=5)
+    noise = initial_noise(adapter, range(3), seed=5)
+    model.eval()
     with torch.no_grad():
         direct = heun_sample(lambda x, t, y: model(x, t, y), noise, num_steps=4, y=torch.tensor([1, 1, 1]))
     torch.testing.assert_close(z, direct, rtol=0, atol=1e-5)
-    uniform, _ = generate_latents(model, 3, steps=4, sampler="heun", convention="uniform", seed=5, class_=1)
+    uniform, _ = generate_latents(
+        adapter, model, 3, steps=4, sampler="heun", convention="uniform", seed=5, class_=1
+    )
     assert (uniform - z).abs().max() > 1e-4  # the conventions really differ for Heun
     assert sample_labels(4, 0).tolist() == [-1] * 4
     with pytest.raises(ValueError, match="convention 'sde'"):
-        generate_latents(model, 1, steps=1, convention="sde")
+        generate_latents(adapter, model, 1, steps=1, convention="sde")
+    unconditional = _dit(1, num_classes=0)
     with pytest.raises(ValueError, match="unconditional"):
-        generate_latents(_dit(1, num_classes=0), 1, steps=1, cfg_scale=2.0)
+        generate_latents(VideoDiTAdapter(unconditional), unconditional, 1, steps=1, cfg_scale=2.0)
 
 
 def test_sampler_convention_flag_is_validated_and_recorded(tmp_path):
@@ -251,7 +258,9 @@ def test_sampler_convention_flag_is_validated_and_recorded(tmp_path):
     assert yaml.safe_load((out / "config.yaml").read_text())["sampler_convention"] == "uniform"
     assert json.loads((out / "summary.json").read_text())["sampler_convention"] == "uniform"
     model = VideoDiT.from_pretrained(run / "checkpoints" / "step-0000010" / "ema")
-    expected, _ = generate_latents(model, 2, steps=3, sampler="heun", convention="uniform", seed=0)
+    expected, _ = generate_latents(
+        VideoDiTAdapter(model), model, 2, steps=3, sampler="heun", convention="uniform", seed=0
+    )
     np.testing.assert_allclose(np.load(out / "latents.npz")["latents"], expected.numpy(), atol=1e-5)
     bad = CliRunner().invoke(main, [*args[:-4], "--sampler-convention", "edm"])
     assert bad.exit_code != 0 and "edm" in bad.output

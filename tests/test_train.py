@@ -73,7 +73,7 @@ def test_a_few_steps_write_the_run_directory(shards: Path, tmp_path: Path) -> No
     assert list((run / "tensorboard").glob("events.out.tfevents.*")) and (run / "loss.png").stat().st_size > 0
 
     # the saved inference model is a plain VideoDiT: no projector weights inside
-    from stages.common.dit import VideoDiT
+    from stages.common.models.dit import VideoDiT
 
     ema = VideoDiT.from_pretrained(step_dir / "ema")
     assert not any("projector" in k for k in ema.state_dict())
@@ -165,8 +165,10 @@ def test_cli_run_imports_no_encoder_code(shards: Path, tmp_path: Path) -> None:
         "try:\n"
         "    main(standalone_mode=False)\n"
         "finally:\n"
-        "    bad = [m for m in sys.modules if m == 'timm' or m.startswith(('timm.', 'transformers.models',\n"
-        "           'stages.common.encoders', 'stages.extract'))]\n"
+        # encoder model code (diffusers' optional peft import pulls transformers.models.auto: not an encoder)
+        "    enc = tuple('transformers.models.' + n for n in ('dinov2', 'sam2', 'videomae', 'umt5', 't5'))\n"
+        "    bad = [m for m in sys.modules if m == 'timm' or m.startswith(('timm.', *enc,\n"
+        "           'stages.common.models.encoders', 'stages.common.models.hog', 'stages.extract'))]\n"
         "    print('ENCODER_MODULES=' + json.dumps(bad))\n"
     )
     run = tmp_path / "run"

@@ -18,7 +18,7 @@ from stages.common.synth import SEED_OFFSETS, SHAPES, render_clips, render_shape
 # The margin test is a strict xfail that says so until a recipe reaches these margins.
 VIDEOMAE_MOTION_MARGIN = 0.10
 DINO_SHAPE_MARGIN = 0.10
-# The weight-free target (stages.common.hog) against its random-filter twin, on the motion probe.
+# The weight-free target (stages.common.models.hog) against its random-filter twin, on the motion probe.
 # MEASURED (same probe set): hog 100 % vs random-hog 28.1 %, a 72-point margin; we ask for 50.
 HOG_MOTION_MARGIN = 0.50
 
@@ -84,7 +84,7 @@ def test_short_build_is_reproducible(tmp_path, one_thread):
 
 
 def test_random_twin_is_the_pretraining_start_and_loads_like_a_checkpoint(tmp_path):
-    from stages.common.encoders import load_encoder
+    from stages.common.models.encoders import load_encoder
     from stages.common.trained import trained_models
 
     rec = trained_models(tmp_path, _short_recipe(), names=["random-videomae", "random-dino"])

@@ -16,8 +16,8 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderKLCogVideoX
 from helpers import random_clip
 
+from stages.common.models.vae import VAEWrapper, WeightsNotFoundError
 from stages.common.presets import tiny_models
-from stages.common.vae import VAEWrapper, WeightsNotFoundError
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ _SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
 _LOAD_BY_ID = """
 import sys, torch
 from huggingface_hub import try_to_load_from_cache  # a lookup in the local cache, never the network
-from stages.common.vae import VAEWrapper
+from stages.common.models.vae import VAEWrapper
 index = try_to_load_from_cache("org/tiny-cogvideox", "model_index.json")
 assert isinstance(index, str) and "{snapshot}" in index, index
 vae = VAEWrapper.load("org/tiny-cogvideox", kind="video", scale=None)

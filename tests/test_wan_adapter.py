@@ -224,7 +224,7 @@ def _clip(frames: int, seed: int = 0) -> torch.Tensor:
 def test_wan_vae_normalises_latents_as_the_pipeline_decodes(wan_folder: str, pipe) -> None:
     """`decode` of the pipeline's own output latents is the pipeline's video; `encode` is its inverse
     normalisation (per-channel latents_mean / latents_std), at 1 + (T - 1) / 4 latent frames."""
-    from stages.common.vae import VAEWrapper
+    from stages.common.models.vae import VAEWrapper
 
     vae = VAEWrapper.load(wan_folder, kind="wan")
     assert (vae.latent_channels, vae.spatial_factor, vae.temporal_factor, vae.scale) == (16, 8, 4, 1.0)
@@ -249,7 +249,7 @@ def test_wan_vae_normalises_latents_as_the_pipeline_decodes(wan_folder: str, pip
 
 
 def test_wan_vae_refuses_frame_counts_it_cannot_encode(wan_folder: str) -> None:
-    from stages.common.vae import VAEWrapper
+    from stages.common.models.vae import VAEWrapper
 
     vae = VAEWrapper.load(wan_folder, kind="wan")
     assert [vae.latent_frames(n) for n in (1, 5, 81)] == [1, 2, 21]
@@ -353,7 +353,7 @@ def test_training_process_imports_no_vae_and_no_text_encoder(wan_folder: str, tm
         f"a.save_pretrained(a.module, {str(tmp_path / 'lora')!r})\n"
         "bad = [m for m in sys.modules if m.startswith(('transformers.models.umt5', 'transformers.models.t5',\n"
         "       'diffusers.pipelines.wan', 'diffusers.models.autoencoders.autoencoder_kl_wan',\n"
-        "       'stages.common.encoders', 'stages.extract', 'timm'))]\n"
+        "       'stages.common.models.encoders', 'stages.extract', 'timm'))]\n"
         "print('LOADED=' + json.dumps(bad))\n"
     )
     proc = subprocess.run(
@@ -365,7 +365,7 @@ def test_training_process_imports_no_vae_and_no_text_encoder(wan_folder: str, tm
 
 
 def test_missing_or_damaged_weights_are_named(wan_folder: str, tmp_path: Path) -> None:
-    from stages.common.vae import WeightsNotFoundError
+    from stages.common.models.vae import WeightsNotFoundError
 
     with pytest.raises(
         WeightsNotFoundError, match=r"weights for model '/no/such/wan' were not found locally"
@@ -380,3 +380,13 @@ def test_missing_or_damaged_weights_are_named(wan_folder: str, tmp_path: Path) -
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated, as by a full disk
     with pytest.raises(ValueError, match=r"pytorch_lora_weights.safetensors is not a readable LoRA file"):
         load_lora(_adapter(wan_folder).module, tmp_path / "lora")
+
+
+def test_factory_finds_the_wan_family(tmp_path):
+    from stages.common.models.factory import family_of, load_adapter
+    from stages.common.presets import tiny_wan_pipeline
+
+    folder = Path(tiny_wan_pipeline(tmp_path)) / "transformer"
+    assert family_of(folder) == "wan"
+    adapter = load_adapter(folder)
+    assert adapter.family == "wan" and adapter.conditioning.kind == "text"

@@ -128,7 +128,7 @@ def _spatial_table(spatial: dict) -> None:
 
 
 def _from_videos(videos: str, names: list[str], preset: str | None, models: dict[str, str], cfg) -> dict:
-    from stages.common.encoders import load_encoder
+    from stages.common.models.encoders import load_encoder
     from stages.common.runtime import resolve_device
     from stages.evaluate import iicr
 

@@ -49,7 +49,7 @@ def resolve_stage_config(
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     import cache_schema
-    from stages.common.vae import WeightsNotFoundError
+    from stages.common.models.vae import WeightsNotFoundError
 
     return (
         cache_schema.CacheError,

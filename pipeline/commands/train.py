@@ -195,6 +195,7 @@ def _resume_base(out: str | None, config_file, overrides) -> dict:
     with cli_errors():
         previous = RunDir(out).require().read_config()
     previous.pop("vae_spec", None)
+    previous.pop("model_family", None)  # recorded from the model built, not a setting
     previous.pop("shards_index", None)  # what the run read last: compared on resume, not a setting
     return previous
 

@@ -44,13 +44,15 @@ from typing import TYPE_CHECKING, NamedTuple, TypedDict
 
 import torch
 
+from stages.common.models.adapter import Condition
 from stages.common.progress import tqdm
 from stages.common.registry import SAMPLER_CONVENTIONS, SAMPLER_NAMES
 
 if TYPE_CHECKING:  # typing.Unpack is Python 3.11+
     from typing_extensions import Unpack
 
-VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+# y: class ids (the null one is `null_class`), or a model adapter's Condition (null: its drop mask)
+VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | Condition | None], torch.Tensor]
 
 
 # ----------------------------------------------------------------------------- training
@@ -112,7 +114,9 @@ class GuidedVelocity:
 
     Guidance applies only to samples whose t lies in `guidance_interval` = (t_lo, t_hi)
     (inclusive); elsewhere, and when the scale is 1 or there are no labels, the conditional
-    velocity is returned from a single plain forward.
+    velocity is returned from a single plain forward. The unconditional branch gets class id
+    `null_class`, or with `null_by_drop` (y a Condition) the same condition marked dropped, so the
+    model's adapter supplies its own null condition (Condition.with_null).
     """
 
     def __init__(
@@ -121,16 +125,18 @@ class GuidedVelocity:
         null_class: int | None,
         cfg_scale: float = 1.0,
         guidance_interval: Sequence[float] | None = None,
+        null_by_drop: bool = False,
     ):
         if guidance_interval is not None:
             if len(guidance_interval) != 2 or not 0.0 <= guidance_interval[0] <= guidance_interval[1] <= 1.0:
                 raise ValueError(
                     f"guidance_interval must be (t_lo, t_hi) with 0 <= t_lo <= t_hi <= 1, got {guidance_interval}"
                 )
-        if cfg_scale != 1.0 and null_class is None:
+        if cfg_scale != 1.0 and null_class is None and not null_by_drop:
             raise ValueError("classifier-free guidance (cfg_scale != 1) needs a class-conditional model")
         self.velocity_fn = velocity_fn
         self.null_class = null_class
+        self.null_by_drop = null_by_drop
         self.cfg_scale = float(cfg_scale)
         self.interval = tuple(float(v) for v in guidance_interval) if guidance_interval is not None else None
 
@@ -143,7 +149,7 @@ class GuidedVelocity:
         self,
         x: torch.Tensor,
         t: torch.Tensor,
-        y: torch.Tensor | None,
+        y: torch.Tensor | Condition | None,
         guide_t: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Guided velocity at (x, t); `guide_t` (default t) is the time tested against the
@@ -153,8 +159,11 @@ class GuidedVelocity:
         active = self._active(t if guide_t is None else guide_t)
         if not bool(active.any()):
             return self.velocity_fn(x, t, y)
-        null = torch.full_like(y, self.null_class)
-        v = self.velocity_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+        if self.null_by_drop:
+            both = y.with_null()
+        else:
+            both = torch.cat([y, torch.full_like(y, self.null_class)])
+        v = self.velocity_fn(torch.cat([x, x]), torch.cat([t, t]), both)
         v_cond, v_uncond = v.chunk(2)
         guided = v_uncond + self.cfg_scale * (v_cond - v_uncond)
         return torch.where(_expand(active, x).bool(), guided, v_cond)
@@ -168,10 +177,11 @@ def _prepare(
     cfg_scale: float,
     guidance_interval: Sequence[float] | None,
     null_class: int | None,
+    null_by_drop: bool = False,
 ) -> VelocityFn:
     if cfg_scale == 1.0 and guidance_interval is None:
         return velocity_fn
-    return GuidedVelocity(velocity_fn, null_class, cfg_scale, guidance_interval)
+    return GuidedVelocity(velocity_fn, null_class, cfg_scale, guidance_interval, null_by_drop)
 
 
 REPA_SDE_LAST_T = 0.04  # REPA's Euler-Maruyama stops its stochastic steps here (samplers.py)
@@ -203,7 +213,11 @@ def _steps(sampler: str, num_steps: int, convention: str, progress: bool) -> tqd
 
 
 def _v(
-    fn: VelocityFn, x: torch.Tensor, t: float, y: torch.Tensor | None, guide_t: float | None = None
+    fn: VelocityFn,
+    x: torch.Tensor,
+    t: float,
+    y: torch.Tensor | Condition | None,
+    guide_t: float | None = None,
 ) -> torch.Tensor:
     tt = torch.full((x.shape[0],), float(t), dtype=torch.float32, device=x.device)
     if guide_t is not None and isinstance(fn, GuidedVelocity):
@@ -213,20 +227,22 @@ def _v(
 
 
 class SampleOptions(TypedDict, total=False):
-    """Keyword options every sampler takes (defaults in `_start`): class labels `y`, classifier-free
-    guidance (`cfg_scale`, `guidance_interval`, `null_class`), a progress bar, the grid convention."""
+    """Keyword options every sampler takes (defaults in `_start`): class labels or a Condition `y`,
+    classifier-free guidance (`cfg_scale`, `guidance_interval`, `null_class` or `null_by_drop`), a
+    progress bar, the grid convention."""
 
-    y: torch.Tensor | None
+    y: torch.Tensor | Condition | None
     cfg_scale: float
     guidance_interval: Sequence[float] | None
     null_class: int | None
+    null_by_drop: bool
     progress: bool
     convention: str
 
 
 class _Setup(NamedTuple):
     fn: VelocityFn
-    y: torch.Tensor | None
+    y: torch.Tensor | Condition | None
     steps: tqdm
     convention: str
 
@@ -235,15 +251,16 @@ def _start(
     sampler: str,
     velocity_fn: VelocityFn,
     num_steps: int,
-    y: torch.Tensor | None = None,
+    y: torch.Tensor | Condition | None = None,
     cfg_scale: float = 1.0,
     guidance_interval: Sequence[float] | None = None,
     null_class: int | None = None,
+    null_by_drop: bool = False,
     progress: bool = False,
     convention: str = "repa",
 ) -> _Setup:
     """What every sampler starts from: the (guided) velocity and the steps of its time grid."""
-    fn = _prepare(velocity_fn, cfg_scale, guidance_interval, null_class)
+    fn = _prepare(velocity_fn, cfg_scale, guidance_interval, null_class, null_by_drop)
     return _Setup(fn, y, _steps(sampler, num_steps, convention, progress), convention)
 
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stages.common.encoders import IMAGENET_MEAN, IMAGENET_STD, resize_center_crop
+from stages.common.models.encoders import IMAGENET_MEAN, IMAGENET_STD, resize_center_crop
 
 INPUT_SIZE_KEY = "align4gen_input_size"
 

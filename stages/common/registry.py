@@ -23,13 +23,13 @@ MODEL_SIZES: dict[str, tuple[int, int, int]] = {
     "XL/2": (1152, 28, 16),
 }
 DEFAULT_MODEL = "XL/2"
-# what the network outputs: SiT/REPA's velocity, or JiT's clean sample (stages/common/dit.py)
+# what the network outputs: SiT/REPA's velocity, or JiT's clean sample (stages/common/models/dit.py)
 PREDICTIONS = ("velocity", "sample")
 
 # Training step cost per clip (forward + backward, torch.utils.flop_counter, 16 x 256 x 256
 # clips = 4 x 16 x 32 x 32 SD latents, no alignment head) and the clips/s one H100 sustains at
 # 40% of its 989 TFLOP/s dense bf16 peak. This table is at Latte's grid (README); the dry run
-# counts each model's FLOPs at the store's own grid (stages.common.dit_sizes.train_tflop_per_clip) to say
+# counts each model's FLOPs at the store's own grid (stages.common.models.dit_sizes.train_tflop_per_clip) to say
 # how much target bandwidth a trainer needs (`extract --train-rate` overrides it).
 H100_BF16_PEAK_TFLOPS = 989.0
 ASSUMED_MFU = 0.40
@@ -121,7 +121,7 @@ SD_LATENT_SCALE = 0.18215  # Stable Diffusion's VAE (Latte); video VAEs carry th
 DEFAULT_VAE: dict[str, str] = {
     "image": "stabilityai/sd-vae-ft-ema",
     "video": "THUDM/CogVideoX-2b",
-    "pixel": "patchify-8",  # exact space-to-depth (stages/common/pixel.py): no weights
+    "pixel": "patchify-8",  # exact space-to-depth (stages/common/models/pixel.py): no weights
     "wan": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",  # AutoencoderKLWan in its pipeline's vae/
 }
 VAE_KINDS = tuple(DEFAULT_VAE)

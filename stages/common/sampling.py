@@ -1,4 +1,4 @@
-"""The one definition of "generate N videos' latents from a VideoDiT", shared by `pipeline sample`
+"""The one definition of "generate N videos' latents from a model", shared by `pipeline sample`
 and the trainer's periodic sample GIFs, so a GIF seen during training can be reproduced exactly
 with `pipeline sample` (same seed, labels, sampler, convention, steps).
 
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from stages.common.flow import get_sampler
+from stages.common.models.adapter import Condition, VideoModelAdapter
 from stages.common.progress import tqdm
 from stages.common.registry import SAMPLER_CONVENTIONS
 
@@ -40,19 +41,20 @@ def sample_labels(num: int, num_classes: int, class_: int | None = None) -> np.n
     return np.arange(num, dtype=np.int64) % num_classes
 
 
-def _latent_shape(model: torch.nn.Module, shape: Sequence[int] | None) -> tuple[int, ...]:
+def _latent_shape(adapter: VideoModelAdapter, shape: Sequence[int] | None) -> tuple[int, ...]:
     if shape is not None:
         return tuple(int(s) for s in shape)
-    c = model.config
-    return (c.in_channels, c.num_frames, c.sample_size, c.sample_size)
+    if adapter.latent_shape is None:
+        raise ValueError(f"a {adapter.family} model has no built-in latent shape: pass shape=(C, T, h, w)")
+    return tuple(adapter.latent_shape)
 
 
 def initial_noise(
-    model: torch.nn.Module, indices: Sequence[int], seed: int, shape: Sequence[int] | None = None
+    adapter: VideoModelAdapter, indices: Sequence[int], seed: int, shape: Sequence[int] | None = None
 ) -> torch.Tensor:
     """Noise [len(indices), C, T, h, w] on the CPU, video i from its own generator seeded by
-    (seed, i): independent of batch size. `shape` (C, T, h, w) defaults to the model config's."""
-    size = _latent_shape(model, shape)
+    (seed, i): independent of batch size. `shape` (C, T, h, w) defaults to the model's own."""
+    size = _latent_shape(adapter, shape)
     out = [
         torch.randn(size, generator=torch.Generator().manual_seed(seed * _NOISE_STRIDE + i)) for i in indices
     ]
@@ -69,14 +71,17 @@ def sde_generators(indices: Sequence[int], seed: int) -> list[torch.Generator]:
     return gens
 
 
-def _velocity_fn(model: torch.nn.Module, device: torch.device, autocast: bool) -> Callable:
-    """The model as a velocity field; bf16 autocast only on CUDA (CPU always runs fp32)."""
+def _velocity_fn(
+    adapter: VideoModelAdapter, module: torch.nn.Module, device: torch.device, autocast: bool
+) -> Callable:
+    """`module` as a velocity field through its adapter; bf16 autocast only on CUDA (CPU always
+    runs fp32)."""
     use_amp = autocast and device.type == "cuda"
 
-    def fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def fn(x: torch.Tensor, t: torch.Tensor, condition: Condition | None) -> torch.Tensor:
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
         with torch.no_grad(), amp:
-            return model(x, t, y).float()
+            return adapter.forward(module, x, t, condition or Condition()).velocity.float()
 
     return fn
 
@@ -96,7 +101,8 @@ def _check(num: int, batch_size: int, steps: int, convention: str) -> None:
 
 @torch.no_grad()
 def generate_latents(
-    model: torch.nn.Module,
+    adapter: VideoModelAdapter,
+    module: torch.nn.Module,
     num: int,
     *,
     steps: int,
@@ -113,31 +119,35 @@ def generate_latents(
     progress: bool = False,
     shape: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, np.ndarray]:
-    """Sample `num` latents from `model` (already on `device`; None: the model's device).
+    """Sample `num` latents from `module` (the adapter's network or its EMA copy, already on
+    `device`; None: the module's device), its velocity through `adapter.forward`.
 
     Returns (float32 latents [num, C, T, h, w] on the CPU, int64 labels [num], -1 if unconditional).
-    The model runs in eval mode and is put back in its previous mode afterwards.
+    The module runs in eval mode and is put back in its previous mode afterwards.
     """
     _check(num, batch_size, steps, convention)
     sample_fn = get_sampler(sampler)
     is_sde = sample_fn is get_sampler("euler-maruyama")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    num_classes = int(model.config.num_classes)
-    labels = sample_labels(num, num_classes, class_)
-    conditional = num_classes > 0
+    device = torch.device(device) if device is not None else next(module.parameters()).device
+    if adapter.conditioning.kind != "class":
+        raise ValueError(f"generate_latents samples class ids; a {adapter.family} model takes text prompts")
+    labels = sample_labels(num, adapter.conditioning.num_classes, class_)
+    conditional = adapter.conditioning.conditional
     if (cfg_scale != 1.0 or guidance_interval) and not conditional:
         raise ValueError(
             "cfg_scale (--cfg) / guidance_interval need a class-conditional model; this one is unconditional"
         )
-    velocity = _velocity_fn(model, device, autocast)
+    velocity = _velocity_fn(adapter, module, device, autocast)
     out: list[torch.Tensor] = []
-    was_training = model.training
-    model.eval()
+    was_training = module.training
+    module.eval()
     try:
         for lo in tqdm(range(0, num, batch_size), desc="sample", disable=not progress, leave=False):
             idx = range(lo, min(lo + batch_size, num))
-            noise = initial_noise(model, idx, seed, shape).to(device)
-            y = torch.from_numpy(labels[idx.start : idx.stop]).to(device) if conditional else None
+            noise = initial_noise(adapter, idx, seed, shape).to(device)
+            y = None
+            if conditional:
+                y = Condition(class_labels=torch.from_numpy(labels[idx.start : idx.stop]).to(device))
             extra = (
                 {"diffusion_norm": diffusion_norm, "generator": sde_generators(idx, seed)} if is_sde else {}
             )
@@ -148,7 +158,7 @@ def generate_latents(
                 y=y,
                 cfg_scale=cfg_scale,
                 guidance_interval=guidance_interval,
-                null_class=model.null_class,
+                null_by_drop=True,
                 convention=convention,
                 **extra,
             )
@@ -156,7 +166,7 @@ def generate_latents(
                 raise FloatingPointError(f"non-finite latents in the batch starting at video {lo}")
             out.append(z.float().cpu())
     finally:
-        model.train(was_training)
+        module.train(was_training)
     return torch.cat(out), labels
 
 

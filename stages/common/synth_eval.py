@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.common.encoders import resize_center_crop
 from stages.common.fvd import FeatureStats, frechet_distance, stats_from_features
+from stages.common.models.encoders import resize_center_crop
 from stages.common.synth_classifier import SynthVideoClassifier
 
 DETECTOR = "synth-classifier"

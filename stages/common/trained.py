@@ -13,7 +13,7 @@ Layout: ``<root>/tiny-trained-v1/{videomae,random-videomae,dino,random-dino,hog,
 the default recipe (root: ``$ALIGN4GEN_HOME`` or ``~/.cache/align4gen``); any other recipe (a
 seed, a step count, render arguments) goes to ``tiny-trained-v1/<recipe hash>/`` so caches of
 different recipes never mix. The random twins are the pretraining runs' exact initial weights;
-``hog`` (weight-free, stages.common.hog) is saved as it is, and ``random-hog`` is its pipeline with
+``hog`` (weight-free, stages.common.models.hog) is saved as it is, and ``random-hog`` is its pipeline with
 seeded random filters.
 """
 
@@ -157,7 +157,7 @@ def _builder(name: str, recipe: TrainedRecipe):
             model = pretrain.dino_initial(recipe.seed)
             info = {"objective": "random (dino's initial weights)", "steps": 0}
         elif name in ("hog", "random-hog"):  # weight-free: saved so it loads, hashes and probes like the rest
-            from stages.common.hog import HogFlow
+            from stages.common.models.hog import HogFlow
 
             model = HogFlow(random_seed=recipe.seed if name == "random-hog" else None)
             info = {"objective": "maskfeat-hog + normal flow" if name == "hog" else "random filters (hog's control)",

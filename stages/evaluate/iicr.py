@@ -388,7 +388,7 @@ def iicr_from_videos(
     videos: str, encoders: dict[str, Any], cfg: VideoIICRConfig | None = None
 ) -> dict[str, Any]:
     """IICR per encoder from clips decoded from `videos`; `encoders` maps name -> an object with
-    `.features(uint8 [B, T, H, W, 3]) -> [B, t, h, w, D]` (stages.common.encoders)."""
+    `.features(uint8 [B, T, H, W, 3]) -> [B, t, h, w, D]` (stages.common.models.encoders)."""
     import torch
 
     from stages.common.video import ClipSpec, discover, plan_clips, read_clip

@@ -1,7 +1,7 @@
 """Linear probes on frozen encoder features: the standard check that features carry information.
 
 Features come from the same loader and feature path the extract stage uses
-(``stages.common.encoders.load_encoder(...).features``: uint8 clips -> patch tokens
+(``stages.common.models.encoders.load_encoder(...).features``: uint8 clips -> patch tokens
 [N, t, h, w, D]). Two tasks on in-memory synthetic clips drawn from seeds disjoint from the
 demo's dataset (``synth.SEED_OFFSETS``):
 
@@ -135,7 +135,7 @@ def probe_encoder(
     name: str, folder: str, cfg: ProbeConfig, data: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
 ) -> dict[str, Any]:
     """Both probes and the motion set's IICR for the encoder ``name`` saved at ``folder``."""
-    from stages.common.encoders import load_encoder
+    from stages.common.models.encoders import load_encoder
 
     data = data or probe_data(cfg)
     encoder = load_encoder(name, folder)

@@ -4,7 +4,7 @@
     FOLDER/model_index.json         components, latent_scale, vae_kind
     FOLDER/pipeline_videodit.py     VideoDiTPipeline (this folder's pipeline_videodit.py)
     FOLDER/transformer/             VideoDiT config + safetensors (EMA by default) + videodit.py,
-                                    the model's own module (stages/common/dit.py, standalone)
+                                    the model's own module (stages/common/models/dit.py, standalone)
     FOLDER/vae/                     the run's VAE, saved with save_pretrained
     FOLDER/scheduler/               FlowMatchEulerDiscreteScheduler (shift 1); the pipeline gives
                                     it our Euler grid as sigmas (pipeline_videodit.py)
@@ -22,7 +22,7 @@ from typing import Any
 import cache_schema
 from cache_schema import RunDir
 from cache_schema.run import weights_folder
-from stages.common import dit
+from stages.common.models import dit
 
 PIPELINE_MODULE = "pipeline_videodit"
 PIPELINE_CLASS = "VideoDiTPipeline"
@@ -72,7 +72,7 @@ def _transformer(src: Path, dest: Path) -> None:
 
 
 def _vae(vae_id: str, spec: dict[str, Any], dest: Path):
-    from stages.common.vae import VAEWrapper
+    from stages.common.models.vae import VAEWrapper
 
     vae = VAEWrapper.load(vae_id, kind=spec.get("kind", "image"), scale=spec.get("scale"))
     vae.model.save_pretrained(dest, safe_serialization=True)

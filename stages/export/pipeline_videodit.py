@@ -27,7 +27,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
 NOISE_STRIDE = 1_000_003  # stages/common/sampling.py: video i's noise seed is seed * NOISE_STRIDE + i
-FRAME_BATCH = 32  # frames an image VAE decodes at once (stages/common/vae.py)
+FRAME_BATCH = 32  # frames an image VAE decodes at once (stages/common/models/vae.py)
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch
 from cache_schema import formats
 from stages.common import registry as R
 from stages.common import video as V
-from stages.common.dit_sizes import train_tflop_per_clip
+from stages.common.models.dit_sizes import train_tflop_per_clip
 from stages.common.runtime import human_bytes
 
 from .job import Job

@@ -20,7 +20,8 @@ import torch
 from cache_schema import constants as C
 from cache_schema import formats
 from stages.common import registry as R
-from stages.common.encoders import VideoMAEEncoder, load_encoder
+from stages.common.models.encoders import VideoMAEEncoder, load_encoder
+from stages.common.models.vae import VAEWrapper
 from stages.common.resample import (
     causal_temporal_mean,
     l2_normalize_tokens,
@@ -28,7 +29,6 @@ from stages.common.resample import (
     resample_temporal,
     resample_to_grid,
 )
-from stages.common.vae import VAEWrapper
 
 from .config import ExtractConfig
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.common import registry as R
-from stages.common.encoders import SAM2_SIZE_UNIT
+from stages.common.models.encoders import SAM2_SIZE_UNIT
 
 from .config import ExtractConfig
 

@@ -1,4 +1,4 @@
-"""`pipeline sample`: a trained VideoDiT checkpoint -> videos (mp4, GIF grid, npz for evaluation)."""
+"""`pipeline sample`: a trained model's checkpoint -> videos (mp4, GIF grid, npz for evaluation)."""
 
 from stages.sample.config import SampleConfig
 

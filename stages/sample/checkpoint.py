@@ -14,7 +14,8 @@ from safetensors import SafetensorError
 from cache_schema import RunDir, RunError
 from cache_schema.checkpoint import MANIFEST, CheckpointError, verify_checkpoint
 from cache_schema.run import CHECKPOINTS, weights_folder
-from stages.common.dit import VideoDiT
+from stages.common.models.adapter import VideoModelAdapter
+from stages.common.models.factory import load_adapter
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ class ResolvedCheckpoint:
     checkpoint: Path  # the step folder (or the save_pretrained folder)
     run: RunDir | None
     vae_spec: dict[str, Any] = field(default_factory=dict)  # the VAE the run's latents came from
+    family: str | None = None  # the run's model family; None: read from the weights' config.json
 
 
 def resolve_checkpoint(run: str | None, checkpoint: str | None, ema: bool = True) -> ResolvedCheckpoint:
@@ -47,7 +49,8 @@ def resolve_checkpoint(run: str | None, checkpoint: str | None, ema: bool = True
     if ema and kind == "model":
         log.warning("%s has no EMA weights; sampling with the raw model weights", path)
     vae_spec = run_dir.vae_spec() if run_dir is not None else {}
-    return ResolvedCheckpoint(folder, kind, path, run_dir, vae_spec)
+    family = run_dir.model_family() if run_dir is not None else None
+    return ResolvedCheckpoint(folder, kind, path, run_dir, vae_spec, family)
 
 
 def verify_weights(resolved: ResolvedCheckpoint) -> None:
@@ -67,22 +70,23 @@ def damaged(resolved: ResolvedCheckpoint, problem: str) -> CheckpointError:
     return CheckpointError(f"{problem}. Sample from another checkpoint ({hint})")
 
 
-def load_model(resolved: ResolvedCheckpoint) -> VideoDiT:
-    """The VideoDiT in eval mode, fp32, on CPU (the caller moves it); a damaged weight file is
-    named (checksum, unreadable file or non-finite weights) instead of failing later."""
+def load_model(resolved: ResolvedCheckpoint) -> VideoModelAdapter:
+    """The model's adapter, its module in eval mode, fp32, on CPU (the caller moves it); a damaged
+    weight file is named (checksum, unreadable file or non-finite weights) instead of failing later."""
     try:
         verify_weights(resolved)
     except CheckpointError as exc:
         raise damaged(resolved, str(exc)) from None
     folder = resolved.weights_dir
     try:
-        model = VideoDiT.from_pretrained(str(folder), low_cpu_mem_usage=False)
+        adapter = load_adapter(folder, resolved.family)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         files = sorted(folder.glob("*.safetensors"))
         name = files[0] if len(files) == 1 else folder
         detail = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise damaged(resolved, f"{name} cannot be read ({detail})") from None
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    bad = [n for n, p in adapter.module.named_parameters() if not torch.isfinite(p).all()]
     if bad:
         raise damaged(resolved, f"{folder} holds non-finite weights ({bad[0]}, {len(bad)} tensors)")
-    return model.float().eval()
+    adapter.module.float().eval()
+    return adapter

@@ -1,4 +1,4 @@
-"""Sample videos from a trained VideoDiT: ODE/SDE sampling in latent space, VAE decode, write out."""
+"""Sample videos from a trained model: ODE/SDE sampling in latent space, VAE decode, write out."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def vae_settings(cfg: SampleConfig, resolved: ResolvedCheckpoint) -> tuple[str |
 
 
 def _load_vae(vae_id: str, kind: str, scale: float | None, device: torch.device):
-    from stages.common.vae import VAEWrapper
+    from stages.common.models.vae import VAEWrapper
 
     return VAEWrapper.load(vae_id, kind=kind, scale=scale, device=str(device), dtype=torch.float32)
 
@@ -126,21 +126,21 @@ def _sample(cfg: SampleConfig, resolved: ResolvedCheckpoint, out: Path) -> dict[
     start = time.perf_counter()
     device = resolve_device(cfg.device)
     use_amp = device.type == "cuda" and cfg.precision == "bf16"
-    model = load_model(resolved).to(device)
-    mcfg = model.config
+    adapter = load_model(resolved)
+    adapter.module.to(device)
     dump_config(cfg, out / "config.yaml")
     vae_id, vae_kind, scale = vae_settings(cfg, resolved)
-    sample_labels(cfg.num, mcfg.num_classes, cfg.class_)  # refuse a bad --class before loading a VAE
+    sample_labels(cfg.num, adapter.conditioning.num_classes, cfg.class_)  # a bad --class, before the VAE
     vae = _load_vae(vae_id, vae_kind, scale, device) if vae_id else None
     if vae is None:
         log.warning("no VAE configured (--vae or the run's VAE spec): writing latents only, no videos")
 
     try:
-        latents, labels = _generate(cfg, model, device, use_amp)
+        latents, labels = _generate(cfg, adapter, device, use_amp)
     except FloatingPointError as exc:
         problem = f"sampling from {resolved.weights_dir} gave non-finite values ({exc}): its weights are damaged or diverged"
         raise damaged(resolved, problem) from None
-    conditional = mcfg.num_classes > 0
+    conditional = adapter.conditioning.conditional
     keep_latents = vae is None or cfg.save_latents
     grid = _decode_and_write(cfg, vae, latents, labels, conditional, out, device) if vae is not None else []
 
@@ -182,10 +182,11 @@ def _sample(cfg: SampleConfig, resolved: ResolvedCheckpoint, out: Path) -> dict[
 
 
 def _generate(
-    cfg: SampleConfig, model: Any, device: torch.device, use_amp: bool
+    cfg: SampleConfig, adapter: Any, device: torch.device, use_amp: bool
 ) -> tuple[torch.Tensor, np.ndarray]:
     return generate_latents(
-        model,
+        adapter,
+        adapter.module,
         cfg.num,
         steps=cfg.steps,
         sampler=cfg.sampler,

@@ -1,4 +1,5 @@
-"""Stage two: train a VideoDiT from WebDataset shards alone (no encoder code is imported).
+"""Stage two: train a video diffusion transformer (a model adapter, stages/common/models) from
+WebDataset shards alone (no encoder code is imported).
 
 The config is importable without torch (the CLI builds its options from it); the loop is
 loaded on first use."""

@@ -16,7 +16,7 @@ Sources (read, not copied; each item names the repository, file and function fol
   constant / linear / cosine decay of the coefficient driven by the count of completed steps, optional
   linear warm-up, step cut-off.
 
-The head lives outside VideoDiT, so the saved inference model carries no trace of it; checkpoints keep
+The head lives outside the model, so the saved inference model carries no trace of it; checkpoints keep
 it separately for resuming.
 """
 

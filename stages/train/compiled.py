@@ -1,4 +1,4 @@
-"""`--compile`: torch.compile the VideoDiT's forward and each alignment projector, in place.
+"""`--compile`: torch.compile the model's forward and each alignment projector, in place.
 
 `nn.Module.compile()` wraps the module's call and leaves its parameters and state_dict keys as
 they are, so checkpoints, the EMA (which stays eager: it only samples) and DDP see the same

@@ -73,7 +73,7 @@ class TrainConfig:
     align_lambda: float | str = 0.5  # CLI --lambda: one number, or "dino=0.5,sam2=0.25"; 0 = off
     align_schedule: str = "constant"
     align_until: int | None = None  # alignment ends for good after this step (HASTE)
-    align_depth: int | None = None  # None: stages.common.dit.default_align_depth(depth)
+    align_depth: int | None = None  # None: the model adapter's default_align_block()
     encoders: list[str] = field(default_factory=list)  # empty: every cached encoder
     projector: str = "mlp"
     projector_dim: int = 2048

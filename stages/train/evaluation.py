@@ -58,12 +58,14 @@ class PeriodicEval:
         self.settings, self.vae, self.device, self.use_bf16 = settings, vae, device, use_bf16
         self.scorer = load_scorer(settings, device)
 
-    def __call__(self, ema: torch.nn.Module) -> dict[str, float]:
+    def __call__(self, adapter: Any, ema: torch.nn.Module) -> dict[str, float]:
+        """Scores of the samples of `ema` (the EMA copy of `adapter.module`)."""
         from stages.common.sampling import generate_latents
 
         s = self.settings
+        cfg_scale = s.cfg_scale if adapter.conditioning.conditional else 1.0
         latents, labels = generate_latents(
-            ema, s.num, steps=s.steps, seed=s.seed, cfg_scale=s.cfg_scale if ema.null_class is not None else 1.0,
+            adapter, ema, s.num, steps=s.steps, seed=s.seed, cfg_scale=cfg_scale,
             device=self.device, autocast=self.use_bf16,
         )  # fmt: skip
         frames = self.vae.decode(latents.to(self.device)).numpy()

@@ -232,7 +232,12 @@ def run_config(cfg: TrainConfig, setup: RunSetup, state: TrainState) -> dict[str
         resume_from=None,
     )
     vae = (setup.layout.get("spec") or {}).get("vae") or {}
-    return {**runtime.config_to_dict(resolved), "vae_spec": vae, "shards_index": setup.shards_index}
+    return {
+        **runtime.config_to_dict(resolved),
+        "model_family": state.adapter.family,
+        "vae_spec": vae,
+        "shards_index": setup.shards_index,
+    }
 
 
 def _load_vae(cfg: TrainConfig, vae_spec: dict[str, Any], device: torch.device):
@@ -240,7 +245,7 @@ def _load_vae(cfg: TrainConfig, vae_spec: dict[str, Any], device: torch.device):
     vae_id = cfg.vae or (vae_spec.get("id") if cfg.eval_every else None)
     if not vae_id or str(vae_id).lower() == "none" or (cfg.sample_every == 0 and cfg.eval_every == 0):
         return None
-    from stages.common.vae import VAEWrapper
+    from stages.common.models.vae import VAEWrapper
 
     return VAEWrapper.load(
         vae_id, kind=vae_spec.get("kind", "image"), scale=vae_spec.get("scale"), device=device
@@ -431,7 +436,16 @@ class Loop:
             scores = self._evaluate(state, step)
             row = self.logger.row(step, metrics.lr, weights or {}, scores)
         if self.vae is not None and cfg.sample_every and step % cfg.sample_every == 0:
-            write_samples(state.ema, self.vae, self.run, step, cfg, self.info.device, self.step_cfg.use_bf16)
+            write_samples(
+                state.adapter,
+                state.ema,
+                self.vae,
+                self.run,
+                step,
+                cfg,
+                self.info.device,
+                self.step_cfg.use_bf16,
+            )
             self.logger.restart_clock()
         if step % cfg.checkpoint_every == 0 or step == cfg.steps or metrics.stop_requested:
             runtime.run_on_main(lambda: check_shards_unchanged(cfg, self.setup, step, self.run))
@@ -443,7 +457,7 @@ class Loop:
         """The evaluation metrics of this step (rank 0, when due), timed out of the throughput."""
         if self.evaluate is None or not self.evaluate.settings.due(step):
             return None
-        scores = self.evaluate(state.ema)
+        scores = self.evaluate(state.adapter, state.ema)
         self.logger.restart_clock()
         return scores
 

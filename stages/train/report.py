@@ -122,7 +122,7 @@ def plot_losses(rows: list[dict[str, Any]], out_path: str | Path) -> Path | None
 
 
 def write_samples(
-    ema: torch.nn.Module, vae: Any, run: RunDir, step: int, cfg: Any, device, use_bf16: bool
+    adapter: Any, ema: torch.nn.Module, vae: Any, run: RunDir, step: int, cfg: Any, device, use_bf16: bool
 ) -> Path:
     """A GIF grid from the EMA weights, made exactly as `pipeline sample --run RUN --checkpoint
     step-XXXXXXX --num N --steps S --seed SEED` makes its grid.gif (same noise, labels, sampler, grid)."""
@@ -134,7 +134,13 @@ def write_samples(
     ema.eval()
     try:
         latents, _ = generate_latents(
-            ema, cfg.num_samples, steps=cfg.sample_steps, seed=cfg.seed, device=device, autocast=use_bf16
+            adapter,
+            ema,
+            cfg.num_samples,
+            steps=cfg.sample_steps,
+            seed=cfg.seed,
+            device=device,
+            autocast=use_bf16,
         )
     finally:
         ema.train(was_training)

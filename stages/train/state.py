@@ -1,6 +1,7 @@
 """The training state and how it is built, saved and loaded (torchtitan's "state" in one place).
 
-TrainState holds everything a step changes: the VideoDiT, its EMA, the alignment head (None
+TrainState holds everything a step changes: the model's adapter (stages/common/models; its
+module is the trained network), its EMA, the alignment head (None
 once alignment has ended, or when it never ran), AdamW, and the per-rank generator of noise,
 timesteps and class dropout. `save_state` / `load_state` write and read a checkpoint folder in
 the run directory's layout (cache_schema.run): a resume restores all of it exactly.
@@ -24,8 +25,8 @@ from torch import nn
 
 from cache_schema import run as run_files
 from cache_schema.checkpoint import CheckpointError, verify_checkpoint
-from stages.common.dit import VideoDiT, default_align_depth
-from stages.common.dit_sizes import build_video_dit
+from stages.common.models.adapter import VideoModelAdapter
+from stages.common.models.factory import build_adapter
 from stages.common.runtime import is_disk_full
 
 from .align import AlignmentHead
@@ -33,12 +34,13 @@ from .config import TrainConfig
 from .data import derive_seed
 
 PROJECTOR_GROUP = "projectors"
+MODEL_FAMILY = "videodit"  # the family `pipeline train` builds (stages/common/models/factory.py)
 
 
 @dataclass
 class TrainState:
-    model: VideoDiT
-    ema: VideoDiT
+    adapter: VideoModelAdapter  # adapter.module is the trained network
+    ema: nn.Module
     head: AlignmentHead | None
     optimizer: torch.optim.Optimizer
     gen: torch.Generator
@@ -47,6 +49,10 @@ class TrainState:
     ddp_model: nn.Module | None = None  # DistributedDataParallel wrappers under torchrun
     ddp_head: nn.Module | None = None
     lr_scheduler: Any = None  # torch LambdaLR from diffusers' get_scheduler (lr.py), stepped per step
+
+    @property
+    def model(self) -> nn.Module:
+        return self.adapter.module
 
     def parameters(self) -> list[nn.Parameter]:
         """What the optimizer updates (and gradient clipping sees)."""
@@ -80,10 +86,11 @@ def wrap_ddp(state: TrainState, device: torch.device) -> None:
         state.ddp_head = DDP(state.head, device_ids=ids)
 
 
-def build_model(cfg: TrainConfig, layout: dict[str, Any]) -> VideoDiT:
+def build_model(cfg: TrainConfig, layout: dict[str, Any]) -> VideoModelAdapter:
     channels, frames, height, _ = layout["latent_shape"]
-    return build_video_dit(
-        cfg.model,
+    return build_adapter(
+        MODEL_FAMILY,
+        size=cfg.model,
         in_channels=channels,
         num_frames=frames,
         sample_size=height,
@@ -105,15 +112,16 @@ def build_state(
 ) -> TrainState:
     """A fresh state, identical on every rank (seeded); the head only while alignment runs."""
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, layout).to(device)
-    depth = model.config.depth
-    align_depth = cfg.align_depth or default_align_depth(depth)
+    adapter = build_model(cfg, layout)
+    model = adapter.module.to(device)
+    depth = adapter.tokens.depth
+    align_depth = cfg.align_depth or adapter.default_align_block()
     if align_depth > depth:
         raise ValueError(f"align_depth {align_depth} is deeper than the model ({depth} blocks)")
     head = None
     if with_head:
         head = AlignmentHead(
-            model.config.hidden_size,
+            adapter.tokens.hidden_size,
             encoder_dims,
             cfg.projector_dim,
             projector=cfg.projector,
@@ -131,7 +139,7 @@ def build_state(
         groups.append({"params": trainable, "name": PROJECTOR_GROUP})
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **_fused(device))
     gen = torch.Generator(device=device).manual_seed(derive_seed("noise", cfg.seed, rank))
-    return TrainState(model, ema, head, optimizer, gen, align_depth)
+    return TrainState(adapter, ema, head, optimizer, gen, align_depth)
 
 
 def _fused(device: torch.device) -> dict[str, bool]:
@@ -169,9 +177,9 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 def save_state(folder: Path, state: TrainState, extra: dict[str, Any]) -> None:
     """Fill one checkpoint folder (RunDir.publish_checkpoint makes it the `latest`)."""
     with _writing(folder / run_files.MODEL_WEIGHTS):
-        state.model.save_pretrained(folder / run_files.MODEL_WEIGHTS, safe_serialization=True)
+        state.adapter.save_pretrained(state.model, folder / run_files.MODEL_WEIGHTS)
     with _writing(folder / run_files.EMA_WEIGHTS):
-        state.ema.save_pretrained(folder / run_files.EMA_WEIGHTS, safe_serialization=True)
+        state.adapter.save_pretrained(state.ema, folder / run_files.EMA_WEIGHTS)
     if state.head is not None:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.head.state_dict().items()}
         with _writing(folder / run_files.PROJECTORS_FILE):

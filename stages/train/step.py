@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from cache_schema.constants import stores_norms
 from cache_schema.formats import reconstruct, reconstruct_raw
 from stages.common.flow import flow_loss, interpolate, sample_timesteps, velocity_target
+from stages.common.models.adapter import Condition, Conditioning
 
 from .data import unpack
 from .state import TrainState, ema_decay_at, update_ema
@@ -101,28 +101,34 @@ def prepare_batch(batch: dict[str, Any], cfg: StepConfig, with_targets: bool = T
     return out
 
 
-def _labels(labels: torch.Tensor, model: nn.Module, gen: torch.Generator):
-    """Class ids (unlabelled -> null class) and this step's class-dropout mask, or (None, None)."""
-    null = model.null_class
-    if null is None:
-        return None, None
+def _condition(labels: torch.Tensor, conditioning: Conditioning, gen: torch.Generator) -> Condition:
+    """This micro-batch's condition: class ids (unlabelled -> the null class) with this step's
+    dropout mask, drawn from the step's generator so a resume replays it; empty when unconditional."""
+    if not conditioning.conditional:
+        return Condition()
+    if conditioning.kind != "class":
+        raise ValueError(
+            f"the trainer reads class labels; a {conditioning.kind}-conditioned model needs its cache's text"
+        )
+    null = conditioning.num_classes
     y = torch.where(labels < 0, torch.full_like(labels, null), labels)
-    drop = torch.rand(y.shape[0], generator=gen, device=y.device) < model.config.class_dropout
-    return y, drop
+    drop = torch.rand(y.shape[0], generator=gen, device=y.device) < conditioning.dropout
+    return Condition(class_labels=y, drop=drop)
 
 
 def micro_step(
     state: TrainState, batch: dict[str, Any], cfg: StepConfig, weights: dict[str, float] | None, measure: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Losses of one micro-batch: (total, flow, weighted alignment, cosine per encoder)."""
-    x0 = batch["x0"]
-    y, drop = _labels(batch["label"], state.model, state.gen)
+    x0, adapter = batch["x0"], state.adapter
+    condition = _condition(batch["label"], adapter.conditioning, state.gen)
     t = sample_timesteps(x0.shape[0], cfg.time_schedule, state.gen, cfg.device, cfg.time_mean, cfg.time_std)
+    t = adapter.objective.shift_time(t)
     eps = torch.randn(x0.shape, generator=state.gen, device=cfg.device)
     depth = state.align_depth if (state.head is not None and (weights is not None or measure)) else None
     with torch.autocast(cfg.device.type, dtype=torch.bfloat16, enabled=cfg.use_bf16):
-        out = state.forward_model(interpolate(x0, eps, t), t, y, force_drop_ids=drop, return_hidden_at=depth)
-        velocity, hidden = out if depth is not None else (out, None)
+        out = adapter.forward(state.forward_model, interpolate(x0, eps, t), t, condition, depth)
+        velocity, hidden = out.velocity, out.hidden
         flow = flow_loss(velocity, velocity_target(x0, eps))
         align, cos = torch.zeros_like(flow), {}
         if hidden is not None and weights is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -36,10 +37,16 @@ class Conditioning:
     num_classes: int = 0
     text_dim: int = 0
     max_text_tokens: int = 0
+    dropout: float = 0.0  # the share of training samples whose condition is dropped (CFG dropout)
 
     def __post_init__(self) -> None:
         if self.kind not in CONDITIONING_KINDS:
             raise ValueError(f"conditioning kind must be one of {CONDITIONING_KINDS}, got {self.kind!r}")
+
+    @property
+    def conditional(self) -> bool:
+        """False for a class model with no classes: no condition, no dropout, no guidance."""
+        return self.kind == "text" or self.num_classes > 0
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,24 @@ class Condition:
     text_mask: torch.Tensor | None = None
     drop: torch.Tensor | None = None
 
+    def with_null(self) -> Condition:
+        """This batch followed by its null condition (the same batch, every sample dropped):
+        classifier-free guidance's two branches in one forward pass."""
+        fields = {
+            "class_labels": self.class_labels,
+            "text_embeds": self.text_embeds,
+            "text_mask": self.text_mask,
+        }
+        given = [v for v in fields.values() if v is not None]
+        if not given:
+            raise ValueError("an empty condition (unconditional model) has no null branch to guide with")
+        first = given[0]
+        dropped = torch.zeros(len(first), dtype=torch.bool, device=first.device)
+        if self.drop is not None:
+            dropped = self.drop.to(first.device).bool()
+        doubled = {k: None if v is None else torch.cat([v, v]) for k, v in fields.items()}
+        return Condition(**doubled, drop=torch.cat([dropped, torch.ones_like(dropped)]))
+
 
 @dataclass
 class ModelOutput:
@@ -100,11 +125,23 @@ class ModelOutput:
 class VideoModelAdapter(ABC):
     """A trainable video model family behind one interface (see the module docstring)."""
 
-    family: str  # "videodit", "wan", ...
+    family: str  # "videodit", "wan", ...: what a checkpoint's config records (factory.py)
+    class_names: ClassVar[tuple[str, ...]] = ()  # config.json `_class_name`s its saved folders carry
     module: nn.Module  # the trainable network; EMA copies it, LoRA / DDP / FSDP2 wrap it
     conditioning: Conditioning
     objective: Objective
     tokens: TokenLayout
+    latent_shape: tuple[int, int, int, int] | None = None  # (C, T, h, w) it was built for; None: any
+
+    @classmethod
+    def build(cls, **options: Any) -> VideoModelAdapter:
+        """A fresh model (factory.build_adapter passes its options here)."""
+        raise NotImplementedError(f"{cls.__name__} does not build fresh models")
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> VideoModelAdapter:
+        """The model a `save_pretrained` folder holds (factory.load_adapter)."""
+        raise NotImplementedError(f"{cls.__name__} does not load saved models")
 
     @abstractmethod
     def forward(
@@ -124,6 +161,6 @@ class VideoModelAdapter(ABC):
 
     def default_align_block(self) -> int:
         """REPA's block 8 for deep models, a third of the depth for shallow ones (dit.default_align_depth)."""
-        from stages.common.dit import default_align_depth
+        from stages.common.models.dit import default_align_depth
 
         return default_align_depth(self.tokens.depth)

@@ -53,7 +53,7 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 def _transformer_subfolder(src: str, local_only: bool) -> str | None:
     """ "transformer" for a pipeline (folder or hub id), None for a saved transformer."""
-    from stages.common.vae import _repo_has
+    from stages.common.models.vae import _repo_has
 
     if _repo_has(src, "config.json", local_only):
         return None
@@ -64,7 +64,7 @@ def _flow_shift(src: str, kwargs: dict[str, Any]) -> float:
     """The pipeline scheduler's `flow_shift` (or `shift`); WAN_DEFAULT_SHIFT without a scheduler."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from stages.common.vae import load_errors
+    from stages.common.models.vae import load_errors
 
     try:
         # any scheduler class's load_config reads the folder's scheduler_config.json as a dict
@@ -84,7 +84,7 @@ def load_wan_transformer(
     scheduler/) or from a folder written by save_pretrained (a full fine-tune)."""
     from diffusers import WanTransformer3DModel
 
-    from stages.common.vae import hub_kwargs, weights_not_found_as_error
+    from stages.common.models.vae import hub_kwargs, weights_not_found_as_error
 
     src, kwargs = hub_kwargs(source, flag)
     with weights_not_found_as_error(source, flag):
@@ -102,6 +102,7 @@ class WanAdapter(VideoModelAdapter):
     """
 
     family = "wan"
+    class_names = ("WanTransformer3DModel",)  # config.json `_class_name` of a saved transformer
 
     def __init__(
         self,

@@ -31,7 +31,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 # This module imports nothing else of this package: `pipeline export` ships it as-is beside the
-# weights, so a trained model loads with diffusers alone (named sizes: stages/common/dit_sizes.py).
+# weights, so a trained model loads with diffusers alone (named sizes: stages/common/models/dit_sizes.py).
 # Kept equal to stages.common.registry.PREDICTIONS (a test checks it): this module imports nothing
 # of the package, so the tuple is written here too.
 PREDICTIONS = ("velocity", "sample")

@@ -15,7 +15,7 @@ way back to uint8 frames. Two kinds are supported:
   latents are normalised per channel as WanPipeline un-does before decoding:
   z = (mu - latents_mean) / latents_std, so the cache holds what the transformer trains on.
 - ``kind="pixel"``: no network at all: an exact space-to-depth patchify (``patchify-F``,
-  `stages.common.pixel`), as pixel-space diffusion transformers use. decode(encode(x)) == x.
+  `stages.common.models.pixel`), as pixel-space diffusion transformers use. decode(encode(x)) == x.
 
 diffusers is imported lazily so importing this module (and ``WeightsNotFoundError``) is cheap.
 """
@@ -235,7 +235,7 @@ class VAEWrapper(FrozenModel):
         if kind not in VAE_KINDS:
             raise ValueError(f"VAE kind must be one of {', '.join(VAE_KINDS)}, got {kind!r}")
         if kind == "pixel":
-            from stages.common.pixel import PIXEL_SCALE, Patchify, parse_pixel_id
+            from stages.common.models.pixel import PIXEL_SCALE, Patchify, parse_pixel_id
 
             factor = parse_pixel_id(None if id_or_path is None else str(id_or_path))
             model_id = f"patchify-{factor}"

@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from stages.common.vae import FrozenModel, WeightsNotFoundError, hub_kwargs, weights_not_found_as_error
+from stages.common.models.vae import FrozenModel, WeightsNotFoundError, hub_kwargs, weights_not_found_as_error
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -331,7 +331,7 @@ class VideoMAEEncoder(FrozenEncoder):
 
 class HogEncoder(FrozenEncoder):
     """Weight-free: MaskFeat's HOG per frame plus a normal-flow direction histogram
-    (stages.common.hog), one token per cell and frame. `input_size` 0 (the default) keeps the
+    (stages.common.models.hog), one token per cell and frame. `input_size` 0 (the default) keeps the
     clip's own resolution; another value resizes frames to it first (a multiple of the cell)."""
 
     name = "hog"
@@ -353,7 +353,7 @@ class HogEncoder(FrozenEncoder):
         dtype: torch.dtype | None = None,
         input_size: int | None = None,
     ) -> FrozenEncoder:
-        from stages.common.hog import HogFlow
+        from stages.common.models.hog import HogFlow
 
         source = str(id_or_path or cls.default_id)
         if source == cls.default_id:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from stages.common.dit import VideoDiT
+from stages.common.models.dit import VideoDiT
 from stages.common.registry import MODEL_SIZES  # name -> (hidden size, depth, heads)
 
 

@@ -7,7 +7,7 @@ is its pixels, rearranged so that each f x f x 3 block becomes one position with
 (``torch.nn.functional.pixel_unshuffle``). That map is invertible, so decode(encode(x)) == x
 bit for bit for uint8 frames (values k/127.5 - 1 survive float16 with room to spare), and the
 token grid of a 64 x 64 clip with f = 8 and DiT patch 2 is the same 4 x 4 grid the tiny VAE
-gives. It exposes the interface of `stages.common.vae.VAEWrapper` (encode, decode, spec, shapes),
+gives. It exposes the interface of `stages.common.models.vae.VAEWrapper` (encode, decode, spec, shapes),
 so extract, sample and the trainer's decoding use it unchanged.
 
 Ids: ``patchify-F`` (F = 2, 4, 8, 16, ...); ``DEFAULT_VAE["pixel"]`` in the registry.
