@@ -44,8 +44,11 @@ def main() -> None:
         "total_s": round(total, 1),
         "steps_s": {k: round(v, 1) for k, v in summary["seconds"].items()},
         "scores": summary["scores"],
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                    "python": platform.python_version()},  # fmt: skip
+        "machine": {
+            "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+        },  # fmt: skip
     }
     print(f"{'step':<55} {'seconds':>8}")
     for name, sec in record["steps_s"].items():

@@ -25,11 +25,15 @@ def _d(name: str) -> str:
 @click.option("--classes", type=int, help=f"Synthetic classes [{_d('classes')}].")
 @click.option("--steps", type=int, help=f"Training steps per run [{_d('steps')}].")
 @click.option("--batch-size", type=int, help=f"Training batch size [{_d('batch_size')}].")
-@click.option("--eval-every", type=int, help=f"Steps between evaluations during training [{_d('eval_every')}].")
+@click.option(
+    "--eval-every", type=int, help=f"Steps between evaluations during training [{_d('eval_every')}]."
+)
 @click.option("--eval-num", type=int, help=f"Videos per evaluation [{_d('eval_num')}].")
 @click.option("--num-samples", type=int, help=f"Videos sampled per run at the end [{_d('num_samples')}].")
 @click.option("--sample-steps", type=int, help=f"ODE steps per final sample [{_d('sample_steps')}].")
-@click.option("--encoders", type=str, help=f"Comma-separated encoders (trained tiny ones) [{_d('encoders')}].")
+@click.option(
+    "--encoders", type=str, help=f"Comma-separated encoders (trained tiny ones) [{_d('encoders')}]."
+)
 @click.option("--device", type=str, help=f"cpu | cuda [{_d('device')}].")
 @click.option("--seed", type=int, help=f"Seed for data, training and sampling [{_d('seed')}].")
 @config_options

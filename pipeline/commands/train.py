@@ -141,9 +141,13 @@ _d = partial(help_default, TrainConfig, none="never")
     "--sample-every", type=int, help=f"Steps between sample GIF grids; 0 = never [{_d('sample_every')}]."
 )
 @click.option(
-    "--eval-every", type=int, help=f"Steps between evaluations of the EMA model; 0 = never [{_d('eval_every')}]."
+    "--eval-every",
+    type=int,
+    help=f"Steps between evaluations of the EMA model; 0 = never [{_d('eval_every')}].",
 )
-@click.option("--eval-num", type=int, help=f"Videos per evaluation (fixed noise and labels) [{_d('eval_num')}].")
+@click.option(
+    "--eval-num", type=int, help=f"Videos per evaluation (fixed noise and labels) [{_d('eval_num')}]."
+)
 @click.option("--eval-steps", type=int, help=f"Sampler steps of the evaluation videos [{_d('eval_steps')}].")
 @click.option("--eval-cfg", type=float, help=f"Guidance scale of the evaluation videos [{_d('eval_cfg')}].")
 @click.option(
@@ -151,7 +155,9 @@ _d = partial(help_default, TrainConfig, none="never")
     type=click.Choice(EVAL_METRICS),
     help=f"synth: the synthetic-domain evaluator; fvd / cd-fvd against --eval-real-stats [{_d('eval_metric')}].",
 )
-@click.option("--eval-evaluator", type=str, help="synth: evaluator folder [the one `pipeline models build` made].")
+@click.option(
+    "--eval-evaluator", type=str, help="synth: evaluator folder [the one `pipeline models build` made]."
+)
 @click.option("--eval-real-stats", type=str, help="fvd / cd-fvd: real stats from `pipeline evaluate stats`.")
 @click.option("--eval-detector-weights", type=str, help="fvd / cd-fvd: the detector's weights file.")
 @click.option("--device", type=str, help=f"{DEVICE_HELP} [{_d('device')}].")

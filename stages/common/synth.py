@@ -351,7 +351,12 @@ def render_clips(
 
 
 def render_strided(
-    rng: np.random.Generator, label: int, frames: int, size: int, stride: int = 1, background: str = "textured"
+    rng: np.random.Generator,
+    label: int,
+    frames: int,
+    size: int,
+    stride: int = 1,
+    background: str = "textured",
 ) -> np.ndarray:
     """A clip as extraction cuts it from a video: ``frames`` frames taken every ``stride`` frames
     (what `--stride` does), so objects move ``stride`` times as far per frame."""

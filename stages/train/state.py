@@ -245,7 +245,9 @@ def load_state(folder: Path, state: TrainState) -> dict[str, Any]:
     if state.head is not None:
         projector_file = folder / run_files.PROJECTORS_FILE
         if not projector_file.is_file():
-            raise run_files.RunError(f"{folder} has no {run_files.PROJECTORS_FILE} but this run still aligns to encoders")
+            raise run_files.RunError(
+                f"{folder} has no {run_files.PROJECTORS_FILE} but this run still aligns to encoders"
+            )
         state.head.load_state_dict(_read(projector_file, load_file))
     saved = _read(folder / run_files.TRAIN_STATE_FILE, _load_train_state)
     state.optimizer.load_state_dict(saved.pop("optimizer"))
