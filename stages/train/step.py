@@ -49,6 +49,8 @@ class StepConfig:
     time_mean: float = 0.0
     time_std: float = 1.0
     world_size: int = 1
+    rank: int = 0
+    batch_size: int = 0  # per rank, nominal (0: each batch's own size); see _global_draw
 
 
 @dataclass
@@ -101,24 +103,39 @@ def prepare_batch(batch: dict[str, Any], cfg: StepConfig, with_targets: bool = T
     return out
 
 
-def _labels(labels: torch.Tensor, model: nn.Module, gen: torch.Generator):
+def _global_draw(cfg: StepConfig, n: int, draw) -> torch.Tensor:
+    """This rank's rows of a draw made for the whole global micro-batch: every rank's generator is
+    in the same state and draws for batch_size x world_size samples, so the noise, times and
+    class dropout of each global position do not depend on the number of ranks (elastic resume)."""
+    per_rank = cfg.batch_size or n
+    start = cfg.rank * per_rank
+    return draw(per_rank * cfg.world_size)[start : start + n]
+
+
+def _labels(labels: torch.Tensor, model: nn.Module, gen: torch.Generator, cfg: StepConfig):
     """Class ids (unlabelled -> null class) and this step's class-dropout mask, or (None, None)."""
     null = model.null_class
     if null is None:
         return None, None
     y = torch.where(labels < 0, torch.full_like(labels, null), labels)
-    drop = torch.rand(y.shape[0], generator=gen, device=y.device) < model.config.class_dropout
-    return y, drop
+    u = _global_draw(cfg, y.shape[0], lambda n: torch.rand(n, generator=gen, device=y.device))
+    return y, u < model.config.class_dropout
 
 
 def micro_step(
     state: TrainState, batch: dict[str, Any], cfg: StepConfig, weights: dict[str, float] | None, measure: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Losses of one micro-batch: (total, flow, weighted alignment, cosine per encoder)."""
-    x0 = batch["x0"]
-    y, drop = _labels(batch["label"], state.model, state.gen)
-    t = sample_timesteps(x0.shape[0], cfg.time_schedule, state.gen, cfg.device, cfg.time_mean, cfg.time_std)
-    eps = torch.randn(x0.shape, generator=state.gen, device=cfg.device)
+    x0, gen = batch["x0"], state.gen
+    y, drop = _labels(batch["label"], state.model, gen, cfg)
+    t = _global_draw(
+        cfg,
+        x0.shape[0],
+        lambda n: sample_timesteps(n, cfg.time_schedule, gen, cfg.device, cfg.time_mean, cfg.time_std),
+    )
+    eps = _global_draw(
+        cfg, x0.shape[0], lambda n: torch.randn((n, *x0.shape[1:]), generator=gen, device=cfg.device)
+    )
     depth = state.align_depth if (state.head is not None and (weights is not None or measure)) else None
     with torch.autocast(cfg.device.type, dtype=torch.bfloat16, enabled=cfg.use_bf16):
         out = state.forward_model(interpolate(x0, eps, t), t, y, force_drop_ids=drop, return_hidden_at=depth)
