@@ -5,8 +5,11 @@ an uninterrupted run's up to floating-point reduction order."""
 
 from __future__ import annotations
 
+import itertools
+import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -18,7 +21,7 @@ from cache_schema import RunDir, read_index
 from cache_schema.tars import iter_samples, open_shard
 from stages.train import train
 from stages.train.config import resume_batch_size
-from stages.train.data import LoaderSpec, RankBatches, shard_counts, shard_urls
+from stages.train.data import CorruptSample, LoaderSpec, RankBatches, shard_counts, shard_urls
 from stages.train.loop import SAMPLE_KEYS_ENV
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -174,3 +177,24 @@ def test_the_resume_batch_keeps_the_global_batch_or_says_why() -> None:
     )
     with pytest.raises(ValueError, match=r"now: batch_size 3 x 3 rank\(s\) = 9\).*divides 8"):
         resume_batch_size(run, 3, 3)
+
+
+def test_a_corrupt_shard_under_skip_leaves_no_batch_empty(shards: Path, tmp_path: Path) -> None:
+    """Batches of one: a slot whose sample is in an emptied shard takes the next good position;
+    every skip is named; under stop the first one ends the stream naming the shard."""
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    (bad / "shard-000001.tar").write_bytes(b"")  # every sample of this shard is gone
+    index = read_index(bad)
+    spec = LoaderSpec(shard_urls(str(bad), index), shard_counts(index), seed=0, batch_size=1,
+                      batches_per_step=1, shuffle_buffer=8, on_corrupt="skip")  # fmt: skip
+    batches = list(itertools.islice(RankBatches(spec, 0), SAMPLES))
+    with open_shard(str(shards / "shard-000001.tar")) as fh:
+        lost = {s["__key__"] for s in iter_samples(fh, "shard-000001.tar")}
+    assert all(b["batch_size"] == 1 and b["keys"][0] not in lost for b in batches)
+    skipped = [m for b in batches for m in b["skipped"]]
+    assert len(skipped) >= len(lost) and all(
+        m.startswith("shard shard-000001.tar sample #") and "the tar holds 0 samples" in m for m in skipped
+    )
+    with pytest.raises(CorruptSample, match="shard shard-000001.tar sample #"):
+        list(itertools.islice(RankBatches(replace(spec, on_corrupt="stop"), 0), SAMPLES))
