@@ -100,7 +100,7 @@ class TrainConfig:
     seed: int = 0
     # data
     num_workers: int = 4
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000  # samples shuffled together: windows of each epoch's shard-permuted order
     on_corrupt: str = "stop"
     # bookkeeping
     log_every: int = 100
