@@ -64,7 +64,7 @@ from stages.extract.store import (
     write_block,
 )
 from stages.pack.packer import PackConfig, run_pack
-from stages.train.data import LoaderSpec, shard_urls
+from stages.train.data import LoaderSpec, shard_counts, shard_urls
 
 LATENT_CHANNELS, SPATIAL_FACTOR, PATCH = 4, 8, 2
 VIDEOMAE_TIME = 8  # 16 input frames / tubelet 2
@@ -300,10 +300,10 @@ def time_loader(shards: str, args, workers: int) -> dict[str, Any]:
     index = cache_schema.read_index(shards)
     spec = LoaderSpec(
         urls=shard_urls(shards, index),
+        counts=shard_counts(index),
         seed=0,
         batch_size=args.loader_batch_size,
         batches_per_step=1,
-        segment_steps=10**9,
         encoders=cache_schema.encoder_entries(index),
         shuffle_buffer=args.shuffle_buffer,
         num_workers=workers,

@@ -10,7 +10,7 @@ from stages.train.data import LoaderSpec, build_loader
 
 def samples_per_s(spec: LoaderSpec, batches: int) -> float:
     """Samples/s of `build_loader(spec)` (read, crc32, decode, collate; no model), after its workers
-    started and their shuffle buffers filled."""
+    started."""
     it = iter(build_loader(spec, 0))
     try:
         for _ in range(max(2, 2 * spec.num_workers)):

@@ -61,7 +61,7 @@ from pipeline.summary import format_table
 from stages.common.registry import ENCODERS as ENCODER_DEFAULTS
 from stages.pack.packer import clip_sample, shard_index, write_index, write_tar
 from stages.train.config import TrainConfig
-from stages.train.data import LoaderSpec, iterate_steps, shard_urls, unpack
+from stages.train.data import LoaderSpec, iterate_steps, shard_counts, shard_urls, unpack
 from stages.train.state import TrainState, build_state, drop_alignment
 from stages.train.step import StepConfig, prepare_batch, train_step
 
@@ -183,9 +183,11 @@ def write_shard_set(root: Path, fmt: str, shapes: Shapes, pool: list, n: int, pe
 
 @dataclass
 class ShardSet:
-    """One loader input: urls, the encoders it decodes, and tar bytes per sample (from index.json)."""
+    """One loader input: urls, samples per shard, the encoders it decodes, and tar bytes per sample
+    (from index.json)."""
 
     urls: list[str]
+    counts: list[int]
     encoders: dict[str, dict[str, Any]]
     bytes_per_sample: float
 
@@ -194,17 +196,17 @@ def shard_set(path: Path, with_targets: bool) -> ShardSet:
     index = cache_schema.read_index(path)
     per_sample = sum(s["bytes"] for s in index["shards"]) / index["num_samples"]
     encoders = cache_schema.encoder_entries(index) if with_targets else {}
-    return ShardSet(shard_urls(str(path), index), encoders, per_sample)
+    return ShardSet(shard_urls(str(path), index), shard_counts(index), encoders, per_sample)
 
 
 def loader_spec(data: ShardSet, args: argparse.Namespace, workers: int, pin_memory: bool) -> LoaderSpec:
-    """The trainer's loader over a bench shard set: one endless segment, one batch per step."""
+    """The trainer's loader over a bench shard set: one batch per step."""
     return LoaderSpec(
         urls=data.urls,
+        counts=data.counts,
         seed=0,
         batch_size=args.batch_size,
         batches_per_step=1,
-        segment_steps=10**9,
         encoders=data.encoders,
         shuffle_buffer=args.shuffle_buffer,
         num_workers=workers,

@@ -1,4 +1,6 @@
-"""Reading our own shard tars fast: one read per member, samples grouped by key.
+"""Reading our own shard tars fast: one read per member, samples grouped by key; or one sample
+at a time by its byte range (`scan_samples` finds the ranges from the headers alone, `read_sample`
+reads one member by member), which the trainer's global sample order needs.
 
 Why not webdataset's tar iterator: it streams members through tarfile in 10 KB pieces and joins
 them, which on multi-megabyte target members costs about as much as everything else the loader
@@ -9,6 +11,7 @@ subset of the format `TarWriter` writes: regular files, with pax or GNU long-nam
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from typing import Any, BinaryIO
@@ -101,6 +104,68 @@ def iter_samples(fh: BinaryIO, url: str) -> Iterator[dict[str, Any]]:
         yield current
 
 
+def _size_of(fh: BinaryIO) -> int:
+    size = getattr(fh, "size", None)  # fsspec files know their size
+    return int(size) if size is not None else os.fstat(fh.fileno()).st_size
+
+
+def scan_samples(fh: BinaryIO, url: str) -> tuple[list[tuple[str, int, int]], str | None]:
+    """(key, start, end) byte range of each complete sample, reading only the headers (the data is
+    seeked over), and why the tar stops early, if it does (None: it ends cleanly). A sample's range
+    runs from its first member's header (or the pax / long-name record before it) to the end of its
+    last member's padding."""
+    total, found = _size_of(fh), []
+    long_name, record_start = None, None
+    fh.seek(0)
+    while True:
+        start = fh.tell()
+        header = fh.read(BLOCK)
+        if not header or header == b"\0" * BLOCK:
+            return found, None
+        if len(header) < BLOCK:
+            return found, f"the tar ends early (a {len(header)}-byte header at byte {start})"
+        size, kind = _octal(header, 124, 12, url), header[156:157]
+        end = start + BLOCK + size + (-size) % BLOCK
+        if end > total:
+            return found, f"the tar ends early ({total} bytes, a member at byte {start} needs {end})"
+        record_start = start if record_start is None else record_start
+        if kind in (b"x", b"g", b"L"):
+            data = _read(fh, size, url)
+            fh.seek(end)
+            long_name = (_pax_path(data) or long_name) if kind != b"L" else data.rstrip(b"\0").decode()
+            continue
+        fh.seek(end)
+        name, begin = long_name or _name(header), record_start
+        long_name, record_start = None, None
+        match = _KEY.match(name) if kind in (b"0", b"\0") else None
+        if match is None:
+            continue
+        key = match.group(1)
+        if found and found[-1][0] == key:
+            found[-1] = (key, found[-1][1], end)
+        else:
+            found.append((key, begin, end))
+
+
+def read_sample(fh: BinaryIO, url: str, start: int, end: int) -> dict[str, Any]:
+    """The sample in bytes [start, end) of a shard (a range from `scan_samples`): one read per
+    member straight from the file, as `iter_samples` does."""
+    fh.seek(start)
+    sample: dict[str, Any] = {"__url__": url}
+    for name, data in iter_members(fh, url):
+        match = _KEY.match(name)
+        if match is not None:
+            key, ext = match.groups()
+            if sample.setdefault("__key__", key) != key:
+                raise TarFormatError(f"{url}: bytes {start}..{end} hold more than sample {sample['__key__']}")
+            sample[ext] = data
+        if fh.tell() >= end:
+            break
+    if "__key__" not in sample:
+        raise TarFormatError(f"{url}: bytes {start}..{end} hold no sample")
+    return sample
+
+
 def open_shard(url: str) -> BinaryIO:
     """A local file with a large buffer, or an fsspec file for a URL."""
     if "://" in url:
@@ -108,3 +173,11 @@ def open_shard(url: str) -> BinaryIO:
 
         return fsspec.open(url, "rb").open()
     return open(url, "rb", buffering=1 << 20)  # noqa: SIM115 - the caller closes it
+
+
+def open_shard_random(url: str) -> BinaryIO:
+    """A shard for reading samples by range: a 64 KiB buffer locally (a small sample's headers and
+    members come in one read; a large member is read straight into its bytes)."""
+    if "://" in url:
+        return open_shard(url)
+    return open(url, "rb", buffering=1 << 16)  # noqa: SIM115 - the caller closes it

@@ -25,7 +25,7 @@ from stages.extract import runner
 from stages.pack.packer import PackConfig, run_pack
 from stages.train import train
 from stages.train.align import spatial_normalize
-from stages.train.data import DecodeSamples, SkipLog, collate
+from stages.train.data import DecodeSamples, collate
 from stages.train.step import StepConfig, prepare_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -86,7 +86,7 @@ def _batch_from_shard(shards: Path, norms: bool) -> tuple[list[int], dict]:
     """A shard's samples decoded and collated by the loader's own stages, on the CPU."""
     index = read_index(shards)
     encoders = {e["name"]: e for e in index["encoders"]}
-    decode = DecodeSamples(encoders, "stop", SkipLog(), norms=norms)
+    decode = DecodeSamples(encoders, norms=norms)
     with open_shard(str(shards / index["shards"][0]["name"])) as fh:
         samples = list(iter_samples(fh, "shard-0"))
     decoded = [decode.decode(s) | {"skipped": []} for s in samples]

@@ -1,5 +1,4 @@
-"""What a review found: the conv projector's kernel as a setting, the loader's skip log as explicit
-state, no schema-v1 "fusion" setting, one definition of each help default, preset table and format
+"""What a review found: the conv projector's kernel as a setting, a cut shard read by random access, no schema-v1 "fusion" setting, one definition of each help default, preset table and format
 rule."""
 
 from __future__ import annotations
@@ -14,9 +13,10 @@ from helpers import tiny_train_config as tiny
 from safetensors.torch import load_file
 
 from cache_schema import RunDir, read_index
+from cache_schema.tars import iter_samples, open_shard
 from pipeline.cli import main as cli_main
 from stages.train import train
-from stages.train.data import DecodeSamples, ReadShards, SkipLog
+from stages.train.data import CorruptSample, ShardFiles
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,30 +63,30 @@ def _truncated_copy(src: Path, dst: Path) -> str:
     return str(dst)
 
 
-def test_two_streams_never_report_each_others_skips(shards: Path, tmp_path: Path) -> None:
-    """A stream whose last shard is unreadable keeps that message to itself: another stream in the
-    same process (the next segment, the latents-only twin) does not report it as its own."""
+def test_a_cut_shard_keeps_its_whole_samples_and_names_the_rest(shards: Path, tmp_path: Path) -> None:
+    """Random access into a cut tar: the samples before the cut read as they are, a sample past it
+    is named with the shard and the reason (what on_corrupt stops on or skips)."""
     index = read_index(shards)
-    encoders = {e["name"]: e for e in index["encoders"]}
-    good = str(shards / index["shards"][0]["name"])
-    bad = _truncated_copy(shards / index["shards"][1]["name"], tmp_path / "cut.tar")
+    good = shards / index["shards"][0]["name"]
+    whole = good.read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(whole[: len(whole) * 2 // 3])  # cut inside a later sample
     with pytest.raises(tarfile.ReadError):
-        tarfile.open(bad).getmembers()  # the bad case is real: the tar is cut
-
-    def stream(urls: list[str]):
-        skips = SkipLog()
-        shards_in = ({"url": u} for u in urls)
-        return skips, DecodeSamples(encoders, "skip", skips)(ReadShards("skip", skips)(shards_in))
-
-    skips_a, a = stream([good, bad])
-    assert len(list(a)) == 8  # the good shard's samples; the cut shard is dropped at the end
-    assert len(skips_a.pending) == 1 and "cut.tar is unreadable" in skips_a.pending[0]
-    _, b = stream([good])
-    assert all(sample["skipped"] == [] for sample in b)
-    # within one stream the message rides along with the next good sample
-    skips_c, c = stream([bad, good])
-    samples = list(c)
-    assert "cut.tar is unreadable" in samples[0]["skipped"][0] and skips_c.pending == []
+        tarfile.open(cut).getmembers()  # the bad case is real: the tar is cut
+    with open_shard(str(good)) as fh:
+        samples = list(iter_samples(fh, str(good)))
+    files = ShardFiles([str(good), str(cut)])
+    try:
+        assert [files.read(0, i) for i in range(len(samples))] == samples  # one read each, same bytes
+        first = files.read(1, 0)
+        assert first["__key__"] == samples[0]["__key__"] and first["latent.npy"] == samples[0]["latent.npy"]
+        with pytest.raises(
+            CorruptSample,
+            match=rf"shard cut.tar sample #{len(samples) - 1} is unreadable: the tar ends early",
+        ):
+            files.read(1, len(samples) - 1)
+    finally:
+        files.close()
 
 
 # --------------------------------------------------------------------------- no "fusion" setting

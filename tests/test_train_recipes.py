@@ -63,7 +63,7 @@ def test_batches_after_the_switch_carry_no_target_bytes(shards: Path) -> None:
 
     layout = cache_schema.read_index(shards)
     setup = RunSetup(layout, cache_schema.encoder_entries(layout), {"dino": 0.5, "sam2": 0.5}, None)
-    full, lean = loader_specs(tiny(shards, shards / "unused"), setup, segment_steps=4, pin=False)
+    full, lean = loader_specs(tiny(shards, shards / "unused"), setup, pin=False)
     full.num_workers = lean.num_workers = 2
     stream = D.iterate_steps(full, 0, lean=lean, switch_after=3)
     try:
@@ -165,7 +165,7 @@ def test_device_prefetch_copies_on_a_side_stream_and_matches_the_cpu(shards: Pat
 
     layout = cache_schema.read_index(shards)
     setup = RunSetup(layout, cache_schema.encoder_entries(layout), {"dino": 0.5, "sam2": 0.5}, None)
-    full, _ = loader_specs(tiny(shards, shards / "unused"), setup, segment_steps=4, pin=True)
+    full, _ = loader_specs(tiny(shards, shards / "unused"), setup, pin=True)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     prefetch = D.DevicePrefetch(D.iterate_steps(full, 0), cuda)
     plain = D.iterate_steps(full, 0)

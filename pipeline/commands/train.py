@@ -203,6 +203,7 @@ def _resume_base(out: str | None, config_file, overrides) -> dict:
     previous.pop("vae_spec", None)
     previous.pop("model_family", None)  # recorded from the model built, not a setting
     previous.pop("shards_index", None)  # what the run read last: compared on resume, not a setting
+    previous.pop("world_size", None)  # the ranks batch_size was per: compared on resume, not a setting
     return previous
 
 

@@ -24,7 +24,8 @@ TIME_SCHEDULES = ("uniform", "logit_normal")
 PRECISIONS = ("bf16", "fp32")
 
 # What a resumed run must keep: the weights, the optimizer state or the data order depend on it.
-# Everything else (steps, logging, workers, device, lr, ...) may change on --resume.
+# Everything else (steps, logging, workers, device, lr, ...) may change on --resume. The global
+# batch (batch_size x ranks) is kept too, by resume_batch_size: the number of ranks may change.
 RESUME_FIXED = (
     "model",
     "class_dropout",
@@ -41,7 +42,6 @@ RESUME_FIXED = (
     "time_mean",
     "time_std",
     "prediction",
-    "batch_size",
     "grad_accum",
     "seed",
     "shuffle_buffer",
@@ -100,7 +100,7 @@ class TrainConfig:
     seed: int = 0
     # data
     num_workers: int = 4
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000  # samples shuffled together: windows of each epoch's shard-permuted order
     on_corrupt: str = "stop"
     # bookkeeping
     log_every: int = 100
@@ -220,6 +220,34 @@ def steps_below_resume(steps: int, start: int) -> str | None:
         f"steps: --steps {steps} is below the run's current step {start}; a resume trains up to --steps, "
         f"so pass --steps {start} or more (the run was not changed)"
     )
+
+
+def resume_batch_size(previous: dict[str, Any], batch_size: int, world_size: int) -> int:
+    """The per-rank batch of a resume on `world_size` ranks: the run's global batch (its batch_size
+    x the ranks it ran on; a config without `world_size` predates elastic resume and keeps its
+    per-rank batch) divided by the ranks now. `batch_size` is the value asked for now (the run's
+    own unless a flag changed it): a value that keeps the global batch is taken as it is."""
+    old = int(previous.get("batch_size", batch_size))
+    old_world = int(previous.get("world_size", world_size))
+    total = old * old_world
+    if batch_size * world_size == total:
+        return batch_size
+    run = f"run: batch_size {old} x {old_world} rank(s) = {total}"
+    if batch_size != old:
+        fits = f"omit --batch-size to train {total // world_size} per rank" if total % world_size == 0 else ""
+        raise ValueError(
+            f"--resume cannot change the global batch ({run}, now: batch_size {batch_size} x {world_size} "
+            f"rank(s) = {batch_size * world_size}): the data order depends on it. "
+            + (fits.capitalize() if fits else f"Resume on a number of ranks that divides {total}")
+        )
+    if total % world_size:
+        ranks = [n for n in range(1, total + 1) if total % n == 0]
+        raise ValueError(
+            f"--resume on {world_size} rank(s) cannot keep the run's global batch of {total} samples "
+            f"({run}): {total} does not divide by {world_size}. Resume on a number of ranks that divides "
+            f"it ({', '.join(map(str, ranks[:8]))}{', ...' if len(ranks) > 8 else ''})"
+        )
+    return total // world_size
 
 
 def _names_in(value: float | str) -> list[str]:

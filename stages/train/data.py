@@ -1,59 +1,53 @@
-"""Shards -> batches: a deterministic, resumable, checksummed WebDataset stream (schema v2).
+"""Shards -> batches: a global sample order that does not depend on the number of ranks or
+loader workers, read by random access into the WebDataset tars, checksummed (schema v2).
 
-Why segments: a resampled WebDataset stream has no cheap "seek". Training is cut into segments
-of `segment_steps` optimizer steps; the stream of segment k is a pure function of (seed, k,
-rank, worker). Resuming at step s rebuilds segment s // segment_steps and skips the batches
-already consumed inside it, so N steps + resume + N steps sees exactly the batches of 2N
-straight steps. Once alignment ends (`--align-until`), the stream switches to the
-latents-only shard set, which holds the same samples in the same shards and order, so the
-switch (and a resume on either side of it) keeps the sample sequence.
+Why a global order (elastic resume): epoch e visits every sample of the shard set once, in a
+seeded order that depends only on (seed, e, the shards' sample counts, shuffle_buffer): the shards
+in a seeded permutation, then each window of `shuffle_buffer` consecutive samples shuffled (a
+shuffle buffer that needs no stream state, as Mosaic streaming's block shuffle). The epochs follow
+each other as one endless sequence of positions. Global micro-batch j is positions [j G, (j+1) G)
+with G = batch_size x world_size (per-rank batch times ranks: the global batch), and rank r takes
+the r-th slice of batch_size positions. A checkpoint records the position (samples consumed), so a
+run resumed on any number of ranks whose per-rank batch keeps G continues the same sequence of
+global batches: no sample is seen twice or skipped within an epoch. A rank reads only its own
+samples: each shard's sample byte ranges are found once from its tar headers, then a sample is one
+read. Loader worker w of W makes micro-batches j = w, w + W, ... and the DataLoader hands them out
+round-robin, so the number of workers does not change the batches either. Once alignment ends
+(`--align-until`), the stream switches to the latents-only shard set, which holds the same samples
+in the same shards and order, so positions mean the same samples on both sides of the switch.
 
 Samples stay compact all the way to the device: latents as float16, targets as their stored
 format (float16, int8 or packed int4 plus scales); the trainer dequantises on the device. Every
 sample's crc32 is checked as it is decoded (the bytes are already in hand): a corrupt sample
-stops the run naming its shard and key, or with `on_corrupt="skip"` is dropped and reported.
+stops the run naming its shard and key, or with `on_corrupt="skip"` is dropped from its batch and
+reported with it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
-import random
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
-import webdataset as wds
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cache_schema import constants as C
 from cache_schema.checksum import verify_checksum
-from cache_schema.tars import TarFormatError, iter_samples, open_shard
+from cache_schema.tars import TarFormatError, open_shard_random, read_sample, scan_samples
 from stages.common.runtime import close_loader, worker_init
+
+ORDER = "global-v1"  # the checkpoint's name for this data order (loader_state)
 
 
 class CorruptSample(ValueError):
     """A shard sample that fails its checksum or cannot be read; names the shard and the key."""
-
-
-class SkipLog:
-    """What one stream dropped under on_corrupt="skip" (unreadable shards, corrupt samples) and has
-    not reported yet. One instance is shared by the stream's ReadShards and DecodeSamples stages
-    (each loader worker holds its own copy of the stream); the messages ride along with the next
-    good sample, so the trainer logs them."""
-
-    def __init__(self) -> None:
-        self.pending: list[str] = []
-
-    def add(self, message: str) -> None:
-        self.pending.append(message)
-
-    def take(self) -> list[str]:
-        taken, self.pending = self.pending, []
-        return taken
 
 
 def derive_seed(*parts: Any) -> int:
@@ -62,57 +56,116 @@ def derive_seed(*parts: Any) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
+def _listed(index: dict[str, Any]) -> list[dict[str, Any]]:
+    return [s for s in index["shards"] if int(s.get("samples", 1)) > 0]
+
+
 def shard_urls(shards: str, index: dict[str, Any]) -> list[str]:
     """Full paths/URLs of the shards listed in index.json."""
-    names = [s["name"] for s in index["shards"] if int(s.get("samples", 1)) > 0]
+    names = [s["name"] for s in _listed(index)]
     if not names:
         raise ValueError(f"{shards}: index.json lists no non-empty shards")
     return [f"{str(shards).rstrip('/')}/{name}" for name in names]
 
 
+def shard_counts(index: dict[str, Any]) -> list[int]:
+    """Samples per shard of `shard_urls`, as index.json records them (the global order's domain)."""
+    return [int(s["samples"]) for s in _listed(index)]
+
+
 @dataclass
 class LoaderSpec:
-    """What the stream depends on; `segment_steps` x `batches_per_step` batches per segment."""
+    """What the batches depend on. The order depends on `counts`, `seed` and `shuffle_buffer`
+    only; `batch_size` x `world_size` is the global micro-batch, `rank` picks this rank's slice."""
 
     urls: list[str]
+    counts: list[int]  # samples per shard, as index.json says
     seed: int
-    batch_size: int
+    batch_size: int  # per rank, per micro-batch
     batches_per_step: int  # gradient accumulation micro-batches per optimizer step
-    segment_steps: int
     encoders: dict[str, dict[str, Any]] = field(default_factory=dict)  # empty: latents only
     norms: bool = False  # also decode the token norms (raw targets for --target-norm spatial)
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000  # samples shuffled together (a window of the shard-permuted order)
     num_workers: int = 0
     pin_memory: bool = False
     on_corrupt: str = "stop"
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
 
 
-def _constant_worker_seed() -> int:
-    # Every rank and worker generates the same shard sequence; the splitters make them disjoint.
-    return 0
+class SampleOrder:
+    """Global position -> (shard, sample within the shard); see the module docstring."""
+
+    def __init__(self, counts: list[int], seed: int, window: int):
+        self.counts = np.asarray(counts, dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
+        self.total, self.seed, self.window = int(self.counts.sum()), seed, max(1, window)
+        if self.total <= 0:
+            raise ValueError("the shard set holds no samples")
+        self._epochs: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def epoch(self, e: int) -> np.ndarray:
+        """Epoch e's global sample ids in visiting order (the last two epochs are cached)."""
+        if e not in self._epochs:
+            rng = np.random.default_rng(derive_seed("order", self.seed, e))
+            shards = rng.permutation(len(self.counts))
+            ids = np.concatenate([np.arange(self.starts[s], self.starts[s] + self.counts[s]) for s in shards])
+            window = np.arange(self.total) // self.window
+            self._epochs[e] = ids[np.lexsort((rng.random(self.total), window))]
+            while len(self._epochs) > 2:
+                self._epochs.popitem(last=False)
+        return self._epochs[e]
+
+    def locate(self, position: int) -> tuple[int, int]:
+        epoch, offset = divmod(position, self.total)
+        sample = int(self.epoch(epoch)[offset])
+        shard = int(np.searchsorted(self.starts, sample, side="right")) - 1
+        return shard, sample - int(self.starts[shard])
 
 
-class SeededShuffle:
-    """A shuffle-buffer stage whose RNG depends on (seed, segment, rank, worker) only.
+class ShardFiles:
+    """Random access to the samples of a shard set in one process: each shard's sample ranges are
+    read once from its headers (`scan_samples`), a few files stay open."""
 
-    A class rather than a closure so DataLoader workers can pickle it under `spawn`.
-    """
+    def __init__(self, urls: list[str], keep_open: int = 8):
+        self.urls, self.keep_open = urls, keep_open
+        self.ranges: dict[int, tuple[list[tuple[str, int, int]], str | None]] = {}
+        self.files: OrderedDict[int, BinaryIO] = OrderedDict()
 
-    def __init__(self, seed: int, segment: int, bufsize: int):
-        self.seed, self.segment, self.bufsize = seed, segment, max(1, bufsize)
+    def _file(self, shard: int) -> BinaryIO:
+        if shard in self.files:
+            self.files.move_to_end(shard)
+        else:
+            self.files[shard] = open_shard_random(self.urls[shard])
+            while len(self.files) > self.keep_open:
+                self.files.popitem(last=False)[1].close()
+        return self.files[shard]
 
-    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
-        rank, _, worker, _ = wds.utils.pytorch_worker_info()
-        rng = random.Random(derive_seed("shuffle", self.seed, self.segment, rank, worker))
-        buf: list[dict] = []
-        for sample in src:
-            buf.append(sample)
-            if len(buf) >= self.bufsize:
-                i = rng.randrange(len(buf))
-                buf[i], buf[-1] = buf[-1], buf[i]
-                yield buf.pop()
-        rng.shuffle(buf)
-        yield from buf
+    def read(self, shard: int, i: int) -> dict[str, Any]:
+        """Sample i of `shard` as {__key__, __url__, ext: bytes}, or CorruptSample naming it."""
+        url = self.urls[shard]
+        name = url.rsplit("/", 1)[-1]
+        try:
+            fh = self._file(shard)
+            if shard not in self.ranges:
+                self.ranges[shard] = scan_samples(fh, url)
+            found, problem = self.ranges[shard]
+            if i >= len(found):
+                why = problem or f"the tar holds {len(found)} samples, fewer than index.json says"
+                raise CorruptSample(f"shard {name} sample #{i} is unreadable: {why}")
+            _, start, end = found[i]
+            return read_sample(fh, url, start, end)
+        except (OSError, TarFormatError) as exc:
+            raise CorruptSample(f"shard {name} is unreadable: {exc}") from None
+
+    def close(self) -> None:
+        for fh in self.files.values():
+            fh.close()
+        self.files.clear()
 
 
 def npy(data: bytes) -> np.ndarray:
@@ -136,17 +189,14 @@ def _where(sample: dict[str, Any]) -> str:
 
 
 class DecodeSamples:
-    """Verify each sample's crc32 and decode it to compact arrays (a pipeline stage).
+    """Verify a sample's crc32 and decode it to compact arrays.
 
     `encoders` are the layout entries of the targets to decode (none: latents only); with `norms`,
-    the token norms of encoders that store them are decoded too. Corrupt samples raise
-    CorruptSample, or with on_corrupt="skip" are dropped and their keys ride along with the next
-    good sample ("skipped", through the stream's SkipLog) so the trainer can log them."""
+    the token norms of encoders that store them are decoded too. A corrupt sample raises
+    CorruptSample naming its shard and key."""
 
-    def __init__(
-        self, encoders: dict[str, dict[str, Any]], on_corrupt: str, skips: SkipLog, norms: bool = False
-    ):
-        self.encoders, self.on_corrupt, self.skips, self.norms = encoders, on_corrupt, skips, norms
+    def __init__(self, encoders: dict[str, dict[str, Any]], norms: bool = False):
+        self.encoders, self.norms = encoders, norms
 
     def decode(self, sample: dict[str, Any]) -> dict[str, Any]:
         problem = verify_checksum(sample)
@@ -165,40 +215,13 @@ class DecodeSamples:
         cls = sample.get(C.SAMPLE_CLASS)
         label = -1 if cls is None else int(cls.decode() if isinstance(cls, bytes) else cls)
         target_bytes = sum(a.nbytes for parts in targets.values() for a in parts if a is not None)
-        return {"latent": latent, "targets": targets, "label": label, "target_bytes": target_bytes}
-
-    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
-        for sample in src:
-            try:
-                decoded = self.decode(sample)
-            except CorruptSample as exc:
-                if self.on_corrupt == "stop":
-                    raise
-                self.skips.add(str(exc))
-                continue
-            decoded["skipped"] = self.skips.take()
-            yield decoded
-
-
-class ReadShards:
-    """Shard URLs -> samples, with our fast tar reader (cache_schema.tars). An unreadable or
-    truncated tar stops the run naming the shard, or with on_corrupt="skip" is reported and the
-    stream goes on with the next shard."""
-
-    def __init__(self, on_corrupt: str, skips: SkipLog):
-        self.on_corrupt, self.skips = on_corrupt, skips
-
-    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
-        for shard in src:
-            url = shard["url"]
-            try:
-                with open_shard(url) as fh:
-                    yield from iter_samples(fh, url)
-            except (OSError, TarFormatError) as exc:
-                message = f"shard {url.rsplit('/', 1)[-1]} is unreadable: {exc}"
-                if self.on_corrupt == "stop":
-                    raise CorruptSample(message) from None
-                self.skips.add(message)
+        return {
+            "latent": latent,
+            "targets": targets,
+            "label": label,
+            "target_bytes": target_bytes,
+            "key": str(sample.get("__key__")),
+        }
 
 
 TARGET_ROLES = ("values", "scales", "norms")  # a decoded target: (values, scales | None, norms | None)
@@ -241,7 +264,8 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "layout": layout,
         "batch_size": n,
         "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
-        "skipped": [k for s in samples for k in s["skipped"]],
+        "skipped": [k for s in samples for k in s.get("skipped", [])],
+        "keys": [s.get("key") for s in samples],
         "target_bytes": sum(s["target_bytes"] for s in samples),
     }
 
@@ -278,34 +302,56 @@ _TORCH_DTYPES = {
 }
 
 
-def build_dataset(spec: LoaderSpec, segment: int) -> wds.DataPipeline:
-    """The infinite sample stream of one segment."""
-    skips = SkipLog()  # what ReadShards drops is reported by DecodeSamples with the next sample
-    return wds.DataPipeline(
-        wds.ResampledShards(
-            spec.urls,
-            seed=derive_seed("shards", spec.seed, segment),
-            worker_seed=_constant_worker_seed,
-            deterministic=True,
-        ),
-        wds.split_by_node,
-        wds.split_by_worker,
-        ReadShards(spec.on_corrupt, skips),
-        SeededShuffle(spec.seed, segment, spec.shuffle_buffer),
-        DecodeSamples(spec.encoders, spec.on_corrupt, skips, spec.norms),
-        wds.batched(spec.batch_size, collation_fn=collate, partial=False),
-    )
+class RankBatches(IterableDataset):
+    """This rank's micro-batches from global micro-batch `start` on (see the module docstring).
+
+    Under on_corrupt="skip" a corrupt sample is dropped from its batch (the batch is smaller) and
+    its message rides with the batch ("skipped"); a slice whose every sample is corrupt takes this
+    rank's slice of the next global batch instead (those samples then come twice)."""
+
+    def __init__(self, spec: LoaderSpec, start: int):
+        self.spec, self.start = spec, start
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        spec = self.spec
+        order = SampleOrder(spec.counts, spec.seed, spec.shuffle_buffer)
+        files, decode = ShardFiles(spec.urls), DecodeSamples(spec.encoders, spec.norms)
+        try:
+            for j in itertools.count(self.start + worker, workers):
+                yield self._batch(j, order, files, decode)
+        finally:
+            files.close()
+
+    def _batch(self, j: int, order: SampleOrder, files: ShardFiles, decode: DecodeSamples) -> dict[str, Any]:
+        samples, skipped, ahead = [], [], j
+        while not samples:
+            if (ahead - j) * self.spec.global_batch > order.total:
+                raise CorruptSample(f"every sample of an epoch is corrupt ({skipped[0]})")
+            first = ahead * self.spec.global_batch + self.spec.rank * self.spec.batch_size
+            for position in range(first, first + self.spec.batch_size):
+                try:
+                    samples.append(decode.decode(files.read(*order.locate(position))))
+                except CorruptSample as exc:
+                    if self.spec.on_corrupt == "stop":
+                        raise
+                    skipped.append(str(exc))
+            ahead += 1
+        batch = collate(samples)
+        batch["skipped"], batch["position"] = skipped, j * self.spec.global_batch
+        return batch
 
 
-def build_loader(spec: LoaderSpec, segment: int) -> DataLoader:
-    """A DataLoader over one segment's stream; batches come from the workers in a fixed order."""
+def build_loader(spec: LoaderSpec, start: int = 0) -> DataLoader:
+    """A DataLoader of this rank's micro-batches from global micro-batch `start` on."""
     return DataLoader(
-        build_dataset(spec, segment),
+        RankBatches(spec, start),
         batch_size=None,
         num_workers=spec.num_workers,
         pin_memory=spec.pin_memory,
         # A private generator keeps the loader from consuming the global torch RNG.
-        generator=torch.Generator().manual_seed(derive_seed("loader", spec.seed, segment)),
+        generator=torch.Generator().manual_seed(derive_seed("loader", spec.seed, start)),
         worker_init_fn=worker_init if spec.num_workers > 0 else None,
         persistent_workers=False,
         prefetch_factor=4 if spec.num_workers > 0 else None,
@@ -318,24 +364,54 @@ def iterate_steps(
     """Yield, for step = start_step + 1, ..., the micro-batches of that optimizer step.
 
     With `lean` and `switch_after`, steps after `switch_after` read the `lean` (latents-only)
-    stream instead. Workers are shut down when the generator is closed (call `.close()`)."""
+    shards instead, at the same positions. Workers are shut down when the generator is closed
+    (call `.close()`)."""
     step, current, it = start_step, None, None
     try:
         while True:
             use = lean if (lean is not None and switch_after is not None and step >= switch_after) else spec
-            segment = step // spec.segment_steps
-            if current != (id(use), segment):
+            if use is not current:
                 if it is not None:
                     close_loader(it)
-                it = iter(build_loader(use, segment))
-                current = (id(use), segment)
-                for _ in range((step - segment * spec.segment_steps) * spec.batches_per_step):
-                    next(it)  # replay the part of the segment consumed before a resume or switch
+                it = iter(build_loader(use, step * spec.batches_per_step))
+                current = use
             yield [next(it) for _ in range(spec.batches_per_step)]
             step += 1
     finally:
         if it is not None:
             close_loader(it)
+
+
+def loader_state(spec: LoaderSpec, step: int) -> dict[str, Any]:
+    """The data position a checkpoint of `step` records (train_state.pt "loader")."""
+    position = step * spec.batches_per_step * spec.global_batch
+    total = sum(spec.counts)
+    return {
+        "order": ORDER,
+        "seed": spec.seed,
+        "position": position,  # samples consumed by all ranks together
+        "epoch": position // total,
+        "samples_per_epoch": total,
+        "global_batch": spec.global_batch,
+        "world_size": spec.world_size,
+    }
+
+
+def resumed_position(saved: dict[str, Any], spec: LoaderSpec, step: int) -> str | None:
+    """Why a checkpoint's loader position cannot continue this stream at `step` (None: it does).
+    A checkpoint written before the global order (no "order") resumes at step x global batch; a
+    shard set that changed since (another samples_per_epoch) continues at the same position, as the
+    trainer warns."""
+    if saved.get("order") != ORDER:
+        return None
+    expected = loader_state(spec, step)
+    for key in ("position", "global_batch"):
+        if int(saved.get(key, -1)) != expected[key]:
+            return (
+                f"the checkpoint's loader {key} is {saved.get(key)}, but step {step} of this run means "
+                f"{expected[key]}"
+            )
+    return None
 
 
 class DevicePrefetch:
@@ -373,6 +449,11 @@ class DevicePrefetch:
         self.steps.close()
 
 
-def latents_only(spec: LoaderSpec, lean_urls: list[str]) -> LoaderSpec:
-    """The same stream over the latents-only shard set."""
+def latents_only(spec: LoaderSpec, lean_urls: list[str], lean_counts: list[int]) -> LoaderSpec:
+    """The same stream over the latents-only shard set (same samples per shard: same positions)."""
+    if lean_counts != spec.counts:
+        raise ValueError(
+            f"the latents-only shards ({lean_urls[0].rsplit('/', 2)[0]}) hold {sum(lean_counts)} samples in "
+            f"{len(lean_counts)} shards, the full set {sum(spec.counts)} in {len(spec.counts)}: pack them again"
+        )
     return replace(spec, urls=lean_urls, encoders={})

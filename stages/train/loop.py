@@ -10,6 +10,7 @@ and the loader switches to the latents-only shards.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from dataclasses import dataclass, field, replace
@@ -29,13 +30,26 @@ from stages.common.progress import tqdm
 
 from .align import alignment_active, parse_lambdas, schedule_weight
 from .compiled import compile_state
-from .config import TrainConfig, resume_changes, steps_below_resume
-from .data import DevicePrefetch, LoaderSpec, derive_seed, iterate_steps, latents_only, shard_urls
+from .config import TrainConfig, resume_batch_size, resume_changes, steps_below_resume
+from .data import (
+    DevicePrefetch,
+    LoaderSpec,
+    iterate_steps,
+    latents_only,
+    loader_state,
+    resumed_position,
+    shard_counts,
+    shard_urls,
+)
 from .evaluation import EvalSettings, PeriodicEval
 from .lr import build_lr_scheduler, match_groups, restore_lr_scheduler
 from .report import RunLogger, write_samples
 from .state import TrainState, build_state, drop_alignment, load_state, save_state, wrap_ddp
 from .step import NonFiniteLoss, StepConfig, prepare_batch, train_step
+
+# Set to 1 to log, in each log.jsonl row, the sample keys of every global micro-batch since the
+# last row ("sample_keys"): how the tests check the global order. Costs one gather per step.
+SAMPLE_KEYS_ENV = "ALIGN4GEN_LOG_SAMPLE_KEYS"
 
 
 @dataclass
@@ -48,6 +62,7 @@ class RunSetup:
     resume_from: Path | None
     notes: list[str] = field(default_factory=list)
     shards_index: dict[str, Any] = field(default_factory=dict)  # readers.index_summary at the start
+    batch_size: int | None = None  # per rank: a resume on another number of ranks keeps the global batch
 
     @property
     def aligns(self) -> bool:
@@ -94,7 +109,7 @@ def check_cache(cfg: TrainConfig) -> RunSetup:
         check_raw_tokens(cfg.shards, encoders)
     lambdas = parse_lambdas(cfg.align_lambda, list(encoders))
     run = RunDir(cfg.out)
-    resume_from, previous = None, {}
+    resume_from, previous, batch_size = None, {}, None
     if cfg.resuming:
         previous = run.require().read_config()
         recorded = previous.get("expect_fingerprint")
@@ -106,6 +121,7 @@ def check_cache(cfg: TrainConfig) -> RunSetup:
                 f"--resume cannot change {changed[0]}: the weights and optimizer state depend on it. "
                 "Resume with the run's own settings (omit the flag) or start a new run with another --out"
             )
+        batch_size = resume_batch_size(previous, cfg.batch_size, runtime.env_rank()[1])
         resume_from = resume_checkpoint(cfg)
         below = steps_below_resume(cfg.steps, checkpoint_step(resume_from))
         if below:
@@ -122,7 +138,7 @@ def check_cache(cfg: TrainConfig) -> RunSetup:
         )
         if runtime.env_rank()[0] == 0:
             print(f"warning: {notes[-1]}", file=sys.stderr)
-    return RunSetup(layout, encoders, lambdas, resume_from, notes, summary)
+    return RunSetup(layout, encoders, lambdas, resume_from, notes, summary, batch_size)
 
 
 def hold_shards(cfg: TrainConfig) -> ShardReader:
@@ -198,31 +214,35 @@ def _bases(cfg: TrainConfig, setup: RunSetup, device: torch.device) -> dict[str,
 
 
 def loader_specs(
-    cfg: TrainConfig, setup: RunSetup, segment_steps: int, pin: bool
+    cfg: TrainConfig, setup: RunSetup, pin: bool, rank: int = 0, world_size: int = 1
 ) -> tuple[LoaderSpec, LoaderSpec]:
-    """The full stream (targets of the chosen encoders) and its latents-only twin."""
+    """The full stream (targets of the chosen encoders) and its latents-only twin, for `rank`."""
     full = LoaderSpec(
         urls=shard_urls(cfg.shards, setup.layout),
+        counts=shard_counts(setup.layout),
         seed=cfg.seed,
         batch_size=cfg.batch_size,
         batches_per_step=cfg.grad_accum,
-        segment_steps=segment_steps,
         encoders=setup.encoders if setup.encoders else {},
         norms=cfg.target_norm == "spatial",
         shuffle_buffer=cfg.shuffle_buffer,
         num_workers=cfg.num_workers,
         pin_memory=pin,
         on_corrupt=cfg.on_corrupt,
+        rank=rank,
+        world_size=world_size,
     )
     lean_info = setup.layout.get("latents_only")
     if not lean_info:
         return full, replace(full, encoders={})
     lean_dir = f"{cfg.shards.rstrip('/')}/{lean_info['dir']}"
-    return full, latents_only(full, shard_urls(lean_dir, cache_schema.read_index(lean_dir)))
+    lean_index = cache_schema.read_index(lean_dir)
+    return full, latents_only(full, shard_urls(lean_dir, lean_index), shard_counts(lean_index))
 
 
-def run_config(cfg: TrainConfig, setup: RunSetup, state: TrainState) -> dict[str, Any]:
-    """RUN/config.yaml: the resolved config plus the shards' VAE spec (what sampling decodes with)."""
+def run_config(cfg: TrainConfig, setup: RunSetup, state: TrainState, world_size: int = 1) -> dict[str, Any]:
+    """RUN/config.yaml: the resolved config plus the shards' VAE spec (what sampling decodes with)
+    and the number of ranks `batch_size` is per (their product is the global batch a resume keeps)."""
     resolved = replace(
         cfg,
         encoders=list(setup.encoders),
@@ -235,6 +255,7 @@ def run_config(cfg: TrainConfig, setup: RunSetup, state: TrainState) -> dict[str
     return {
         **runtime.config_to_dict(resolved),
         "model_family": state.adapter.family,
+        "world_size": world_size,
         "vae_spec": vae,
         "shards_index": setup.shards_index,
     }
@@ -277,27 +298,40 @@ def _start(cfg: TrainConfig, setup: RunSetup, info: runtime.DistInfo) -> tuple[T
     # the first step after --align-until), so a resume at the final step still loads it
     with_head = alignment_active(max(start, 1), cfg.align_until)
     dims = {n: int(e["dim"]) for n, e in setup.encoders.items()}
-    state = build_state(cfg, setup.layout, dims, setup.lambdas, info.device, info.rank, with_head)
+    state = build_state(cfg, setup.layout, dims, setup.lambdas, info.device, with_head)
     state.lr_scheduler = build_lr_scheduler(state.optimizer, cfg.lr_schedule, cfg.lr_warmup, cfg.steps)
     saved: dict[str, Any] = {}
     if setup.resume_from is not None:
         saved = _load(RunDir(cfg.out), setup.resume_from, state)
         restore_lr_scheduler(state.lr_scheduler, saved.get("lr_scheduler"), state.step, cfg.lr)
         noise = saved.get("rng", {}).get("noise", [])
-        if len(noise) == info.world_size:
-            state.gen.set_state(noise[info.rank])
-        else:
-            state.gen.manual_seed(derive_seed("noise", cfg.seed, info.rank, state.step))
-            setup.notes.append(
-                f"resumed on {info.world_size} ranks from {len(noise)}; noise streams reseeded, and the "
-                "data order restarts on the new split of shards across ranks (not the uninterrupted order)"
-            )
+        if noise:  # every rank's generator is in the same state (step.py draws for the global batch)
+            state.gen.set_state(noise[0])
+        setup.notes.extend(resume_notes(saved.get("loader", {}), cfg, info))
         torch.set_rng_state(saved["rng"]["torch"])
     if cfg.compile:
         compile_state(state)
     if info.distributed:
         wrap_ddp(state, info.device)
     return state, saved
+
+
+def resume_notes(loader: dict[str, Any], cfg: TrainConfig, info: runtime.DistInfo) -> list[str]:
+    """What a resume says about its data order: elastic (another number of ranks) or older."""
+    if "position" not in loader:
+        return [
+            "this checkpoint predates the global data order: the batches from here on follow it, not the "
+            "order the run read before"
+        ]
+    before = int(loader.get("world_size", info.world_size))
+    if before == info.world_size:
+        return []
+    return [
+        f"resumed on {info.world_size} rank(s) from {before}: the global batch stays {loader['global_batch']} "
+        f"({cfg.batch_size} per rank) and the data order continues exactly at sample {loader['position']} "
+        f"(epoch {loader['epoch']}); the weights follow an uninterrupted run up to floating-point "
+        "reduction order"
+    ]
 
 
 def _load(run: RunDir, folder: Path, state: TrainState) -> dict[str, Any]:
@@ -322,12 +356,12 @@ def _disk_full_message(run: RunDir, exc: OSError) -> str:
 
 
 def _checkpoint(
-    run: RunDir, cfg: TrainConfig, state: TrainState, info, segment_steps: int, config: dict
+    run: RunDir, cfg: TrainConfig, state: TrainState, info, loader: LoaderSpec, config: dict
 ) -> None:
     noise = runtime.all_gather_objects(state.gen.get_state())
     extra = {
         "rng": {"noise": noise, "torch": torch.get_rng_state()},
-        "loader": {"seed": cfg.seed, "segment_steps": segment_steps, "world_size": info.world_size},
+        "loader": loader_state(loader, state.step),
         "config": json.dumps(config),
         "lr_scheduler": state.lr_scheduler.state_dict(),
     }
@@ -349,12 +383,13 @@ def _checkpoint(
 def _train(cfg: TrainConfig, info: runtime.DistInfo, progress: bool) -> dict[str, Any]:
     run = RunDir(cfg.out)
     setup = check_cache(cfg)
+    cfg = replace(cfg, batch_size=setup.batch_size or cfg.batch_size)
     lock = runtime.run_on_main(lambda: claim_run(cfg))
     reader = None
     try:
         reader = hold_shards(cfg)
         state, saved = _start(cfg, setup, info)
-        config = run_config(cfg, setup, state)
+        config = run_config(cfg, setup, state, info.world_size)
         if info.is_main:
             run.write_config(config)
             run.truncate_log(state.step)
@@ -383,6 +418,8 @@ def step_config(cfg: TrainConfig, setup: RunSetup, info: runtime.DistInfo) -> St
         time_mean=cfg.time_mean,
         time_std=cfg.time_std,
         world_size=info.world_size,
+        rank=info.rank,
+        batch_size=cfg.batch_size,
     )
 
 
@@ -395,7 +432,7 @@ class Loop:
     info: runtime.DistInfo
     run: RunDir
     config: dict[str, Any]
-    segment_steps: int
+    loader: LoaderSpec
     batches: DevicePrefetch
     step_cfg: StepConfig
     logger: RunLogger
@@ -412,6 +449,8 @@ class Loop:
         weights = _weights(cfg, self.setup, state, step)
         measure = state.head is not None and self.log_now(step)
         raw = next(self.batches)
+        if os.environ.get(SAMPLE_KEYS_ENV) == "1":
+            self.logger.sample_keys.extend(global_keys(raw))
         batches = [prepare_batch(b, self.step_cfg, with_targets=weights is not None or measure) for b in raw]
         try:
             metrics = train_step(
@@ -449,7 +488,7 @@ class Loop:
             self.logger.restart_clock()
         if step % cfg.checkpoint_every == 0 or step == cfg.steps or metrics.stop_requested:
             runtime.run_on_main(lambda: check_shards_unchanged(cfg, self.setup, step, self.run))
-            _checkpoint(self.run, cfg, state, self.info, self.segment_steps, self.config)
+            _checkpoint(self.run, cfg, state, self.info, self.loader, self.config)
             self.logger.restart_clock()
         return row
 
@@ -462,10 +501,18 @@ class Loop:
         return scores
 
 
+def global_keys(raw: list[dict[str, Any]]) -> list[list[str]]:
+    """The sample keys of each of this step's global micro-batches: every rank's slice, in rank order."""
+    everyone = runtime.all_gather_objects([b["keys"] for b in raw])
+    return [[k for rank in everyone for k in rank[m]] for m in range(len(raw))]
+
+
 def _start_loop(cfg, setup: RunSetup, state: TrainState, saved: dict, config: dict, info) -> Loop:
     run, device = RunDir(cfg.out), info.device
-    segment_steps = int(saved.get("loader", {}).get("segment_steps", cfg.checkpoint_every))
-    full, lean = loader_specs(cfg, setup, segment_steps, pin=device.type == "cuda")
+    full, lean = loader_specs(cfg, setup, device.type == "cuda", info.rank, info.world_size)
+    problem = resumed_position(saved.get("loader", {}), full, state.step)
+    if problem is not None:
+        raise cache_schema.RunError(f"{setup.resume_from}: {problem}; resume from another checkpoint")
     batches = DevicePrefetch(iterate_steps(full, state.step, lean=lean, switch_after=cfg.align_until), device)
     logger = RunLogger(run, info.is_main, cfg.batch_size * cfg.grad_accum * info.world_size, state.step,
                        cfg.report_to, config)  # fmt: skip
@@ -477,9 +524,7 @@ def _start_loop(cfg, setup: RunSetup, state: TrainState, saved: dict, config: di
                                 cfg.eval_evaluator, cfg.eval_real_stats, cfg.eval_detector_weights, cfg.seed,
                                 cfg.steps)  # fmt: skip
         evaluate = PeriodicEval(settings, vae, device, step_cfg.use_bf16)
-    loop = Loop(
-        cfg, setup, info, run, config, segment_steps, batches, step_cfg, logger, StopFlag(), vae, evaluate
-    )
+    loop = Loop(cfg, setup, info, run, config, full, batches, step_cfg, logger, StopFlag(), vae, evaluate)
     loop.stop.install()
     return loop
 

@@ -30,6 +30,7 @@ class RunLogger:
         self.tracker = make_tracker(report_to, run, start_step, config or {}) if enabled else NoTracker()
         self.skipped: list[str] = []
         self.skipped_total = 0
+        self.sample_keys: list[list[str]] = []  # global micro-batches' keys (loop.SAMPLE_KEYS_ENV)
         self.last_row: dict[str, Any] = {}
         self.reset()
 
@@ -77,6 +78,8 @@ class RunLogger:
         }
         if scores is not None:
             row["eval"] = dict(scores)
+        if self.sample_keys:
+            row["sample_keys"], self.sample_keys = self.sample_keys, []
         if self.enabled:
             self.run.append_log(row)
             self.tracker.log(row)

@@ -1,9 +1,10 @@
 """The training state and how it is built, saved and loaded (torchtitan's "state" in one place).
 
 TrainState holds everything a step changes: the model's adapter (stages/common/models; its
-module is the trained network), its EMA, the alignment head (None
-once alignment has ended, or when it never ran), AdamW, and the per-rank generator of noise,
-timesteps and class dropout. `save_state` / `load_state` write and read a checkpoint folder in
+module is the trained network), its EMA, the alignment head (None once alignment has ended, or
+when it never ran), AdamW, and the generator of noise, timesteps and class dropout (in the same
+state on every rank: each draws for the global micro-batch and keeps its rows, step.py).
+`save_state` / `load_state` write and read a checkpoint folder in
 the run directory's layout (cache_schema.run): a resume restores all of it exactly.
 """
 
@@ -107,7 +108,6 @@ def build_state(
     encoder_dims: dict[str, int],
     lambdas: dict[str, float],
     device: torch.device,
-    rank: int = 0,
     with_head: bool = True,
 ) -> TrainState:
     """A fresh state, identical on every rank (seeded); the head only while alignment runs."""
@@ -138,7 +138,8 @@ def build_state(
     if trainable:
         groups.append({"params": trainable, "name": PROJECTOR_GROUP})
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **_fused(device))
-    gen = torch.Generator(device=device).manual_seed(derive_seed("noise", cfg.seed, rank))
+    # one stream for all ranks; the 0 (once the rank) keeps single-rank runs as they were
+    gen = torch.Generator(device=device).manual_seed(derive_seed("noise", cfg.seed, 0))
     return TrainState(adapter, ema, head, optimizer, gen, align_depth)
 
 

@@ -49,6 +49,8 @@ class StepConfig:
     time_mean: float = 0.0
     time_std: float = 1.0
     world_size: int = 1
+    rank: int = 0
+    batch_size: int = 0  # per rank, nominal (0: each batch's own size); see _global_draw
 
 
 @dataclass
@@ -101,9 +103,21 @@ def prepare_batch(batch: dict[str, Any], cfg: StepConfig, with_targets: bool = T
     return out
 
 
-def _condition(labels: torch.Tensor, conditioning: Conditioning, gen: torch.Generator) -> Condition:
+def _global_draw(cfg: StepConfig, n: int, draw) -> torch.Tensor:
+    """This rank's rows of a draw made for the whole global micro-batch: every rank's generator is
+    in the same state and draws for batch_size x world_size samples, so the noise, times and
+    class dropout of each global position do not depend on the number of ranks (elastic resume)."""
+    per_rank = cfg.batch_size or n
+    start = cfg.rank * per_rank
+    return draw(per_rank * cfg.world_size)[start : start + n]
+
+
+def _condition(
+    labels: torch.Tensor, conditioning: Conditioning, gen: torch.Generator, cfg: StepConfig
+) -> Condition:
     """This micro-batch's condition: class ids (unlabelled -> the null class) with this step's
-    dropout mask, drawn from the step's generator so a resume replays it; empty when unconditional."""
+    dropout mask, drawn from the step's generator (for the global micro-batch, so a resume on any
+    number of ranks replays it); empty when unconditional."""
     if not conditioning.conditional:
         return Condition()
     if conditioning.kind != "class":
@@ -112,19 +126,25 @@ def _condition(labels: torch.Tensor, conditioning: Conditioning, gen: torch.Gene
         )
     null = conditioning.num_classes
     y = torch.where(labels < 0, torch.full_like(labels, null), labels)
-    drop = torch.rand(y.shape[0], generator=gen, device=y.device) < conditioning.dropout
-    return Condition(class_labels=y, drop=drop)
+    u = _global_draw(cfg, y.shape[0], lambda n: torch.rand(n, generator=gen, device=y.device))
+    return Condition(class_labels=y, drop=u < conditioning.dropout)
 
 
 def micro_step(
     state: TrainState, batch: dict[str, Any], cfg: StepConfig, weights: dict[str, float] | None, measure: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Losses of one micro-batch: (total, flow, weighted alignment, cosine per encoder)."""
-    x0, adapter = batch["x0"], state.adapter
-    condition = _condition(batch["label"], adapter.conditioning, state.gen)
-    t = sample_timesteps(x0.shape[0], cfg.time_schedule, state.gen, cfg.device, cfg.time_mean, cfg.time_std)
+    x0, adapter, gen = batch["x0"], state.adapter, state.gen
+    condition = _condition(batch["label"], adapter.conditioning, gen, cfg)
+    t = _global_draw(
+        cfg,
+        x0.shape[0],
+        lambda n: sample_timesteps(n, cfg.time_schedule, gen, cfg.device, cfg.time_mean, cfg.time_std),
+    )
     t = adapter.objective.shift_time(t)
-    eps = torch.randn(x0.shape, generator=state.gen, device=cfg.device)
+    eps = _global_draw(
+        cfg, x0.shape[0], lambda n: torch.randn((n, *x0.shape[1:]), generator=gen, device=cfg.device)
+    )
     depth = state.align_depth if (state.head is not None and (weights is not None or measure)) else None
     with torch.autocast(cfg.device.type, dtype=torch.bfloat16, enabled=cfg.use_bf16):
         out = adapter.forward(state.forward_model, interpolate(x0, eps, t), t, condition, depth)
