@@ -21,7 +21,7 @@ PCA_GROUP = "pca"  # pca/<encoder>/mean [D] and pca/<encoder>/components [k, D],
 PCA_MEAN = "mean"
 PCA_COMPONENTS = "components"
 LABELS = "labels"  # [N] int64, -1 = unlabelled
-VIDEO_INDEX = "video_index"  # [N] int32, index into attrs["sources"]
+VIDEO_INDEX = "video_index"  # [N] int32, index into the `sources` attribute
 START_FRAME = "start_frame"  # [N] int32
 FLIP = "flip"  # [N] uint8, 1 = horizontally mirrored frames (computed from the mirrored pixels)
 VALID = "valid"  # [N] uint8, 0 = clip failed at extraction
@@ -44,11 +44,6 @@ def scales_path(encoder: str) -> str:
 def norms_path(encoder: str) -> str:
     """A store's array of an encoder's token norms (entries with raw_tokens = RAW_FROM_NORMS)."""
     return f"{TARGETS_GROUP}/{encoder}/{TOKEN_NORMS}"
-
-
-def stores_norms(entry: dict) -> bool:
-    """True when an encoder's layout entry keeps its token norms beside the values."""
-    return entry.get(RAW_TOKENS) == RAW_FROM_NORMS
 
 
 STORE_ARRAYS = (LATENTS, LABELS, VIDEO_INDEX, START_FRAME, FLIP, VALID, BLOCK_DONE)

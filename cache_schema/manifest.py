@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import constants as C
+from .layout import encoder_names
 
 _CHUNK_KEYS = r"c(?:/\d+)+"  # zarr v3 default chunk keys: c/0/1/...
 
@@ -45,8 +46,8 @@ def _group(path: str) -> tuple[list[str], list[str]]:
 def _store_encoders(root: Path) -> str:
     """A pattern of the store's encoder names, from its own root metadata (any name if unreadable)."""
     try:
-        attrs = json.loads((root / "zarr.json").read_text())["attributes"]
-        return "(?:" + "|".join(re.escape(e["name"]) for e in attrs["encoders"]) + ")"
+        names = encoder_names(json.loads((root / "zarr.json").read_text())["attributes"])
+        return "(?:" + "|".join(re.escape(name) for name in names) + ")"
     except (OSError, ValueError, KeyError, TypeError):
         return r"[^/]+"
 

@@ -170,11 +170,11 @@ def _check_sizes(cfg) -> None:
 def _print_layout(result) -> None:
     click.echo(
         f"clips: {result.num_clips}   blocks: {result.blocks_total}   "
-        f"grid (T,H,W): {tuple(result.layout['grid'])}   latent: {tuple(result.layout['latent_shape'])}"
+        f"grid (T,H,W): {tuple(result.grid)}   latent: {tuple(result.latent_shape)}"
     )
     rows = [
-        (e["name"], e["dim"], e["format"], e["stored_dim"], e["time_frames"], "yes" if e["pca"] else "no")
-        for e in result.layout["encoders"]
+        (e.name, e.dim, e.format, e.stored_dim, e.time_frames, "yes" if e.pca else "no")
+        for e in result.encoders
     ]
     print_table(["encoder", "dim", "format", "stored dim", "time frames", "pca"], rows)
     if result.skipped:

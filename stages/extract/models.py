@@ -19,6 +19,7 @@ import torch
 
 from cache_schema import constants as C
 from cache_schema import formats
+from cache_schema.layout import EncoderEntry
 from stages.common import registry as R
 from stages.common.encoders import VideoMAEEncoder, load_encoder
 from stages.common.resample import (
@@ -65,22 +66,9 @@ class TargetPlan:
         """How a reader rebuilds the raw (unnormalised) tokens: stored norms, or the values themselves."""
         return C.RAW_IN_VALUES if self.native else C.RAW_FROM_NORMS
 
-    def entry(self) -> dict[str, Any]:
-        layout = formats.stored_layout(self.format, self.stored_dim)
-        values, scales = layout["values"], layout["scales"]
-        return {
-            "name": self.name,
-            "id": self.id,
-            "dim": self.dim,
-            "input_size": self.input_size,
-            "format": self.format,
-            "time_frames": self.time_frames,
-            "stored_dim": self.stored_dim,
-            "values": [values[0], values[1]],
-            "scales": None if scales is None else [scales[0], scales[1]],
-            "pca": self.pca_dims is not None,
-            C.RAW_TOKENS: self.raw_tokens,
-        }
+    def entry(self) -> EncoderEntry:
+        return EncoderEntry.build(self.name, self.dim, self.format, self.time_frames, self.pca_dims,
+                                  self.raw_tokens, id=self.id, input_size=self.input_size)  # fmt: skip
 
     def spec(self, pca_fit_clips: int) -> dict[str, Any]:
         return {

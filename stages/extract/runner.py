@@ -18,10 +18,11 @@ import numpy as np
 import torch
 import zarr
 
-from cache_schema import SCHEMA_VERSION, CacheError, OutputLock, canonical_json, content_fingerprint, formats
+from cache_schema import CacheError, OutputLock, canonical_json, content_fingerprint, formats, store_layout
 from cache_schema import constants as C
 from cache_schema.bases import store_bases
 from cache_schema.integrity import StoreVerifier, block_rows, open_array
+from cache_schema.layout import CacheLayout, EncoderEntry, StoreLayout
 from cache_schema.outputs import (
     check_not_overlapping,
     clear_artifact,
@@ -54,7 +55,10 @@ class ExtractResult:
     invalid_clips: list[dict[str, Any]]
     timings: dict[str, float] = field(default_factory=dict)
     dry_run: bool = False
-    layout: dict[str, Any] = field(default_factory=dict)  # fingerprint, grid, latent_shape, encoders
+    grid: tuple[int, ...] = ()  # the DiT token grid (T, H, W)
+    latent_shape: tuple[int, ...] = ()
+    encoders: list[EncoderEntry] = field(default_factory=list)
+    fingerprint: str | None = None  # None: a dry run (nothing fitted, no store)
     # per encoder: mean, p1, tokens, clips, held_out, explained_variance (None without PCA)
     fidelity: dict[str, dict[str, Any]] = field(default_factory=dict)
     samples: dict[str, int] = field(default_factory=dict)  # fidelity / pca_fit / shared clip counts
@@ -138,23 +142,21 @@ def store_plan(job: Job) -> StorePlan:
 
 
 def store_attrs(job: Job, spec: dict[str, Any], derived: dict[str, Any], plan: StorePlan) -> dict[str, Any]:
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "fingerprint": content_fingerprint(spec, derived),
-        "spec": spec,
-        "derived": derived,
-        "grid": list(job.grid),
-        "patch_size": list(spec["patch_size"]),
-        "latent_shape": list(job.latent_shape),
-        "encoders": plan.encoders,
-        "class_names": job.source.class_names,
-        "num_clips": plan.num_clips,
-        "block_size": plan.block_size,
-        "num_blocks": plan.num_blocks,
-        "sources": [f[0] for f in spec["dataset"]["files"]],
-        "source_root": os.path.abspath(job.source.root),
-        "config": runtime.config_to_dict(job.cfg),
-    }
+    return StoreLayout(
+        fingerprint=content_fingerprint(spec, derived),
+        spec=spec,
+        derived=derived,
+        grid=tuple(job.grid),
+        patch_size=tuple(spec["patch_size"]),
+        latent_shape=tuple(job.latent_shape),
+        encoders=tuple(plan.encoders),
+        class_names=job.source.class_names,
+        num_clips=plan.num_clips,
+        block_size=plan.block_size,
+        num_blocks=plan.num_blocks,
+        sources=[f[0] for f in spec["dataset"]["files"]],
+        extra={"source_root": os.path.abspath(job.source.root), "config": runtime.config_to_dict(job.cfg)},
+    ).to_attrs()
 
 
 def check_plan(job: Job, spec: dict[str, Any]) -> bool:
@@ -168,7 +170,10 @@ def check_plan(job: Job, spec: dict[str, Any]) -> bool:
             raise ExtractError(str(exc)) from None
         group = None
     if group is not None:
-        old = dict(group.attrs).get("spec", {})
+        try:
+            old = store_layout(group, cfg.out).spec
+        except CacheError:  # garbled attributes: a store of another config
+            old = {}
         if canonical_json(old) == canonical_json(spec):
             try:
                 StoreVerifier(group, cfg.out)  # every array's metadata can be read
@@ -212,19 +217,19 @@ def open_or_create_store(
     group = open_store(job.cfg.out)
     if group is None:
         raise ExtractError(f"{job.cfg.out}: the store rank 0 created cannot be opened here")
-    attrs = dict(group.attrs)
-    result.layout = {k: attrs[k] for k in ("fingerprint", "grid", "latent_shape", "encoders")}
-    result.fidelity = fidelity_table(attrs["derived"])
+    layout = store_layout(group, job.cfg.out)
+    result.fingerprint, result.encoders = layout.fingerprint, list(layout.encoders)
+    result.fidelity = fidelity_table(layout)
     result.samples = samples or {}
     bases = {n: formats.basis_tensors(b, job.device) for n, b in store_bases(group).items()}
     return group, bases
 
 
-def fidelity_table(derived: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def fidelity_table(layout: CacheLayout) -> dict[str, dict[str, Any]]:
     """derived -> per encoder {mean, p1, tokens, clips, held_out, explained_variance}."""
-    pca = derived.get("pca", {})
+    pca = layout.pca_derived
     out = {}
-    for name, fid in derived.get("fidelity", {}).items():
+    for name, fid in layout.fidelity.items():
         out[name] = {**fid, "explained_variance": pca.get(name, {}).get("explained_variance_ratio")}
     return out
 
@@ -249,11 +254,9 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
             blocks_computed=0,
             skipped=[{"path": s.path, "reason": s.reason} for s in job.skipped],
             invalid_clips=[],
-            layout={
-                "grid": list(job.grid),
-                "latent_shape": list(job.latent_shape),
-                "encoders": [p.entry() for p in job.plans],
-            },
+            grid=tuple(job.grid),
+            latent_shape=tuple(job.latent_shape),
+            encoders=[p.entry() for p in job.plans],
         )
         if cfg.dry_run:
             result.dry_run = True
@@ -354,7 +357,7 @@ def _run_blocks(job: Job, todo: list[tuple[int, int, int]], group, bases, result
     from stages.common.progress import tqdm
 
     cfg = job.cfg
-    encoders = list(group.attrs["encoders"])
+    encoders = store_layout(group).encoders
     plan = store_plan(job)
     meta = {
         C.LABELS: plan.labels,

@@ -22,11 +22,12 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from cache_schema import SCHEMA_VERSION, OutputError, OutputLock, open_group, prepare_output, validate_store
+from cache_schema import OutputError, OutputLock, open_group, prepare_output, store_layout, validate_store
 from cache_schema import constants as C
 from cache_schema.bases import store_bases, write_shard_bases
 from cache_schema.checksum import with_checksum
 from cache_schema.integrity import BlockDamaged, RowChecker, open_array
+from cache_schema.layout import CacheLayout, EncoderEntry, ShardFile, ShardLayout
 from cache_schema.outputs import refuse_if_locked
 from cache_schema.readers import refuse_if_read
 from stages.common.runtime import disk_full_message, is_disk_full, process_pool
@@ -160,14 +161,13 @@ def write_tar(path: str, samples: Iterable[dict[str, Any]]) -> dict[str, Any]:
     return sink.close()
 
 
-def _target_arrays(group, encoders: list[dict[str, Any]], where: str) -> dict[str, tuple[Any, Any, Any]]:
+def _target_arrays(group, encoders: tuple[EncoderEntry, ...], where: str) -> dict[str, tuple[Any, Any, Any]]:
     """name -> (values array, scales array or None, token norms array or None), opened once per task."""
     arrays = {}
     for enc in encoders:
-        name = enc["name"]
-        scales = open_array(group, C.scales_path(name), where) if enc.get("scales") else None
-        norms = open_array(group, C.norms_path(name), where) if C.stores_norms(enc) else None
-        arrays[name] = (open_array(group, C.values_path(name), where), scales, norms)
+        scales = open_array(group, enc.scales_path, where) if enc.scales else None
+        norms = open_array(group, enc.norms_path, where) if enc.stores_norms else None
+        arrays[enc.name] = (open_array(group, enc.values_path, where), scales, norms)
     return arrays
 
 
@@ -176,9 +176,9 @@ def write_shard(cache: str, out: str, name: str, rows: list[int]) -> tuple[dict[
     row read is checked against the store's checksums: a missing or corrupt chunk stops the task
     naming the array, the block and the rows, and removes the partial tars."""
     group = open_group(cache)
-    attrs = group.attrs
+    layout = store_layout(group, cache)
     check = RowChecker(group, cache)
-    sources, encoders = attrs["sources"], attrs["encoders"]
+    sources, encoders = layout.sources, layout.encoders
     meta_arrays = {n: check.read_all(open_array(group, n, cache), n) for n in C.META_ARRAYS}
     latents = open_array(group, C.LATENTS, cache)
     target_arrays = _target_arrays(group, encoders, cache)
@@ -224,17 +224,22 @@ def plan_shards(valid: np.ndarray, samples_per_shard: int, seed: int) -> list[li
     return [rows[i : i + samples_per_shard] for i in range(0, len(rows), samples_per_shard)]
 
 
-def shard_index(layout: dict[str, Any], entries: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    """index.json of a shard folder: the store's layout fields, the shard entries, and `extra`."""
-    keys = ("fingerprint", "spec", "derived", "encoders", "grid", "latent_shape", "class_names")
-    return {
-        "schema_version": SCHEMA_VERSION,
-        **{key: layout[key] for key in keys},
-        "patch_size": layout.get("patch_size", [1, 2, 2]),
-        "num_samples": sum(e["samples"] for e in entries),
+def shard_index(layout: CacheLayout, entries: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """index.json of a shard folder: the store's layout fields, the shard entries, and `extra`
+    (order, pca_files, latents_only, source_store)."""
+    return ShardLayout(
+        fingerprint=layout.fingerprint,
+        spec=layout.spec,
+        derived=layout.derived,
+        encoders=layout.encoders,
+        grid=layout.grid,
+        latent_shape=layout.latent_shape,
+        class_names=layout.class_names,
+        patch_size=layout.patch_size or (1, 2, 2),
+        num_samples=sum(e["samples"] for e in entries),
+        shards=tuple(ShardFile.from_dict(e) for e in entries),
         **extra,
-        "shards": entries,
-    }
+    ).to_index()
 
 
 def write_index(out: str, index: dict[str, Any]) -> None:
@@ -267,7 +272,7 @@ def run_pack(cfg: PackConfig) -> dict[str, Any]:
     if errors:
         raise PackError("cannot pack: " + "; ".join(errors))
     group = open_group(cfg.cache)
-    attrs = dict(group.attrs)
+    layout = store_layout(group, cfg.cache)
     try:
         check = RowChecker(group, cfg.cache)
         valid = check.read_all(open_array(group, C.VALID, cfg.cache), C.VALID, check=True)
@@ -298,10 +303,10 @@ def run_pack(cfg: PackConfig) -> dict[str, Any]:
             ) from None
         source = os.path.abspath(cfg.cache) if "://" not in cfg.cache else cfg.cache
         order = {"kind": "permutation", "seed": cfg.seed}
-        lean_index = shard_index(attrs, [p[1] for p in pairs], order=order, latents_only=True)
+        lean_index = shard_index(layout, [p[1] for p in pairs], order=order, latents_only=True)
         write_index(f"{cfg.out.rstrip('/')}/{C.LATENTS_ONLY_DIR}", lean_index)
         index = shard_index(
-            attrs,
+            layout,
             [p[0] for p in pairs],
             order=order,
             pca_files=write_shard_bases(cfg.out, store_bases(group)),

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 
 from cache_schema import constants as C
 from cache_schema.checksum import verify_checksum
+from cache_schema.layout import EncoderEntry, ShardLayout
 from cache_schema.tars import TarFormatError, iter_samples, open_shard
 from stages.common.runtime import close_loader, worker_init
 
@@ -62,9 +63,9 @@ def derive_seed(*parts: Any) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-def shard_urls(shards: str, index: dict[str, Any]) -> list[str]:
+def shard_urls(shards: str, index: ShardLayout) -> list[str]:
     """Full paths/URLs of the shards listed in index.json."""
-    names = [s["name"] for s in index["shards"] if int(s.get("samples", 1)) > 0]
+    names = [s.name for s in index.shards if s.samples > 0]
     if not names:
         raise ValueError(f"{shards}: index.json lists no non-empty shards")
     return [f"{str(shards).rstrip('/')}/{name}" for name in names]
@@ -79,7 +80,7 @@ class LoaderSpec:
     batch_size: int
     batches_per_step: int  # gradient accumulation micro-batches per optimizer step
     segment_steps: int
-    encoders: dict[str, dict[str, Any]] = field(default_factory=dict)  # empty: latents only
+    encoders: dict[str, EncoderEntry] = field(default_factory=dict)  # empty: latents only
     norms: bool = False  # also decode the token norms (raw targets for --target-norm spatial)
     shuffle_buffer: int = 1000
     num_workers: int = 0
@@ -144,7 +145,7 @@ class DecodeSamples:
     good sample ("skipped", through the stream's SkipLog) so the trainer can log them."""
 
     def __init__(
-        self, encoders: dict[str, dict[str, Any]], on_corrupt: str, skips: SkipLog, norms: bool = False
+        self, encoders: dict[str, EncoderEntry], on_corrupt: str, skips: SkipLog, norms: bool = False
     ):
         self.encoders, self.on_corrupt, self.skips, self.norms = encoders, on_corrupt, skips, norms
 
@@ -156,9 +157,9 @@ class DecodeSamples:
             latent = npy(sample[C.SAMPLE_LATENT])
             targets = {}
             for name, entry in self.encoders.items():
-                values = npy(sample[C.sample_values(name)])
-                scales = npy(sample[C.sample_scales(name)]) if entry.get("scales") else None
-                norms = npy(sample[C.sample_norms(name)]) if self.norms and C.stores_norms(entry) else None
+                values = npy(sample[entry.values_member])
+                scales = npy(sample[entry.scales_member]) if entry.scales else None
+                norms = npy(sample[entry.norms_member]) if self.norms and entry.stores_norms else None
                 targets[name] = (values, scales, norms)
         except KeyError as exc:
             raise CorruptSample(f"{_where(sample)} has no {exc.args[0]} (not a schema-v2 sample)") from None

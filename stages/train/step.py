@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cache_schema.constants import stores_norms
 from cache_schema.formats import reconstruct, reconstruct_raw
+from cache_schema.layout import EncoderEntry
 from stages.common.flow import flow_loss, interpolate, sample_timesteps, velocity_target
 
 from .data import unpack
@@ -36,7 +36,7 @@ class StepConfig:
     """What a step needs besides the state and the batch."""
 
     device: torch.device
-    encoders: dict[str, dict[str, Any]]  # cache layout entries of the targets to reconstruct
+    encoders: dict[str, EncoderEntry]  # cache layout entries of the targets to reconstruct
     bases: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # PCA bases on the device
     frames: int = 1  # DiT grid T: targets are interpolated to it
     raw_targets: bool = False  # the encoders' raw tokens, not unit ones (iREPA's spatial z-score)
@@ -85,16 +85,9 @@ def prepare_batch(batch: dict[str, Any], cfg: StepConfig, with_targets: bool = T
     if with_targets:
         for name, entry in cfg.encoders.items():
             values, scales, norms = stored[name]
-            if cfg.raw_targets and norms is None and stores_norms(entry):
+            if cfg.raw_targets and norms is None and entry.stores_norms:
                 raise ValueError(f"raw targets of {name!r} need its token norms, which this batch lacks")
-            args = (
-                values,
-                scales,
-                entry["format"],
-                int(entry["stored_dim"]),
-                cfg.frames,
-                cfg.bases.get(name),
-            )
+            args = (values, scales, entry.format, entry.stored_dim, cfg.frames, cfg.bases.get(name))
             out["targets"][name] = (
                 reconstruct_raw(*args, norms=norms) if cfg.raw_targets else reconstruct(*args)
             )
