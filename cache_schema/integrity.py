@@ -20,7 +20,7 @@ import numpy as np
 
 from . import constants as C
 from .errors import CacheError
-from .layout import EncoderEntry, per_clip_arrays
+from .layout import EncoderEntry, TextEntry, per_clip_arrays
 from .validate import open_array, store_layout
 
 __all__ = ["BlockDamaged", "RowChecker", "StoreCheck", "StoreVerifier", "open_array"]
@@ -33,9 +33,9 @@ class BlockDamaged(CacheError):
     redoes it."""
 
 
-def integrity_attr(encoders: list[EncoderEntry]) -> dict[str, Any]:
+def integrity_attr(encoders: list[EncoderEntry], text: TextEntry | None = None) -> dict[str, Any]:
     """The root attribute a store with checksums carries."""
-    return {"array": C.CLIP_CRC, "hash": HASH, "columns": per_clip_arrays(encoders)}
+    return {"array": C.CLIP_CRC, "hash": HASH, "columns": per_clip_arrays(encoders, text)}
 
 
 def row_crcs(data: np.ndarray) -> np.ndarray:

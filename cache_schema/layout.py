@@ -18,7 +18,7 @@ from . import constants as C
 from .errors import CacheError, CacheMismatch
 from .formats import stored_layout
 
-__all__ = ["ClipArray", "EncoderEntry", "ShardFile", "ShardLayout", "StoreLayout", "as_layout"]
+__all__ = ["ClipArray", "EncoderEntry", "ShardFile", "ShardLayout", "StoreLayout", "TextEntry", "as_layout"]
 
 
 def _missing(where: str, kind: str, absent: list[str]) -> CacheError:
@@ -171,6 +171,42 @@ class EncoderEntry:
         return out
 
 
+@dataclass(frozen=True)
+class TextEntry:
+    """The prompt embeddings a cache carries per clip (the `text` layout field; absent: none)."""
+
+    encoder: str  # the pipeline (folder or hub id) whose text encoder made them
+    max_length: int  # L: tokens per prompt, padded / truncated
+    dim: int  # D: the text encoder's width
+    dtype: str = C.TEXT_DTYPE
+    empty: Mapping[str, str] | None = None  # a shard set's {"name": TEXT_EMPTY_FILE, "sha256": ...}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "the cache") -> TextEntry:
+        absent = [f for f in ("encoder", "max_length", "dim") if f not in data]
+        if absent:
+            raise _missing(where, "`text` entry", absent)
+        return cls(str(data["encoder"]), int(data["max_length"]), int(data["dim"]),
+                   str(data.get("dtype", C.TEXT_DTYPE)), data.get("empty"))  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"encoder": self.encoder, "max_length": self.max_length, "dim": self.dim,
+                               "dtype": self.dtype}  # fmt: skip
+        return out if self.empty is None else {**out, "empty": self.empty}
+
+    def arrays(self) -> list[ClipArray]:
+        """The per-clip text arrays (store shapes; a shard member holds only the prompt's rows)."""
+        return [
+            ClipArray(C.TEXT_EMBEDS, C.SAMPLE_TEXT, (self.max_length, self.dim), self.dtype),
+            ClipArray(C.TEXT_MASK, C.SAMPLE_TEXT_MASK, (self.max_length,), "uint8"),
+        ]
+
+
+def _text(data: Mapping[str, Any], where: str) -> TextEntry | None:
+    value = data.get("text")
+    return None if value is None else TextEntry.from_dict(value, where)
+
+
 def _entries(items: Any, where: str) -> tuple[EncoderEntry, ...]:
     if not isinstance(items, (list, tuple)):
         raise CacheError(f"{where}: the `encoders` field is {type(items).__name__}, not a list")
@@ -189,11 +225,12 @@ class CacheLayout:
     encoders: tuple[EncoderEntry, ...]
     class_names: list[str] = field(default_factory=list)
     patch_size: tuple[int, int, int] | None = None
+    text: TextEntry | None = None  # prompt embeddings per clip (captioned manifests, --base)
     schema_version: int = C.SCHEMA_VERSION
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     COMMON = ("schema_version", "fingerprint", "spec", "derived", "grid", "patch_size", "latent_shape",
-              "encoders", "class_names")  # fmt: skip
+              "encoders", "class_names", "text")  # fmt: skip
 
     @staticmethod
     def _common(data: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -208,6 +245,7 @@ class CacheLayout:
             encoders=_entries(data["encoders"], where),
             class_names=list(data.get("class_names") or []),
             patch_size=None if patch is None else tuple(int(p) for p in patch),
+            text=_text(data, where),
         )
 
     @property
@@ -236,6 +274,14 @@ class CacheLayout:
     def fidelity(self) -> dict[str, dict[str, Any]]:
         """derived.fidelity: per encoder, the stored targets' cosine to the exact ones."""
         return dict((self.derived or {}).get("fidelity") or {})
+
+    @property
+    def empty_prompt_sha256(self) -> str | None:
+        """derived.text.empty_sha256: the content hash of the stored empty prompt (None: no text)."""
+        return ((self.derived or {}).get("text") or {}).get("empty_sha256")
+
+    def _text_field(self) -> dict[str, Any]:
+        return {} if self.text is None else {"text": self.text.to_dict()}
 
     @property
     def vae_spec(self) -> dict[str, Any]:
@@ -285,6 +331,7 @@ class StoreLayout(CacheLayout):
             "block_size": self.block_size,
             "num_blocks": self.num_blocks,
             "sources": self.sources,
+            **self._text_field(),
             **self.extra,
         }
         if self.integrity is not None:
@@ -295,14 +342,15 @@ class StoreLayout(CacheLayout):
         """Every per-clip array with its shape per clip (latents, each encoder's arrays), without
         the small metadata columns (labels, video_index, start_frame, flip, valid)."""
         latents = ClipArray(C.LATENTS, C.SAMPLE_LATENT, self.latent_shape, "float16")
-        return [latents, *(a for e in self.encoders for a in e.arrays(self.grid))]
+        text = [] if self.text is None else self.text.arrays()
+        return [latents, *(a for e in self.encoders for a in e.arrays(self.grid)), *text]
 
     @property
     def crc_columns(self) -> list[str]:
         """The `clip_crc` columns: recorded in `integrity`, else the order a writer would use."""
         if self.integrity is not None:
             return list(self.integrity["columns"])
-        return per_clip_arrays(self.encoders)
+        return per_clip_arrays(self.encoders, self.text)
 
     @property
     def crc_array(self) -> str | None:
@@ -310,12 +358,13 @@ class StoreLayout(CacheLayout):
         return None if self.integrity is None else str(self.integrity["array"])
 
 
-def per_clip_arrays(encoders: Iterable[EncoderEntry]) -> list[str]:
+def per_clip_arrays(encoders: Iterable[EncoderEntry], text: TextEntry | None = None) -> list[str]:
     """The store's per-clip arrays in `clip_crc` column order: latents, each encoder's values
-    (+ scales, + token norms), the clip metadata, valid."""
+    (+ scales, + token norms), the prompt embeddings and mask (with text), the clip metadata, valid."""
     names = [C.LATENTS]
     for enc in encoders:
         names.extend(a.path for a in enc.arrays((0, 0, 0)))
+    names.extend(a.path for a in ([] if text is None else text.arrays()))
     return [*names, *C.META_ARRAYS, C.VALID]
 
 
@@ -384,6 +433,7 @@ class ShardLayout(CacheLayout):
         }
         if self.patch_size is not None:
             out["patch_size"] = list(self.patch_size)
+        out.update(self._text_field())
         out["num_samples"] = self.num_samples
         for key in ("order", "pca_files", "latents_only", "source_store"):
             if getattr(self, key) is not None:

@@ -61,6 +61,8 @@ def store_manifest(root: Path) -> Manifest:
     parts += [_array(f"{C.TARGETS_GROUP}/{enc}/(?:{C.TARGET_VALUES}|{C.TARGET_SCALES}|{C.TOKEN_NORMS})")]
     parts += [_group(C.PCA_GROUP), _group(f"{C.PCA_GROUP}/{enc}")]
     parts += [_array(f"{C.PCA_GROUP}/{enc}/(?:{C.PCA_MEAN}|{C.PCA_COMPONENTS})")]
+    text = (C.TEXT_EMBEDS, C.TEXT_MASK, C.TEXT_EMPTY_EMBEDS, C.TEXT_EMPTY_MASK)
+    parts += [_group(C.TEXT_GROUP)] + [_array(re.escape(name)) for name in text]
     for f, d in parts:
         files += f
         dirs += d
@@ -77,6 +79,8 @@ def shards_manifest(root: Path) -> Manifest:
         r"pack_config\.yaml(?:\.tmp)?",
         f"{lean}/{shard}",
         f"{lean}/{index}",
+        re.escape(C.TEXT_EMPTY_FILE),
+        f"{lean}/{re.escape(C.TEXT_EMPTY_FILE)}",
     )
     return Manifest(files, (lean,))
 

@@ -63,6 +63,11 @@ def _layout_lines(layout: CacheLayout) -> None:
     vae = layout.vae_spec
     if vae:
         click.echo(f"vae          {vae.get('id')} ({vae.get('kind', 'image')}, scale {vae.get('scale')})")
+    if layout.text is not None:
+        t = layout.text
+        click.echo(
+            f"text         {t.encoder}: {t.max_length} tokens x {t.dim} ({t.dtype}) per clip, empty prompt once"
+        )
     fidelity, pca = layout.fidelity, layout.pca_derived
     rows = []
     for e in layout.encoders:

@@ -22,6 +22,7 @@ from cache_schema import formats
 from cache_schema.layout import EncoderEntry
 from stages.common import registry as R
 from stages.common.encoders import VideoMAEEncoder, load_encoder
+from stages.common.models.text import TextEncoder
 from stages.common.resample import (
     causal_temporal_mean,
     l2_normalize_tokens,
@@ -42,6 +43,7 @@ class ExtractError(RuntimeError):
 class Models:
     vae: VAEWrapper
     encoders: dict[str, Any]
+    text: TextEncoder | None = None  # --base: the pipeline's text encoder (captions -> embeddings)
 
 
 @dataclass(frozen=True)
@@ -144,7 +146,8 @@ def load_models(cfg: ExtractConfig, device: torch.device) -> Models:
             # REPA: DINOv2's patch grid equals the DiT grid (224 px for 256 px clips), no resampling
             enc = type(enc)(enc.model, enc.model_id, side * enc.patch, device=device)
         encoders[name] = enc
-    return Models(vae=vae, encoders=encoders)
+    text = TextEncoder.load(cfg.base, device, cfg.text_max_length) if cfg.base else None
+    return Models(vae=vae, encoders=encoders, text=text)
 
 
 def causal_factor(vae: VAEWrapper) -> int:

@@ -18,7 +18,15 @@ import numpy as np
 import torch
 import zarr
 
-from cache_schema import CacheError, OutputLock, canonical_json, content_fingerprint, formats, store_layout
+from cache_schema import (
+    CacheError,
+    OutputLock,
+    canonical_json,
+    content_fingerprint,
+    fingerprint,
+    formats,
+    store_layout,
+)
 from cache_schema import constants as C
 from cache_schema.bases import store_bases
 from cache_schema.integrity import StoreVerifier, block_rows, open_array
@@ -30,6 +38,7 @@ from cache_schema.outputs import (
     prepare_output,
     refuse_if_locked,
 )
+from cache_schema.text import empty_sha256, to_stored
 from stages.common import runtime
 from stages.common import video as V
 
@@ -79,8 +88,15 @@ def prepare(cfg: ExtractConfig, dist: runtime.DistInfo) -> Job:
         hflip=cfg.hflip,
     )
     source = V.discover(cfg.data)
+    if cfg.base and not source.has_captions:  # before any model loads
+        raise ExtractError(
+            f"--base {cfg.base} embeds each video's caption, but {cfg.data} has none: give a CSV or "
+            "JSONL manifest with a `caption` column (or drop --base)"
+        )
     models = load_models(cfg, dist.device)
     refs, skipped, lengths = V.plan_clips(source, clip_spec, progress=cfg.progress and dist.is_main)
+    if cfg.base:
+        refs, skipped = captioned(source, refs, skipped)
     if not refs:
         raise ExtractError(
             f"no usable clips in {cfg.data}: {len(skipped)} video(s) skipped "
@@ -91,6 +107,17 @@ def prepare(cfg: ExtractConfig, dist: runtime.DistInfo) -> Job:
     latent_shape, grid = token_grid(cfg, models.vae)
     plans = plan_targets(cfg, models, grid)
     return Job(cfg, dist, source, clip_spec, refs, skipped, lengths, models, latent_shape, grid, plans)
+
+
+def captioned(
+    source: V.VideoSource, refs: list[V.ClipRef], skipped: list[V.Skipped]
+) -> tuple[list[V.ClipRef], list[V.Skipped]]:
+    """--base embeds each clip's caption: clips of videos without one are left out and reported
+    (report.json `skipped`), like a video that does not decode."""
+    missing = sorted({r.video_index for r in refs if not source.entries[r.video_index].caption})
+    reason = "no caption (the manifest's caption column is missing or empty); --base needs one per video"
+    skipped = skipped + [V.Skipped(source.entries[i].path, reason) for i in missing]
+    return [r for r in refs if source.entries[r.video_index].caption], skipped
 
 
 def build_spec(job: Job) -> dict[str, Any]:
@@ -120,7 +147,13 @@ def build_spec(job: Job) -> dict[str, Any]:
         "patch_size": [1, cfg.patch_size, cfg.patch_size],
         "fidelity_clips": cfg.fidelity_clips,
         "seed": cfg.seed,
+        **({} if job.text is None else {"text": {**job.text.to_dict(), "captions": captions_sha256(job)}}),
     }
+
+
+def captions_sha256(job: Job) -> str:
+    """What the prompt embeddings depend on besides the text encoder: every video's caption."""
+    return fingerprint({"captions": [entry.caption for entry in job.source.entries]})
 
 
 def store_plan(job: Job) -> StorePlan:
@@ -138,6 +171,7 @@ def store_plan(job: Job) -> StorePlan:
         video_index=np.array([r.video_index for r in job.refs], np.int32),
         start_frame=np.array([r.start_frame for r in job.refs], np.int32),
         flip=np.array([r.flip for r in job.refs], np.uint8),
+        text=job.text,
     )
 
 
@@ -150,6 +184,7 @@ def store_attrs(job: Job, spec: dict[str, Any], derived: dict[str, Any], plan: S
         patch_size=tuple(spec["patch_size"]),
         latent_shape=tuple(job.latent_shape),
         encoders=tuple(plan.encoders),
+        text=plan.text,
         class_names=job.source.class_names,
         num_clips=plan.num_clips,
         block_size=plan.block_size,
@@ -203,6 +238,10 @@ def _create(job: Job, spec: dict[str, Any]) -> dict[str, int]:
     cfg = job.cfg
     derived, bases, samples = derive(job)
     plan = store_plan(job)
+    if job.text is not None:  # the empty prompt (classifier-free guidance dropout), stored once
+        embeds, mask = job.models.text.encode([""])
+        plan.empty_prompt = (to_stored(embeds[0].numpy(), "the empty prompt's embeddings"), mask[0].numpy())
+        derived["text"] = {"empty_sha256": empty_sha256(*plan.empty_prompt)}
     clear_artifact(cfg.out, "store")  # only our own entries (nothing when the folder is new)
     create_store(cfg.out, plan, store_attrs(job, spec, derived, plan), cfg.codec, cfg.codec_level, bases)
     return samples
@@ -357,7 +396,7 @@ def _run_blocks(job: Job, todo: list[tuple[int, int, int]], group, bases, result
     from stages.common.progress import tqdm
 
     cfg = job.cfg
-    encoders = store_layout(group).encoders
+    layout = store_layout(group)
     plan = store_plan(job)
     meta = {
         C.LABELS: plan.labels,
@@ -386,7 +425,7 @@ def _run_blocks(job: Job, todo: list[tuple[int, int, int]], group, bases, result
                 block = items[0]["index"] // cfg.block_size
                 if block not in buffers:
                     buffers[block] = BlockBuffer(
-                        block, *bounds[block], job.latent_shape, job.grid, encoders, meta
+                        block, *bounds[block], job.latent_shape, job.grid, layout.encoders, meta, layout.text
                     )
                 _compute_items(job, items, buffers[block], bases, result)
                 bar.update(len(items))
@@ -407,7 +446,7 @@ def _compute_items(job: Job, items: list[dict[str, Any]], buf: BlockBuffer, base
         feats = compute_batch(frames, job.models, job.plans, job.grid, job.timings)
         check_finite(job, feats, ok)
         latents, targets, norms = encode_batch(feats, job.plans, bases, job.timings)
-        buf.put(ok, latents, targets, norms)
+        buf.put(ok, latents, targets, norms, job.encode_text(ok) if job.text is not None else None)
     for it in items:
         if it["frames"] is None:
             result.invalid_clips.append(

@@ -23,7 +23,7 @@ from cache_schema import SCHEMA_VERSION, store_layout
 from cache_schema import constants as C
 from cache_schema.formats import PCABasis
 from cache_schema.integrity import crc_rows, integrity_attr
-from cache_schema.layout import EncoderEntry
+from cache_schema.layout import EncoderEntry, TextEntry
 
 from .config import CODEC_NAMES
 
@@ -52,6 +52,8 @@ class StorePlan:
     video_index: np.ndarray
     start_frame: np.ndarray
     flip: np.ndarray
+    text: TextEntry | None = None  # prompt embeddings per clip (--base)
+    empty_prompt: tuple[np.ndarray, np.ndarray] | None = None  # float16 [L, D], uint8 [L]: stored once
 
     @property
     def num_blocks(self) -> int:
@@ -86,8 +88,12 @@ def create_store(
     n, b = plan.num_clips, plan.block_size
     compressors = compressors_for(codec, level)
     _per_clip_array(group, C.LATENTS, (n, *plan.latent_shape), "float16", b, compressors)
-    for array in (a for enc in plan.encoders for a in enc.arrays(plan.grid)):
+    text = [] if plan.text is None else plan.text.arrays()
+    for array in [*(a for enc in plan.encoders for a in enc.arrays(plan.grid)), *text]:
         _per_clip_array(group, array.path, (n, *array.shape), array.dtype, b, compressors)
+    if plan.empty_prompt is not None:
+        for name, value in zip((C.TEXT_EMPTY_EMBEDS, C.TEXT_EMPTY_MASK), plan.empty_prompt, strict=True):
+            group.create_array(name, shape=value.shape, dtype=value.dtype, fill_value=0)[...] = value
     for name, basis in bases.items():
         for part, array in ((C.PCA_MEAN, basis.mean), (C.PCA_COMPONENTS, basis.components)):
             arr = group.create_array(
@@ -104,7 +110,7 @@ def create_store(
         arr[:] = values.astype(dtype)
     group.create_array(C.VALID, shape=(n,), chunks=(b,), dtype="uint8", fill_value=0)
     group.create_array(C.BLOCK_DONE, shape=(plan.num_blocks,), chunks=(1,), dtype="uint8", fill_value=0)
-    integrity = integrity_attr(plan.encoders)
+    integrity = integrity_attr(plan.encoders, plan.text)
     columns = len(integrity["columns"])
     group.create_array(C.CLIP_CRC, shape=(n, columns), chunks=(b, columns), dtype="uint32", fill_value=0)
     group.attrs.update({**attrs, C.INTEGRITY_ATTR: integrity})
@@ -137,11 +143,13 @@ def write_block(
     valid: np.ndarray,
     meta: dict[str, np.ndarray] | None = None,
     norms: dict[str, np.ndarray] | None = None,
+    text: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> None:
     """Write one block's clips (whole shards at once), then its rows' checksums; data before the
     marker. `meta` (labels, video_index, start_frame, flip of these rows) is rewritten too, so a
     redone block repairs them; without it the rows created with the store are kept. `norms`: the
-    float16 token norms of encoders whose layout keeps them."""
+    float16 token norms of encoders whose layout keeps them. `text`: the rows' prompt embeddings
+    and masks (stores with a `text` layout entry)."""
     stop = start + len(latents)
     arrays = {C.LATENTS: latents.astype(np.float16, copy=False), C.VALID: valid.astype(np.uint8)}
     for name, (values, scales) in targets.items():
@@ -150,6 +158,8 @@ def write_block(
             arrays[C.scales_path(name)] = scales
     for name, array in (norms or {}).items():
         arrays[C.norms_path(name)] = array
+    if text is not None:
+        arrays[C.TEXT_EMBEDS], arrays[C.TEXT_MASK] = text
     for name in C.META_ARRAYS:
         arrays[name] = group[name][start:stop] if meta is None else meta[name]
     layout = store_layout(group)

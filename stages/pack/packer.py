@@ -16,7 +16,7 @@ import io
 import json
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import fsspec
@@ -30,6 +30,7 @@ from cache_schema.integrity import BlockDamaged, RowChecker, open_array
 from cache_schema.layout import CacheLayout, EncoderEntry, ShardFile, ShardLayout
 from cache_schema.outputs import refuse_if_locked
 from cache_schema.readers import refuse_if_read
+from cache_schema.text import store_empty_prompt, trim, write_shard_empty_prompt
 from stages.common.runtime import disk_full_message, is_disk_full, process_pool
 
 
@@ -70,10 +71,14 @@ def clip_sample(
     label: int,
     meta: dict[str, Any],
     norms: dict[str, np.ndarray] | None = None,
+    text: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, bytes]:
-    """One schema-v2 sample: latent, each encoder's values (+ scales, + token norms), class, meta,
-    crc32. `targets` empty gives the latents-only sample."""
+    """One schema-v2 sample: latent, each encoder's values (+ scales, + token norms), the prompt's
+    embeddings (its own rows, cache_schema.text.trim) and mask, class, meta, crc32. `targets` empty
+    gives the latents-only sample."""
     sample: dict[str, Any] = {"__key__": C.KEY_FORMAT.format(row), C.SAMPLE_LATENT: npy_bytes(latent)}
+    if text is not None:
+        sample[C.SAMPLE_TEXT], sample[C.SAMPLE_TEXT_MASK] = npy_bytes(trim(*text)), npy_bytes(text[1])
     for name, (values, scales) in targets.items():
         sample[C.sample_values(name)] = npy_bytes(values)
         if scales is not None:
@@ -182,6 +187,8 @@ def write_shard(cache: str, out: str, name: str, rows: list[int]) -> tuple[dict[
     meta_arrays = {n: check.read_all(open_array(group, n, cache), n) for n in C.META_ARRAYS}
     latents = open_array(group, C.LATENTS, cache)
     target_arrays = _target_arrays(group, encoders, cache)
+    text_parts = [] if layout.text is None else layout.text.arrays()
+    text_arrays = {a.path: open_array(group, a.path, cache) for a in text_parts}  # embeds, mask
     full = TarSink(f"{out.rstrip('/')}/{name}")
     lean = TarSink(f"{out.rstrip('/')}/{C.LATENTS_ONLY_DIR}/{name}")
     try:
@@ -195,6 +202,7 @@ def write_shard(cache: str, out: str, name: str, rows: list[int]) -> tuple[dict[
                 for n, (_, _, a) in target_arrays.items()
                 if a is not None
             }
+            text = tuple(check.read(a, path, row) for path, a in text_arrays.items()) or None
             label = int(meta_arrays[C.LABELS][row])
             meta = {
                 "video": sources[int(meta_arrays[C.VIDEO_INDEX][row])],
@@ -203,8 +211,8 @@ def write_shard(cache: str, out: str, name: str, rows: list[int]) -> tuple[dict[
                 "clip_index": int(row),
                 "label": label if label >= 0 else None,
             }
-            full.write(clip_sample(row, latent, targets, label, meta, norms))
-            lean.write(clip_sample(row, latent, {}, label, meta))
+            full.write(clip_sample(row, latent, targets, label, meta, norms, text))
+            lean.write(clip_sample(row, latent, {}, label, meta, text=text))
         return full.close(), lean.close()
     except BaseException:
         full.abort()
@@ -224,9 +232,12 @@ def plan_shards(valid: np.ndarray, samples_per_shard: int, seed: int) -> list[li
     return [rows[i : i + samples_per_shard] for i in range(0, len(rows), samples_per_shard)]
 
 
-def shard_index(layout: CacheLayout, entries: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+def shard_index(
+    layout: CacheLayout, entries: list[dict[str, Any]], text_empty: dict[str, str] | None = None, **extra: Any
+) -> dict[str, Any]:
     """index.json of a shard folder: the store's layout fields, the shard entries, and `extra`
-    (order, pca_files, latents_only, source_store)."""
+    (order, pca_files, latents_only, source_store); `text_empty`: the empty prompt file's entry."""
+    text = layout.text if layout.text is None else replace(layout.text, empty=text_empty)
     return ShardLayout(
         fingerprint=layout.fingerprint,
         spec=layout.spec,
@@ -236,6 +247,7 @@ def shard_index(layout: CacheLayout, entries: list[dict[str, Any]], **extra: Any
         latent_shape=layout.latent_shape,
         class_names=layout.class_names,
         patch_size=layout.patch_size or (1, 2, 2),
+        text=text,
         num_samples=sum(e["samples"] for e in entries),
         shards=tuple(ShardFile.from_dict(e) for e in entries),
         **extra,
@@ -303,11 +315,22 @@ def run_pack(cfg: PackConfig) -> dict[str, Any]:
             ) from None
         source = os.path.abspath(cfg.cache) if "://" not in cfg.cache else cfg.cache
         order = {"kind": "permutation", "seed": cfg.seed}
-        lean_index = shard_index(layout, [p[1] for p in pairs], order=order, latents_only=True)
+        empty = None
+        if layout.text is not None:  # the empty prompt, once per shard set (and its latents-only twin)
+            prompt = store_empty_prompt(group, layout, cfg.cache)
+            lean_dir = f"{cfg.out.rstrip('/')}/{C.LATENTS_ONLY_DIR}"
+            empty, lean_empty = (
+                write_shard_empty_prompt(cfg.out, *prompt),
+                write_shard_empty_prompt(lean_dir, *prompt),
+            )
+        lean_index = shard_index(
+            layout, [p[1] for p in pairs], lean_empty if empty else None, order=order, latents_only=True
+        )
         write_index(f"{cfg.out.rstrip('/')}/{C.LATENTS_ONLY_DIR}", lean_index)
         index = shard_index(
             layout,
             [p[0] for p in pairs],
+            empty,
             order=order,
             pca_files=write_shard_bases(cfg.out, store_bases(group)),
             latents_only={

@@ -210,6 +210,7 @@ def loader_specs(
         segment_steps=segment_steps,
         encoders=setup.encoders if setup.encoders else {},
         norms=cfg.target_norm == "spatial",
+        text=setup.layout.text,
         shuffle_buffer=cfg.shuffle_buffer,
         num_workers=cfg.num_workers,
         pin_memory=pin,

@@ -23,7 +23,7 @@ from cache_schema.formats import reconstruct, reconstruct_raw
 from cache_schema.layout import EncoderEntry
 from stages.common.flow import flow_loss, interpolate, sample_timesteps, velocity_target
 
-from .data import unpack
+from .data import leading_parts, unpack, unpack_text
 from .state import TrainState, ema_decay_at, update_ema
 
 
@@ -63,7 +63,8 @@ class StepMetrics:
 
 
 def prepare_batch(batch: dict[str, Any], cfg: StepConfig, with_targets: bool = True) -> dict[str, Any]:
-    """Loader batch -> device tensors: x0 float32 latents, labels, dense targets {encoder: [B,T,H,W,D]}.
+    """Loader batch -> device tensors: x0 float32 latents, labels, dense targets {encoder: [B,T,H,W,D]},
+    and with prompt embeddings in the shards `text_embeds` float32 [B, L, D] and `text_mask` bool [B, L].
 
     The batch's compact bytes cross to the device in one copy (done ahead by data.DevicePrefetch on
     CUDA; else here, only the latents' part when the targets are not needed this step); the targets
@@ -73,7 +74,8 @@ def prepare_batch(batch: dict[str, Any], cfg: StepConfig, with_targets: bool = T
     if buffer is None:
         buffer = batch["buffer"]
         if not with_targets:
-            key, role, dtype, shape, start = batch["layout"][0]  # the latents come first
+            last = leading_parts(batch) - 1  # the latents (and the prompt) come first
+            key, role, dtype, shape, start = batch["layout"][last]
             buffer = buffer[: start + batch["batch_size"] * int(np.prod(shape)) * np.dtype(dtype).itemsize]
         buffer = buffer.to(dev, non_blocking=True)
     latent, stored = unpack(batch, buffer, with_targets)
@@ -82,6 +84,9 @@ def prepare_batch(batch: dict[str, Any], cfg: StepConfig, with_targets: bool = T
         "label": batch["label"].to(dev, non_blocking=True),
         "targets": {},
     }
+    text = unpack_text(batch, buffer)
+    if text is not None:
+        out["text_embeds"], out["text_mask"] = text[0].float(), text[1].bool()
     if with_targets:
         for name, entry in cfg.encoders.items():
             values, scales, norms = stored[name]
