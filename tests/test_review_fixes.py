@@ -12,7 +12,7 @@ from helpers import make_shards
 from helpers import tiny_train_config as tiny
 from safetensors.torch import load_file
 
-from cache_schema import RunDir, read_index
+from cache_schema import RunDir, read_shard_layout
 from cache_schema.tars import iter_samples, open_shard
 from pipeline.cli import main as cli_main
 from stages.train import train
@@ -66,8 +66,8 @@ def _truncated_copy(src: Path, dst: Path) -> str:
 def test_a_cut_shard_keeps_its_whole_samples_and_names_the_rest(shards: Path, tmp_path: Path) -> None:
     """Random access into a cut tar: the samples before the cut read as they are, a sample past it
     is named with the shard and the reason (what on_corrupt stops on or skips)."""
-    index = read_index(shards)
-    good = shards / index["shards"][0]["name"]
+    index = read_shard_layout(shards)
+    good = shards / index.shards[0].name
     whole = good.read_bytes()
     cut = tmp_path / "cut.tar"
     cut.write_bytes(whole[: len(whole) * 2 // 3])  # cut inside a later sample

@@ -26,6 +26,7 @@ from torch import nn
 
 from cache_schema import run as run_files
 from cache_schema.checkpoint import CheckpointError, verify_checkpoint
+from cache_schema.layout import CacheLayout
 from stages.common.models.adapter import VideoModelAdapter
 from stages.common.models.factory import build_adapter
 from stages.common.runtime import is_disk_full
@@ -87,15 +88,15 @@ def wrap_ddp(state: TrainState, device: torch.device) -> None:
         state.ddp_head = DDP(state.head, device_ids=ids)
 
 
-def build_model(cfg: TrainConfig, layout: dict[str, Any]) -> VideoModelAdapter:
-    channels, frames, height, _ = layout["latent_shape"]
+def build_model(cfg: TrainConfig, layout: CacheLayout) -> VideoModelAdapter:
+    channels, frames, height, _ = layout.latent_shape
     return build_adapter(
         MODEL_FAMILY,
         size=cfg.model,
         in_channels=channels,
         num_frames=frames,
         sample_size=height,
-        num_classes=len(layout.get("class_names") or []),
+        num_classes=len(layout.class_names),
         class_dropout=cfg.class_dropout,
         prediction=cfg.prediction,
         gradient_checkpointing=cfg.gradient_checkpointing,
@@ -104,7 +105,7 @@ def build_model(cfg: TrainConfig, layout: dict[str, Any]) -> VideoModelAdapter:
 
 def build_state(
     cfg: TrainConfig,
-    layout: dict[str, Any],
+    layout: CacheLayout,
     encoder_dims: dict[str, int],
     lambdas: dict[str, float],
     device: torch.device,
@@ -125,7 +126,7 @@ def build_state(
             encoder_dims,
             cfg.projector_dim,
             projector=cfg.projector,
-            grid=tuple(layout["grid"]),
+            grid=layout.grid,
             target_norm=cfg.target_norm,
             kernel_size=cfg.projector_kernel,
         ).to(device)
