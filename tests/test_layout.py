@@ -132,12 +132,12 @@ def test_a_store_and_shards_written_before_the_contract_still_read_and_pack_the_
 
 
 def test_the_trainer_reads_shards_written_before_the_contract(legacy: Path) -> None:
-    from stages.train.data import DecodeSamples, SkipLog, collate
+    from stages.train.data import DecodeSamples, collate
     from stages.train.step import StepConfig, prepare_batch
 
     index = read_shard_layout(legacy / "shards")
     encoders = index.encoder_entries()
-    decode = DecodeSamples(encoders, "stop", SkipLog(), norms=True)
+    decode = DecodeSamples(encoders, norms=True)
     samples = []
     for shard in index.shards:
         with open_shard(str(legacy / "shards" / shard.name)) as fh:

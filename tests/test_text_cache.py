@@ -31,7 +31,7 @@ from stages.extract import runner
 from stages.extract.budget import NPY_HEADER, tar_member_bytes
 from stages.extract.runner import ExtractError
 from stages.pack.packer import PackConfig, PackError, run_pack
-from stages.train.data import DecodeSamples, SkipLog, collate, empty_prompt
+from stages.train.data import DecodeSamples, collate, empty_prompt
 from stages.train.step import StepConfig, prepare_batch
 
 MAX_LENGTH = 16  # tokens per prompt in these tests (Wan's 512 costs time, not coverage)
@@ -101,7 +101,7 @@ def _extract(data: Path, out: Path, wan: str | None, **over):
 
 def _loader_batch(shards: Path, with_text: bool = True):
     index = read_shard_layout(shards)
-    decode = DecodeSamples(index.encoder_entries(), "stop", SkipLog(), text=index.text if with_text else None)
+    decode = DecodeSamples(index.encoder_entries(), text=index.text if with_text else None)
     samples, keys = [], []
     for shard in index.shards:
         with open_shard(str(shards / shard.name)) as fh:
