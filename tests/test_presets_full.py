@@ -88,5 +88,9 @@ def test_random_full_preset_builds_only_what_flags_leave(tmp_path, monkeypatch):
     )
     assert (cfg.frames, cfg.stride, cfg.size) == (16, 3, 256)  # the real clip defaults
     sources = model_sources(cfg)
-    assert sources == {k: f"/given/{k}" for k in ("vae", "dino", "sam2", "videomae")}
+    # hog has no weights: its source is the built-in id, never a download
+    assert sources == {
+        **{k: f"/given/{k}" for k in ("vae", "dino", "sam2", "videomae")},
+        "hog": "maskfeat-hog",
+    }
     assert not (tmp_path / "random-full-v1").exists()  # nothing built: every flag won

@@ -17,7 +17,7 @@ import pytest
 import torch
 from helpers import checkpoint_weights, make_shards, subprocess_env, tiny_train_config
 
-from cache_schema import RunDir, read_index
+from cache_schema import RunDir, read_index, read_shard_layout
 from cache_schema.tars import iter_samples, open_shard
 from stages.train import train
 from stages.train.config import resume_batch_size
@@ -87,7 +87,7 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 
 def test_the_order_is_the_same_on_any_number_of_ranks_and_workers(shards: Path) -> None:
-    index = read_index(shards)
+    index = read_shard_layout(shards)
     spec = LoaderSpec(shard_urls(str(shards), index), shard_counts(index), seed=0, batch_size=GLOBAL_BATCH,
                       batches_per_step=1, shuffle_buffer=8)  # fmt: skip
 
@@ -185,7 +185,7 @@ def test_a_corrupt_shard_under_skip_leaves_no_batch_empty(shards: Path, tmp_path
     bad = tmp_path / "bad"
     shutil.copytree(shards, bad)
     (bad / "shard-000001.tar").write_bytes(b"")  # every sample of this shard is gone
-    index = read_index(bad)
+    index = read_shard_layout(bad)
     spec = LoaderSpec(shard_urls(str(bad), index), shard_counts(index), seed=0, batch_size=1,
                       batches_per_step=1, shuffle_buffer=8, on_corrupt="skip")  # fmt: skip
     batches = list(itertools.islice(RankBatches(spec, 0), SAMPLES))

@@ -134,7 +134,7 @@ def extract(config_file, overrides, **flags):
     Rerunning the same command resumes a killed run; under torchrun the ranks split the blocks.
     """
     from pipeline.commands.common import cli_errors, resolve_stage_config
-    from stages.common.runtime import dump_config
+    from stages.common.runtime import dump_config, env_rank
     from stages.extract.config import preset_values
     from stages.extract.runner import BudgetExceeded, run_extract
 
@@ -158,7 +158,7 @@ def extract(config_file, overrides, **flags):
             _print_sizes(result.sizes)
         click.echo("dry run: nothing written")
         return
-    if "://" not in cfg.out:
+    if "://" not in cfg.out and env_rank()[0] == 0:  # one writer: torchrun ranks would race on the file
         with cli_errors(cfg.out):
             dump_config(cfg, f"{cfg.out.rstrip('/')}/extract_config.yaml")
     _print_outcome(cfg, result)
