@@ -277,7 +277,8 @@ def _start(cfg: TrainConfig, setup: RunSetup, info: runtime.DistInfo) -> tuple[T
     # the first step after --align-until), so a resume at the final step still loads it
     with_head = alignment_active(max(start, 1), cfg.align_until)
     dims = {n: int(e["dim"]) for n, e in setup.encoders.items()}
-    state = build_state(cfg, setup.layout, dims, setup.lambdas, info.device, info.rank, with_head)
+    null_text = _null_text(cfg, setup)
+    state = build_state(cfg, setup.layout, dims, setup.lambdas, info.device, info.rank, with_head, null_text)
     state.lr_scheduler = build_lr_scheduler(state.optimizer, cfg.lr_schedule, cfg.lr_warmup, cfg.steps)
     saved: dict[str, Any] = {}
     if setup.resume_from is not None:
@@ -298,6 +299,16 @@ def _start(cfg: TrainConfig, setup: RunSetup, info: runtime.DistInfo) -> tuple[T
     if info.distributed:
         wrap_ddp(state, info.device)
     return state, saved
+
+
+def _null_text(cfg: TrainConfig, setup: RunSetup) -> torch.Tensor | None:
+    """The shards' stored empty-prompt embedding (hash-checked): what classifier-free guidance
+    dropout gives a fine-tuned text model instead of a sample's caption; None without --base."""
+    if not cfg.base or not setup.layout.get("text"):
+        return None
+    from .data import empty_prompt
+
+    return empty_prompt(cfg.shards, setup.layout)[0]
 
 
 def _load(run: RunDir, folder: Path, state: TrainState) -> dict[str, Any]:

@@ -101,15 +101,23 @@ def prepare_batch(batch: dict[str, Any], cfg: StepConfig, with_targets: bool = T
     return out
 
 
-def _condition(labels: torch.Tensor, conditioning: Conditioning, gen: torch.Generator) -> Condition:
-    """This micro-batch's condition: class ids (unlabelled -> the null class) with this step's
-    dropout mask, drawn from the step's generator so a resume replays it; empty when unconditional."""
+def _condition(batch: dict[str, Any], conditioning: Conditioning, gen: torch.Generator) -> Condition:
+    """This micro-batch's condition: class ids (unlabelled -> the null class), or the cached prompt
+    embeddings and mask, with this step's dropout mask drawn from the step's generator (so a
+    resume replays it; the adapter gives dropped samples its null condition, for text the stored
+    empty prompt); empty when unconditional."""
     if not conditioning.conditional:
         return Condition()
-    if conditioning.kind != "class":
-        raise ValueError(
-            f"the trainer reads class labels; a {conditioning.kind}-conditioned model needs its cache's text"
-        )
+    labels = batch["label"]
+    if conditioning.kind == "text":
+        if "text_embeds" not in batch:
+            raise ValueError(
+                "the model is text-conditioned but the shards' batches carry no prompt embeddings; "
+                "extract a captioned manifest with --base and pack it"
+            )
+        embeds = batch["text_embeds"]
+        drop = torch.rand(embeds.shape[0], generator=gen, device=embeds.device) < conditioning.dropout
+        return Condition(text_embeds=embeds, text_mask=batch["text_mask"], drop=drop)
     null = conditioning.num_classes
     y = torch.where(labels < 0, torch.full_like(labels, null), labels)
     drop = torch.rand(y.shape[0], generator=gen, device=y.device) < conditioning.dropout
@@ -121,7 +129,7 @@ def micro_step(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Losses of one micro-batch: (total, flow, weighted alignment, cosine per encoder)."""
     x0, adapter = batch["x0"], state.adapter
-    condition = _condition(batch["label"], adapter.conditioning, state.gen)
+    condition = _condition(batch, adapter.conditioning, state.gen)
     t = sample_timesteps(x0.shape[0], cfg.time_schedule, state.gen, cfg.device, cfg.time_mean, cfg.time_std)
     t = adapter.objective.shift_time(t)
     eps = torch.randn(x0.shape, generator=state.gen, device=cfg.device)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cache_schema.run import LORA_WEIGHTS_FILE
 from stages.common.models.adapter import (
     Condition,
     Conditioning,
@@ -39,7 +40,7 @@ WAN_MAX_TEXT_TOKENS = 512  # WanPipeline.__call__'s max_sequence_length
 WAN_DEFAULT_SHIFT = 3.0  # used when a folder has no scheduler config (Wan 2.1 480p's flow_shift)
 # diffusers' Wan LoRA training targets (finetrainers: blocks.*(to_q|to_k|to_v|to_out.0)), in attn1 and attn2
 WAN_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # what WanPipeline.load_lora_weights(folder) reads
+LORA_WEIGHTS_NAME = LORA_WEIGHTS_FILE  # what WanPipeline.load_lora_weights(folder) reads
 
 
 def unwrap(module: nn.Module) -> nn.Module:
