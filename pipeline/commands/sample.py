@@ -34,6 +34,13 @@ _d = partial(help_default, SampleConfig)
     help="A step folder (model/ + ema/) or a save_pretrained folder.",
 )
 @click.option("--num", type=int, default=None, help=f"Number of videos [{_d('num')}].")
+@click.option("--prompt", type=str, default=None, help="A text-to-video run (train --base): the prompt.")
+@click.option(
+    "--prompts",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="A text-to-video run: a file of prompts, one per line (video i gets prompt i mod their number).",
+)
 @click.option(
     "--out", type=click.Path(file_okay=False), default=None, help="Output folder [RUN/samples/<checkpoint>]."
 )

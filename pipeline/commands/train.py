@@ -224,6 +224,8 @@ def _resume_base(out: str | None, config_file, overrides) -> dict:
     previous.pop("vae_spec", None)
     previous.pop("model_family", None)  # recorded from the model built, not a setting
     previous.pop("shards_index", None)  # what the run read last: compared on resume, not a setting
+    previous.pop("latent_shape", None)  # a fine-tune's record of its shards, for `pipeline sample`
+    previous.pop("text_spec", None)
     return previous
 
 

@@ -232,11 +232,15 @@ def run_config(cfg: TrainConfig, setup: RunSetup, state: TrainState) -> dict[str
         resume_from=None,
     )
     vae = (setup.layout.get("spec") or {}).get("vae") or {}
+    extra = {}
+    if cfg.base:  # what `pipeline sample` needs besides the weights: the noise shape, the prompt length
+        extra = {"latent_shape": list(setup.layout["latent_shape"]), "text_spec": dict(setup.layout["text"])}
     return {
         **runtime.config_to_dict(resolved),
         "model_family": state.adapter.family,
         "vae_spec": vae,
         "shards_index": setup.shards_index,
+        **extra,
     }
 
 

@@ -78,6 +78,14 @@ def _flow_shift(src: str, kwargs: dict[str, Any]) -> float:
     return WAN_DEFAULT_SHIFT
 
 
+def flow_shift(source: str | Path, flag: str = "--base") -> float:
+    """The timestep shift of a pipeline folder / hub id's scheduler (a saved full fine-tune has
+    none: sampling takes its base's)."""
+    from stages.common.models.vae import hub_kwargs
+
+    return _flow_shift(*hub_kwargs(source, flag))
+
+
 def load_wan_transformer(
     source: str | Path, dtype: torch.dtype = torch.float32, flag: str = "--base"
 ) -> tuple[nn.Module, float]:
@@ -120,7 +128,14 @@ class WanAdapter(VideoModelAdapter):
         self.objective = Objective(shift=float(shift), timestep_scale=WAN_TIMESTEP_SCALE)
         hidden = int(cfg.num_attention_heads) * int(cfg.attention_head_dim)
         self.tokens = TokenLayout(tuple(int(p) for p in cfg.patch_size), hidden, int(cfg.num_layers))
-        self.null_text = None if null_text is None else self._pad(null_text[None].float(), None)[0]
+        self.null_text: torch.Tensor | None = None
+        if null_text is not None:
+            self.set_null_text(null_text)
+
+    def set_null_text(self, null_text: torch.Tensor) -> None:
+        """The empty prompt's embedding [L, text_dim] (padded to max_text_tokens): what dropped
+        samples and guidance's null branch get."""
+        self.null_text = self._pad(null_text[None].float(), None)[0]
 
     @classmethod
     def from_pretrained(
