@@ -255,6 +255,8 @@ def _load_module(module: nn.Module, folder: Path) -> None:
         path = folder / run_files.LORA_WEIGHTS_FILE
         try:
             load_lora_file(module, path, lambda p: _read(p, load_file))
+        except CheckpointError:
+            raise
         except ValueError as exc:
             raise run_files.RunError(str(exc)) from None
         return
