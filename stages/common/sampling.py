@@ -142,7 +142,7 @@ def generate_latents(
 ) -> tuple[torch.Tensor, np.ndarray]:
     """Sample `num` latents from `module` (the adapter's network or its EMA copy, already on
     `device`; None: the module's device), its velocity through `adapter.forward`, on the time grid
-    shifted by the model's objective (Objective.shift; 1 for the VideoDiT).
+    shifted by the model's objective (Objective.shift; 1: none).
 
     A text model takes `text`: the prompts' embeddings [num, L, D] and mask [num, L] (video i gets
     prompt i; guidance's null branch is the adapter's empty prompt).

@@ -75,7 +75,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the model's forward and the projectors (compiled.py)
     # fine-tuning a pretrained text-to-video model (finetune.py): a diffusers pipeline folder or hub
-    # id (Wan), trained as LoRA (lora_rank) or in full (full_finetune); None: a fresh VideoDiT
+    # id (Wan), trained as LoRA (lora_rank) or in full (full_finetune); None: a fresh model (MODEL_FAMILY)
     base: str | None = None
     lora_rank: int | None = None
     lora_alpha: float | None = None  # None: the rank (scale 1, as diffusers' scripts)
@@ -244,7 +244,7 @@ class TrainConfig:
             (
                 not self.base or (self.eval_every == 0 and not self.vae),
                 "base: sample GIFs (--vae) and --eval-every during training are for class-conditioned "
-                "VideoDiT runs; sample a fine-tuned model with `pipeline sample --run RUN --prompt TEXT`",
+                "runs; sample a fine-tuned model with `pipeline sample --run RUN --prompt TEXT`",
             ),
         ]
 

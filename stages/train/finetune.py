@@ -1,5 +1,5 @@
 """Fine-tuning a pretrained text-to-video model (`train --base`): the adapter the shared loop and
-step train instead of a fresh VideoDiT.
+step train instead of a fresh model.
 
 Why here and not in state.py: what differs from a fresh model is only how the module is built
 (loaded, frozen and given LoRA, or trained in full), which of its parameters the optimizer and the

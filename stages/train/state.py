@@ -90,7 +90,7 @@ def wrap_ddp(state: TrainState, device: torch.device) -> None:
 def build_model(
     cfg: TrainConfig, layout: dict[str, Any], null_text: torch.Tensor | None = None
 ) -> VideoModelAdapter:
-    """A fresh VideoDiT for the shards' latents, or with `cfg.base` the pretrained model
+    """A fresh model (MODEL_FAMILY) for the shards' latents, or with `cfg.base` the pretrained model
     (finetune.py; `null_text` is the shards' empty prompt for its CFG dropout)."""
     if cfg.base:
         from .finetune import build_pretrained
