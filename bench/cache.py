@@ -55,6 +55,7 @@ from loader_rate import samples_per_s  # noqa: E402 (bench/ is on sys.path when 
 import cache_schema
 from cache_schema import constants as C
 from cache_schema import formats
+from cache_schema.layout import EncoderEntry
 from pipeline.summary import format_table
 from stages.common.resample import l2_normalize_tokens, resample_temporal
 from stages.extract.store import (
@@ -172,26 +173,12 @@ def exact_target(q: torch.Tensor, enc: EncoderSpec, frames: int) -> torch.Tensor
 # --------------------------------------------------------------------------------- store + pack
 
 
-def entries(case: FormatCase, grid, pca_dims: int) -> list[dict[str, Any]]:
-    out = []
-    for e in ENCODERS:
-        stored = pca_dims if e.name in case.pca else e.dim
-        layout = formats.stored_layout(case.fmt, stored)
-        out.append(
-            {
-                "name": e.name,
-                "id": f"synthetic/{e.name}",
-                "dim": e.dim,
-                "input_size": 0,
-                "format": case.fmt,
-                "time_frames": min(VIDEOMAE_TIME, grid[0]) if e.native_time else grid[0],
-                "stored_dim": stored,
-                "values": list(layout["values"]),
-                "scales": None if layout["scales"] is None else list(layout["scales"]),
-                "pca": e.name in case.pca,
-            }
-        )
-    return out
+def entries(case: FormatCase, grid, pca_dims: int) -> list[EncoderEntry]:
+    return [
+        EncoderEntry.build(e.name, e.dim, case.fmt, min(VIDEOMAE_TIME, grid[0]) if e.native_time else grid[0],
+                           pca_dims if e.name in case.pca else None, id=f"synthetic/{e.name}", input_size=0)
+        for e in ENCODERS
+    ]  # fmt: skip
 
 
 def store_attrs(case: FormatCase, plan: StorePlan, bases: dict[str, formats.PCABasis]) -> dict[str, Any]:
@@ -204,23 +191,21 @@ def store_attrs(case: FormatCase, plan: StorePlan, bases: dict[str, formats.PCAB
         },
         "fidelity": {},
     }
-    return {
-        "schema_version": cache_schema.SCHEMA_VERSION,
-        "fingerprint": cache_schema.content_fingerprint(spec, derived),
-        "spec": spec,
-        "derived": derived,
-        "grid": list(plan.grid),
-        "patch_size": [1, PATCH, PATCH],
-        "latent_shape": list(plan.latent_shape),
-        "encoders": plan.encoders,
-        "class_names": ["a", "b"],
-        "num_clips": plan.num_clips,
-        "block_size": plan.block_size,
-        "num_blocks": plan.num_blocks,
-        "sources": [f"v{i}.mp4" for i in range(plan.num_clips)],
-        "source_root": "synthetic",
-        "config": {},
-    }
+    return cache_schema.StoreLayout(
+        fingerprint=cache_schema.content_fingerprint(spec, derived),
+        spec=spec,
+        derived=derived,
+        grid=tuple(plan.grid),
+        patch_size=(1, PATCH, PATCH),
+        latent_shape=tuple(plan.latent_shape),
+        encoders=tuple(plan.encoders),
+        class_names=["a", "b"],
+        num_clips=plan.num_clips,
+        block_size=plan.block_size,
+        num_blocks=plan.num_blocks,
+        sources=[f"v{i}.mp4" for i in range(plan.num_clips)],
+        extra={"source_root": "synthetic", "config": {}},
+    ).to_attrs()
 
 
 def encode_all(case: FormatCase, quantities, bases) -> tuple[dict[str, tuple[np.ndarray, Any]], float]:
@@ -262,9 +247,9 @@ def write_store(
     raw = latents.nbytes + sum(v.nbytes + (0 if s is None else s.nbytes) for v, s in targets.values())
     stored = {C.LATENTS: group[C.LATENTS].nbytes_stored() / n}
     for e in plan.encoders:
-        stored[e["name"]] = group[C.values_path(e["name"])].nbytes_stored() / n
-        if e["scales"]:
-            stored[e["name"]] += group[C.scales_path(e["name"])].nbytes_stored() / n
+        stored[e.name] = group[e.values_path].nbytes_stored() / n
+        if e.scales:
+            stored[e.name] += group[e.scales_path].nbytes_stored() / n
     return {
         "write_s": seconds,
         "raw_bytes": raw,
@@ -285,26 +270,27 @@ def pack(store: str, out: str, per_shard: int) -> dict[str, Any]:
     errors = cache_schema.validate_shards(out)
     if errors:
         raise RuntimeError(f"bench shards are invalid: {errors}")
-    full = sum(s["bytes"] for s in index["shards"])
-    written = full + index["latents_only"]["bytes"]
+    index = cache_schema.ShardLayout.from_index(index)
+    full = sum(s.bytes for s in index.shards)
+    written = full + index.latents_only["bytes"]
     return {
         "pack_s": seconds,
         "tar_bytes": written,
         "pack_mb_s": written / 1e6 / seconds,
-        "tar_bytes_per_sample": full / index["num_samples"],
+        "tar_bytes_per_sample": full / index.num_samples,
     }
 
 
 def time_loader(shards: str, args, workers: int) -> dict[str, Any]:
     """Samples/s of build_loader over the shards (read, crc32, decode, collate), no model."""
-    index = cache_schema.read_index(shards)
+    index = cache_schema.read_shard_layout(shards)
     spec = LoaderSpec(
         urls=shard_urls(shards, index),
         seed=0,
         batch_size=args.loader_batch_size,
         batches_per_step=1,
         segment_steps=10**9,
-        encoders=cache_schema.encoder_entries(index),
+        encoders=index.encoder_entries(),
         shuffle_buffer=args.shuffle_buffer,
         num_workers=workers,
     )
@@ -324,7 +310,7 @@ def dequant_and_fidelity(case: FormatCase, targets, quantities, bases, grid, dev
     """reconstruct() ms per batch of clips (median), and cosines vs the exact targets, per encoder."""
     frames, n, b = grid[0], len(quantities[ENCODERS[0].name]), args.dequant_batch
     on_device = {k: formats.basis_tensors(v, device) for k, v in bases.items()}
-    entry = {e["name"]: e for e in entries(case, grid, args.pca_dims)}
+    entry = {e.name: e for e in entries(case, grid, args.pca_dims)}
 
     def rebuild(lo: int, hi: int) -> dict[str, torch.Tensor]:
         out = {}
@@ -332,7 +318,7 @@ def dequant_and_fidelity(case: FormatCase, targets, quantities, bases, grid, dev
             v = torch.from_numpy(values[lo:hi]).to(device)
             s = None if scales is None else torch.from_numpy(scales[lo:hi]).to(device)
             out[name] = formats.reconstruct(
-                v, s, case.fmt, entry[name]["stored_dim"], frames, on_device.get(name)
+                v, s, case.fmt, entry[name].stored_dim, frames, on_device.get(name)
             )
         return out
 

@@ -25,6 +25,7 @@ import torch
 import zarr
 
 from cache_schema import constants as C
+from cache_schema import store_layout
 from cache_schema.bases import store_bases
 from pipeline.summary import format_table
 from stages.common.runtime import resolve_device
@@ -42,17 +43,17 @@ def machine() -> str:
 
 def _copy_plan(src: zarr.Group) -> tuple[StorePlan, dict[str, tuple[np.ndarray, np.ndarray | None]]]:
     """The extracted store's plan and its compact target arrays (read once)."""
-    attrs = dict(src.attrs)
+    layout = store_layout(src)
     targets = {}
-    for enc in attrs["encoders"]:
-        scales = src[C.scales_path(enc["name"])][:] if enc["scales"] else None
-        targets[enc["name"]] = (src[C.values_path(enc["name"])][:], scales)
+    for enc in layout.encoders:
+        scales = src[enc.scales_path][:] if enc.scales else None
+        targets[enc.name] = (src[enc.values_path][:], scales)
     plan = StorePlan(
-        num_clips=int(attrs["num_clips"]),
-        block_size=int(attrs["block_size"]),
-        latent_shape=tuple(attrs["latent_shape"]),
-        grid=tuple(attrs["grid"]),
-        encoders=attrs["encoders"],
+        num_clips=layout.num_clips,
+        block_size=layout.block_size,
+        latent_shape=layout.latent_shape,
+        grid=layout.grid,
+        encoders=list(layout.encoders),
         labels=src[C.LABELS][:],
         video_index=src[C.VIDEO_INDEX][:],
         start_frame=src[C.START_FRAME][:],

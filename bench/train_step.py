@@ -57,6 +57,7 @@ from loader_rate import samples_per_s  # noqa: E402 (bench/ is on sys.path when 
 import cache_schema
 from cache_schema import constants as C
 from cache_schema import formats
+from cache_schema.layout import CacheLayout, EncoderEntry
 from pipeline.summary import format_table
 from stages.common.registry import ENCODERS as ENCODER_DEFAULTS
 from stages.pack.packer import clip_sample, shard_index, write_index, write_tar
@@ -96,40 +97,26 @@ class Shapes:
     grid: tuple[int, int, int]
     encoders: dict[str, tuple[int, int]]
 
-    def entries(self, fmt: str) -> list[dict[str, Any]]:
+    def entries(self, fmt: str) -> list[EncoderEntry]:
         """Schema-v2 layout entries of the encoders stored in `fmt` (no PCA)."""
-        out = []
-        for name, (dim, frames) in self.encoders.items():
-            stored = formats.stored_layout(fmt, dim)
-            out.append(
-                {
-                    "name": name,
-                    "id": f"bench/{name}",
-                    "dim": dim,
-                    "input_size": 0,
-                    "format": fmt,
-                    "time_frames": frames,
-                    "stored_dim": dim,
-                    "values": list(stored["values"]),
-                    "scales": None if stored["scales"] is None else list(stored["scales"]),
-                    "pca": False,
-                }
-            )
-        return out
+        return [
+            EncoderEntry.build(name, dim, fmt, frames, id=f"bench/{name}", input_size=0)
+            for name, (dim, frames) in self.encoders.items()
+        ]
 
-    def layout(self, fmt: str) -> dict[str, Any]:
+    def layout(self, fmt: str) -> CacheLayout:
         spec = {"bench": "train_step", "format": fmt, "grid": list(self.grid)}
         derived: dict[str, Any] = {"pca": {}, "fidelity": {}}
-        return {
-            "fingerprint": cache_schema.content_fingerprint(spec, derived),
-            "spec": spec,
-            "derived": derived,
-            "encoders": self.entries(fmt),
-            "grid": list(self.grid),
-            "latent_shape": list(self.latent_shape),
-            "class_names": [f"c{k}" for k in range(NUM_CLASSES)],
-            "patch_size": [1, 2, 2],
-        }
+        return CacheLayout(
+            fingerprint=cache_schema.content_fingerprint(spec, derived),
+            spec=spec,
+            derived=derived,
+            encoders=tuple(self.entries(fmt)),
+            grid=self.grid,
+            latent_shape=self.latent_shape,
+            class_names=[f"c{k}" for k in range(NUM_CLASSES)],
+            patch_size=(1, 2, 2),
+        )
 
 
 def synth_pool(shapes: Shapes, size: int, seed: int = 0) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
@@ -186,14 +173,14 @@ class ShardSet:
     """One loader input: urls, the encoders it decodes, and tar bytes per sample (from index.json)."""
 
     urls: list[str]
-    encoders: dict[str, dict[str, Any]]
+    encoders: dict[str, EncoderEntry]
     bytes_per_sample: float
 
 
 def shard_set(path: Path, with_targets: bool) -> ShardSet:
-    index = cache_schema.read_index(path)
-    per_sample = sum(s["bytes"] for s in index["shards"]) / index["num_samples"]
-    encoders = cache_schema.encoder_entries(index) if with_targets else {}
+    index = cache_schema.read_shard_layout(path)
+    per_sample = sum(s.bytes for s in index.shards) / index.num_samples
+    encoders = index.encoder_entries() if with_targets else {}
     return ShardSet(shard_urls(str(path), index), encoders, per_sample)
 
 
@@ -355,7 +342,7 @@ def build_variant(
     state.model.train()
     cfg = StepConfig(
         device=device,
-        encoders=cache_schema.encoder_entries(layout),
+        encoders=layout.encoder_entries(),
         frames=shapes.grid[0],
         use_bf16=device.type == "cuda",
     )

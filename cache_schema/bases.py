@@ -11,18 +11,21 @@ import hashlib
 from typing import Any
 
 from . import constants as C
+from .errors import CacheError
 from .formats import PCABasis
-from .validate import CacheError, read_bytes
+from .layout import ShardLayout
+from .validate import read_bytes, store_layout
 
 
 def store_bases(group: Any) -> dict[str, PCABasis]:
     """The PCA bases of a store (zarr group), by encoder; checked against `derived`."""
-    derived = dict(group.attrs).get("derived", {}).get("pca", {})
+    layout = store_layout(group)
+    derived = layout.pca_derived
     bases = {}
-    for enc in group.attrs["encoders"]:
-        if not enc.get("pca"):
+    for enc in layout.encoders:
+        if not enc.pca:
             continue
-        name = enc["name"]
+        name = enc.name
         base = f"{C.PCA_GROUP}/{name}"
         basis = PCABasis(
             group[f"{base}/{C.PCA_MEAN}"][:],
@@ -48,10 +51,10 @@ def write_shard_bases(out: str, bases: dict[str, PCABasis]) -> dict[str, dict[st
     return entries
 
 
-def shard_bases(shards: str, index: dict[str, Any], names: list[str] | None = None) -> dict[str, PCABasis]:
+def shard_bases(shards: str, index: ShardLayout, names: list[str] | None = None) -> dict[str, PCABasis]:
     """The PCA bases a shard set carries (for `names`, default all), checked against the index."""
-    files = index.get("pca_files") or {}
-    derived = (index.get("derived") or {}).get("pca", {})
+    files = index.pca_files or {}
+    derived = index.pca_derived
     bases = {}
     for name in names or list(files):
         if name not in files:

@@ -21,7 +21,7 @@ PCA_GROUP = "pca"  # pca/<encoder>/mean [D] and pca/<encoder>/components [k, D],
 PCA_MEAN = "mean"
 PCA_COMPONENTS = "components"
 LABELS = "labels"  # [N] int64, -1 = unlabelled
-VIDEO_INDEX = "video_index"  # [N] int32, index into attrs["sources"]
+VIDEO_INDEX = "video_index"  # [N] int32, index into the `sources` attribute
 START_FRAME = "start_frame"  # [N] int32
 FLIP = "flip"  # [N] uint8, 1 = horizontally mirrored frames (computed from the mirrored pixels)
 VALID = "valid"  # [N] uint8, 0 = clip failed at extraction
@@ -29,6 +29,14 @@ BLOCK_DONE = "block_done"  # [num_blocks] uint8, 1 = block complete (written las
 CLIP_CRC = "clip_crc"  # [N, A] uint32: crc32 of each row of each per-clip array (cache_schema/integrity.py)
 INTEGRITY_ATTR = "integrity"  # root attribute: {"array": CLIP_CRC, "hash": "crc32", "columns": [array paths]}
 META_ARRAYS = (LABELS, VIDEO_INDEX, START_FRAME, FLIP)  # per-clip metadata known before any block
+# Text conditioning (stores extracted with --base PIPELINE from a captioned manifest; the layout's
+# `text` entry says so): each clip's prompt embeddings and mask, and the empty prompt's once.
+TEXT_GROUP = "text"
+TEXT_EMBEDS = "text/embeds"  # [N, L, D] float16, zero past each prompt's length
+TEXT_MASK = "text/mask"  # [N, L] uint8, the tokenizer's attention mask
+TEXT_EMPTY_EMBEDS = "text/empty_embeds"  # [L, D] float16: the empty prompt (classifier-free guidance)
+TEXT_EMPTY_MASK = "text/empty_mask"  # [L] uint8
+TEXT_DTYPE = "float16"  # see cache_schema/text.py for why not bfloat16
 
 
 def values_path(encoder: str) -> str:
@@ -44,11 +52,6 @@ def scales_path(encoder: str) -> str:
 def norms_path(encoder: str) -> str:
     """A store's array of an encoder's token norms (entries with raw_tokens = RAW_FROM_NORMS)."""
     return f"{TARGETS_GROUP}/{encoder}/{TOKEN_NORMS}"
-
-
-def stores_norms(entry: dict) -> bool:
-    """True when an encoder's layout entry keeps its token norms beside the values."""
-    return entry.get(RAW_TOKENS) == RAW_FROM_NORMS
 
 
 STORE_ARRAYS = (LATENTS, LABELS, VIDEO_INDEX, START_FRAME, FLIP, VALID, BLOCK_DONE)
@@ -81,6 +84,11 @@ SAMPLE_LATENT = "latent.npy"
 SAMPLE_CLASS = "cls"
 SAMPLE_META = "json"
 SAMPLE_CHECKSUM = "crc32.txt"  # zlib crc32 (8 hex digits) of every other member, see checksum.py
+
+
+SAMPLE_TEXT = "text.npy"  # float16 [n, D]: the prompt's n = sum(mask) embeddings (the zero tail dropped)
+SAMPLE_TEXT_MASK = "text_mask.npy"  # uint8 [L]
+TEXT_EMPTY_FILE = "text-empty.npz"  # the empty prompt's embeds [L, D] and mask [L] (sha256 in index.json)
 
 
 def pca_file(encoder: str) -> str:

@@ -235,17 +235,17 @@ def encode(x: Any, fmt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def _check_stored(values: torch.Tensor, scales: torch.Tensor | None, fmt: str, dim: int) -> None:
     """Shapes and dtypes of stored tensors against stored_layout (no device sync)."""
-    layout = stored_layout(fmt, dim)
-    vdim, vdt = layout["values"]
+    stored = stored_layout(fmt, dim)
+    vdim, vdt = stored["values"]
     if values.shape[-1:] != (vdim,) or str(values.dtype).removeprefix("torch.") != vdt:
         raise ValueError(
             f"{fmt} values for dim {dim} must be [..., {vdim}] {vdt}, got {tuple(values.shape)} {values.dtype}"
         )
-    if layout["scales"] is None:
+    if stored["scales"] is None:
         if scales is not None:
             raise ValueError(f"{fmt} stores no scales, got a tensor of shape {tuple(scales.shape)}")
         return
-    sdim, _ = layout["scales"]
+    sdim, _ = stored["scales"]
     want = (*values.shape[:-1], sdim)
     if scales is None or tuple(scales.shape) != want:
         got = None if scales is None else tuple(scales.shape)

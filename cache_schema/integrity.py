@@ -19,7 +19,9 @@ from typing import Any
 import numpy as np
 
 from . import constants as C
-from .validate import CacheError, open_array
+from .errors import CacheError
+from .layout import EncoderEntry, TextEntry, per_clip_arrays
+from .validate import open_array, store_layout
 
 __all__ = ["BlockDamaged", "RowChecker", "StoreCheck", "StoreVerifier", "open_array"]
 
@@ -31,22 +33,9 @@ class BlockDamaged(CacheError):
     redoes it."""
 
 
-def per_clip_arrays(encoders: list[dict[str, Any]]) -> list[str]:
-    """The store's per-clip arrays in `clip_crc` column order: latents, each encoder's values
-    (+ scales, + token norms), the clip metadata, valid."""
-    names = [C.LATENTS]
-    for enc in encoders:
-        names.append(C.values_path(enc["name"]))
-        if enc.get("scales"):
-            names.append(C.scales_path(enc["name"]))
-        if C.stores_norms(enc):
-            names.append(C.norms_path(enc["name"]))
-    return [*names, *C.META_ARRAYS, C.VALID]
-
-
-def integrity_attr(encoders: list[dict[str, Any]]) -> dict[str, Any]:
+def integrity_attr(encoders: list[EncoderEntry], text: TextEntry | None = None) -> dict[str, Any]:
     """The root attribute a store with checksums carries."""
-    return {"array": C.CLIP_CRC, "hash": HASH, "columns": per_clip_arrays(encoders)}
+    return {"array": C.CLIP_CRC, "hash": HASH, "columns": per_clip_arrays(encoders, text)}
 
 
 def row_crcs(data: np.ndarray) -> np.ndarray:
@@ -84,12 +73,11 @@ class StoreVerifier:
 
     def __init__(self, group: Any, where: str) -> None:
         self.where = str(where).rstrip("/")
-        attrs = dict(group.attrs)
-        self.block_size, self.num_clips = int(attrs["block_size"]), int(attrs["num_clips"])
-        spec = attrs.get(C.INTEGRITY_ATTR)
-        names = per_clip_arrays(attrs["encoders"]) if spec is None else list(spec["columns"])
+        layout = store_layout(group, self.where)
+        self.block_size, self.num_clips = layout.block_size, layout.num_clips
+        names = layout.crc_columns
         self.arrays = {name: open_array(group, name, self.where) for name in names}
-        self.crc = None if spec is None else open_array(group, spec["array"], self.where)
+        self.crc = None if layout.crc_array is None else open_array(group, layout.crc_array, self.where)
         self.columns = {name: i for i, name in enumerate(names)}
 
     @property
@@ -145,14 +133,13 @@ class RowChecker:
 
     def __init__(self, group: Any, where: str) -> None:
         self.where = str(where).rstrip("/")
-        attrs = dict(group.attrs)
-        self.block_size, self.num_clips = int(attrs["block_size"]), int(attrs["num_clips"])
-        spec = attrs.get(C.INTEGRITY_ATTR)
-        self.columns = {} if spec is None else {n: i for i, n in enumerate(spec["columns"])}
+        layout = store_layout(group, self.where)
+        self.block_size, self.num_clips = layout.block_size, layout.num_clips
+        self.columns = {} if layout.crc_array is None else {n: i for i, n in enumerate(layout.crc_columns)}
         self.crc = (
             None
-            if spec is None
-            else self._read(open_array(group, spec["array"], self.where), C.CLIP_CRC, None)
+            if layout.crc_array is None
+            else self._read(open_array(group, layout.crc_array, self.where), C.CLIP_CRC, None)
         )
 
     def error(self, name: str, row: int | None, what: str) -> CacheError:

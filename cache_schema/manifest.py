@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import constants as C
+from .layout import encoder_names
 
 _CHUNK_KEYS = r"c(?:/\d+)+"  # zarr v3 default chunk keys: c/0/1/...
 
@@ -45,8 +46,8 @@ def _group(path: str) -> tuple[list[str], list[str]]:
 def _store_encoders(root: Path) -> str:
     """A pattern of the store's encoder names, from its own root metadata (any name if unreadable)."""
     try:
-        attrs = json.loads((root / "zarr.json").read_text())["attributes"]
-        return "(?:" + "|".join(re.escape(e["name"]) for e in attrs["encoders"]) + ")"
+        names = encoder_names(json.loads((root / "zarr.json").read_text())["attributes"])
+        return "(?:" + "|".join(re.escape(name) for name in names) + ")"
     except (OSError, ValueError, KeyError, TypeError):
         return r"[^/]+"
 
@@ -60,6 +61,8 @@ def store_manifest(root: Path) -> Manifest:
     parts += [_array(f"{C.TARGETS_GROUP}/{enc}/(?:{C.TARGET_VALUES}|{C.TARGET_SCALES}|{C.TOKEN_NORMS})")]
     parts += [_group(C.PCA_GROUP), _group(f"{C.PCA_GROUP}/{enc}")]
     parts += [_array(f"{C.PCA_GROUP}/{enc}/(?:{C.PCA_MEAN}|{C.PCA_COMPONENTS})")]
+    text = (C.TEXT_EMBEDS, C.TEXT_MASK, C.TEXT_EMPTY_EMBEDS, C.TEXT_EMPTY_MASK)
+    parts += [_group(C.TEXT_GROUP)] + [_array(re.escape(name)) for name in text]
     for f, d in parts:
         files += f
         dirs += d
@@ -76,6 +79,8 @@ def shards_manifest(root: Path) -> Manifest:
         r"pack_config\.yaml(?:\.tmp)?",
         f"{lean}/{shard}",
         f"{lean}/{index}",
+        re.escape(C.TEXT_EMPTY_FILE),
+        f"{lean}/{re.escape(C.TEXT_EMPTY_FILE)}",
     )
     return Manifest(files, (lean,))
 

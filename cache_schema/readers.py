@@ -37,16 +37,18 @@ from .outputs import (
 def index_summary(shards: str | Path) -> dict[str, Any]:
     """What a reader records of a shard set and later compares: the sha256 of index.json, and the
     fields a change is described by (fingerprint, counts, order, a digest of the shards' sha256)."""
+    from .layout import ShardLayout
     from .validate import read_bytes
 
-    raw = read_bytes(f"{str(shards).rstrip('/')}/{C.SHARD_INDEX}")
-    index = json.loads(raw)
-    shas = "".join(str(s.get("sha256")) for s in index.get("shards", []))
+    path = f"{str(shards).rstrip('/')}/{C.SHARD_INDEX}"
+    raw = read_bytes(path)
+    index = ShardLayout.from_index(json.loads(raw), path)
+    shas = "".join(s.sha256 for s in index.shards)
     return {
         "sha256": hashlib.sha256(raw).hexdigest(),
-        "fingerprint": index.get("fingerprint"),
-        "num_samples": index.get("num_samples"),
-        "order": index.get("order"),
+        "fingerprint": index.fingerprint,
+        "num_samples": index.num_samples,
+        "order": index.order,
         "shards": hashlib.sha256(shas.encode()).hexdigest(),
     }
 

@@ -8,27 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from . import constants as C
+from .errors import CacheError, CacheMismatch
 from .fingerprint import fingerprint
-
-
-class CacheError(ValueError):
-    """A cache that cannot be read or does not follow schema v2."""
-
-
-class CacheMismatch(CacheError):
-    """A cache that is valid but does not match what a run asked for; names the field."""
-
-    def __init__(self, field: str, expected: Any, found: Any, path: str = "") -> None:
-        self.field, self.expected, self.found, self.path = field, expected, found, path
-        where = f" {path}" if path else ""
-        super().__init__(
-            f"cache{where} does not match the requested config: field '{field}' "
-            f"is {found!r} in the cache but {expected!r} was requested"
-        )
+from .layout import CacheLayout, EncoderEntry, ShardFile, ShardLayout, StoreLayout, as_layout
 
 
 def content_fingerprint(spec: dict[str, Any], derived: dict[str, Any]) -> str:
@@ -153,34 +140,42 @@ def check_schema(version: Any, path: str | Path) -> None:
     raise CacheError(f"{path} has cache schema version {version!r}; this tool reads v{C.SCHEMA_VERSION}")
 
 
-def read_layout(path_or_layout: str | Path | dict[str, Any]) -> dict[str, Any]:
-    """The layout attributes (fingerprint, grid, encoders, ...) of a store or a shard folder."""
-    if isinstance(path_or_layout, dict):
-        return path_or_layout
+def read_layout(path_or_layout: str | Path | CacheLayout | dict[str, Any]) -> CacheLayout:
+    """The typed layout (fingerprint, grid, encoders, ...) of a store or a shard folder; a layout
+    or a mapping of store attributes / index.json fields is converted as it is."""
+    if isinstance(path_or_layout, (CacheLayout, dict)):
+        return as_layout(path_or_layout)
     kind = kind_of(path_or_layout)
     if kind == "shards":
-        return read_index(path_or_layout)
+        return read_shard_layout(path_or_layout)
     if kind == "store":
-        return dict(open_group(path_or_layout).attrs)
+        return store_layout(open_group(path_or_layout), path_or_layout)
     raise CacheError(f"{path_or_layout} is neither a zarr feature store nor a shard folder")
 
 
-def _check_store_arrays(group: Any, attrs: dict[str, Any], path: str | Path) -> list[str]:
+def read_shard_layout(path: str | Path) -> ShardLayout:
+    """The typed index.json of a shard folder."""
+    where = f"{str(path).rstrip('/')}/{C.SHARD_INDEX}"
+    index = read_index(path)
+    check_schema(index.get("schema_version"), path)
+    return ShardLayout.from_index(index, where)
+
+
+def store_layout(group: Any, where: str | Path = "the store") -> StoreLayout:
+    """The typed root attributes of an open zarr store."""
+    attrs = dict(group.attrs)
+    check_schema(attrs.get("schema_version"), where)
+    return StoreLayout.from_attrs(attrs, str(where))
+
+
+def _check_store_arrays(group: Any, layout: StoreLayout, path: str | Path) -> list[str]:
     """Shape errors of the store's arrays, each opened by name (listing the group would make zarr
     open every file beside the arrays, report.json included, and bury one bad file in tracebacks)."""
     errors: list[str] = []
-    n = int(attrs["num_clips"])
-    grid = attrs["grid"]
-    wanted: dict[str, tuple[int, ...] | None] = {C.LATENTS: (n, *attrs["latent_shape"])}
+    n = layout.num_clips
+    wanted: dict[str, tuple[int, ...] | None] = {a.path: (n, *a.shape) for a in layout.clip_arrays()}
     wanted.update({name: (n,) for name in (C.LABELS, C.VIDEO_INDEX, C.START_FRAME, C.FLIP, C.VALID)})
     wanted[C.BLOCK_DONE] = None
-    for enc in attrs["encoders"]:
-        lead = (n, int(enc["time_frames"]), grid[1], grid[2])
-        wanted[C.values_path(enc["name"])] = (*lead, int(enc["values"][0]))
-        if enc.get("scales"):
-            wanted[C.scales_path(enc["name"])] = None
-        if C.stores_norms(enc):
-            wanted[C.norms_path(enc["name"])] = lead
     for name, shape in wanted.items():
         try:
             array = open_array(group, name, path)
@@ -215,15 +210,19 @@ def validate_store(path: str | Path, require_complete: bool = True) -> list[str]
     errors = _header_errors(attrs, path, C.STORE_ATTRS, f"{path}: missing attribute(s)")
     if errors:
         return errors
-    if content_fingerprint(attrs["spec"], attrs["derived"]) != attrs["fingerprint"]:
+    try:
+        layout = StoreLayout.from_attrs(attrs, str(path))
+    except CacheError as exc:
+        return [str(exc)]
+    if content_fingerprint(layout.spec, layout.derived) != layout.fingerprint:
         return [f"{path}: fingerprint does not match the recorded spec (attributes edited or corrupt)"]
-    errors = _check_store_arrays(group, attrs, path)
+    errors = _check_store_arrays(group, layout, path)
     if require_complete and not errors:
         done = open_array(group, C.BLOCK_DONE, path)[:]
-        if int(done.sum()) != int(attrs["num_blocks"]):
+        if int(done.sum()) != layout.num_blocks:
             todo = [int(i) for i in (done == 0).nonzero()[0][:5]]
             errors.append(
-                f"{path}: incomplete, {int(attrs['num_blocks']) - int(done.sum())} of {attrs['num_blocks']} "
+                f"{path}: incomplete, {layout.num_blocks - int(done.sum())} of {layout.num_blocks} "
                 f"blocks unfinished (e.g. {todo}); rerun the same `pipeline extract` command to resume"
             )
     return errors
@@ -267,28 +266,26 @@ def _size(path: str) -> int | None:
     return p.stat().st_size if p.is_file() else None
 
 
-def _check_shard_files(path: str | Path, shards: list[dict[str, Any]], verify_hashes: bool, progress: bool):
+def _check_shard_files(path: str | Path, shards: Iterable[ShardFile], verify_hashes: bool, progress: bool):
     errors: list[str] = []
     if progress:
         from tqdm import tqdm
 
         shards = tqdm(shards, desc="verify shards", unit="shard")
     for shard in shards:
-        shard_path = f"{str(path).rstrip('/')}/{shard['name']}"
+        shard_path = f"{str(path).rstrip('/')}/{shard.name}"
         size = _size(shard_path)
         if size is None:
-            errors.append(f"shard {shard['name']} is missing")
-        elif size != int(shard["bytes"]):
-            errors.append(
-                f"shard {shard['name']} is corrupt: {size} bytes on disk, index says {shard['bytes']}"
-            )
+            errors.append(f"shard {shard.name} is missing")
+        elif size != shard.bytes:
+            errors.append(f"shard {shard.name} is corrupt: {size} bytes on disk, index says {shard.bytes}")
         elif verify_hashes:
             digest, count = _sha256_and_samples(shard_path)
-            if digest != shard["sha256"]:
-                errors.append(f"shard {shard['name']} is corrupt: sha256 differs from the index")
-            elif count != int(shard["samples"]):
+            if digest != shard.sha256:
+                errors.append(f"shard {shard.name} is corrupt: sha256 differs from the index")
+            elif count != shard.samples:
                 errors.append(
-                    f"{C.SHARD_INDEX} is wrong: it says shard {shard['name']} holds {shard['samples']} samples, "
+                    f"{C.SHARD_INDEX} is wrong: it says shard {shard.name} holds {shard.samples} samples, "
                     f"the tar holds {count}"
                 )
     return errors
@@ -304,21 +301,25 @@ def validate_shards(path: str | Path, verify_hashes: bool = False, progress: boo
     errors = _header_errors(index, path, C.INDEX_FIELDS, f"{path}/{C.SHARD_INDEX}: missing field(s)")
     if errors:
         return errors
-    if content_fingerprint(index["spec"], index["derived"]) != index["fingerprint"]:
+    try:
+        layout = ShardLayout.from_index(index, f"{path}/{C.SHARD_INDEX}")
+    except CacheError as exc:
+        return [str(exc)]
+    if content_fingerprint(layout.spec, layout.derived) != layout.fingerprint:
         errors.append(f"{path}: fingerprint does not match the recorded spec")
-    if sum(int(s["samples"]) for s in index["shards"]) != int(index["num_samples"]):
-        errors.append(f"{path}: per-shard sample counts do not add up to num_samples={index['num_samples']}")
-    for pca in (index.get("pca_files") or {}).values():
+    if sum(s.samples for s in layout.shards) != layout.num_samples:
+        errors.append(f"{path}: per-shard sample counts do not add up to num_samples={layout.num_samples}")
+    for pca in (layout.pca_files or {}).values():
         pca_path = f"{str(path).rstrip('/')}/{pca['name']}"
         if _size(pca_path) is None:
             errors.append(f"{path}: the PCA basis file {pca['name']} is missing")
         elif hashlib.sha256(read_bytes(pca_path)).hexdigest() != pca["sha256"]:
             errors.append(f"{path}: {pca['name']} is corrupt: sha256 differs from the index")
-    return errors + _check_shard_files(path, index["shards"], verify_hashes, progress)
+    return errors + _check_shard_files(path, layout.shards, verify_hashes, progress)
 
 
-def _compare_encoders(want: list[Any], have: list[dict[str, Any]], where: str) -> None:
-    cached = {e["name"]: e for e in have or []}
+def _compare_encoders(want: list[Any], have: tuple[EncoderEntry, ...], where: str) -> None:
+    cached = {e.name: e.to_dict() for e in have}
     for item in want:
         name = item if isinstance(item, str) else item["name"]
         if name not in cached:
@@ -330,21 +331,24 @@ def _compare_encoders(want: list[Any], have: list[dict[str, Any]], where: str) -
                 raise CacheMismatch(f"encoders.{name}.{key}", value, cached[name].get(key), where)
 
 
-def compatible(path_or_layout: str | Path | dict[str, Any], requested: dict[str, Any]) -> dict[str, Any]:
+def compatible(
+    path_or_layout: str | Path | CacheLayout | dict[str, Any], requested: dict[str, Any]
+) -> CacheLayout:
     """Check a cache against what a run asks for; raise CacheMismatch naming the first differing field.
 
     `requested` may hold: schema_version, fingerprint, grid, patch_size, latent_shape, encoders
     (a list of names: any subset of the cached encoders, or entries whose keys must match).
-    Returns the cache's layout on success.
+    Returns the cache's typed layout on success.
     """
+    where = "" if isinstance(path_or_layout, (CacheLayout, dict)) else str(path_or_layout)
+    if isinstance(path_or_layout, dict):  # another schema is refused before its fields are read
+        check_schema(path_or_layout.get("schema_version"), where or "the cache")
     layout = read_layout(path_or_layout)
-    where = "" if isinstance(path_or_layout, dict) else str(path_or_layout)
-    if layout.get("schema_version") != C.SCHEMA_VERSION:
-        check_schema(layout.get("schema_version"), where or "the cache")
+    check_schema(layout.schema_version, where or "the cache")
     for field in C.LAYOUT_FIELDS:
         if field not in requested or requested[field] is None:
             continue
-        want, have = requested[field], layout.get(field)
+        want, have = requested[field], getattr(layout, field)
         if field == "encoders":
             _compare_encoders(want, have, where)
             continue
@@ -355,14 +359,9 @@ def compatible(path_or_layout: str | Path | dict[str, Any], requested: dict[str,
     return layout
 
 
-def encoder_entries(layout: dict[str, Any], names: list[str] | None = None) -> dict[str, dict[str, Any]]:
+def encoder_entries(
+    layout: CacheLayout | dict[str, Any], names: list[str] | None = None
+) -> dict[str, EncoderEntry]:
     """name -> the cache's layout entry (dim, format, time_frames, values, scales, pca) for the
     chosen (default: all) encoders, in the order asked for."""
-    cached = {e["name"]: e for e in layout["encoders"]}
-    chosen = list(names or cached)
-    if len(set(chosen)) != len(chosen):
-        raise CacheError(f"encoders: {chosen} names an encoder twice")
-    unknown = [n for n in chosen if n not in cached]
-    if unknown:
-        raise CacheMismatch("encoders", unknown[0], sorted(cached))
-    return {n: cached[n] for n in chosen}
+    return as_layout(layout).encoder_entries(names)

@@ -109,7 +109,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         out=out,
         config=cfg,
         clips=extracted.num_clips,
-        target_format=extracted.layout["encoders"][0].get("format", "?"),
+        target_format=extracted.encoders[0].format,
         fidelity=extracted.fidelity,
         models={name: _model_summary(record) for name, record in models.items()},
         logs={name: RunDir(out / "runs" / name).read_log() for name in runs},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 import cache_schema
 from cache_schema import constants as C
 from cache_schema import formats
+from cache_schema.layout import CacheLayout
 from stages.pack.packer import clip_sample, shard_index, write_index, write_tar
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,7 +163,7 @@ def signal_targets(latents: np.ndarray, maps: list[np.ndarray]) -> list[tuple[np
     return out
 
 
-def layout_entries(fmt: str, encoders=ENCODERS, frames: int = GRID[0]) -> list[dict]:
+def layout_entries(fmt: str, encoders=ENCODERS, frames: int = GRID[0]) -> list[cache_schema.EncoderEntry]:
     """Cache layout entries (schema v2) of encoders stored in format `fmt` on the DiT grid, built
     by extraction's own TargetPlan."""
     from stages.extract.models import TargetPlan
@@ -192,7 +194,7 @@ def make_shards(
     ]
     entries = layout_entries(fmt)
     if not token_norms:
-        entries = [{k: v for k, v in e.items() if k != C.RAW_TOKENS} for e in entries]
+        entries = [dataclasses.replace(e, raw_tokens=None) for e in entries]
     spec = {
         "dataset": {"layout": "synthetic", "files": [["a.mp4", 0], ["b.mp4", 1]]},
         "clips": {"frames": 4, "stride": 1, "size": 64},
@@ -233,16 +235,16 @@ def make_shards(
         name = C.SHARD_PATTERN.format(s // per_shard)
         full.append(write_tar(str(root / name), samples))
         lean.append(write_tar(str(root / C.LATENTS_ONLY_DIR / name), lean_samples))
-    layout = {
-        "fingerprint": cache_schema.content_fingerprint(spec, derived),
-        "spec": spec,
-        "derived": derived,
-        "encoders": entries,
-        "grid": list(GRID),
-        "latent_shape": list(LATENT_SHAPE),
-        "class_names": CLASSES,
-        "patch_size": [1, 2, 2],
-    }
+    layout = CacheLayout(
+        fingerprint=cache_schema.content_fingerprint(spec, derived),
+        spec=spec,
+        derived=derived,
+        encoders=tuple(entries),
+        grid=tuple(GRID),
+        latent_shape=tuple(LATENT_SHAPE),
+        class_names=CLASSES,
+        patch_size=(1, 2, 2),
+    )
     order = {"kind": "permutation", "seed": 0}
     write_index(str(root / C.LATENTS_ONLY_DIR), shard_index(layout, lean, order=order, latents_only=True))
     lean_info = {

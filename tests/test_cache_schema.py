@@ -13,6 +13,8 @@ import zarr
 from cache_schema import (
     CacheError,
     CacheMismatch,
+    EncoderEntry,
+    StoreLayout,
     compatible,
     fingerprint,
     sample_checksum,
@@ -77,27 +79,35 @@ def test_canonical_json_is_compact_and_sorted():
 
 
 def _layout(**over):
+    """A store's root attributes (as a dict, the way they are stored)."""
     layout = {
         "schema_version": 2,
         "fingerprint": fingerprint(SPEC),
+        "spec": SPEC,
+        "derived": {},
         "grid": [16, 16, 16],
         "patch_size": [1, 2, 2],
         "latent_shape": [4, 16, 32, 32],
         "encoders": [
-            {"name": "dino", "id": "facebook/dinov2-base", "dim": 768, "format": "int8"},
-            {"name": "sam2", "id": "facebook/sam2.1-hiera-base-plus", "dim": 1024, "format": "int8"},
+            EncoderEntry.build("dino", 768, "int8", 16, id="facebook/dinov2-base").to_dict(),
+            EncoderEntry.build("sam2", 1024, "int8", 16, id="facebook/sam2.1-hiera-base-plus").to_dict(),
         ],
+        "class_names": ["a", "b"],
+        "num_clips": 2,
+        "block_size": 2,
+        "num_blocks": 1,
+        "sources": ["a/x.mp4", "b/y.avi"],
     }
     layout.update(over)
     return layout
 
 
 def test_compatible_accepts_matching_request_and_encoder_subset():
-    layout = _layout()
-    assert (
-        compatible(layout, {"grid": [16, 16, 16], "encoders": ["sam2"], "fingerprint": fingerprint(SPEC)})
-        is layout
-    )
+    attrs = _layout()
+    request_ = {"grid": [16, 16, 16], "encoders": ["sam2"], "fingerprint": fingerprint(SPEC)}
+    layout = compatible(attrs, request_)
+    assert layout == StoreLayout.from_attrs(attrs) and layout.encoder("sam2").dim == 1024
+    assert compatible(layout, request_) is layout  # a typed layout is checked as it is
 
 
 @pytest.mark.parametrize(

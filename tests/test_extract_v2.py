@@ -369,7 +369,7 @@ def test_dino_input_follows_the_clip_so_its_patch_grid_is_the_dit_grid(synth_vid
         result = runner.run_extract(
             tiny_config(synth_videos, out, encoders=["dino"], size=size, dry_run=True)
         )
-        grid = result.layout["grid"]
+        grid = result.grid
         assert grid[1] == size // 8 // 2
         cfg = tiny_config(synth_videos, tmp_path / f"r{size}.zarr", encoders=["dino"], size=size)
         runner.run_extract(cfg)

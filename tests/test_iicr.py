@@ -134,7 +134,7 @@ def _make_store(path: Path, seed: int = 0) -> dict:
     attrs = {
         "schema_version": 2, "fingerprint": content_fingerprint(spec, derived), "spec": spec,
         "derived": derived, "grid": [t, h, w], "patch_size": [1, 2, 2], "latent_shape": [4, t, 2 * h, 2 * w],
-        "encoders": encs, "class_names": ["a", "b"], "num_clips": n, "block_size": block,
+        "encoders": [e.to_dict() for e in encs], "class_names": ["a", "b"], "num_clips": n, "block_size": block,
         "num_blocks": plan.num_blocks, "sources": [f[0] for f in spec["dataset"]["files"]],
     }  # fmt: skip
     group = create_store(str(path), plan, attrs, "zstd", 3, {})
@@ -156,9 +156,9 @@ def test_store_iicr_equals_in_memory(tmp_path: Path, block_clips: int | None) ->
     assert res["num_clips"] == 10 and res["skipped_invalid"] == 1 and res["labels"]
     keep = ref["valid"]
     for enc in ref["encs"]:
-        x = ref["targets"][enc["name"]][keep].astype(np.float32)
+        x = ref["targets"][enc.name][keep].astype(np.float32)
         expect = iicr_from_array(x, ref["video_index"][keep], ref["labels"][keep])
-        got = res["encoders"][enc["name"]]
+        got = res["encoders"][enc.name]
         for key in ("intra", "inter_video", "inter_class", "gap_video", "gap_class"):
             assert got[key] == pytest.approx(expect[key], rel=1e-4), key  # float16 tokens re-normalised
         for key in ("iicr_video", "iicr_class"):  # None (inter below INTER_MIN) on both sides, or equal

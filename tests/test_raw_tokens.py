@@ -15,7 +15,7 @@ from helpers import decoded_rows, make_shards, tiny_extract_config
 from helpers import tiny_train_config as tiny
 
 from cache_schema import constants as C
-from cache_schema import formats, read_index
+from cache_schema import formats, read_shard_layout
 from cache_schema.tars import iter_samples, open_shard
 from pipeline.cli import main as cli_main
 from stages.common.models.encoders import load_encoder
@@ -84,15 +84,13 @@ def test_the_store_and_the_shards_carry_each_tokens_norm(packed, synth_videos: P
 
 def _batch_from_shard(shards: Path, norms: bool) -> tuple[list[int], dict]:
     """A shard's samples decoded and collated by the loader's own stages, on the CPU."""
-    index = read_index(shards)
-    encoders = {e["name"]: e for e in index["encoders"]}
+    index = read_shard_layout(shards)
+    encoders = index.encoder_entries()
     decode = DecodeSamples(encoders, "stop", SkipLog(), norms=norms)
-    with open_shard(str(shards / index["shards"][0]["name"])) as fh:
+    with open_shard(str(shards / index.shards[0].name)) as fh:
         samples = list(iter_samples(fh, "shard-0"))
     decoded = [decode.decode(s) | {"skipped": []} for s in samples]
-    cfg = StepConfig(
-        device=torch.device("cpu"), encoders=encoders, frames=index["grid"][0], raw_targets=norms
-    )
+    cfg = StepConfig(device=torch.device("cpu"), encoders=encoders, frames=index.grid[0], raw_targets=norms)
     return [int(s["__key__"]) for s in samples], prepare_batch(collate(decoded), cfg)
 
 

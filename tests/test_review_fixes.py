@@ -13,7 +13,7 @@ from helpers import make_shards
 from helpers import tiny_train_config as tiny
 from safetensors.torch import load_file
 
-from cache_schema import RunDir, read_index
+from cache_schema import RunDir, read_shard_layout
 from pipeline.cli import main as cli_main
 from stages.train import train
 from stages.train.data import DecodeSamples, ReadShards, SkipLog
@@ -66,10 +66,10 @@ def _truncated_copy(src: Path, dst: Path) -> str:
 def test_two_streams_never_report_each_others_skips(shards: Path, tmp_path: Path) -> None:
     """A stream whose last shard is unreadable keeps that message to itself: another stream in the
     same process (the next segment, the latents-only twin) does not report it as its own."""
-    index = read_index(shards)
-    encoders = {e["name"]: e for e in index["encoders"]}
-    good = str(shards / index["shards"][0]["name"])
-    bad = _truncated_copy(shards / index["shards"][1]["name"], tmp_path / "cut.tar")
+    index = read_shard_layout(shards)
+    encoders = index.encoder_entries()
+    good = str(shards / index.shards[0].name)
+    bad = _truncated_copy(shards / index.shards[1].name, tmp_path / "cut.tar")
     with pytest.raises(tarfile.ReadError):
         tarfile.open(bad).getmembers()  # the bad case is real: the tar is cut
 

@@ -17,7 +17,7 @@ import torch
 from helpers import LATENT_SHAPE, checkpoint_weights, make_shards, subprocess_env, tiny_train_config
 
 import cache_schema
-from cache_schema import RunDir
+from cache_schema import RunDir, read_shard_layout
 from stages.train import NonFiniteLoss, train
 
 
@@ -285,7 +285,7 @@ def test_training_gifs_are_reproduced_by_pipeline_sample(shards: Path, tmp_path:
 def test_loader_with_workers_is_deterministic_and_resumable(shards: Path) -> None:
     from stages.train.data import LoaderSpec, iterate_steps, shard_urls, unpack
 
-    index = json.loads((shards / "index.json").read_text())
+    index = read_shard_layout(shards)
     spec = LoaderSpec(
         shard_urls(str(shards), index), seed=3, batch_size=4, batches_per_step=1, segment_steps=4
     )

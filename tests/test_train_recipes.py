@@ -61,7 +61,7 @@ def test_batches_after_the_switch_carry_no_target_bytes(shards: Path) -> None:
     import cache_schema
     from stages.train.loop import RunSetup, loader_specs
 
-    layout = cache_schema.read_index(shards)
+    layout = cache_schema.read_shard_layout(shards)
     setup = RunSetup(layout, cache_schema.encoder_entries(layout), {"dino": 0.5, "sam2": 0.5}, None)
     full, lean = loader_specs(tiny(shards, shards / "unused"), setup, segment_steps=4, pin=False)
     full.num_workers = lean.num_workers = 2
@@ -128,7 +128,7 @@ def _init_head(run: Path) -> dict[str, torch.Tensor]:
     from stages.train.state import build_state
 
     cfg = tiny(Path("."), run, align_lambda="dino=0.0,sam2=1.0")
-    layout = cache_schema.read_index(RunDir(run).read_config()["shards"])
+    layout = cache_schema.read_shard_layout(RunDir(run).read_config()["shards"])
     state = build_state(cfg, layout, {"dino": 8, "sam2": 16}, {"dino": 0.0, "sam2": 1.0}, torch.device("cpu"))
     return state.head.state_dict()
 
@@ -163,7 +163,7 @@ def test_device_prefetch_copies_on_a_side_stream_and_matches_the_cpu(shards: Pat
     from stages.train.loop import RunSetup, loader_specs
     from stages.train.step import StepConfig, prepare_batch
 
-    layout = cache_schema.read_index(shards)
+    layout = cache_schema.read_shard_layout(shards)
     setup = RunSetup(layout, cache_schema.encoder_entries(layout), {"dino": 0.5, "sam2": 0.5}, None)
     full, _ = loader_specs(tiny(shards, shards / "unused"), setup, segment_steps=4, pin=True)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")

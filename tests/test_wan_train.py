@@ -8,6 +8,7 @@ import copy
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 from helpers import subprocess_env
 
 from cache_schema import RunDir
+from cache_schema.layout import CacheLayout, TextEntry
 from cache_schema.run import LORA_WEIGHTS_FILE
 from stages.common.presets import tiny_wan_pipeline
 from stages.train.config import TrainConfig
@@ -24,12 +26,8 @@ from stages.train.step import StepConfig, train_step
 LATENT = [16, 2, 4, 4]  # 5 frames of 32 x 32 through the Wan VAE: a 2 x 2 x 2 token grid
 GRID = [2, 2, 2]
 TEXT_LEN, TEXT_DIM = 8, 32
-LAYOUT = {
-    "latent_shape": LATENT,
-    "grid": GRID,
-    "class_names": [],
-    "text": {"max_length": TEXT_LEN, "dim": 32},
-}
+LAYOUT = CacheLayout(fingerprint="f", spec={}, derived={}, grid=tuple(GRID), latent_shape=tuple(LATENT),
+                     encoders=(), text=TextEntry("tiny-wan", TEXT_LEN, TEXT_DIM))  # fmt: skip
 ENC = {"enc": 8}
 LAMBDAS = {"enc": 0.5}
 CPU = torch.device("cpu")
@@ -106,13 +104,13 @@ def test_shards_the_base_cannot_take_are_refused_naming_the_field(wan_folder: st
             {"latent_shape": [4, 2, 4, 4]},
             r"latent_shape \[4, 2, 4, 4\] has 4 channels but --base .* takes 16",
         ),
-        ({"grid": [2, 4, 4]}, r"grid \[2, 4, 4\] is not --base .*'s token grid \[2, 2, 2\]"),
-        ({"latent_shape": [16, 2, 5, 4]}, r"latent_shape \[16, 2, 5, 4\]: latent height 5 is not divisible"),
+        ({"grid": (2, 4, 4)}, r"grid \[2, 4, 4\] is not --base .*'s token grid \[2, 2, 2\]"),
+        ({"latent_shape": (16, 2, 5, 4)}, r"latent_shape \[16, 2, 5, 4\]: latent height 5 is not divisible"),
         ({"text": None}, r"hold no prompt embeddings \(no `text` field"),
     ]
     for change, match in cases:
         with pytest.raises(ValueError, match=match):
-            build_state(cfg, {**LAYOUT, **change}, ENC, LAMBDAS, CPU)
+            build_state(cfg, replace(LAYOUT, **change), ENC, LAMBDAS, CPU)
 
 
 # ---------------------------------------------------------------------------------- LoRA
@@ -279,7 +277,7 @@ def test_sample_a_lora_run_with_prompts(wan_folder: str, tmp_path: Path) -> None
     _train(state, range(2))
     run = RunDir(tmp_path / "run")
     run.write_config({"base": wan_folder, "model_family": "wan", "vae_spec": {"id": wan_folder, "kind": "wan"},
-                      "latent_shape": LATENT, "text_spec": LAYOUT["text"]})  # fmt: skip
+                      "latent_shape": LATENT, "text_spec": LAYOUT.text.to_dict()})  # fmt: skip
     run.publish_checkpoint(2, lambda folder: save_state(folder, state, {}))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\na blue square\n")

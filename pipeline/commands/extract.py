@@ -65,6 +65,13 @@ _FORMATS_HELP = "; ".join(f"{name}: {spec.description}" for name, spec in TARGET
     type=float,
     help=f"Latent scale [{R.SD_LATENT_SCALE} for image VAEs; a video VAE's own].",
 )
+@click.option(
+    "--base",
+    type=str,
+    help="A diffusers pipeline (folder or hub id): its text encoder embeds each video's `caption` "
+    "(CSV/JSONL manifest column); clips without one are skipped and reported.",
+)
+@click.option("--text-max-length", type=int, help=f"Prompt tokens, padded/truncated [{_D.text_max_length}].")
 @click.option("--dino-model", type=str, help=f"DINOv2 hub id or local folder [{R.ENCODERS['dino'].hub_id}].")
 @click.option("--sam2-model", type=str, help=f"SAM2.1 hub id or local folder [{R.ENCODERS['sam2'].hub_id}].")
 @click.option(
@@ -175,11 +182,11 @@ def _check_sizes(cfg) -> None:
 def _print_layout(result) -> None:
     click.echo(
         f"clips: {result.num_clips}   blocks: {result.blocks_total}   "
-        f"grid (T,H,W): {tuple(result.layout['grid'])}   latent: {tuple(result.layout['latent_shape'])}"
+        f"grid (T,H,W): {tuple(result.grid)}   latent: {tuple(result.latent_shape)}"
     )
     rows = [
-        (e["name"], e["dim"], e["format"], e["stored_dim"], e["time_frames"], "yes" if e["pca"] else "no")
-        for e in result.layout["encoders"]
+        (e.name, e.dim, e.format, e.stored_dim, e.time_frames, "yes" if e.pca else "no")
+        for e in result.encoders
     ]
     print_table(["encoder", "dim", "format", "stored dim", "time frames", "pca"], rows)
     if result.skipped:
@@ -204,6 +211,12 @@ def _print_sizes(table) -> None:
     ]
     click.echo(f"sizes for {table.current.clips} clips (measured on store row {table.measured_clip}):")
     print_table(["format", "bytes/clip", "store", "shards (+latents-only)", "vs float16"], rows)
+    if table.text_per_clip is not None:
+        store, shard = table.text_per_clip
+        click.echo(
+            f"prompt embeddings (included above): {human_bytes(store)}/clip in the store, "
+            f"{human_bytes(shard)}/clip in each shard set (measured on that clip's caption)"
+        )
     if not table.rates:  # a refused real run: its size check counts no trainer rates
         return
     names = [r["format"] for r in table.rows()]

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from cache_schema.layout import CacheLayout
+
 
 @click.command("info")
 @click.argument("path", type=str)
@@ -39,19 +41,18 @@ def info(path: str, verify: bool) -> None:
             raise click.ClickException(f"{path} is not a feature store, a shard folder or a run directory")
 
 
-def _layout_lines(layout: dict) -> None:
+def _layout_lines(layout: CacheLayout) -> None:
     from pipeline.summary import print_table
 
-    click.echo(f"fingerprint  {layout['fingerprint'][:16]}   schema v{layout['schema_version']}")
-    click.echo(f"grid (T,H,W) {tuple(layout['grid'])}   latent [C,T,h,w] {tuple(layout['latent_shape'])}")
-    names = layout.get("class_names")
+    click.echo(f"fingerprint  {layout.fingerprint[:16]}   schema v{layout.schema_version}")
+    click.echo(f"grid (T,H,W) {layout.grid}   latent [C,T,h,w] {layout.latent_shape}")
+    names = layout.class_names
     if names:
         shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
         click.echo(f"classes      {len(names)}: {shown}")
     else:
         click.echo("classes      unlabelled")
-    spec = layout.get("spec", {})
-    clips = spec.get("clips", {})
+    clips = (layout.spec or {}).get("clips", {})
     if clips:
         variety = f"{clips.get('clips_per_video', 1)} per video ({clips.get('placement', 'even')})"
         flip = ", + mirrored copies" if clips.get("hflip") else ""
@@ -59,25 +60,29 @@ def _layout_lines(layout: dict) -> None:
             f"clips        {clips.get('frames')} frames, stride {clips.get('stride')}, {clips.get('size')}px; "
             f"{variety}{flip}"
         )
-    vae = spec.get("vae", {})
+    vae = layout.vae_spec
     if vae:
         click.echo(f"vae          {vae.get('id')} ({vae.get('kind', 'image')}, scale {vae.get('scale')})")
-    fidelity = (layout.get("derived") or {}).get("fidelity", {})
-    pca = (layout.get("derived") or {}).get("pca", {})
+    if layout.text is not None:
+        t = layout.text
+        click.echo(
+            f"text         {t.encoder}: {t.max_length} tokens x {t.dim} ({t.dtype}) per clip, empty prompt once"
+        )
+    fidelity, pca = layout.fidelity, layout.pca_derived
     rows = []
-    for e in layout["encoders"]:
-        fid = fidelity.get(e["name"], {})
-        stored = f"pca {e['stored_dim']}" if e.get("pca") else ""
+    for e in layout.encoders:
+        fid = fidelity.get(e.name, {})
+        stored = f"pca {e.stored_dim}" if e.pca else ""
         rows.append(
             (
-                e["name"],
-                e.get("id", ""),
-                e["dim"],
-                e.get("format", "?"),
-                f"T={e.get('time_frames')}" + (f", {stored}" if stored else ""),
+                e.name,
+                e.id or "",
+                e.dim,
+                e.format,
+                f"T={e.time_frames}" + (f", {stored}" if stored else ""),
                 _num(fid.get("mean")),
                 _num(fid.get("p1")),
-                _num((pca.get(e["name"]) or {}).get("explained_variance_ratio")),
+                _num((pca.get(e.name) or {}).get("explained_variance_ratio")),
             )
         )
     print_table(["encoder", "model", "dim", "format", "stored", "cos mean", "cos p1", "pca var"], rows)
@@ -88,18 +93,18 @@ def _num(value) -> str:
 
 
 def _store(path: str, verify: bool) -> None:
-    from cache_schema import CacheError, open_group, validate_store
+    from cache_schema import CacheError, open_group, store_layout, validate_store
     from cache_schema import constants as C
     from cache_schema.integrity import StoreVerifier
     from pipeline.summary import human_bytes
 
     group = open_group(path)
-    attrs = dict(group.attrs)
     click.echo(f"zarr feature store: {path}")
     errors = validate_store(path, require_complete=False)
     if errors and "schema" in errors[0]:
         raise click.ClickException(errors[0])
-    _layout_lines(attrs)
+    layout = store_layout(group, path)
+    _layout_lines(layout)
     try:
         verifier = StoreVerifier(group, path)  # every per-clip array's metadata, or one clear error
         done, valid = group[C.BLOCK_DONE][:], verifier.arrays[C.VALID][:]
@@ -108,8 +113,8 @@ def _store(path: str, verify: bool) -> None:
             f"{exc}: the store cannot be read; extract it again (--overwrite)"
         ) from None
     click.echo(
-        f"clips        {attrs['num_clips']} ({int(valid.sum())} valid)   "
-        f"blocks {int(done.sum())}/{attrs['num_blocks']} done"
+        f"clips        {layout.num_clips} ({int(valid.sum())} valid)   "
+        f"blocks {int(done.sum())}/{layout.num_blocks} done"
     )
     arrays = [a for name, a in verifier.arrays.items() if name not in (*C.META_ARRAYS, C.VALID)]
     stored = sum(a.nbytes_stored() for a in arrays)
@@ -146,23 +151,23 @@ def _verify_store(verifier, done, verify: bool) -> list[str]:
 
 
 def _shards(path: str, verify: bool) -> None:
-    from cache_schema import read_index, validate_shards
+    from cache_schema import read_shard_layout, validate_shards
     from pipeline.summary import human_bytes
 
     errors = validate_shards(path, verify_hashes=verify, progress=verify)
     if errors and "schema" in errors[0]:
         raise click.ClickException(errors[0])
-    index = read_index(path)
+    index = read_shard_layout(path)
     click.echo(f"WebDataset shards: {path}")
     _layout_lines(index)
-    total = sum(s["bytes"] for s in index["shards"])
-    n = index["num_samples"]
+    total = sum(s.bytes for s in index.shards)
+    n = index.num_samples
     click.echo(
-        f"samples      {n} in {len(index['shards'])} shards ({human_bytes(total)}, {human_bytes(total / max(1, n))}/sample)"
+        f"samples      {n} in {len(index.shards)} shards ({human_bytes(total)}, {human_bytes(total / max(1, n))}/sample)"
     )
-    order = index.get("order") or {}
+    order = index.order or {}
     click.echo(f"order        {order.get('kind', 'store order')} (seed {order.get('seed', '-')})")
-    lean = index.get("latents_only")
+    lean = index.latents_only if isinstance(index.latents_only, dict) else None
     if lean:
         click.echo(
             f"latents-only {lean['dir']}/: {human_bytes(lean['bytes'])} ({lean['bytes'] / max(1, total):.1%} of the bytes)"

@@ -31,6 +31,7 @@ _d = partial(help_default, PackConfig)
 def pack(cache, config_file, overrides, **flags):
     """Write one WebDataset sample per valid clip of CACHE, in a seeded permutation (shards mix
     classes), plus a latents-only copy in OUT/latents-only/ and index.json (fingerprint, counts, sha256)."""
+    from cache_schema.layout import ShardLayout
     from pipeline.commands.common import cli_errors, resolve_stage_config
     from pipeline.summary import human_bytes, print_table
     from stages.common.runtime import dump_config
@@ -38,18 +39,16 @@ def pack(cache, config_file, overrides, **flags):
 
     cfg = resolve_stage_config(PackConfig, config_file, overrides, {**flags, "cache": cache})
     with cli_errors(cfg.out):
-        index = run_pack(cfg)
+        index = ShardLayout.from_index(run_pack(cfg))
         if "://" not in cfg.out:
             dump_config(cfg, f"{cfg.out}/pack_config.yaml")
-    rows = [
-        (s["name"], s["samples"], human_bytes(s["bytes"]), s["sha256"][:12]) for s in index["shards"][:12]
-    ]
+    rows = [(s.name, s.samples, human_bytes(s.bytes), s.sha256[:12]) for s in index.shards[:12]]
     print_table(["shard", "samples", "size", "sha256"], rows)
-    if len(index["shards"]) > 12:
-        click.echo(f"... {len(index['shards']) - 12} more shards")
-    total = sum(s["bytes"] for s in index["shards"])
-    lean = index["latents_only"]["bytes"]
+    if len(index.shards) > 12:
+        click.echo(f"... {len(index.shards) - 12} more shards")
+    total = sum(s.bytes for s in index.shards)
+    lean = index.latents_only["bytes"]
     click.echo(
-        f"{index['num_samples']} samples in {len(index['shards'])} shards ({human_bytes(total)}; latents-only "
+        f"{index.num_samples} samples in {len(index.shards)} shards ({human_bytes(total)}; latents-only "
         f"copy {human_bytes(lean)}, {lean / max(1, total):.1%}) -> {cfg.out}"
     )

@@ -118,6 +118,7 @@ DEFAULT_ENCODERS = ("dino", "sam2", "videomae")
 # --------------------------------------------------------------------------- VAE and clips
 
 SD_LATENT_SCALE = 0.18215  # Stable Diffusion's VAE (Latte); video VAEs carry their own
+WAN_MAX_TEXT_LENGTH = 512  # prompt tokens: WanPipeline's max_sequence_length default
 DEFAULT_VAE: dict[str, str] = {
     "image": "stabilityai/sd-vae-ft-ema",
     "video": "THUDM/CogVideoX-2b",

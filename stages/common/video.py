@@ -13,7 +13,9 @@ Three source layouts are recognised (DESIGN.md section 3):
 Manifests have two columns (CSV header / JSONL keys): ``path`` (a video file or a frame folder;
 relative paths are relative to the manifest's folder) and optional ``label``. Labels are either
 all class names (classes = the sorted distinct names) or all integers >= 0 (classes ``"0"`` ..
-``str(max_label)``); mixing both is an error. A row with an empty label is unlabelled. A video
+``str(max_label)``); mixing both is an error. A row with an empty label is unlabelled. An optional
+``caption`` column holds each video's text prompt (`extract --base` encodes it; a video listed twice
+keeps its first line's caption). A video
 listed twice (``./vids/x`` and ``vids/x`` are the same file) is used once, with a warning; listed
 under two labels it is refused, naming both lines::
 
@@ -102,6 +104,7 @@ class VideoEntry:
     path: str
     label: int | None
     kind: str
+    caption: str | None = None  # a manifest's `caption` column (None: missing or empty)
 
 
 @dataclass
@@ -129,6 +132,10 @@ class VideoSource:
         """A JSON-able description (layout, classes, relative paths and labels) for fingerprints."""
         files = [[self.relative_path(entry), entry.label] for entry in self.entries]
         return {"layout": self.layout, "class_names": self.class_names, "files": files}
+
+    @property
+    def has_captions(self) -> bool:
+        return any(entry.caption is not None for entry in self.entries)
 
 
 @dataclass
@@ -262,8 +269,19 @@ def _label_kind(lab: Any, where: str) -> tuple[str, int | str] | None:
     return "name", text
 
 
-def _manifest_source(manifest: Path, rows: list[tuple[str, Any, str]], layout: str) -> VideoSource:
-    """Turn (path, raw label, where) rows into a source. Integer labels name classes
+def _caption(raw: Any, where: str) -> str | None:
+    """A manifest's caption: text, or None when missing or blank."""
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return None
+    if not isinstance(raw, str):
+        raise ValueError(f"{where}: caption must be text, got {raw!r}")
+    return raw.strip()
+
+
+def _manifest_source(
+    manifest: Path, rows: list[tuple[str, Any, str]], layout: str, captions: list[Any] | None = None
+) -> VideoSource:
+    """Turn (path, raw label, where) rows (and their raw captions) into a source. Integer labels name classes
     "0".."max" (so the store stays labelled); class names are indexed in sorted order."""
     if not rows:
         raise ValueError(f"manifest {manifest} lists no videos")
@@ -288,14 +306,15 @@ def _manifest_source(manifest: Path, rows: list[tuple[str, Any, str]], layout: s
     entries = []
     first_row: dict[str, tuple[str, Any]] = {}  # resolved path -> (where, raw label) of its first line
     repeats = []
-    for k, (raw_path, lab, where) in zip(kinds, rows, strict=True):
+    captions = captions if captions is not None else [None] * len(rows)
+    for k, (raw_path, lab, where), raw_caption in zip(kinds, rows, captions, strict=True):
         path, kind = _entry_for(base, raw_path, where)
         label = None if k is None else (int(k[1]) if k[0] == "int" else index[str(k[1])])
         if path in first_row:
             repeats.append(_repeat(path, where, k, lab, first_row[path]))
             continue
         first_row[path] = (where, (k, lab))
-        entries.append(VideoEntry(path, label, kind))
+        entries.append(VideoEntry(path, label, kind, _caption(raw_caption, where)))
     if repeats:
         log.warning(
             "manifest %s lists %d video(s) more than once; each is used once: %s",
@@ -327,15 +346,16 @@ def _from_csv(manifest: Path) -> VideoSource:
         fields = [f.strip() for f in reader.fieldnames or []]
         if "path" not in fields:
             raise ValueError(f"manifest {manifest}: needs a header with a 'path' column (got {fields})")
-        rows = []
+        rows, captions = [], []
         for line_no, row in enumerate(reader, start=2):
             row = {(k or "").strip(): v for k, v in row.items()}
             rows.append((row.get("path") or "", row.get("label"), f"{manifest}:{line_no}"))
-    return _manifest_source(manifest, rows, "csv")
+            captions.append(row.get("caption"))
+    return _manifest_source(manifest, rows, "csv", captions)
 
 
 def _from_jsonl(manifest: Path) -> VideoSource:
-    rows = []
+    rows, captions = [], []
     with manifest.open(encoding="utf-8") as fh:
         for line_no, line in enumerate(fh, start=1):
             if not line.strip():
@@ -348,7 +368,8 @@ def _from_jsonl(manifest: Path) -> VideoSource:
             if not isinstance(obj, dict) or "path" not in obj:
                 raise ValueError(f"{where}: each line must be an object with a 'path' key")
             rows.append((str(obj["path"]), obj.get("label"), where))
-    return _manifest_source(manifest, rows, "jsonl")
+            captions.append(obj.get("caption"))
+    return _manifest_source(manifest, rows, "jsonl", captions)
 
 
 def _read_class_ind(class_ind_file: Path) -> dict[int, str]:

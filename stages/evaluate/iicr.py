@@ -275,7 +275,7 @@ def iicr_from_store(
     by_end: dict[int, list[int]] = {}
     for v, i in _last_positions(video_index).items():
         by_end.setdefault(min((i // step + 1) * step, n), []).append(v)
-    accs = {name: IICRAccumulator(int(e["dim"]), (h, w), per_position) for name, e in store.encoders.items()}
+    accs = {name: IICRAccumulator(e.dim, (h, w), per_position) for name, e in store.encoders.items()}
     blocks = tqdm(store.blocks(), total=-(-n // step), desc="IICR", unit="block", disable=not progress)
     for start, stop, dense in blocks:
         keep, done = valid[start:stop], by_end.get(stop, [])

@@ -17,6 +17,7 @@ from cache_schema import constants as C
 from cache_schema import open_group
 from cache_schema.bases import store_bases
 from cache_schema.formats import basis_tensors, reconstruct
+from cache_schema.layout import EncoderEntry
 
 
 @dataclass
@@ -25,7 +26,7 @@ class StoreTargets:
 
     path: str
     grid: tuple[int, int, int]
-    encoders: dict[str, dict[str, Any]]
+    encoders: dict[str, EncoderEntry]
     arrays: dict[str, tuple[Any, Any]]  # name -> (dask values, dask scales | None)
     bases: dict[str, dict[str, Any]]
     video_index: np.ndarray
@@ -54,7 +55,7 @@ class StoreTargets:
                         if scales is None
                         else torch.from_numpy(np.asarray(scales[start:stop].compute())[keep])
                     )
-                    dense = reconstruct(v, s, entry["format"], int(entry["stored_dim"]), frames=self.grid[0],
+                    dense = reconstruct(v, s, entry.format, entry.stored_dim, frames=self.grid[0],
                                         basis=self.bases.get(name))  # fmt: skip
                     out[name] = dense.numpy()
             yield start, stop, out
@@ -66,31 +67,29 @@ def open_targets(
     """The store's targets of `encoders` (default all), as dask arrays over its zarr arrays."""
     import dask.array as da
 
-    from cache_schema import CacheError, encoder_entries
-    from cache_schema.validate import check_schema
+    from cache_schema import CacheError, store_layout
 
     group = open_group(path)
-    attrs = dict(group.attrs)
-    if "schema_version" not in attrs:
+    if "schema_version" not in group.attrs:
         raise CacheError(f"{path} is not a feature store made by `pipeline extract`")
-    check_schema(attrs["schema_version"], path)
-    chosen = encoder_entries(attrs, encoders)
+    layout = store_layout(group, path)
+    chosen = layout.encoder_entries(encoders)
     arrays, bases = {}, {}
     for name, entry in chosen.items():
-        values = da.from_zarr(group[C.values_path(name)])
-        scales = da.from_zarr(group[C.scales_path(name)]) if entry.get("scales") else None
+        values = da.from_zarr(group[entry.values_path])
+        scales = da.from_zarr(group[entry.scales_path]) if entry.scales else None
         arrays[name] = (values, scales)
     for name, basis in store_bases(group).items():
         if name in chosen:
             bases[name] = basis_tensors(basis)
     return StoreTargets(
         path=str(path),
-        grid=tuple(attrs["grid"]),
+        grid=layout.grid,
         encoders=chosen,
         arrays=arrays,
         bases=bases,
         video_index=np.asarray(group[C.VIDEO_INDEX][:]),
         labels=np.asarray(group[C.LABELS][:]),
         valid=np.asarray(group[C.VALID][:]).astype(bool),
-        block_clips=int(block_clips or attrs.get("block_size") or 16),
+        block_clips=int(block_clips or layout.block_size or 16),
     )

@@ -83,6 +83,7 @@ class SizeTable:
     rates: dict[str, float]  # label -> clips/s a trainer reads
     latent_shape: tuple[int, ...] = ()  # C, T', h, w of the clips the rates are for
     alternatives: list[Option] = field(default_factory=list)
+    text_per_clip: tuple[int, int] | None = None  # (store, shard) bytes of the measured clip's prompt
 
     def by_format(self, name: str) -> Option:
         return next(o for o in self.formats if o.format == name)
@@ -113,10 +114,12 @@ class _Measured:
         quantities: dict[str, torch.Tensor],
         latents: np.ndarray,
         norms: dict[str, torch.Tensor],
+        text: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         self.job, self.quantities, self.norms = job, quantities, norms
         self.codecs = compressors_for(job.cfg.codec, job.cfg.codec_level) or []
         self.latent = (self._compressed(latents), latents.nbytes)
+        self.text = None if text is None else self._text(*text)
         self._cache: dict[tuple[str, str, int | None], tuple[int, list[int]]] = {}
         self._acc: dict[str, formats.CovarianceAccumulator] = {}
         self._bases: dict[tuple[str, int], formats.PCABasis] = {}
@@ -126,6 +129,13 @@ class _Measured:
         for codec in self.codecs:
             data = _encode_bytes(codec, data, array.dtype.itemsize)
         return len(data)
+
+    def _text(self, embeds: np.ndarray, mask: np.ndarray) -> tuple[int, int]:
+        """(store, shard) bytes of one clip's prompt embeddings and mask: the store's chunks
+        compressed (the zero tail costs little), the shard's members as written (the prompt's rows)."""
+        store = self._compressed(embeds) + self._compressed(mask)
+        members = (int(np.count_nonzero(mask)) * embeds.shape[-1] * embeds.itemsize, mask.nbytes)
+        return store, sum(tar_member_bytes(NPY_HEADER + n) for n in members)
 
     def encoder(self, name: str, fmt: str, k: int | None) -> tuple[int, list[int]]:
         """(compressed store bytes, raw member sizes) of one encoder's targets for one clip."""
@@ -158,6 +168,12 @@ class _Measured:
             shard_members += raw
         shard = sum(tar_member_bytes(NPY_HEADER + n) for n in shard_members) + sample_overhead()
         latents_only = tar_member_bytes(NPY_HEADER + self.latent[1]) + sample_overhead()
+        if self.text is not None:  # both shard sets carry the prompt (text conditions every step)
+            store, shard, latents_only = (
+                store + self.text[0],
+                shard + self.text[1],
+                latents_only + self.text[1],
+            )
         return store, float(shard), float(latents_only)
 
 
@@ -192,7 +208,8 @@ def _measure_clip(job: Job) -> tuple[int, _Measured]:
         batch = torch.from_numpy(frames)[None].to(job.device)
         feats = compute_batch(batch, job.models, job.plans, job.grid, job.timings)
         latents = feats.latents.to(torch.float16).cpu().numpy()[0]
-        return row, _Measured(job, feats.quantities, latents, feats.norms)
+        text = None if job.text is None else tuple(a[0] for a in job.encode_text([row]))
+        return row, _Measured(job, feats.quantities, latents, feats.norms, text)
     raise ExtractError("could not decode any of the first clips to measure their size")
 
 
@@ -239,7 +256,7 @@ def size_table(job: Job, with_rates: bool = False) -> SizeTable:
     current = next(o for o in table if o.format == cfg.target_format)
     rates = _rates(cfg.train_rate, job.latent_shape) if with_rates else {}
     alternatives = _alternatives(job, option, pca)
-    return SizeTable(row, table, current, rates, tuple(job.latent_shape), alternatives)
+    return SizeTable(row, table, current, rates, tuple(job.latent_shape), alternatives, measured.text)
 
 
 def _alternatives(job: Job, option, pca: dict[str, int]) -> list[Option]:

@@ -84,6 +84,9 @@ class ExtractConfig:
     vae: str | None = None
     vae_kind: str = R.VAE_KINDS[0]
     latent_scale: float | None = None
+    # a diffusers pipeline (folder or hub id): its text encoder embeds each clip's caption
+    base: str | None = None
+    text_max_length: int = R.WAN_MAX_TEXT_LENGTH
     # encoders: hub id or local path (None = the registry's hub id); input sizes (None = default;
     # dino: DiT grid side x its patch, REPA's rule, so its patch grid is the DiT grid)
     dino_model: str | None = None
@@ -123,6 +126,7 @@ class ExtractConfig:
         for key in ("frames", "stride", "clips_per_video", "size", "patch_size", "block_size", "batch_size"):
             _positive_int(key, getattr(self, key))
         _positive_int("pca_fit_clips", self.pca_fit_clips)
+        _positive_int("text_max_length", self.text_max_length)
         for key in ("num_workers", "fidelity_clips", "seed"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

@@ -4,6 +4,7 @@ clips reach the models (decoding workers that never outlive the run)."""
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from cache_schema.layout import TextEntry
+from cache_schema.text import to_stored
 from stages.common import runtime
 from stages.common import video as V
 
@@ -47,6 +50,24 @@ class Job:
 
     def video_path(self, row: int) -> str:
         return self.source.entries[self.refs[row].video_index].path
+
+    def caption(self, row: int) -> str:
+        return self.source.entries[self.refs[row].video_index].caption or ""
+
+    @property
+    def text(self) -> TextEntry | None:
+        """The layout's text entry when the clips' captions are embedded (--base), else None."""
+        enc = self.models.text
+        return None if enc is None else TextEntry(str(self.cfg.base), enc.max_length, enc.dim)
+
+    def encode_text(self, rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The stored prompt embeddings (float16 [n, L, D]) and masks (uint8 [n, L]) of store rows."""
+        assert self.models.text is not None
+        t0 = time.perf_counter()
+        embeds, mask = self.models.text.encode([self.caption(r) for r in rows])
+        self.timings["text"] = self.timings.get("text", 0.0) + time.perf_counter() - t0
+        where = f"prompt embeddings of {self.video_path(rows[0])}" if rows else "prompt embeddings"
+        return to_stored(embeds.numpy(), where), mask.numpy()
 
 
 @contextlib.contextmanager

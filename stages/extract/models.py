@@ -19,8 +19,10 @@ import torch
 
 from cache_schema import constants as C
 from cache_schema import formats
+from cache_schema.layout import EncoderEntry
 from stages.common import registry as R
 from stages.common.models.encoders import VideoMAEEncoder, load_encoder
+from stages.common.models.text import TextEncoder
 from stages.common.models.vae import VAEWrapper
 from stages.common.resample import (
     causal_temporal_mean,
@@ -41,6 +43,7 @@ class ExtractError(RuntimeError):
 class Models:
     vae: VAEWrapper
     encoders: dict[str, Any]
+    text: TextEncoder | None = None  # --base: the pipeline's text encoder (captions -> embeddings)
 
 
 @dataclass(frozen=True)
@@ -65,22 +68,9 @@ class TargetPlan:
         """How a reader rebuilds the raw (unnormalised) tokens: stored norms, or the values themselves."""
         return C.RAW_IN_VALUES if self.native else C.RAW_FROM_NORMS
 
-    def entry(self) -> dict[str, Any]:
-        layout = formats.stored_layout(self.format, self.stored_dim)
-        values, scales = layout["values"], layout["scales"]
-        return {
-            "name": self.name,
-            "id": self.id,
-            "dim": self.dim,
-            "input_size": self.input_size,
-            "format": self.format,
-            "time_frames": self.time_frames,
-            "stored_dim": self.stored_dim,
-            "values": [values[0], values[1]],
-            "scales": None if scales is None else [scales[0], scales[1]],
-            "pca": self.pca_dims is not None,
-            C.RAW_TOKENS: self.raw_tokens,
-        }
+    def entry(self) -> EncoderEntry:
+        return EncoderEntry.build(self.name, self.dim, self.format, self.time_frames, self.pca_dims,
+                                  self.raw_tokens, id=self.id, input_size=self.input_size)  # fmt: skip
 
     def spec(self, pca_fit_clips: int) -> dict[str, Any]:
         return {
@@ -157,7 +147,8 @@ def load_models(cfg: ExtractConfig, device: torch.device) -> Models:
             # REPA: DINOv2's patch grid equals the DiT grid (224 px for 256 px clips), no resampling
             enc = type(enc)(enc.model, enc.model_id, side * enc.patch, device=device)
         encoders[name] = enc
-    return Models(vae=vae, encoders=encoders)
+    text = TextEncoder.load(cfg.base, device, cfg.text_max_length) if cfg.base else None
+    return Models(vae=vae, encoders=encoders, text=text)
 
 
 def causal_factor(vae: VAEWrapper) -> int:

@@ -18,10 +18,19 @@ import numpy as np
 import torch
 import zarr
 
-from cache_schema import SCHEMA_VERSION, CacheError, OutputLock, canonical_json, content_fingerprint, formats
+from cache_schema import (
+    CacheError,
+    OutputLock,
+    canonical_json,
+    content_fingerprint,
+    fingerprint,
+    formats,
+    store_layout,
+)
 from cache_schema import constants as C
 from cache_schema.bases import store_bases
 from cache_schema.integrity import StoreVerifier, block_rows, open_array
+from cache_schema.layout import CacheLayout, EncoderEntry, StoreLayout
 from cache_schema.outputs import (
     check_not_overlapping,
     clear_artifact,
@@ -29,6 +38,7 @@ from cache_schema.outputs import (
     prepare_output,
     refuse_if_locked,
 )
+from cache_schema.text import empty_sha256, to_stored
 from stages.common import runtime
 from stages.common import video as V
 
@@ -54,7 +64,10 @@ class ExtractResult:
     invalid_clips: list[dict[str, Any]]
     timings: dict[str, float] = field(default_factory=dict)
     dry_run: bool = False
-    layout: dict[str, Any] = field(default_factory=dict)  # fingerprint, grid, latent_shape, encoders
+    grid: tuple[int, ...] = ()  # the DiT token grid (T, H, W)
+    latent_shape: tuple[int, ...] = ()
+    encoders: list[EncoderEntry] = field(default_factory=list)
+    fingerprint: str | None = None  # None: a dry run (nothing fitted, no store)
     # per encoder: mean, p1, tokens, clips, held_out, explained_variance (None without PCA)
     fidelity: dict[str, dict[str, Any]] = field(default_factory=dict)
     samples: dict[str, int] = field(default_factory=dict)  # fidelity / pca_fit / shared clip counts
@@ -75,8 +88,15 @@ def prepare(cfg: ExtractConfig, dist: runtime.DistInfo) -> Job:
         hflip=cfg.hflip,
     )
     source = V.discover(cfg.data)
+    if cfg.base and not source.has_captions:  # before any model loads
+        raise ExtractError(
+            f"--base {cfg.base} embeds each video's caption, but {cfg.data} has none: give a CSV or "
+            "JSONL manifest with a `caption` column (or drop --base)"
+        )
     models = load_models(cfg, dist.device)
     refs, skipped, lengths = V.plan_clips(source, clip_spec, progress=cfg.progress and dist.is_main)
+    if cfg.base:
+        refs, skipped = captioned(source, refs, skipped)
     if not refs:
         raise ExtractError(
             f"no usable clips in {cfg.data}: {len(skipped)} video(s) skipped "
@@ -87,6 +107,17 @@ def prepare(cfg: ExtractConfig, dist: runtime.DistInfo) -> Job:
     latent_shape, grid = token_grid(cfg, models.vae)
     plans = plan_targets(cfg, models, grid)
     return Job(cfg, dist, source, clip_spec, refs, skipped, lengths, models, latent_shape, grid, plans)
+
+
+def captioned(
+    source: V.VideoSource, refs: list[V.ClipRef], skipped: list[V.Skipped]
+) -> tuple[list[V.ClipRef], list[V.Skipped]]:
+    """--base embeds each clip's caption: clips of videos without one are left out and reported
+    (report.json `skipped`), like a video that does not decode."""
+    missing = sorted({r.video_index for r in refs if not source.entries[r.video_index].caption})
+    reason = "no caption (the manifest's caption column is missing or empty); --base needs one per video"
+    skipped = skipped + [V.Skipped(source.entries[i].path, reason) for i in missing]
+    return [r for r in refs if source.entries[r.video_index].caption], skipped
 
 
 def build_spec(job: Job) -> dict[str, Any]:
@@ -116,7 +147,13 @@ def build_spec(job: Job) -> dict[str, Any]:
         "patch_size": [1, cfg.patch_size, cfg.patch_size],
         "fidelity_clips": cfg.fidelity_clips,
         "seed": cfg.seed,
+        **({} if job.text is None else {"text": {**job.text.to_dict(), "captions": captions_sha256(job)}}),
     }
+
+
+def captions_sha256(job: Job) -> str:
+    """What the prompt embeddings depend on besides the text encoder: every video's caption."""
+    return fingerprint({"captions": [entry.caption for entry in job.source.entries]})
 
 
 def store_plan(job: Job) -> StorePlan:
@@ -134,27 +171,27 @@ def store_plan(job: Job) -> StorePlan:
         video_index=np.array([r.video_index for r in job.refs], np.int32),
         start_frame=np.array([r.start_frame for r in job.refs], np.int32),
         flip=np.array([r.flip for r in job.refs], np.uint8),
+        text=job.text,
     )
 
 
 def store_attrs(job: Job, spec: dict[str, Any], derived: dict[str, Any], plan: StorePlan) -> dict[str, Any]:
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "fingerprint": content_fingerprint(spec, derived),
-        "spec": spec,
-        "derived": derived,
-        "grid": list(job.grid),
-        "patch_size": list(spec["patch_size"]),
-        "latent_shape": list(job.latent_shape),
-        "encoders": plan.encoders,
-        "class_names": job.source.class_names,
-        "num_clips": plan.num_clips,
-        "block_size": plan.block_size,
-        "num_blocks": plan.num_blocks,
-        "sources": [f[0] for f in spec["dataset"]["files"]],
-        "source_root": os.path.abspath(job.source.root),
-        "config": runtime.config_to_dict(job.cfg),
-    }
+    return StoreLayout(
+        fingerprint=content_fingerprint(spec, derived),
+        spec=spec,
+        derived=derived,
+        grid=tuple(job.grid),
+        patch_size=tuple(spec["patch_size"]),
+        latent_shape=tuple(job.latent_shape),
+        encoders=tuple(plan.encoders),
+        text=plan.text,
+        class_names=job.source.class_names,
+        num_clips=plan.num_clips,
+        block_size=plan.block_size,
+        num_blocks=plan.num_blocks,
+        sources=[f[0] for f in spec["dataset"]["files"]],
+        extra={"source_root": os.path.abspath(job.source.root), "config": runtime.config_to_dict(job.cfg)},
+    ).to_attrs()
 
 
 def check_plan(job: Job, spec: dict[str, Any]) -> bool:
@@ -168,7 +205,10 @@ def check_plan(job: Job, spec: dict[str, Any]) -> bool:
             raise ExtractError(str(exc)) from None
         group = None
     if group is not None:
-        old = dict(group.attrs).get("spec", {})
+        try:
+            old = store_layout(group, cfg.out).spec
+        except CacheError:  # garbled attributes: a store of another config
+            old = {}
         if canonical_json(old) == canonical_json(spec):
             try:
                 StoreVerifier(group, cfg.out)  # every array's metadata can be read
@@ -198,6 +238,10 @@ def _create(job: Job, spec: dict[str, Any]) -> dict[str, int]:
     cfg = job.cfg
     derived, bases, samples = derive(job)
     plan = store_plan(job)
+    if job.text is not None:  # the empty prompt (classifier-free guidance dropout), stored once
+        embeds, mask = job.models.text.encode([""])
+        plan.empty_prompt = (to_stored(embeds[0].numpy(), "the empty prompt's embeddings"), mask[0].numpy())
+        derived["text"] = {"empty_sha256": empty_sha256(*plan.empty_prompt)}
     clear_artifact(cfg.out, "store")  # only our own entries (nothing when the folder is new)
     create_store(cfg.out, plan, store_attrs(job, spec, derived, plan), cfg.codec, cfg.codec_level, bases)
     return samples
@@ -212,19 +256,19 @@ def open_or_create_store(
     group = open_store(job.cfg.out)
     if group is None:
         raise ExtractError(f"{job.cfg.out}: the store rank 0 created cannot be opened here")
-    attrs = dict(group.attrs)
-    result.layout = {k: attrs[k] for k in ("fingerprint", "grid", "latent_shape", "encoders")}
-    result.fidelity = fidelity_table(attrs["derived"])
+    layout = store_layout(group, job.cfg.out)
+    result.fingerprint, result.encoders = layout.fingerprint, list(layout.encoders)
+    result.fidelity = fidelity_table(layout)
     result.samples = samples or {}
     bases = {n: formats.basis_tensors(b, job.device) for n, b in store_bases(group).items()}
     return group, bases
 
 
-def fidelity_table(derived: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def fidelity_table(layout: CacheLayout) -> dict[str, dict[str, Any]]:
     """derived -> per encoder {mean, p1, tokens, clips, held_out, explained_variance}."""
-    pca = derived.get("pca", {})
+    pca = layout.pca_derived
     out = {}
-    for name, fid in derived.get("fidelity", {}).items():
+    for name, fid in layout.fidelity.items():
         out[name] = {**fid, "explained_variance": pca.get(name, {}).get("explained_variance_ratio")}
     return out
 
@@ -249,11 +293,9 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
             blocks_computed=0,
             skipped=[{"path": s.path, "reason": s.reason} for s in job.skipped],
             invalid_clips=[],
-            layout={
-                "grid": list(job.grid),
-                "latent_shape": list(job.latent_shape),
-                "encoders": [p.entry() for p in job.plans],
-            },
+            grid=tuple(job.grid),
+            latent_shape=tuple(job.latent_shape),
+            encoders=[p.entry() for p in job.plans],
         )
         if cfg.dry_run:
             result.dry_run = True
@@ -354,7 +396,7 @@ def _run_blocks(job: Job, todo: list[tuple[int, int, int]], group, bases, result
     from stages.common.progress import tqdm
 
     cfg = job.cfg
-    encoders = list(group.attrs["encoders"])
+    layout = store_layout(group)
     plan = store_plan(job)
     meta = {
         C.LABELS: plan.labels,
@@ -383,7 +425,7 @@ def _run_blocks(job: Job, todo: list[tuple[int, int, int]], group, bases, result
                 block = items[0]["index"] // cfg.block_size
                 if block not in buffers:
                     buffers[block] = BlockBuffer(
-                        block, *bounds[block], job.latent_shape, job.grid, encoders, meta
+                        block, *bounds[block], job.latent_shape, job.grid, layout.encoders, meta, layout.text
                     )
                 _compute_items(job, items, buffers[block], bases, result)
                 bar.update(len(items))
@@ -404,7 +446,7 @@ def _compute_items(job: Job, items: list[dict[str, Any]], buf: BlockBuffer, base
         feats = compute_batch(frames, job.models, job.plans, job.grid, job.timings)
         check_finite(job, feats, ok)
         latents, targets, norms = encode_batch(feats, job.plans, bases, job.timings)
-        buf.put(ok, latents, targets, norms)
+        buf.put(ok, latents, targets, norms, job.encode_text(ok) if job.text is not None else None)
     for it in items:
         if it["frames"] is None:
             result.invalid_clips.append(

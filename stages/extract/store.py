@@ -19,10 +19,11 @@ import numpy as np
 import zarr
 import zarr.codecs
 
-from cache_schema import SCHEMA_VERSION
+from cache_schema import SCHEMA_VERSION, store_layout
 from cache_schema import constants as C
 from cache_schema.formats import PCABasis
 from cache_schema.integrity import crc_rows, integrity_attr
+from cache_schema.layout import EncoderEntry, TextEntry
 
 from .config import CODEC_NAMES
 
@@ -46,11 +47,13 @@ class StorePlan:
     block_size: int
     latent_shape: tuple[int, int, int, int]
     grid: tuple[int, int, int]
-    encoders: list[dict[str, Any]]  # layout entries (TargetPlan.entry())
+    encoders: list[EncoderEntry]  # layout entries (TargetPlan.entry())
     labels: np.ndarray
     video_index: np.ndarray
     start_frame: np.ndarray
     flip: np.ndarray
+    text: TextEntry | None = None  # prompt embeddings per clip (--base)
+    empty_prompt: tuple[np.ndarray, np.ndarray] | None = None  # float16 [L, D], uint8 [L]: stored once
 
     @property
     def num_blocks(self) -> int:
@@ -85,16 +88,12 @@ def create_store(
     n, b = plan.num_clips, plan.block_size
     compressors = compressors_for(codec, level)
     _per_clip_array(group, C.LATENTS, (n, *plan.latent_shape), "float16", b, compressors)
-    _, h, w = plan.grid
-    for enc in plan.encoders:
-        lead = (n, int(enc["time_frames"]), h, w)
-        v_dim, v_dtype = enc["values"]
-        _per_clip_array(group, C.values_path(enc["name"]), (*lead, v_dim), v_dtype, b, compressors)
-        if enc["scales"]:
-            s_dim, s_dtype = enc["scales"]
-            _per_clip_array(group, C.scales_path(enc["name"]), (*lead, s_dim), s_dtype, b, compressors)
-        if C.stores_norms(enc):
-            _per_clip_array(group, C.norms_path(enc["name"]), lead, "float16", b, compressors)
+    text = [] if plan.text is None else plan.text.arrays()
+    for array in [*(a for enc in plan.encoders for a in enc.arrays(plan.grid)), *text]:
+        _per_clip_array(group, array.path, (n, *array.shape), array.dtype, b, compressors)
+    if plan.empty_prompt is not None:
+        for name, value in zip((C.TEXT_EMPTY_EMBEDS, C.TEXT_EMPTY_MASK), plan.empty_prompt, strict=True):
+            group.create_array(name, shape=value.shape, dtype=value.dtype, fill_value=0)[...] = value
     for name, basis in bases.items():
         for part, array in ((C.PCA_MEAN, basis.mean), (C.PCA_COMPONENTS, basis.components)):
             arr = group.create_array(
@@ -111,7 +110,7 @@ def create_store(
         arr[:] = values.astype(dtype)
     group.create_array(C.VALID, shape=(n,), chunks=(b,), dtype="uint8", fill_value=0)
     group.create_array(C.BLOCK_DONE, shape=(plan.num_blocks,), chunks=(1,), dtype="uint8", fill_value=0)
-    integrity = integrity_attr(plan.encoders)
+    integrity = integrity_attr(plan.encoders, plan.text)
     columns = len(integrity["columns"])
     group.create_array(C.CLIP_CRC, shape=(n, columns), chunks=(b, columns), dtype="uint32", fill_value=0)
     group.attrs.update({**attrs, C.INTEGRITY_ATTR: integrity})
@@ -144,11 +143,13 @@ def write_block(
     valid: np.ndarray,
     meta: dict[str, np.ndarray] | None = None,
     norms: dict[str, np.ndarray] | None = None,
+    text: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> None:
     """Write one block's clips (whole shards at once), then its rows' checksums; data before the
     marker. `meta` (labels, video_index, start_frame, flip of these rows) is rewritten too, so a
     redone block repairs them; without it the rows created with the store are kept. `norms`: the
-    float16 token norms of encoders whose layout keeps them (C.stores_norms)."""
+    float16 token norms of encoders whose layout keeps them. `text`: the rows' prompt embeddings
+    and masks (stores with a `text` layout entry)."""
     stop = start + len(latents)
     arrays = {C.LATENTS: latents.astype(np.float16, copy=False), C.VALID: valid.astype(np.uint8)}
     for name, (values, scales) in targets.items():
@@ -157,10 +158,12 @@ def write_block(
             arrays[C.scales_path(name)] = scales
     for name, array in (norms or {}).items():
         arrays[C.norms_path(name)] = array
+    if text is not None:
+        arrays[C.TEXT_EMBEDS], arrays[C.TEXT_MASK] = text
     for name in C.META_ARRAYS:
         arrays[name] = group[name][start:stop] if meta is None else meta[name]
-    integrity = dict(group.attrs).get(C.INTEGRITY_ATTR)
-    columns = integrity["columns"] if integrity else list(arrays)
+    layout = store_layout(group)
+    columns = layout.crc_columns if layout.crc_array else list(arrays)
     for name in columns:  # fixed order: the marker-less block is torn the same way every time
         array = group[name]
         if name not in arrays and name.endswith(f"/{C.TOKEN_NORMS}"):  # not given: 0, the fill value
@@ -168,8 +171,8 @@ def write_block(
         arrays[name] = np.asarray(arrays[name]).astype(array.dtype, copy=False)
         if meta is not None or name not in C.META_ARRAYS:
             _write(array, name, start, stop, arrays[name], group)
-    if integrity:
-        _write(group[C.CLIP_CRC], C.CLIP_CRC, start, stop, crc_rows(arrays, columns), group)
+    if layout.crc_array:
+        _write(group[layout.crc_array], layout.crc_array, start, stop, crc_rows(arrays, columns), group)
 
 
 def _write(array: zarr.Array, name: str, start: int, stop: int, data: np.ndarray, group: zarr.Group) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from cache_schema import constants as C
+from cache_schema.layout import EncoderEntry, TextEntry
 
 from .store import mark_block_done, write_block
 
@@ -40,21 +40,30 @@ class BlockBuffer:
     """One block's compact arrays on the CPU, filled batch by batch; rows of failed clips stay 0."""
 
     def __init__(
-        self, block: int, start: int, stop: int, latent_shape, grid, encoders: list[dict], meta=None
+        self,
+        block: int,
+        start: int,
+        stop: int,
+        latent_shape,
+        grid,
+        encoders: list[EncoderEntry],
+        meta=None,
+        text: TextEntry | None = None,
     ) -> None:
         self.block, self.start, self.stop = block, start, stop
         # the plan's labels, video_index, start_frame, flip of these rows (rewritten with the block)
         self.meta = None if meta is None else {name: rows[start:stop] for name, rows in meta.items()}
-        n, (_, h, w) = stop - start, grid
+        n = stop - start
         self.latents = np.zeros((n, *latent_shape), np.float16)
         self.targets: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+        self.norms: dict[str, np.ndarray] = {}
         for enc in encoders:
-            lead = (n, int(enc["time_frames"]), h, w)
-            values = np.zeros((*lead, enc["values"][0]), enc["values"][1])
-            scales = np.zeros((*lead, enc["scales"][0]), enc["scales"][1]) if enc["scales"] else None
-            self.targets[enc["name"]] = (values, scales)
-        self.norms = {e["name"]: np.zeros((n, int(e["time_frames"]), h, w), np.float16) for e in encoders
-                      if C.stores_norms(e)}  # fmt: skip
+            values, *rest = (np.zeros((n, *a.shape), a.dtype) for a in enc.arrays(grid))
+            self.targets[enc.name] = (values, rest[0] if enc.scales else None)
+            if enc.stores_norms:
+                self.norms[enc.name] = rest[-1]
+        text_arrays = [] if text is None else text.arrays()
+        self.text = tuple(np.zeros((n, *a.shape), a.dtype) for a in text_arrays) or None
         self.valid = np.zeros(n, np.uint8)
         self.filled = 0
 
@@ -64,8 +73,9 @@ class BlockBuffer:
         latents: np.ndarray,
         targets: dict[str, tuple[Any, Any]],
         norms: dict[str, Any],
+        text: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
-        """Rows of decoded clips (store indices `clips`)."""
+        """Rows of decoded clips (store indices `clips`); `text`: their prompt embeddings and masks."""
         rows = np.asarray(clips, dtype=np.int64) - self.start
         self.latents[rows] = latents
         for name, (values, scales) in targets.items():
@@ -74,6 +84,8 @@ class BlockBuffer:
                 self.targets[name][1][rows] = scales
         for name, array in norms.items():
             self.norms[name][rows] = array
+        if text is not None and self.text is not None:
+            self.text[0][rows], self.text[1][rows] = text
         self.valid[rows] = 1
 
     def count(self, n: int) -> bool:
@@ -100,7 +112,9 @@ class BlockWriter(threading.Thread):
                 continue
             try:
                 t0 = time.perf_counter()
-                write_block(self.group, buf.start, buf.latents, buf.targets, buf.valid, buf.meta, buf.norms)
+                write_block(
+                    self.group, buf.start, buf.latents, buf.targets, buf.valid, buf.meta, buf.norms, buf.text
+                )
                 mark_block_done(self.group, buf.block)
                 self.timings["write"] = self.timings.get("write", 0.0) + time.perf_counter() - t0
             except BaseException as exc:  # surfaced by the main thread

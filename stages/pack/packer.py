@@ -16,19 +16,21 @@ import io
 import json
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import fsspec
 import numpy as np
 
-from cache_schema import SCHEMA_VERSION, OutputError, OutputLock, open_group, prepare_output, validate_store
+from cache_schema import OutputError, OutputLock, open_group, prepare_output, store_layout, validate_store
 from cache_schema import constants as C
 from cache_schema.bases import store_bases, write_shard_bases
 from cache_schema.checksum import with_checksum
 from cache_schema.integrity import BlockDamaged, RowChecker, open_array
+from cache_schema.layout import CacheLayout, EncoderEntry, ShardFile, ShardLayout
 from cache_schema.outputs import refuse_if_locked
 from cache_schema.readers import refuse_if_read
+from cache_schema.text import store_empty_prompt, trim, write_shard_empty_prompt
 from stages.common.runtime import disk_full_message, is_disk_full, process_pool
 
 
@@ -69,10 +71,14 @@ def clip_sample(
     label: int,
     meta: dict[str, Any],
     norms: dict[str, np.ndarray] | None = None,
+    text: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, bytes]:
-    """One schema-v2 sample: latent, each encoder's values (+ scales, + token norms), class, meta,
-    crc32. `targets` empty gives the latents-only sample."""
+    """One schema-v2 sample: latent, each encoder's values (+ scales, + token norms), the prompt's
+    embeddings (its own rows, cache_schema.text.trim) and mask, class, meta, crc32. `targets` empty
+    gives the latents-only sample."""
     sample: dict[str, Any] = {"__key__": C.KEY_FORMAT.format(row), C.SAMPLE_LATENT: npy_bytes(latent)}
+    if text is not None:
+        sample[C.SAMPLE_TEXT], sample[C.SAMPLE_TEXT_MASK] = npy_bytes(trim(*text)), npy_bytes(text[1])
     for name, (values, scales) in targets.items():
         sample[C.sample_values(name)] = npy_bytes(values)
         if scales is not None:
@@ -160,14 +166,13 @@ def write_tar(path: str, samples: Iterable[dict[str, Any]]) -> dict[str, Any]:
     return sink.close()
 
 
-def _target_arrays(group, encoders: list[dict[str, Any]], where: str) -> dict[str, tuple[Any, Any, Any]]:
+def _target_arrays(group, encoders: tuple[EncoderEntry, ...], where: str) -> dict[str, tuple[Any, Any, Any]]:
     """name -> (values array, scales array or None, token norms array or None), opened once per task."""
     arrays = {}
     for enc in encoders:
-        name = enc["name"]
-        scales = open_array(group, C.scales_path(name), where) if enc.get("scales") else None
-        norms = open_array(group, C.norms_path(name), where) if C.stores_norms(enc) else None
-        arrays[name] = (open_array(group, C.values_path(name), where), scales, norms)
+        scales = open_array(group, enc.scales_path, where) if enc.scales else None
+        norms = open_array(group, enc.norms_path, where) if enc.stores_norms else None
+        arrays[enc.name] = (open_array(group, enc.values_path, where), scales, norms)
     return arrays
 
 
@@ -176,12 +181,14 @@ def write_shard(cache: str, out: str, name: str, rows: list[int]) -> tuple[dict[
     row read is checked against the store's checksums: a missing or corrupt chunk stops the task
     naming the array, the block and the rows, and removes the partial tars."""
     group = open_group(cache)
-    attrs = group.attrs
+    layout = store_layout(group, cache)
     check = RowChecker(group, cache)
-    sources, encoders = attrs["sources"], attrs["encoders"]
+    sources, encoders = layout.sources, layout.encoders
     meta_arrays = {n: check.read_all(open_array(group, n, cache), n) for n in C.META_ARRAYS}
     latents = open_array(group, C.LATENTS, cache)
     target_arrays = _target_arrays(group, encoders, cache)
+    text_parts = [] if layout.text is None else layout.text.arrays()
+    text_arrays = {a.path: open_array(group, a.path, cache) for a in text_parts}  # embeds, mask
     full = TarSink(f"{out.rstrip('/')}/{name}")
     lean = TarSink(f"{out.rstrip('/')}/{C.LATENTS_ONLY_DIR}/{name}")
     try:
@@ -195,6 +202,7 @@ def write_shard(cache: str, out: str, name: str, rows: list[int]) -> tuple[dict[
                 for n, (_, _, a) in target_arrays.items()
                 if a is not None
             }
+            text = tuple(check.read(a, path, row) for path, a in text_arrays.items()) or None
             label = int(meta_arrays[C.LABELS][row])
             meta = {
                 "video": sources[int(meta_arrays[C.VIDEO_INDEX][row])],
@@ -203,8 +211,8 @@ def write_shard(cache: str, out: str, name: str, rows: list[int]) -> tuple[dict[
                 "clip_index": int(row),
                 "label": label if label >= 0 else None,
             }
-            full.write(clip_sample(row, latent, targets, label, meta, norms))
-            lean.write(clip_sample(row, latent, {}, label, meta))
+            full.write(clip_sample(row, latent, targets, label, meta, norms, text))
+            lean.write(clip_sample(row, latent, {}, label, meta, text=text))
         return full.close(), lean.close()
     except BaseException:
         full.abort()
@@ -224,17 +232,26 @@ def plan_shards(valid: np.ndarray, samples_per_shard: int, seed: int) -> list[li
     return [rows[i : i + samples_per_shard] for i in range(0, len(rows), samples_per_shard)]
 
 
-def shard_index(layout: dict[str, Any], entries: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    """index.json of a shard folder: the store's layout fields, the shard entries, and `extra`."""
-    keys = ("fingerprint", "spec", "derived", "encoders", "grid", "latent_shape", "class_names")
-    return {
-        "schema_version": SCHEMA_VERSION,
-        **{key: layout[key] for key in keys},
-        "patch_size": layout.get("patch_size", [1, 2, 2]),
-        "num_samples": sum(e["samples"] for e in entries),
+def shard_index(
+    layout: CacheLayout, entries: list[dict[str, Any]], text_empty: dict[str, str] | None = None, **extra: Any
+) -> dict[str, Any]:
+    """index.json of a shard folder: the store's layout fields, the shard entries, and `extra`
+    (order, pca_files, latents_only, source_store); `text_empty`: the empty prompt file's entry."""
+    text = layout.text if layout.text is None else replace(layout.text, empty=text_empty)
+    return ShardLayout(
+        fingerprint=layout.fingerprint,
+        spec=layout.spec,
+        derived=layout.derived,
+        encoders=layout.encoders,
+        grid=layout.grid,
+        latent_shape=layout.latent_shape,
+        class_names=layout.class_names,
+        patch_size=layout.patch_size or (1, 2, 2),
+        text=text,
+        num_samples=sum(e["samples"] for e in entries),
+        shards=tuple(ShardFile.from_dict(e) for e in entries),
         **extra,
-        "shards": entries,
-    }
+    ).to_index()
 
 
 def write_index(out: str, index: dict[str, Any]) -> None:
@@ -267,7 +284,7 @@ def run_pack(cfg: PackConfig) -> dict[str, Any]:
     if errors:
         raise PackError("cannot pack: " + "; ".join(errors))
     group = open_group(cfg.cache)
-    attrs = dict(group.attrs)
+    layout = store_layout(group, cfg.cache)
     try:
         check = RowChecker(group, cfg.cache)
         valid = check.read_all(open_array(group, C.VALID, cfg.cache), C.VALID, check=True)
@@ -298,11 +315,22 @@ def run_pack(cfg: PackConfig) -> dict[str, Any]:
             ) from None
         source = os.path.abspath(cfg.cache) if "://" not in cfg.cache else cfg.cache
         order = {"kind": "permutation", "seed": cfg.seed}
-        lean_index = shard_index(attrs, [p[1] for p in pairs], order=order, latents_only=True)
+        empty = None
+        if layout.text is not None:  # the empty prompt, once per shard set (and its latents-only twin)
+            prompt = store_empty_prompt(group, layout, cfg.cache)
+            lean_dir = f"{cfg.out.rstrip('/')}/{C.LATENTS_ONLY_DIR}"
+            empty, lean_empty = (
+                write_shard_empty_prompt(cfg.out, *prompt),
+                write_shard_empty_prompt(lean_dir, *prompt),
+            )
+        lean_index = shard_index(
+            layout, [p[1] for p in pairs], lean_empty if empty else None, order=order, latents_only=True
+        )
         write_index(f"{cfg.out.rstrip('/')}/{C.LATENTS_ONLY_DIR}", lean_index)
         index = shard_index(
-            attrs,
+            layout,
             [p[0] for p in pairs],
+            empty,
             order=order,
             pca_files=write_shard_bases(cfg.out, store_bases(group)),
             latents_only={

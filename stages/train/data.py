@@ -31,7 +31,10 @@ from torch.utils.data import DataLoader
 
 from cache_schema import constants as C
 from cache_schema.checksum import verify_checksum
+from cache_schema.errors import CacheError
+from cache_schema.layout import EncoderEntry, ShardLayout, TextEntry
 from cache_schema.tars import TarFormatError, iter_samples, open_shard
+from cache_schema.text import pad
 from stages.common.runtime import close_loader, worker_init
 
 
@@ -62,9 +65,9 @@ def derive_seed(*parts: Any) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-def shard_urls(shards: str, index: dict[str, Any]) -> list[str]:
+def shard_urls(shards: str, index: ShardLayout) -> list[str]:
     """Full paths/URLs of the shards listed in index.json."""
-    names = [s["name"] for s in index["shards"] if int(s.get("samples", 1)) > 0]
+    names = [s.name for s in index.shards if s.samples > 0]
     if not names:
         raise ValueError(f"{shards}: index.json lists no non-empty shards")
     return [f"{str(shards).rstrip('/')}/{name}" for name in names]
@@ -79,8 +82,9 @@ class LoaderSpec:
     batch_size: int
     batches_per_step: int  # gradient accumulation micro-batches per optimizer step
     segment_steps: int
-    encoders: dict[str, dict[str, Any]] = field(default_factory=dict)  # empty: latents only
+    encoders: dict[str, EncoderEntry] = field(default_factory=dict)  # empty: latents only
     norms: bool = False  # also decode the token norms (raw targets for --target-norm spatial)
+    text: TextEntry | None = None  # decode each sample's prompt embeddings and mask
     shuffle_buffer: int = 1000
     num_workers: int = 0
     pin_memory: bool = False
@@ -144,9 +148,15 @@ class DecodeSamples:
     good sample ("skipped", through the stream's SkipLog) so the trainer can log them."""
 
     def __init__(
-        self, encoders: dict[str, dict[str, Any]], on_corrupt: str, skips: SkipLog, norms: bool = False
+        self,
+        encoders: dict[str, EncoderEntry],
+        on_corrupt: str,
+        skips: SkipLog,
+        norms: bool = False,
+        text: TextEntry | None = None,
     ):
         self.encoders, self.on_corrupt, self.skips, self.norms = encoders, on_corrupt, skips, norms
+        self.text = text
 
     def decode(self, sample: dict[str, Any]) -> dict[str, Any]:
         problem = verify_checksum(sample)
@@ -156,16 +166,23 @@ class DecodeSamples:
             latent = npy(sample[C.SAMPLE_LATENT])
             targets = {}
             for name, entry in self.encoders.items():
-                values = npy(sample[C.sample_values(name)])
-                scales = npy(sample[C.sample_scales(name)]) if entry.get("scales") else None
-                norms = npy(sample[C.sample_norms(name)]) if self.norms and C.stores_norms(entry) else None
+                values = npy(sample[entry.values_member])
+                scales = npy(sample[entry.scales_member]) if entry.scales else None
+                norms = npy(sample[entry.norms_member]) if self.norms and entry.stores_norms else None
                 targets[name] = (values, scales, norms)
+            text = None
+            if self.text is not None:
+                mask = npy(sample[C.SAMPLE_TEXT_MASK])
+                text = (pad(npy(sample[C.SAMPLE_TEXT]), mask, _where(sample)), mask)
+        except CacheError as exc:
+            raise CorruptSample(str(exc)) from None
         except KeyError as exc:
             raise CorruptSample(f"{_where(sample)} has no {exc.args[0]} (not a schema-v2 sample)") from None
         cls = sample.get(C.SAMPLE_CLASS)
         label = -1 if cls is None else int(cls.decode() if isinstance(cls, bytes) else cls)
         target_bytes = sum(a.nbytes for parts in targets.values() for a in parts if a is not None)
-        return {"latent": latent, "targets": targets, "label": label, "target_bytes": target_bytes}
+        decoded = {"latent": latent, "targets": targets, "label": label, "target_bytes": target_bytes}
+        return decoded if text is None else {**decoded, "text": text}
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         for sample in src:
@@ -202,6 +219,7 @@ class ReadShards:
 
 
 TARGET_ROLES = ("values", "scales", "norms")  # a decoded target: (values, scales | None, norms | None)
+TEXT_KEY, TEXT_ROLES = "text", ("embeds", "mask")  # a decoded prompt: (embeds [L, D], mask [L])
 
 
 def _alloc(nbytes: int) -> torch.Tensor:
@@ -221,6 +239,8 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     parts: list[tuple[str, str | None, np.dtype, tuple[int, ...]]] = [
         ("latent", None, *_meta(samples[0]["latent"]))
     ]
+    if "text" in samples[0]:  # before the targets: read also once alignment has ended
+        parts += [(TEXT_KEY, role, *_meta(a)) for role, a in zip(TEXT_ROLES, samples[0]["text"], strict=True)]
     for name, arrays in samples[0]["targets"].items():
         for role, array in zip(TARGET_ROLES, arrays, strict=True):
             if array is not None:
@@ -234,7 +254,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     for key, role, dtype, shape, start in layout:
         size = int(np.prod(shape)) * np.dtype(dtype).itemsize
         for i, sample in enumerate(samples):
-            src = sample["latent"] if role is None else sample["targets"][key][TARGET_ROLES.index(role)]
+            src = _source(sample, key, role)
             flat[start + i * size : start + (i + 1) * size] = src.reshape(-1).view(np.uint8)
     return {
         "buffer": buffer,
@@ -250,6 +270,36 @@ def _meta(array: np.ndarray) -> tuple[np.dtype, tuple[int, ...]]:
     return array.dtype, tuple(array.shape)
 
 
+def _source(sample: dict[str, Any], key: str, role: str | None) -> np.ndarray:
+    if role is None:
+        return sample["latent"]
+    if key == TEXT_KEY and role in TEXT_ROLES:
+        return sample["text"][TEXT_ROLES.index(role)]
+    return sample["targets"][key][TARGET_ROLES.index(role)]
+
+
+def leading_parts(batch: dict[str, Any]) -> int:
+    """How many of the batch buffer's parts come before the targets (the latents, the prompt)."""
+    return sum(1 for key, role, *_ in batch["layout"] if role is None or key == TEXT_KEY)
+
+
+def _view(batch: dict[str, Any], buffer: torch.Tensor, part: tuple) -> torch.Tensor:
+    _, _, dtype, shape, start = part
+    size = batch["batch_size"] * int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return buffer[start : start + size].view(_TORCH_DTYPES[np.dtype(dtype)]).view(batch["batch_size"], *shape)
+
+
+def unpack_text(
+    batch: dict[str, Any], buffer: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(embeds float16 [B, L, D], mask uint8 [B, L]) as views of `buffer`, or None without text."""
+    buffer = batch["buffer"] if buffer is None else buffer
+    parts = {p[1]: p for p in batch["layout"] if p[0] == TEXT_KEY}
+    if not parts:
+        return None
+    return _view(batch, buffer, parts["embeds"]), _view(batch, buffer, parts["mask"])
+
+
 def unpack(
     batch: dict[str, Any], buffer: torch.Tensor | None = None, with_targets: bool = True
 ) -> tuple[torch.Tensor, dict]:
@@ -258,7 +308,9 @@ def unpack(
     Without targets, only the latents (the buffer's first part) are read."""
     buffer = batch["buffer"] if buffer is None else buffer
     n, latent, targets = batch["batch_size"], None, {}
-    for key, role, dtype, shape, start in batch["layout"][: None if with_targets else 1]:
+    for key, role, dtype, shape, start in batch["layout"][: None if with_targets else leading_parts(batch)]:
+        if key == TEXT_KEY:  # unpack_text
+            continue
         torch_dtype = _TORCH_DTYPES[np.dtype(dtype)]
         size = n * int(np.prod(shape)) * np.dtype(dtype).itemsize
         view = buffer[start : start + size].view(torch_dtype).view(n, *shape)
@@ -292,7 +344,7 @@ def build_dataset(spec: LoaderSpec, segment: int) -> wds.DataPipeline:
         wds.split_by_worker,
         ReadShards(spec.on_corrupt, skips),
         SeededShuffle(spec.seed, segment, spec.shuffle_buffer),
-        DecodeSamples(spec.encoders, spec.on_corrupt, skips, spec.norms),
+        DecodeSamples(spec.encoders, spec.on_corrupt, skips, spec.norms, spec.text),
         wds.batched(spec.batch_size, collation_fn=collate, partial=False),
     )
 
@@ -371,6 +423,15 @@ class DevicePrefetch:
 
     def close(self) -> None:
         self.steps.close()
+
+
+def empty_prompt(shards: str, index: ShardLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shard set's empty-prompt embedding (float32 [L, D]) and mask (bool [L]): the condition a
+    text model is given when classifier-free guidance drops a caption. Hash-checked."""
+    from cache_schema.text import shard_empty_prompt
+
+    embeds, mask = shard_empty_prompt(shards, index)
+    return torch.from_numpy(embeds.astype(np.float32)), torch.from_numpy(mask.astype(bool))
 
 
 def latents_only(spec: LoaderSpec, lean_urls: list[str]) -> LoaderSpec:

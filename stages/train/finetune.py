@@ -11,13 +11,13 @@ the DiT), and never with its VAE or text encoder: latents and prompt embeddings 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from cache_schema.layout import CacheLayout
 from stages.common.models.adapter import VideoModelAdapter
 from stages.common.models.factory import adapter_class
 
@@ -34,28 +34,29 @@ def is_lora(module: nn.Module) -> bool:
     return bool(getattr(unwrap(module), "peft_config", None))
 
 
-def check_layout(adapter: VideoModelAdapter, layout: Mapping[str, Any], base: str) -> None:
+def check_layout(adapter: VideoModelAdapter, layout: CacheLayout, base: str) -> None:
     """Refuse shards whose latents the base model cannot take, naming the field: the latent
     channels (`latent_shape`), the token grid the targets were resampled to (`grid`), the text."""
-    channels, *thw = (int(v) for v in layout["latent_shape"])
+    shape = [int(v) for v in layout.latent_shape]
+    channels, *thw = shape
     want = int(adapter.module.config.in_channels)
     if channels != want:
         raise ValueError(
-            f"the shards' latent_shape {list(layout['latent_shape'])} has {channels} channels but --base "
+            f"the shards' latent_shape {shape} has {channels} channels but --base "
             f"{base} takes {want}: extract the clips with its VAE (pipeline extract --base {base})"
         )
     try:
         grid = adapter.tokens.grid(tuple(thw))
     except ValueError as exc:
         raise ValueError(
-            f"the shards' latent_shape {list(layout['latent_shape'])}: {exc} of --base {base}"
+            f"the shards' latent_shape {shape}: {exc} of --base {base}"
         ) from None
-    if list(grid) != [int(g) for g in layout["grid"]]:
+    if list(grid) != [int(g) for g in layout.grid]:
         raise ValueError(
-            f"the shards' grid {list(layout['grid'])} is not --base {base}'s token grid {list(grid)} for "
+            f"the shards' grid {list(layout.grid)} is not --base {base}'s token grid {list(grid)} for "
             f"latents {thw}: extract with --base {base} so the targets are resampled to its tokens"
         )
-    if adapter.conditioning.kind == "text" and not layout.get("text"):
+    if adapter.conditioning.kind == "text" and layout.text is None:
         raise ValueError(
             f"the shards hold no prompt embeddings (no `text` field in index.json) but --base {base} is "
             "text-conditioned: extract a captioned manifest with --base, then pack"
@@ -63,14 +64,13 @@ def check_layout(adapter: VideoModelAdapter, layout: Mapping[str, Any], base: st
 
 
 def build_pretrained(
-    cfg: TrainConfig, layout: Mapping[str, Any], null_text: torch.Tensor | None
+    cfg: TrainConfig, layout: CacheLayout, null_text: torch.Tensor | None
 ) -> VideoModelAdapter:
     """The base model's adapter, checked against the shards, with LoRA or trainable in full;
     `null_text` is the shards' empty prompt (classifier-free guidance dropout)."""
     from dataclasses import replace
 
-    text = layout.get("text") or {}
-    tokens = max(BASE_TEXT_TOKENS, int(text.get("max_length", 0)))
+    tokens = max(BASE_TEXT_TOKENS, layout.text.max_length if layout.text is not None else 0)
     adapter = adapter_class(PRETRAINED_FAMILY).from_pretrained(
         cfg.base, null_text=null_text, max_text_tokens=tokens
     )

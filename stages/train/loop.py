@@ -22,6 +22,7 @@ import cache_schema
 from cache_schema import RunDir, prepare_output
 from cache_schema.checkpoint import CheckpointError
 from cache_schema.formats import basis_tensors
+from cache_schema.layout import EncoderEntry, ShardLayout
 from cache_schema.outputs import refuse_if_locked
 from cache_schema.readers import ShardReader, describe_change, index_summary
 from stages.common import runtime
@@ -42,8 +43,8 @@ from .step import NonFiniteLoss, StepConfig, prepare_batch, train_step
 class RunSetup:
     """What the run was built from: the cache layout, the chosen encoders and their weights."""
 
-    layout: dict[str, Any]
-    encoders: dict[str, dict[str, Any]]
+    layout: ShardLayout
+    encoders: dict[str, EncoderEntry]
     lambdas: dict[str, float]
     resume_from: Path | None
     notes: list[str] = field(default_factory=list)
@@ -98,8 +99,8 @@ def check_cache(cfg: TrainConfig) -> RunSetup:
     if cfg.resuming:
         previous = run.require().read_config()
         recorded = previous.get("expect_fingerprint")
-        if recorded and recorded != layout["fingerprint"]:
-            raise cache_schema.CacheMismatch("fingerprint", recorded, layout["fingerprint"], cfg.shards)
+        if recorded and recorded != layout.fingerprint:
+            raise cache_schema.CacheMismatch("fingerprint", recorded, layout.fingerprint, cfg.shards)
         changed = resume_changes(previous, replace(cfg, encoders=list(encoders)))
         if changed:
             raise ValueError(
@@ -161,12 +162,12 @@ def checkpoint_step(folder: Path | None) -> int:
     return int(folder.name.split("-")[-1]) if folder is not None else 0
 
 
-def check_raw_tokens(shards: str, encoders: dict[str, dict[str, Any]]) -> None:
+def check_raw_tokens(shards: str, encoders: dict[str, EncoderEntry]) -> None:
     """--target-norm spatial z-scores the encoders' raw tokens (iREPA): refuse shards that cannot
     rebuild them (packed from a store written before token norms were kept)."""
-    from cache_schema.constants import RAW_FROM_NORMS, RAW_IN_VALUES, RAW_TOKENS
+    from cache_schema.constants import RAW_FROM_NORMS, RAW_IN_VALUES
 
-    lacking = [n for n, e in encoders.items() if e.get(RAW_TOKENS) not in (RAW_FROM_NORMS, RAW_IN_VALUES)]
+    lacking = [n for n, e in encoders.items() if e.raw_tokens not in (RAW_FROM_NORMS, RAW_IN_VALUES)]
     if lacking:
         raise cache_schema.CacheError(
             f"--target-norm spatial needs the raw tokens of {', '.join(lacking)}, but {shards} holds only "
@@ -192,7 +193,7 @@ def _bases(cfg: TrainConfig, setup: RunSetup, device: torch.device) -> dict[str,
     """The shards' PCA bases of the chosen encoders, on the device once (hash-checked)."""
     from cache_schema.bases import shard_bases
 
-    wanted = [n for n, e in setup.encoders.items() if e.get("pca")]
+    wanted = [n for n, e in setup.encoders.items() if e.pca]
     bases = shard_bases(cfg.shards, setup.layout, wanted) if wanted else {}
     return {name: basis_tensors(basis, device) for name, basis in bases.items()}
 
@@ -209,16 +210,16 @@ def loader_specs(
         segment_steps=segment_steps,
         encoders=setup.encoders if setup.encoders else {},
         norms=cfg.target_norm == "spatial",
+        text=setup.layout.text,
         shuffle_buffer=cfg.shuffle_buffer,
         num_workers=cfg.num_workers,
         pin_memory=pin,
         on_corrupt=cfg.on_corrupt,
     )
-    lean_info = setup.layout.get("latents_only")
-    if not lean_info:
+    if setup.layout.lean_dir is None:
         return full, replace(full, encoders={})
-    lean_dir = f"{cfg.shards.rstrip('/')}/{lean_info['dir']}"
-    return full, latents_only(full, shard_urls(lean_dir, cache_schema.read_index(lean_dir)))
+    lean_dir = f"{cfg.shards.rstrip('/')}/{setup.layout.lean_dir}"
+    return full, latents_only(full, shard_urls(lean_dir, cache_schema.read_shard_layout(lean_dir)))
 
 
 def run_config(cfg: TrainConfig, setup: RunSetup, state: TrainState) -> dict[str, Any]:
@@ -227,14 +228,14 @@ def run_config(cfg: TrainConfig, setup: RunSetup, state: TrainState) -> dict[str
         cfg,
         encoders=list(setup.encoders),
         align_depth=state.align_depth,
-        expect_fingerprint=setup.layout["fingerprint"],
+        expect_fingerprint=setup.layout.fingerprint,
         resume=False,
         resume_from=None,
     )
-    vae = (setup.layout.get("spec") or {}).get("vae") or {}
+    vae = setup.layout.vae_spec
     extra = {}
-    if cfg.base:  # what `pipeline sample` needs besides the weights: the noise shape, the prompt length
-        extra = {"latent_shape": list(setup.layout["latent_shape"]), "text_spec": dict(setup.layout["text"])}
+    if cfg.base and setup.layout.text is not None:  # what `pipeline sample` needs besides the weights
+        extra = {"latent_shape": list(setup.layout.latent_shape), "text_spec": setup.layout.text.to_dict()}
     return {
         **runtime.config_to_dict(resolved),
         "model_family": state.adapter.family,
@@ -280,7 +281,7 @@ def _start(cfg: TrainConfig, setup: RunSetup, info: runtime.DistInfo) -> tuple[T
     # a checkpoint of step s holds the head iff alignment ran at step s (it is dropped at the start of
     # the first step after --align-until), so a resume at the final step still loads it
     with_head = alignment_active(max(start, 1), cfg.align_until)
-    dims = {n: int(e["dim"]) for n, e in setup.encoders.items()}
+    dims = {n: e.dim for n, e in setup.encoders.items()}
     null_text = _null_text(cfg, setup)
     state = build_state(cfg, setup.layout, dims, setup.lambdas, info.device, info.rank, with_head, null_text)
     state.lr_scheduler = build_lr_scheduler(state.optimizer, cfg.lr_schedule, cfg.lr_warmup, cfg.steps)
@@ -308,7 +309,7 @@ def _start(cfg: TrainConfig, setup: RunSetup, info: runtime.DistInfo) -> tuple[T
 def _null_text(cfg: TrainConfig, setup: RunSetup) -> torch.Tensor | None:
     """The shards' stored empty-prompt embedding (hash-checked): what classifier-free guidance
     dropout gives a fine-tuned text model instead of a sample's caption; None without --base."""
-    if not cfg.base or not setup.layout.get("text"):
+    if not cfg.base or setup.layout.text is None:
         return None
     from .data import empty_prompt
 
@@ -387,7 +388,7 @@ def step_config(cfg: TrainConfig, setup: RunSetup, info: runtime.DistInfo) -> St
         device=device,
         encoders=setup.encoders,
         bases=_bases(cfg, setup, device),
-        frames=int(setup.layout["grid"][0]),
+        frames=setup.layout.grid[0],
         raw_targets=cfg.target_norm == "spatial",
         use_bf16=device.type == "cuda" and cfg.precision == "bf16",
         grad_accum=cfg.grad_accum,

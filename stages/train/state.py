@@ -25,6 +25,7 @@ from torch import nn
 
 from cache_schema import run as run_files
 from cache_schema.checkpoint import CheckpointError, verify_checkpoint
+from cache_schema.layout import CacheLayout
 from stages.common.models.adapter import VideoModelAdapter
 from stages.common.models.factory import build_adapter
 from stages.common.runtime import is_disk_full
@@ -88,7 +89,7 @@ def wrap_ddp(state: TrainState, device: torch.device) -> None:
 
 
 def build_model(
-    cfg: TrainConfig, layout: dict[str, Any], null_text: torch.Tensor | None = None
+    cfg: TrainConfig, layout: CacheLayout, null_text: torch.Tensor | None = None
 ) -> VideoModelAdapter:
     """A fresh model (MODEL_FAMILY) for the shards' latents, or with `cfg.base` the pretrained model
     (finetune.py; `null_text` is the shards' empty prompt for its CFG dropout)."""
@@ -96,14 +97,14 @@ def build_model(
         from .finetune import build_pretrained
 
         return build_pretrained(cfg, layout, null_text)
-    channels, frames, height, _ = layout["latent_shape"]
+    channels, frames, height, _ = layout.latent_shape
     return build_adapter(
         MODEL_FAMILY,
         size=cfg.model,
         in_channels=channels,
         num_frames=frames,
         sample_size=height,
-        num_classes=len(layout.get("class_names") or []),
+        num_classes=len(layout.class_names),
         class_dropout=cfg.class_dropout,
         prediction=cfg.prediction,
         gradient_checkpointing=cfg.gradient_checkpointing,
@@ -112,7 +113,7 @@ def build_model(
 
 def build_state(
     cfg: TrainConfig,
-    layout: dict[str, Any],
+    layout: CacheLayout,
     encoder_dims: dict[str, int],
     lambdas: dict[str, float],
     device: torch.device,
@@ -136,7 +137,7 @@ def build_state(
             encoder_dims,
             cfg.projector_dim,
             projector=cfg.projector,
-            grid=tuple(layout["grid"]),
+            grid=layout.grid,
             target_norm=cfg.target_norm,
             kernel_size=cfg.projector_kernel,
         ).to(device)

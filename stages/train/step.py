@@ -18,12 +18,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cache_schema.constants import stores_norms
 from cache_schema.formats import reconstruct, reconstruct_raw
+from cache_schema.layout import EncoderEntry
 from stages.common.flow import flow_loss, interpolate, sample_timesteps, velocity_target
 from stages.common.models.adapter import Condition, Conditioning
 
-from .data import unpack
+from .data import leading_parts, unpack, unpack_text
 from .state import TrainState, ema_decay_at, update_ema
 
 
@@ -36,7 +36,7 @@ class StepConfig:
     """What a step needs besides the state and the batch."""
 
     device: torch.device
-    encoders: dict[str, dict[str, Any]]  # cache layout entries of the targets to reconstruct
+    encoders: dict[str, EncoderEntry]  # cache layout entries of the targets to reconstruct
     bases: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # PCA bases on the device
     frames: int = 1  # DiT grid T: targets are interpolated to it
     raw_targets: bool = False  # the encoders' raw tokens, not unit ones (iREPA's spatial z-score)
@@ -63,7 +63,8 @@ class StepMetrics:
 
 
 def prepare_batch(batch: dict[str, Any], cfg: StepConfig, with_targets: bool = True) -> dict[str, Any]:
-    """Loader batch -> device tensors: x0 float32 latents, labels, dense targets {encoder: [B,T,H,W,D]}.
+    """Loader batch -> device tensors: x0 float32 latents, labels, dense targets {encoder: [B,T,H,W,D]},
+    and with prompt embeddings in the shards `text_embeds` float32 [B, L, D] and `text_mask` bool [B, L].
 
     The batch's compact bytes cross to the device in one copy (done ahead by data.DevicePrefetch on
     CUDA; else here, only the latents' part when the targets are not needed this step); the targets
@@ -73,7 +74,8 @@ def prepare_batch(batch: dict[str, Any], cfg: StepConfig, with_targets: bool = T
     if buffer is None:
         buffer = batch["buffer"]
         if not with_targets:
-            key, role, dtype, shape, start = batch["layout"][0]  # the latents come first
+            last = leading_parts(batch) - 1  # the latents (and the prompt) come first
+            key, role, dtype, shape, start = batch["layout"][last]
             buffer = buffer[: start + batch["batch_size"] * int(np.prod(shape)) * np.dtype(dtype).itemsize]
         buffer = buffer.to(dev, non_blocking=True)
     latent, stored = unpack(batch, buffer, with_targets)
@@ -82,19 +84,15 @@ def prepare_batch(batch: dict[str, Any], cfg: StepConfig, with_targets: bool = T
         "label": batch["label"].to(dev, non_blocking=True),
         "targets": {},
     }
+    text = unpack_text(batch, buffer)
+    if text is not None:
+        out["text_embeds"], out["text_mask"] = text[0].float(), text[1].bool()
     if with_targets:
         for name, entry in cfg.encoders.items():
             values, scales, norms = stored[name]
-            if cfg.raw_targets and norms is None and stores_norms(entry):
+            if cfg.raw_targets and norms is None and entry.stores_norms:
                 raise ValueError(f"raw targets of {name!r} need its token norms, which this batch lacks")
-            args = (
-                values,
-                scales,
-                entry["format"],
-                int(entry["stored_dim"]),
-                cfg.frames,
-                cfg.bases.get(name),
-            )
+            args = (values, scales, entry.format, entry.stored_dim, cfg.frames, cfg.bases.get(name))
             out["targets"][name] = (
                 reconstruct_raw(*args, norms=norms) if cfg.raw_targets else reconstruct(*args)
             )
