@@ -11,6 +11,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import subprocess_env
@@ -270,27 +271,129 @@ def test_shifted_time_grid_and_videodit_grid_unchanged() -> None:
     assert shifted[2] == pytest.approx(3 * 0.5 / (1 + 2 * 0.5))
 
 
-def test_sample_a_lora_run_with_prompts(wan_folder: str, tmp_path: Path) -> None:
-    """A run directory holding a LoRA checkpoint (written by the trainer's own save_state and
-    publish_checkpoint) -> `pipeline sample --run --prompts FILE` decodes videos with the Wan VAE."""
-    state = _state(_cfg(wan_folder))
-    _train(state, range(2))
-    run = RunDir(tmp_path / "run")
-    run.write_config({"base": wan_folder, "model_family": "wan", "vae_spec": {"id": wan_folder, "kind": "wan"},
-                      "latent_shape": LATENT, "text_spec": LAYOUT.text.to_dict()})  # fmt: skip
-    run.publish_checkpoint(2, lambda folder: save_state(folder, state, {}))
+# ---------------------------------------------------------------------------------- the CLI, end to end
+CAPTION_LEN = 16  # tokens per cached prompt here (Wan's 512 costs time, not coverage)
+
+
+@pytest.fixture(scope="module")
+def wan_shards(wan_folder: str, synth_videos: Path, tmp_path_factory) -> Path:
+    """Captioned synthetic clips -> extract --base (Wan VAE latents, UMT5 prompts, dino targets on
+    Wan's 2 x 2 x 2 token grid) -> pack: the real writers."""
+    import csv
+
+    from helpers import tiny_extract_config
+
+    from stages.extract import runner
+    from stages.pack.packer import PackConfig, run_pack
+
+    root = tmp_path_factory.mktemp("wan-cache")
+    videos = sorted(synth_videos.rglob("*.mp4"))
+    manifest = root / "captions.csv"
+    with manifest.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "caption"])
+        writer.writerows((str(v), v.parent.name, f"a {v.parent.name.split('_', 2)[-1]} shape, clip {i}")
+                         for i, v in enumerate(videos))  # fmt: skip
+    cfg = tiny_extract_config(manifest, root / "store", encoders=["dino"], clips_per_video=1, fidelity_clips=1,
+                              num_workers=0, base=wan_folder, text_max_length=CAPTION_LEN, vae=wan_folder,
+                              vae_kind="wan", frames=5, size=32, patch_size=2)  # fmt: skip
+    runner.run_extract(cfg)
+    run_pack(
+        PackConfig(cache=str(root / "store"), out=str(root / "shards"), samples_per_shard=4, progress=False)
+    )
+    return root / "shards"
+
+
+def _train_cli(
+    shards: Path, run: Path, wan: str, *extra: str, probe: bool = False
+) -> subprocess.CompletedProcess:
+    """`pipeline train --base` in a fresh process; with `probe`, it prints the encoder, VAE and
+    text-encoder modules the process imported."""
+    audit = (
+        "import sys, json\n"
+        "sys.argv = ['pipeline'] + sys.argv[1:]\n"
+        "from pipeline.cli import main\n"
+        "try:\n"
+        "    main(standalone_mode=False)\n"
+        "finally:\n"
+        "    enc = tuple('transformers.models.' + n for n in ('dinov2', 'sam2', 'videomae', 'umt5', 't5'))\n"
+        "    bad = [m for m in sys.modules if m == 'timm' or m.startswith(('timm.', *enc, 'diffusers.models.autoencoders',\n"
+        "           'diffusers.pipelines.wan', 'stages.common.models.encoders', 'stages.common.models.text',\n"
+        "           'stages.extract'))]\n"
+        "    print('IMPORTED=' + json.dumps(bad))\n"
+    )
+    head = [sys.executable, "-c", audit] if probe else [sys.executable, "-m", "pipeline.cli"]
+    cmd = [*head, "train", "--shards", str(shards), "--out", str(run), "--base", wan, "--batch-size", "2",
+           "--checkpoint-every", "2", "--log-every", "1", "--num-workers", "0", "--device", "cpu",
+           "--projector-dim", "16", "--lr", "1e-2", "--ema", "0.5", "--set", "shuffle_buffer=4",
+           "--set", "class_dropout=0.5", *extra]  # fmt: skip
+    return subprocess.run(
+        cmd, capture_output=True, text=True, env=subprocess_env(), timeout=300, cwd=run.parent
+    )
+
+
+def _lora_file(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(folder / LORA_WEIGHTS_FILE)
+
+
+def test_cli_lora_run_resumes_exactly_imports_no_encoder_and_loads_in_wanpipeline(
+    wan_folder: str, wan_shards: Path, tmp_path: Path
+) -> None:
+    from diffusers import WanPipeline
+
+    straight = _train_cli(wan_shards, tmp_path / "straight", wan_folder, "--lora-rank", "4", "--steps", "4",
+                          probe=True)  # fmt: skip
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    line = next(x for x in straight.stdout.splitlines() if x.startswith("IMPORTED="))
+    assert json.loads(line.split("=", 1)[1]) == []  # latents and prompts come from the cache
+    half = _train_cli(wan_shards, tmp_path / "resumed", wan_folder, "--lora-rank", "4", "--steps", "2")
+    assert half.returncode == 0, half.stderr[-3000:]
+    again = _train_cli(
+        wan_shards, tmp_path / "resumed", wan_folder, "--lora-rank", "4", "--steps", "4", "--resume"
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    a, b = RunDir(tmp_path / "straight"), RunDir(tmp_path / "resumed")
+    assert [r["loss"] for r in a.read_log()] == [r["loss"] for r in b.read_log()]
+    ckpt_a, ckpt_b = a.latest_checkpoint(), b.latest_checkpoint()
+    for sub in ("model", "ema"):
+        wa, wb = _lora_file(ckpt_a / sub), _lora_file(ckpt_b / sub)
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any(float(v.abs().max()) > 0 for k, v in _lora_file(ckpt_a / "model").items() if "lora_B" in k)
+
+    pipe = WanPipeline.from_pretrained(wan_folder)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(ckpt_a))  # the step folder: diffusers' LoRA file of the EMA weights
+    video = pipe(prompt="a drift right shape", num_frames=5, height=32, width=32, num_inference_steps=2,
+                 max_sequence_length=CAPTION_LEN, output_type="np").frames  # fmt: skip
+    assert video.shape == (1, 5, 32, 32, 3) and np.isfinite(video).all()
+
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red circle\n\na blue square\n")
-    cmd = [sys.executable, "-m", "pipeline.cli", "sample", "--run", str(run.path), "--prompts", str(prompts),
-           "--num", "3", "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "out")]  # fmt: skip
+    prompts.write_text("a drift right shape\n\na drift left shape\n")
+    cmd = [sys.executable, "-m", "pipeline.cli", "sample", "--run", str(a.path), "--prompts", str(prompts),
+           "--num", "3", "--steps", "2", "--cfg", "3", "--device", "cpu", "--out", str(tmp_path / "out")]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["prompts"] == ["a red circle", "a blue square", "a red circle"] and summary["decoded"]
-    import numpy as np
-
+    assert summary["prompts"] == ["a drift right shape", "a drift left shape", "a drift right shape"]
     videos = np.load(tmp_path / "out" / "videos.npz")["videos"]
-    assert videos.shape == (3, 5, 32, 32, 3)
-    bad = subprocess.run(cmd[:-2] + ["--out", str(tmp_path / "o2")] + ["--prompt", "x"], capture_output=True,
+    assert summary["decoded"] and videos.shape == (3, 5, 32, 32, 3)
+    bad = subprocess.run([*cmd[:-2], "--out", str(tmp_path / "o2"), "--prompt", "x"], capture_output=True,
                          text=True, env=subprocess_env(), timeout=120)  # fmt: skip
     assert bad.returncode == 2 and "prompt: pass --prompt TEXT or --prompts FILE, not both" in bad.stderr
+    none = subprocess.run([*cmd[:6], "--num", "1", "--steps", "1", "--out", str(tmp_path / "o3")],
+                          capture_output=True, text=True, env=subprocess_env(), timeout=120)  # fmt: skip
+    assert none.returncode == 2 and "text-to-video model; pass --prompt TEXT or --prompts FILE" in none.stderr
+
+
+def test_cli_full_finetune_saves_the_transformer(wan_folder: str, wan_shards: Path, tmp_path: Path) -> None:
+    from diffusers import WanTransformer3DModel
+
+    proc = _train_cli(wan_shards, tmp_path / "run", wan_folder, "--full-finetune", "--steps", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = RunDir(tmp_path / "run").latest_checkpoint()
+    model = WanTransformer3DModel.from_pretrained(ckpt / "model")
+    base = WanTransformer3DModel.from_pretrained(wan_folder, subfolder="transformer").state_dict()
+    assert any(not torch.equal(v, base[k]) for k, v in model.state_dict().items())
+    assert not (ckpt / LORA_WEIGHTS_FILE).exists()

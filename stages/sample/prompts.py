@@ -15,6 +15,8 @@ import torch
 
 from stages.common.models.adapter import Condition
 
+PROMPT_NEEDED = "prompt: this run fine-tuned a text-to-video model; pass --prompt TEXT or --prompts FILE"
+
 
 def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
     """--prompt TEXT, or --prompts FILE (one prompt per non-empty line); [] when neither is given."""

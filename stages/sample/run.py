@@ -190,7 +190,7 @@ def _prompts(
 ) -> tuple[Any, list[str]]:
     """A text model's prompts, encoded with its base pipeline's text encoder (the empty prompt
     becomes the adapter's null condition); (None, []) for a class model, which refuses prompts."""
-    from stages.sample.prompts import encode_prompts, read_prompts
+    from stages.sample.prompts import PROMPT_NEEDED, encode_prompts, read_prompts
 
     prompts = read_prompts(cfg.prompt, cfg.prompts)
     if adapter.conditioning.kind != "text":
@@ -200,9 +200,7 @@ def _prompts(
             )
         return None, []
     if not prompts:
-        raise ValueError(
-            "prompt: this run fine-tuned a text-to-video model; pass --prompt TEXT or --prompts FILE"
-        )
+        raise ValueError(PROMPT_NEEDED)
     if not resolved.base:
         raise ValueError(
             f"{resolved.weights_dir}: a text-to-video checkpoint is sampled with --run RUN (its base)"

@@ -48,9 +48,7 @@ def check_layout(adapter: VideoModelAdapter, layout: CacheLayout, base: str) -> 
     try:
         grid = adapter.tokens.grid(tuple(thw))
     except ValueError as exc:
-        raise ValueError(
-            f"the shards' latent_shape {shape}: {exc} of --base {base}"
-        ) from None
+        raise ValueError(f"the shards' latent_shape {shape}: {exc} of --base {base}") from None
     if list(grid) != [int(g) for g in layout.grid]:
         raise ValueError(
             f"the shards' grid {list(layout.grid)} is not --base {base}'s token grid {list(grid)} for "
