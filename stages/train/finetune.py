@@ -43,7 +43,7 @@ def check_layout(adapter: VideoModelAdapter, layout: CacheLayout, base: str) -> 
     if channels != want:
         raise ValueError(
             f"the shards' latent_shape {shape} has {channels} channels but --base "
-            f"{base} takes {want}: extract the clips with its VAE (pipeline extract --base {base})"
+            f"{base} takes {want}: extract the clips with its VAE (--base {base} --vae {base} --vae-kind wan)"
         )
     try:
         grid = adapter.tokens.grid(tuple(thw))
@@ -52,7 +52,8 @@ def check_layout(adapter: VideoModelAdapter, layout: CacheLayout, base: str) -> 
     if list(grid) != [int(g) for g in layout.grid]:
         raise ValueError(
             f"the shards' grid {list(layout.grid)} is not --base {base}'s token grid {list(grid)} for "
-            f"latents {thw}: extract with --base {base} so the targets are resampled to its tokens"
+            f"latents {thw}: extract with --patch-size {adapter.tokens.patch_size[1]} so the targets are "
+            "resampled to its tokens"
         )
     if adapter.conditioning.kind == "text" and layout.text is None:
         raise ValueError(
