@@ -397,3 +397,14 @@ def test_cli_full_finetune_saves_the_transformer(wan_folder: str, wan_shards: Pa
     base = WanTransformer3DModel.from_pretrained(wan_folder, subfolder="transformer").state_dict()
     assert any(not torch.equal(v, base[k]) for k, v in model.state_dict().items())
     assert not (ckpt / LORA_WEIGHTS_FILE).exists()
+
+
+def test_a_resume_cannot_change_the_fine_tune(wan_folder: str) -> None:
+    from stages.train.config import resume_changes
+
+    run = {"base": wan_folder, "lora_rank": 4, "lora_alpha": None, "lora_targets": [], "full_finetune": False}
+    assert resume_changes(run, _cfg(wan_folder)) == []
+    assert resume_changes(run, _cfg(wan_folder, lora_rank=8)) == ["lora_rank (run: 4, now: 8)"]
+    assert resume_changes(run, _cfg(wan_folder, lora_targets=["to_q"])) == [
+        "lora_targets (run: [], now: ['to_q'])"
+    ]
