@@ -48,6 +48,9 @@ MODEL_WEIGHTS = "model"
 EMA_WEIGHTS = "ema"
 PROJECTORS_FILE = "projectors.safetensors"
 TRAIN_STATE_FILE = "train_state.pt"
+# a LoRA run's weights in model/ and ema/ (and the EMA's at the step folder's top): diffusers' LoRA
+# file name, what WanPipeline.load_lora_weights(folder) reads
+LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 STEP_PREFIX = "step-"
 
 # One log row. cos_sim and align_weight are {encoder: value}; skipped lists corrupt sample keys.
@@ -280,7 +283,7 @@ def weights_folder(checkpoint: Path, ema: bool = True) -> tuple[Path, str]:
         return checkpoint, "pretrained"
     order = [EMA_WEIGHTS, MODEL_WEIGHTS] if ema else [MODEL_WEIGHTS]
     for name in order:
-        if (checkpoint / name / "config.json").is_file():
+        if any((checkpoint / name / f).is_file() for f in ("config.json", LORA_WEIGHTS_FILE)):
             return checkpoint / name, name
     raise RunError(
         f"{checkpoint} is neither a save_pretrained folder (config.json) nor a checkpoint with "

@@ -34,6 +34,13 @@ _d = partial(help_default, SampleConfig)
     help="A step folder (model/ + ema/) or a save_pretrained folder.",
 )
 @click.option("--num", type=int, default=None, help=f"Number of videos [{_d('num')}].")
+@click.option("--prompt", type=str, default=None, help="A text-to-video run (train --base): the prompt.")
+@click.option(
+    "--prompts",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="A text-to-video run: a file of prompts, one per line (video i gets prompt i mod their number).",
+)
 @click.option(
     "--out", type=click.Path(file_okay=False), default=None, help="Output folder [RUN/samples/<checkpoint>]."
 )
@@ -91,6 +98,7 @@ def sample(
     flags["cfg"] = cfg_scale
     flags["ema"] = False if no_ema else None
     cfg = resolve_stage_config(SampleConfig, config_file, overrides, flags)
+    _refuse_missing_prompt(cfg)
     with cli_errors():
         summary = run_sample(cfg)
     outputs = summary["outputs"]
@@ -103,3 +111,19 @@ def sample(
         click.echo("no VAE configured: wrote latents only (give --vae to decode videos)")
     for key, path in outputs.items():
         click.echo(f"  {key:8s} {path}")
+
+
+def _refuse_missing_prompt(cfg) -> None:
+    """A text-to-video run (train --base) samples prompts: none given is a bad value (exit 2),
+    refused before any model loads."""
+    from cache_schema import RunDir
+    from pipeline.commands.common import cli_errors
+    from pipeline.config import ConfigError
+    from stages.sample.prompts import PROMPT_NEEDED
+
+    if not cfg.run or cfg.prompt is not None or cfg.prompts is not None:
+        return
+    with cli_errors():
+        base = RunDir(cfg.run).require().read_config().get("base")
+    if base:
+        raise ConfigError(PROMPT_NEEDED)

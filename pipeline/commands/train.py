@@ -1,4 +1,5 @@
-"""`pipeline train`: stage two, a VideoDiT trained from shards alone (imports no encoder code)."""
+"""`pipeline train`: stage two, a VideoDiT trained (or a pretrained Wan fine-tuned) from shards alone
+(imports no encoder code)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,25 @@ _d = partial(help_default, TrainConfig, none="never")
     help="tiny: tiny model, batch 4, 20 steps (tests, CPU demo).",
 )
 @click.option("--model", type=click.Choice(list(MODEL_SIZES)), help=f"VideoDiT size [{DEFAULT_MODEL}].")
+@click.option(
+    "--base",
+    type=str,
+    help="Fine-tune this pretrained text-to-video model (diffusers pipeline folder or hub id, Wan) "
+    "instead of training a fresh VideoDiT; needs --lora-rank R or --full-finetune.",
+)
+@click.option("--lora-rank", type=int, help="With --base: train LoRA adapters of this rank (peft).")
+@click.option("--lora-alpha", type=float, help="With --base: LoRA alpha (scale alpha / rank) [the rank].")
+@click.option(
+    "--lora-targets",
+    type=str,
+    help="With --base: comma-separated module names that get LoRA [to_q,to_k,to_v,to_out.0].",
+)
+@click.option(
+    "--full-finetune",
+    is_flag=True,
+    default=None,
+    help="With --base: train every weight of the transformer (saved with save_pretrained).",
+)
 @click.option("--steps", type=int, help=f"Optimizer steps [{_d('steps')}].")
 @click.option("--batch-size", type=int, help=f"Clips per rank per micro-step [{_d('batch_size')}].")
 @click.option("--grad-accum", type=int, help=f"Micro-steps per optimizer step [{_d('grad_accum')}].")
@@ -173,8 +193,9 @@ def train(config_file, overrides, preset, **flags):
     from stages.train import train as run_train
 
     flags["compile"] = flags.pop("compile_model")
-    if flags.get("encoders") is not None:
-        flags["encoders"] = [e.strip() for e in flags["encoders"].split(",") if e.strip()]
+    for key in ("encoders", "lora_targets"):
+        if flags.get(key) is not None:
+            flags[key] = [e.strip() for e in flags[key].split(",") if e.strip()]
     base = TRAIN_PRESETS.get(preset or "", {})
     if flags.get("resume") or flags.get("resume_from"):
         base = _resume_base(flags.get("out"), config_file, overrides)
@@ -204,6 +225,8 @@ def _resume_base(out: str | None, config_file, overrides) -> dict:
     previous.pop("model_family", None)  # recorded from the model built, not a setting
     previous.pop("shards_index", None)  # what the run read last: compared on resume, not a setting
     previous.pop("world_size", None)  # the ranks batch_size was per: compared on resume, not a setting
+    previous.pop("latent_shape", None)  # a fine-tune's record of its shards, for `pipeline sample`
+    previous.pop("text_spec", None)
     return previous
 
 

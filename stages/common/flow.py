@@ -194,20 +194,29 @@ def _check_convention(convention: str) -> None:
         )
 
 
-def time_grid(sampler: str, num_steps: int, convention: str = "repa") -> list[float]:
-    """The num_steps + 1 times a sampler steps through, from 1 (noise) to 0 (data); module doc."""
+def time_grid(sampler: str, num_steps: int, convention: str = "repa", shift: float = 1.0) -> list[float]:
+    """The num_steps + 1 times a sampler steps through, from 1 (noise) to 0 (data); module doc.
+    `shift` (a model's timestep shift, Objective.shift; 1 = none) maps each t to
+    shift t / (1 + (shift - 1) t), the same map its training times went through (as diffusers'
+    FlowMatchEulerDiscreteScheduler shifts its sigmas)."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if shift <= 0:
+        raise ValueError(f"the timestep shift must be > 0, got {shift}")
     _check_convention(convention)
     if _key(sampler) == "euler-maruyama" and convention == "repa":
         head = torch.linspace(1.0, REPA_SDE_LAST_T, num_steps, dtype=torch.float64).tolist()
-        return [*head, 0.0]
-    return torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64).tolist()
+        ts = [*head, 0.0]
+    else:
+        ts = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64).tolist()
+    if shift == 1.0:
+        return ts
+    return [shift * t / (1 + (shift - 1) * t) for t in ts]
 
 
-def _steps(sampler: str, num_steps: int, convention: str, progress: bool) -> tqdm:
+def _steps(sampler: str, num_steps: int, convention: str, progress: bool, shift: float = 1.0) -> tqdm:
     """(t, t_next) pairs of the grid, as a progress bar that advances while being iterated."""
-    ts = time_grid(sampler, num_steps, convention)
+    ts = time_grid(sampler, num_steps, convention, shift)
     steps = list(zip(ts[:-1], ts[1:], strict=True))
     return tqdm(steps, desc=sampler, disable=not progress, leave=False)
 
@@ -229,7 +238,7 @@ def _v(
 class SampleOptions(TypedDict, total=False):
     """Keyword options every sampler takes (defaults in `_start`): class labels or a Condition `y`,
     classifier-free guidance (`cfg_scale`, `guidance_interval`, `null_class` or `null_by_drop`), a
-    progress bar, the grid convention."""
+    progress bar, the grid convention, the model's timestep shift."""
 
     y: torch.Tensor | Condition | None
     cfg_scale: float
@@ -238,6 +247,7 @@ class SampleOptions(TypedDict, total=False):
     null_by_drop: bool
     progress: bool
     convention: str
+    shift: float
 
 
 class _Setup(NamedTuple):
@@ -258,10 +268,11 @@ def _start(
     null_by_drop: bool = False,
     progress: bool = False,
     convention: str = "repa",
+    shift: float = 1.0,
 ) -> _Setup:
-    """What every sampler starts from: the (guided) velocity and the steps of its time grid."""
+    """What every sampler starts from: the (guided) velocity and the steps of its (shifted) time grid."""
     fn = _prepare(velocity_fn, cfg_scale, guidance_interval, null_class, null_by_drop)
-    return _Setup(fn, y, _steps(sampler, num_steps, convention, progress), convention)
+    return _Setup(fn, y, _steps(sampler, num_steps, convention, progress, shift), convention)
 
 
 def euler_sample(

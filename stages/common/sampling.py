@@ -86,6 +86,26 @@ def _velocity_fn(
     return fn
 
 
+def _text_condition(
+    adapter: VideoModelAdapter, text: Condition | None, num: int, class_: int | None
+) -> Condition | None:
+    """The prompts of a text model's `num` videos (refusing a missing or mis-sized one); None for a
+    class model, which refuses prompts."""
+    if adapter.conditioning.kind != "text":
+        if text is not None:
+            raise ValueError(f"a {adapter.family} model takes class ids, not text prompts")
+        return None
+    if class_ is not None:
+        raise ValueError(f"a {adapter.family} model takes text prompts, not --class")
+    if text is None or text.text_embeds is None or text.text_mask is None:
+        raise ValueError(
+            f"a {adapter.family} model is text-conditioned: give the prompts' embeddings and mask"
+        )
+    if len(text.text_embeds) != num or len(text.text_mask) != num:
+        raise ValueError(f"{len(text.text_embeds)} prompt embeddings for {num} videos: give one per video")
+    return text
+
+
 def _check(num: int, batch_size: int, steps: int, convention: str) -> None:
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}")
@@ -118,10 +138,14 @@ def generate_latents(
     diffusion_norm: float = 1.0,
     progress: bool = False,
     shape: Sequence[int] | None = None,
+    text: Condition | None = None,
 ) -> tuple[torch.Tensor, np.ndarray]:
     """Sample `num` latents from `module` (the adapter's network or its EMA copy, already on
-    `device`; None: the module's device), its velocity through `adapter.forward`.
+    `device`; None: the module's device), its velocity through `adapter.forward`, on the time grid
+    shifted by the model's objective (Objective.shift; 1: none).
 
+    A text model takes `text`: the prompts' embeddings [num, L, D] and mask [num, L] (video i gets
+    prompt i; guidance's null branch is the adapter's empty prompt).
     Returns (float32 latents [num, C, T, h, w] on the CPU, int64 labels [num], -1 if unconditional).
     The module runs in eval mode and is put back in its previous mode afterwards.
     """
@@ -129,15 +153,15 @@ def generate_latents(
     sample_fn = get_sampler(sampler)
     is_sde = sample_fn is get_sampler("euler-maruyama")
     device = torch.device(device) if device is not None else next(module.parameters()).device
-    if adapter.conditioning.kind != "class":
-        raise ValueError(f"generate_latents samples class ids; a {adapter.family} model takes text prompts")
-    labels = sample_labels(num, adapter.conditioning.num_classes, class_)
+    texts = _text_condition(adapter, text, num, class_)
+    labels = sample_labels(num, adapter.conditioning.num_classes if texts is None else 0, class_)
     conditional = adapter.conditioning.conditional
     if (cfg_scale != 1.0 or guidance_interval) and not conditional:
         raise ValueError(
             "cfg_scale (--cfg) / guidance_interval need a class-conditional model; this one is unconditional"
         )
     velocity = _velocity_fn(adapter, module, device, autocast)
+    shift = {"shift": adapter.objective.shift} if adapter.objective.shift != 1.0 else {}
     out: list[torch.Tensor] = []
     was_training = module.training
     module.eval()
@@ -146,7 +170,12 @@ def generate_latents(
             idx = range(lo, min(lo + batch_size, num))
             noise = initial_noise(adapter, idx, seed, shape).to(device)
             y = None
-            if conditional:
+            if texts is not None:
+                y = Condition(
+                    text_embeds=texts.text_embeds[idx.start : idx.stop].to(device),
+                    text_mask=texts.text_mask[idx.start : idx.stop].to(device),
+                )
+            elif conditional:
                 y = Condition(class_labels=torch.from_numpy(labels[idx.start : idx.stop]).to(device))
             extra = (
                 {"diffusion_norm": diffusion_norm, "generator": sde_generators(idx, seed)} if is_sde else {}
@@ -160,6 +189,7 @@ def generate_latents(
                 guidance_interval=guidance_interval,
                 null_by_drop=True,
                 convention=convention,
+                **shift,
                 **extra,
             )
             if not torch.isfinite(z).all():

@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 
 from cache_schema import RunDir, RunError
 from cache_schema.checkpoint import MANIFEST, CheckpointError, verify_checkpoint
-from cache_schema.run import CHECKPOINTS, weights_folder
+from cache_schema.run import CHECKPOINTS, LORA_WEIGHTS_FILE, weights_folder
 from stages.common.models.adapter import VideoModelAdapter
 from stages.common.models.factory import load_adapter
 
@@ -28,6 +28,12 @@ class ResolvedCheckpoint:
     run: RunDir | None
     vae_spec: dict[str, Any] = field(default_factory=dict)  # the VAE the run's latents came from
     family: str | None = None  # the run's model family; None: read from the weights' config.json
+    run_config: dict[str, Any] = field(default_factory=dict)  # RUN/config.yaml ({} outside a run)
+
+    @property
+    def base(self) -> str | None:
+        """The pretrained model a fine-tuned run started from (`train --base`), else None."""
+        return self.run_config.get("base")
 
 
 def resolve_checkpoint(run: str | None, checkpoint: str | None, ema: bool = True) -> ResolvedCheckpoint:
@@ -48,9 +54,10 @@ def resolve_checkpoint(run: str | None, checkpoint: str | None, ema: bool = True
     folder, kind = weights_folder(path, ema=ema)
     if ema and kind == "model":
         log.warning("%s has no EMA weights; sampling with the raw model weights", path)
-    vae_spec = run_dir.vae_spec() if run_dir is not None else {}
-    family = run_dir.model_family() if run_dir is not None else None
-    return ResolvedCheckpoint(folder, kind, path, run_dir, vae_spec, family)
+    config = run_dir.read_config() if run_dir is not None else {}
+    vae_spec = dict(config.get("vae_spec") or {})
+    family = config.get("model_family")
+    return ResolvedCheckpoint(folder, kind, path, run_dir, vae_spec, family, config)
 
 
 def verify_weights(resolved: ResolvedCheckpoint) -> None:
@@ -70,6 +77,24 @@ def damaged(resolved: ResolvedCheckpoint, problem: str) -> CheckpointError:
     return CheckpointError(f"{problem}. Sample from another checkpoint ({hint})")
 
 
+def _load_finetuned(resolved: ResolvedCheckpoint) -> VideoModelAdapter:
+    """A `train --base` run's model: the base with the checkpoint's LoRA file, or its full
+    fine-tune (save_pretrained) with the base's timestep shift."""
+    from stages.common.models.factory import adapter_class
+
+    folder, base = resolved.weights_dir, str(resolved.base)
+    family = adapter_class(resolved.family or "wan")
+    if (folder / LORA_WEIGHTS_FILE).is_file():
+        from stages.common.models.lora import load_lora
+
+        adapter = family.from_pretrained(base)
+        load_lora(adapter.module, folder)
+        return adapter
+    from stages.common.models.wan import flow_shift
+
+    return family.from_pretrained(folder, shift=flow_shift(base))
+
+
 def load_model(resolved: ResolvedCheckpoint) -> VideoModelAdapter:
     """The model's adapter, its module in eval mode, fp32, on CPU (the caller moves it); a damaged
     weight file is named (checksum, unreadable file or non-finite weights) instead of failing later."""
@@ -79,7 +104,7 @@ def load_model(resolved: ResolvedCheckpoint) -> VideoModelAdapter:
         raise damaged(resolved, str(exc)) from None
     folder = resolved.weights_dir
     try:
-        adapter = load_adapter(folder, resolved.family)
+        adapter = _load_finetuned(resolved) if resolved.base else load_adapter(folder, resolved.family)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         files = sorted(folder.glob("*.safetensors"))
         name = files[0] if len(files) == 1 else folder

@@ -30,6 +30,8 @@ class SampleConfig:
     cfg: float = 1.0  # classifier-free guidance scale; 1 = no guidance
     guidance_interval: list[float] | None = None  # [t_lo, t_hi]: guide only there (t=1 noise)
     class_: int | None = None  # CLI: --class; None = balanced spread over classes
+    prompt: str | None = None  # a text-to-video run (train --base): every video's prompt
+    prompts: str | None = None  # a text file, one prompt per line: video i gets prompt i mod their number
     batch_size: int = 8
     seed: int = 0
     ema: bool = True  # EMA weights when the checkpoint has them
@@ -61,6 +63,10 @@ class SampleConfig:
             (self.cfg >= 0, "cfg (guidance scale) must be >= 0"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.class_ is None or self.class_ >= 0, "class must be >= 0"),
+            (
+                self.prompt is None or self.prompts is None,
+                "prompt: pass --prompt TEXT or --prompts FILE, not both",
+            ),
             (self.precision in ("bf16", "fp32"), "precision must be bf16 or fp32"),
             (
                 self.vae_kind is None or self.vae_kind in VAE_KINDS,

@@ -135,12 +135,15 @@ def _sample(cfg: SampleConfig, resolved: ResolvedCheckpoint, out: Path) -> dict[
     if vae is None:
         log.warning("no VAE configured (--vae or the run's VAE spec): writing latents only, no videos")
 
+    texts, prompts = _prompts(cfg, resolved, adapter, device)
     try:
-        latents, labels = _generate(cfg, adapter, device, use_amp)
+        latents, labels = _generate(
+            cfg, adapter, device, use_amp, texts, resolved.run_config.get("latent_shape")
+        )
     except FloatingPointError as exc:
         problem = f"sampling from {resolved.weights_dir} gave non-finite values ({exc}): its weights are damaged or diverged"
         raise damaged(resolved, problem) from None
-    conditional = adapter.conditioning.conditional
+    conditional = adapter.conditioning.conditional and texts is None  # class ids name the files
     keep_latents = vae is None or cfg.save_latents
     grid = _decode_and_write(cfg, vae, latents, labels, conditional, out, device) if vae is not None else []
 
@@ -171,6 +174,7 @@ def _sample(cfg: SampleConfig, resolved: ResolvedCheckpoint, out: Path) -> dict[
         "guidance_interval": cfg.guidance_interval,
         "device": str(device),
         "class_counts": {int(k): int(v) for k, v in zip(*np.unique(labels, return_counts=True), strict=True)},
+        **({"prompts": [prompts[i % len(prompts)] for i in range(cfg.num)]} if prompts else {}),
         "seconds": round(seconds, 3),
         "videos_per_s": round(cfg.num / seconds, 4),
         "outputs": outputs,
@@ -181,8 +185,41 @@ def _sample(cfg: SampleConfig, resolved: ResolvedCheckpoint, out: Path) -> dict[
     return summary
 
 
+def _prompts(
+    cfg: SampleConfig, resolved: ResolvedCheckpoint, adapter: Any, device: torch.device
+) -> tuple[Any, list[str]]:
+    """A text model's prompts, encoded with its base pipeline's text encoder (the empty prompt
+    becomes the adapter's null condition); (None, []) for a class model, which refuses prompts."""
+    from stages.sample.prompts import PROMPT_NEEDED, encode_prompts, read_prompts
+
+    prompts = read_prompts(cfg.prompt, cfg.prompts)
+    if adapter.conditioning.kind != "text":
+        if prompts:
+            raise ValueError(
+                f"prompt: {resolved.weights_dir} is a class-conditioned model; use --class, not prompts"
+            )
+        return None, []
+    if not prompts:
+        raise ValueError(PROMPT_NEEDED)
+    if not resolved.base:
+        raise ValueError(
+            f"{resolved.weights_dir}: a text-to-video checkpoint is sampled with --run RUN (its base)"
+        )
+    max_length = int(
+        (resolved.run_config.get("text_spec") or {}).get("max_length", adapter.conditioning.max_text_tokens)
+    )
+    texts, null = encode_prompts(resolved.base, prompts, cfg.num, max_length, device)
+    adapter.set_null_text(null)
+    return texts, prompts
+
+
 def _generate(
-    cfg: SampleConfig, adapter: Any, device: torch.device, use_amp: bool
+    cfg: SampleConfig,
+    adapter: Any,
+    device: torch.device,
+    use_amp: bool,
+    texts: Any = None,
+    shape: list[int] | None = None,
 ) -> tuple[torch.Tensor, np.ndarray]:
     return generate_latents(
         adapter,
@@ -200,4 +237,6 @@ def _generate(
         autocast=use_amp,
         diffusion_norm=cfg.diffusion_norm,
         progress=True,
+        shape=shape,
+        text=texts,
     )

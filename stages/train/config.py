@@ -53,6 +53,11 @@ RESUME_FIXED = (
     "eval_metric",
     "lr_schedule",
     "lr_warmup",
+    "base",
+    "lora_rank",
+    "lora_alpha",
+    "lora_targets",
+    "full_finetune",
 )
 # A schedule that decays over the run's steps (lr.py) also fixes the number of steps.
 STEPS_FIXED_BY = ("linear", "cosine")
@@ -69,6 +74,13 @@ class TrainConfig:
     class_dropout: float = 0.1
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the model's forward and the projectors (compiled.py)
+    # fine-tuning a pretrained text-to-video model (finetune.py): a diffusers pipeline folder or hub
+    # id (Wan), trained as LoRA (lora_rank) or in full (full_finetune); None: a fresh model (MODEL_FAMILY)
+    base: str | None = None
+    lora_rank: int | None = None
+    lora_alpha: float | None = None  # None: the rank (scale 1, as diffusers' scripts)
+    lora_targets: list[str] = field(default_factory=list)  # module name suffixes; empty: the family's default
+    full_finetune: bool = False
     # alignment (REPA; schedules after HASTE/CREPA; target norm and conv projector after iREPA)
     align_lambda: float | str = 0.5  # CLI --lambda: one number, or "dino=0.5,sam2=0.25"; 0 = off
     align_schedule: str = "constant"
@@ -196,7 +208,7 @@ class TrainConfig:
                 f"resume_from: {self.resume_from!r} is not a checkpoint name like step-0001000",
             ),
         ]
-        for ok, message in checks:
+        for ok, message in checks + self._finetune_checks():
             if not ok:
                 raise ValueError(message)
         check_device(self.device)
@@ -206,6 +218,35 @@ class TrainConfig:
         from .align import parse_lambdas
 
         parse_lambdas(self.align_lambda, list(self.encoders) or _names_in(self.align_lambda))
+
+    def _finetune_checks(self) -> list[tuple[bool, str]]:
+        """--base needs exactly one of --lora-rank R and --full-finetune, and they need --base."""
+        lora, full = self.lora_rank is not None, self.full_finetune
+        return [
+            (
+                not (lora and full),
+                "lora_rank / full_finetune: pass --lora-rank R (LoRA) or --full-finetune, not both",
+            ),
+            (
+                not self.base or lora or full,
+                f"base: --base {self.base} needs --lora-rank R (LoRA, e.g. 32) or --full-finetune",
+            ),
+            (
+                bool(self.base) or not (lora or full or self.lora_targets or self.lora_alpha is not None),
+                "base: --lora-rank, --lora-alpha, --lora-targets and --full-finetune fine-tune a pretrained "
+                "model; pass --base PIPELINE (a diffusers pipeline folder or hub id)",
+            ),
+            (self.lora_rank is None or self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}"),
+            (
+                self.lora_alpha is None or self.lora_alpha > 0,
+                f"lora_alpha must be > 0, got {self.lora_alpha}",
+            ),
+            (
+                not self.base or (self.eval_every == 0 and not self.vae),
+                "base: sample GIFs (--vae) and --eval-every during training are for class-conditioned "
+                "runs; sample a fine-tuned model with `pipeline sample --run RUN --prompt TEXT`",
+            ),
+        ]
 
 
 def _is_step_name(name: str) -> bool:

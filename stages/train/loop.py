@@ -253,12 +253,16 @@ def run_config(cfg: TrainConfig, setup: RunSetup, state: TrainState, world_size:
         resume_from=None,
     )
     vae = setup.layout.vae_spec
+    extra = {}
+    if cfg.base and setup.layout.text is not None:  # what `pipeline sample` needs besides the weights
+        extra = {"latent_shape": list(setup.layout.latent_shape), "text_spec": setup.layout.text.to_dict()}
     return {
         **runtime.config_to_dict(resolved),
         "model_family": state.adapter.family,
         "world_size": world_size,
         "vae_spec": vae,
         "shards_index": setup.shards_index,
+        **extra,
     }
 
 
@@ -299,7 +303,8 @@ def _start(cfg: TrainConfig, setup: RunSetup, info: runtime.DistInfo) -> tuple[T
     # the first step after --align-until), so a resume at the final step still loads it
     with_head = alignment_active(max(start, 1), cfg.align_until)
     dims = {n: e.dim for n, e in setup.encoders.items()}
-    state = build_state(cfg, setup.layout, dims, setup.lambdas, info.device, with_head)
+    null_text = _null_text(cfg, setup)
+    state = build_state(cfg, setup.layout, dims, setup.lambdas, info.device, with_head, null_text)
     state.lr_scheduler = build_lr_scheduler(state.optimizer, cfg.lr_schedule, cfg.lr_warmup, cfg.steps)
     saved: dict[str, Any] = {}
     if setup.resume_from is not None:
@@ -333,6 +338,16 @@ def resume_notes(loader: dict[str, Any], cfg: TrainConfig, info: runtime.DistInf
         f"(epoch {loader['epoch']}); the weights follow an uninterrupted run up to floating-point "
         "reduction order"
     ]
+
+
+def _null_text(cfg: TrainConfig, setup: RunSetup) -> torch.Tensor | None:
+    """The shards' stored empty-prompt embedding (hash-checked): what classifier-free guidance
+    dropout gives a fine-tuned text model instead of a sample's caption; None without --base."""
+    if not cfg.base or setup.layout.text is None:
+        return None
+    from .data import empty_prompt
+
+    return empty_prompt(cfg.shards, setup.layout)[0]
 
 
 def _load(run: RunDir, folder: Path, state: TrainState) -> dict[str, Any]:

@@ -11,9 +11,9 @@ the run directory's layout (cache_schema.run): a resume restores all of it exact
 from __future__ import annotations
 
 import contextlib
-import copy
 import errno
 import pickle
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +34,7 @@ from stages.common.runtime import is_disk_full
 from .align import AlignmentHead
 from .config import TrainConfig
 from .data import derive_seed
+from .finetune import ema_copy
 
 PROJECTOR_GROUP = "projectors"
 MODEL_FAMILY = "videodit"  # the family `pipeline train` builds (stages/common/models/factory.py)
@@ -88,7 +89,15 @@ def wrap_ddp(state: TrainState, device: torch.device) -> None:
         state.ddp_head = DDP(state.head, device_ids=ids)
 
 
-def build_model(cfg: TrainConfig, layout: CacheLayout) -> VideoModelAdapter:
+def build_model(
+    cfg: TrainConfig, layout: CacheLayout, null_text: torch.Tensor | None = None
+) -> VideoModelAdapter:
+    """A fresh model (MODEL_FAMILY) for the shards' latents, or with `cfg.base` the pretrained model
+    (finetune.py; `null_text` is the shards' empty prompt for its CFG dropout)."""
+    if cfg.base:
+        from .finetune import build_pretrained
+
+        return build_pretrained(cfg, layout, null_text)
     channels, frames, height, _ = layout.latent_shape
     return build_adapter(
         MODEL_FAMILY,
@@ -110,10 +119,12 @@ def build_state(
     lambdas: dict[str, float],
     device: torch.device,
     with_head: bool = True,
+    null_text: torch.Tensor | None = None,
 ) -> TrainState:
-    """A fresh state, identical on every rank (seeded); the head only while alignment runs."""
+    """A fresh state, identical on every rank (seeded); the head only while alignment runs.
+    The optimizer and the EMA see only the trainable parameters (a LoRA run's adapters)."""
     torch.manual_seed(cfg.seed)
-    adapter = build_model(cfg, layout)
+    adapter = build_model(cfg, layout, null_text)
     model = adapter.module.to(device)
     depth = adapter.tokens.depth
     align_depth = cfg.align_depth or adapter.default_align_block()
@@ -133,8 +144,8 @@ def build_state(
         for name, weight in lambdas.items():  # never trained: no gradient, no optimizer state
             if weight == 0.0:
                 head.projectors[name.replace(".", "_")].requires_grad_(False)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    groups = [{"params": list(model.parameters()), "name": "model"}]
+    ema = ema_copy(model)
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "name": "model"}]
     trainable = [p for p in head.parameters() if p.requires_grad] if head is not None else []
     if trainable:
         groups.append({"params": trainable, "name": PROJECTOR_GROUP})
@@ -173,7 +184,8 @@ def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
 
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-        e.lerp_(p.detach(), 1.0 - decay)
+        if e is not p:  # a LoRA run's EMA shares the frozen base weights (finetune.ema_copy)
+            e.lerp_(p.detach(), 1.0 - decay)
 
 
 def save_state(folder: Path, state: TrainState, extra: dict[str, Any]) -> None:
@@ -182,6 +194,10 @@ def save_state(folder: Path, state: TrainState, extra: dict[str, Any]) -> None:
         state.adapter.save_pretrained(state.model, folder / run_files.MODEL_WEIGHTS)
     with _writing(folder / run_files.EMA_WEIGHTS):
         state.adapter.save_pretrained(state.ema, folder / run_files.EMA_WEIGHTS)
+    lora = folder / run_files.EMA_WEIGHTS / run_files.LORA_WEIGHTS_FILE
+    if lora.is_file():  # the step folder itself loads in WanPipeline.load_lora_weights(folder)
+        with _writing(folder / run_files.LORA_WEIGHTS_FILE):
+            shutil.copyfile(lora, folder / run_files.LORA_WEIGHTS_FILE)
     if state.head is not None:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.head.state_dict().items()}
         with _writing(folder / run_files.PROJECTORS_FILE):
@@ -233,6 +249,22 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
+def _load_module(module: nn.Module, folder: Path) -> None:
+    """A checkpoint's model/ or ema/ into `module`: its LoRA file (a LoRA run), else every weight."""
+    from .finetune import is_lora, load_lora_file
+
+    if is_lora(module):
+        path = folder / run_files.LORA_WEIGHTS_FILE
+        try:
+            load_lora_file(module, path, lambda p: _read(p, load_file))
+        except CheckpointError:
+            raise
+        except ValueError as exc:
+            raise run_files.RunError(str(exc)) from None
+        return
+    module.load_state_dict(_weights(folder))
+
+
 def _load_train_state(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -242,8 +274,8 @@ def load_state(folder: Path, state: TrainState) -> dict[str, Any]:
     checksums (an older checkpoint without them loads unverified); returns the rest of the saved
     state. A damaged file raises CheckpointError naming it."""
     verify_checkpoint(folder)
-    state.model.load_state_dict(_weights(folder / run_files.MODEL_WEIGHTS))
-    state.ema.load_state_dict(_weights(folder / run_files.EMA_WEIGHTS))
+    _load_module(state.model, folder / run_files.MODEL_WEIGHTS)
+    _load_module(state.ema, folder / run_files.EMA_WEIGHTS)
     if state.head is not None:
         projector_file = folder / run_files.PROJECTORS_FILE
         if not projector_file.is_file():

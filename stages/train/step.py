@@ -111,17 +111,25 @@ def _global_draw(cfg: StepConfig, n: int, draw) -> torch.Tensor:
 
 
 def _condition(
-    labels: torch.Tensor, conditioning: Conditioning, gen: torch.Generator, cfg: StepConfig
+    batch: dict[str, Any], conditioning: Conditioning, gen: torch.Generator, cfg: StepConfig
 ) -> Condition:
-    """This micro-batch's condition: class ids (unlabelled -> the null class) with this step's
-    dropout mask, drawn from the step's generator (for the global micro-batch, so a resume on any
-    number of ranks replays it); empty when unconditional."""
+    """This micro-batch's condition: class ids (unlabelled -> the null class), or the cached prompt
+    embeddings and mask, with this step's dropout mask drawn from the step's generator for the
+    global micro-batch (so a resume on any number of ranks replays it; the adapter gives dropped
+    samples its null condition, for text the stored empty prompt); empty when unconditional."""
     if not conditioning.conditional:
         return Condition()
-    if conditioning.kind != "class":
-        raise ValueError(
-            f"the trainer reads class labels; a {conditioning.kind}-conditioned model needs its cache's text"
-        )
+    labels = batch["label"]
+    if conditioning.kind == "text":
+        if "text_embeds" not in batch:
+            raise ValueError(
+                "the model is text-conditioned but the shards' batches carry no prompt embeddings; "
+                "extract a captioned manifest with --base and pack it"
+            )
+        embeds = batch["text_embeds"]
+        u = _global_draw(cfg, embeds.shape[0], lambda n: torch.rand(n, generator=gen, device=embeds.device))
+        drop = u < conditioning.dropout
+        return Condition(text_embeds=embeds, text_mask=batch["text_mask"], drop=drop)
     null = conditioning.num_classes
     y = torch.where(labels < 0, torch.full_like(labels, null), labels)
     u = _global_draw(cfg, y.shape[0], lambda n: torch.rand(n, generator=gen, device=y.device))
@@ -133,7 +141,7 @@ def micro_step(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Losses of one micro-batch: (total, flow, weighted alignment, cosine per encoder)."""
     x0, adapter, gen = batch["x0"], state.adapter, state.gen
-    condition = _condition(batch["label"], adapter.conditioning, gen, cfg)
+    condition = _condition(batch, adapter.conditioning, gen, cfg)
     t = _global_draw(
         cfg,
         x0.shape[0],

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cache_schema.run import LORA_WEIGHTS_FILE
 from stages.common.models.adapter import (
     Condition,
     Conditioning,
@@ -39,7 +40,7 @@ WAN_MAX_TEXT_TOKENS = 512  # WanPipeline.__call__'s max_sequence_length
 WAN_DEFAULT_SHIFT = 3.0  # used when a folder has no scheduler config (Wan 2.1 480p's flow_shift)
 # diffusers' Wan LoRA training targets (finetrainers: blocks.*(to_q|to_k|to_v|to_out.0)), in attn1 and attn2
 WAN_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # what WanPipeline.load_lora_weights(folder) reads
+LORA_WEIGHTS_NAME = LORA_WEIGHTS_FILE  # what WanPipeline.load_lora_weights(folder) reads
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -75,6 +76,14 @@ def _flow_shift(src: str, kwargs: dict[str, Any]) -> float:
         if cfg.get(key) is not None:
             return float(cfg[key])
     return WAN_DEFAULT_SHIFT
+
+
+def flow_shift(source: str | Path, flag: str = "--base") -> float:
+    """The timestep shift of a pipeline folder / hub id's scheduler (a saved full fine-tune has
+    none: sampling takes its base's)."""
+    from stages.common.models.vae import hub_kwargs
+
+    return _flow_shift(*hub_kwargs(source, flag))
 
 
 def load_wan_transformer(
@@ -119,7 +128,14 @@ class WanAdapter(VideoModelAdapter):
         self.objective = Objective(shift=float(shift), timestep_scale=WAN_TIMESTEP_SCALE)
         hidden = int(cfg.num_attention_heads) * int(cfg.attention_head_dim)
         self.tokens = TokenLayout(tuple(int(p) for p in cfg.patch_size), hidden, int(cfg.num_layers))
-        self.null_text = None if null_text is None else self._pad(null_text[None].float(), None)[0]
+        self.null_text: torch.Tensor | None = None
+        if null_text is not None:
+            self.set_null_text(null_text)
+
+    def set_null_text(self, null_text: torch.Tensor) -> None:
+        """The empty prompt's embedding [L, text_dim] (padded to max_text_tokens): what dropped
+        samples and guidance's null branch get."""
+        self.null_text = self._pad(null_text[None].float(), None)[0]
 
     @classmethod
     def from_pretrained(
