@@ -408,3 +408,30 @@ def test_a_resume_cannot_change_the_fine_tune(wan_folder: str) -> None:
     assert resume_changes(run, _cfg(wan_folder, lora_targets=["to_q"])) == [
         "lora_targets (run: [], now: ['to_q'])"
     ]
+
+
+def test_extract_with_base_uses_its_vae_unless_one_is_named(
+    wan_folder: str, synth_videos: Path, tmp_path: Path
+) -> None:
+    """`extract --base` alone encodes with the base's own VAE (16 Wan latent channels, 1 + 4j frames);
+    a --vae-kind given by the user is kept (and here refused for this clip length by the image VAE)."""
+    import csv
+
+    from click.testing import CliRunner
+
+    from pipeline.cli import main as cli_main
+
+    manifest = tmp_path / "captions.csv"
+    with manifest.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "caption"])
+        writer.writerows((str(v), "", "a shape drifting") for v in sorted(synth_videos.rglob("*.mp4"))[:2])
+    args = ["extract", "--data", str(manifest), "--base", wan_folder, "--frames", "5", "--size", "32",
+            "--patch-size", "2", "--encoders", "hog", "--out", str(tmp_path / "store"), "--dry-run",
+            "--preset", "tiny"]  # fmt: skip
+    result = CliRunner().invoke(cli_main, args)
+    assert result.exit_code == 0, result.output
+    assert f"--base: latents with its own VAE (--vae {wan_folder} --vae-kind wan)" in result.output
+    assert "latent: (16, 2, 4, 4)" in result.output  # Wan's VAE: 16 channels, 1 + (5 - 1) / 4 frames
+    named = CliRunner().invoke(cli_main, [*args, "--vae-kind", "image"])
+    assert "--base: latents with its own VAE" not in named.output

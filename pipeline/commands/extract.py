@@ -144,6 +144,7 @@ def extract(config_file, overrides, **flags):
     cfg = resolve_stage_config(
         ExtractConfig, config_file, overrides, flags, base=base
     )  # usage errors name the key
+    cfg = _base_vae(cfg, flags, config_file, overrides)
     _check_sizes(cfg)
     with cli_errors(cfg.out):
         try:
@@ -162,6 +163,21 @@ def extract(config_file, overrides, **flags):
         with cli_errors(cfg.out):
             dump_config(cfg, f"{cfg.out.rstrip('/')}/extract_config.yaml")
     _print_outcome(cfg, result)
+
+
+def _base_vae(cfg, flags: dict, config_file, overrides) -> ExtractConfig:
+    """`--base PIPELINE` without a VAE named anywhere: the latents come from the base's own VAE
+    (a fine-tune trains on what its model was trained on), so --vae PIPELINE --vae-kind wan."""
+    named = flags.get("vae") is not None or flags.get("vae_kind") is not None or config_file
+    named = named or any(
+        o.split("=", 1)[0].strip().replace("-", "_") in ("vae", "vae_kind") for o in overrides
+    )
+    if not cfg.base or named:
+        return cfg
+    import dataclasses
+
+    click.echo(f"--base: latents with its own VAE (--vae {cfg.base} --vae-kind wan)")
+    return dataclasses.replace(cfg, vae=cfg.base, vae_kind="wan")
 
 
 def _check_sizes(cfg) -> None:
