@@ -52,7 +52,7 @@ class DemoConfig:
 # Presets of `pipeline demo --preset` (the demo's own sizes; the stages' presets are others).
 DEMO_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {},
-    # more data and longer training: ~20 minutes on 2 CPU cores by the default's step rate (not timed yet)
+    # more data and longer training: 15.1 minutes on 2 CPU cores (measured); samples no better (BENCHMARKS.md)
     "small": {"videos": 128, "steps": 5000, "eval_every": 1000, "num_samples": 32},
 }
 
