@@ -441,3 +441,16 @@ def test_a_really_full_disk_while_checkpointing(shards: Path, tmp_path: Path, sm
     assert invoke(tiny_args(shards, reference, "--steps", "4", "--checkpoint-every", "2")).returncode == 0
     ours, theirs = (checkpoint_weights(RunDir(r).step_dir(4) / "model") for r in (run, reference))
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_resume_finds_the_run_from_an_interpolated_config_out(shards: Path, tmp_path: Path) -> None:
+    """--resume without --out: the run folder is the config's `out`, with `${...}` resolved as for
+    a fresh run."""
+    run = Path(f"{shards}-run")
+    proc = invoke(tiny_args(shards, run, "--steps", "2"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    config = tmp_path / "resume.yaml"
+    config.write_text(f"shards: {shards}\nout: ${{shards}}-run\n")
+    proc = invoke(cli("--config", str(config), "--resume", "--steps", "3"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert RunDir(run).latest_checkpoint().name == "step-0000003"

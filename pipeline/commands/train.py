@@ -214,9 +214,7 @@ def _resume_base(out: str | None, config_file, overrides) -> dict:
     from pipeline.config import load_yaml, parse_overrides
 
     if not out:
-        out = (load_yaml(config_file) if config_file else {}).get("out") or parse_overrides(overrides).get(
-            "out"
-        )
+        out = _configured_out(load_yaml(config_file) if config_file else {}, parse_overrides(overrides))
     if not out:
         raise click.UsageError("--resume needs --out RUN (the run directory to continue)")
     with cli_errors():
@@ -228,6 +226,21 @@ def _resume_base(out: str | None, config_file, overrides) -> dict:
     previous.pop("latent_shape", None)  # a fine-tune's record of its shards, for `pipeline sample`
     previous.pop("text_spec", None)
     return previous
+
+
+def _configured_out(yaml_tree: dict, overrides: dict) -> str | None:
+    """`out` as the config resolves it (--set over the YAML, `${...}` interpolations resolved)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    tree = OmegaConf.merge(OmegaConf.create(yaml_tree), OmegaConf.create(overrides))
+    try:
+        out = OmegaConf.select(tree, "out")
+    except OmegaConfBaseException as exc:
+        raise click.BadParameter(
+            f"out: {OmegaConf.to_container(tree)['out']!r} does not resolve ({exc})"
+        ) from None
+    return None if out is None else str(out)
 
 
 def _refuse_steps_below(cfg: TrainConfig) -> None:
