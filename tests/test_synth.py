@@ -196,3 +196,49 @@ def test_cli_data_synth(tmp_path: Path) -> None:
     assert source.class_names == class_names(3) and [e.label for e in source.entries] == [0, 1, 2]
     bad = CliRunner().invoke(main, ["data", "synth", "--out", str(tmp_path / "odd"), "--size", "33"])
     assert bad.exit_code != 0 and "even" in bad.output
+
+
+def _object_pixels(clip: np.ndarray) -> np.ndarray:
+    """Per frame, how many pixels differ from the video's own background (the mode over time)."""
+    still = np.median(clip.astype(np.float32), axis=0)
+    return (np.abs(clip.astype(np.float32) - still).max(-1) > 40).sum((1, 2))
+
+
+def test_object_count_and_scale_are_honoured_and_defaults_draw_as_before() -> None:
+    rng = lambda i: np.random.default_rng([0, i])  # noqa: E731
+    for i in range(6):
+        # the defaults are the two keyword values written out: the same pixels
+        assert np.array_equal(
+            render_video(rng(i), 0, 8, 32, "flat"), render_video(rng(i), 0, 8, 32, "flat", (2, 3), 1.0)
+        )
+    single = [render_video(rng(i), 2, 8, 64, "flat", objects=(1, 1)) for i in range(6)]
+    large = [render_video(rng(i), 2, 8, 64, "flat", objects=(1, 1), object_scale=2.0) for i in range(6)]
+    # one object of twice the radius covers about four times the pixels (less where it overlaps itself)
+    ratio = np.mean(
+        [
+            _object_pixels(b).mean() / max(_object_pixels(a).mean(), 1)
+            for a, b in zip(single, large, strict=True)
+        ]
+    )
+    assert 2.0 < ratio < 5.0, ratio
+    for bad in ((0, 1), (3, 2), (1, 2, 3)):
+        with pytest.raises(ValueError, match="objects must be"):
+            render_video(rng(0), 0, 2, 32, "flat", objects=bad)
+    with pytest.raises(ValueError, match="object_scale must be > 0"):
+        render_video(rng(0), 0, 2, 32, "flat", object_scale=0)
+
+
+def test_object_settings_are_recorded_and_a_set_with_others_is_not_reused(tmp_path: Path) -> None:
+    import json
+
+    info = make_synthetic(
+        tmp_path, videos=2, frames=4, size=32, objects=(1, 1), object_scale=1.5, progress=False
+    )
+    params = json.loads((tmp_path / "synth.json").read_text())["params"]
+    assert params["objects"] == [1, 1] and params["object_scale"] == 1.5 and info.params.objects == (1, 1)
+    with pytest.raises(ValueError, match="this synthetic set .*objects \\(1, 1\\), object_scale 1.5"):
+        make_synthetic(
+            tmp_path, videos=2, frames=4, size=32, objects=(1, 1), object_scale=1.5, progress=False
+        )
+    with pytest.raises(ValueError, match="other sizes"):
+        make_synthetic(tmp_path, videos=2, frames=4, size=32, progress=False)

@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +35,7 @@ SHAPES = ("circle", "square", "triangle")
 # "textured": smooth random field or stripes, with pixel noise (the default; hard for tiny models)
 # "flat": a two-colour linear gradient, no noise (the demo: a CPU-minute model can learn it)
 BACKGROUNDS = ("textured", "flat")
+OBJECTS = (2, 3)  # objects per video, fewest and most (render_video's default)
 _DRIFT = {"drift_right": (1, 0), "drift_left": (-1, 0), "drift_down": (0, 1), "drift_up": (0, -1)}
 
 
@@ -46,6 +48,11 @@ class SynthParams:
     seed: int = 0
     fps: int = 8
     background: str = "textured"
+    objects: tuple[int, int] = OBJECTS  # fewest and most objects per video
+    object_scale: float = 1.0  # multiplies every object's radius
+
+    def __post_init__(self) -> None:
+        self.objects = (int(self.objects[0]), int(self.objects[1]))  # a list when read from synth.json
 
 
 @dataclass
@@ -112,6 +119,15 @@ def _flat_background(rng: np.random.Generator, size: int) -> np.ndarray:
     return c0 * (1 - t) + c1 * t
 
 
+def _check_objects(background: str, objects: tuple[int, int], object_scale: float) -> None:
+    if background not in BACKGROUNDS:
+        raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
+    if len(objects) != 2 or not 1 <= objects[0] <= objects[1]:
+        raise ValueError(f"objects must be (fewest, most) with 1 <= fewest <= most, got {tuple(objects)}")
+    if not object_scale > 0:
+        raise ValueError(f"object_scale must be > 0, got {object_scale}")
+
+
 def _shape_alpha(kind: str, u: np.ndarray, v: np.ndarray, radius: np.ndarray) -> np.ndarray:
     """Soft coverage of a shape in its local (rotated) coordinates; 1-pixel antialiased edge."""
     if kind == "circle":
@@ -126,15 +142,22 @@ def _shape_alpha(kind: str, u: np.ndarray, v: np.ndarray, radius: np.ndarray) ->
 
 
 def render_video(
-    rng: np.random.Generator, label: int, frames: int, size: int, background: str = "textured"
+    rng: np.random.Generator,
+    label: int,
+    frames: int,
+    size: int,
+    background: str = "textured",
+    objects: tuple[int, int] = OBJECTS,
+    object_scale: float = 1.0,
 ) -> np.ndarray:
     """Draw one video of class ``label``: uint8 [frames, size, size, 3].
 
     Positions wrap around the frame (a torus), so drifting objects never leave the picture.
     ``background`` is one of BACKGROUNDS; "textured" draws exactly what earlier versions drew.
+    ``objects`` (fewest, most) and ``object_scale`` (radius factor) at their defaults draw what
+    earlier versions drew; fewer, larger objects are what a CPU-minute generator can learn.
     """
-    if background not in BACKGROUNDS:
-        raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
+    _check_objects(background, objects, object_scale)
     motion = MOTIONS[label % len(MOTIONS)]
     speed = _speed_factor(label) * rng.uniform(0.8, 1.2)
     px = size / 64.0
@@ -143,13 +166,13 @@ def render_video(
     t = np.arange(frames, dtype=np.float32)[:, None, None]
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     centre = (size - 1) / 2
-    n_objects = int(rng.integers(2, 4))
+    n_objects = int(rng.integers(objects[0], objects[1] + 1))
     # One shared heading per video for drifts (small jitter) keeps the class motion unambiguous.
     jitter = rng.uniform(-0.15, 0.15)
     for _ in range(n_objects):
         kind = SHAPES[int(rng.integers(len(SHAPES)))]
         colour = rng.uniform(0, 255, 3).astype(np.float32)
-        radius = np.float32(rng.uniform(5, 10) * px)
+        radius = np.float32(rng.uniform(5, 10) * px * object_scale)
         x0, y0 = rng.uniform(0, size, 2)
         theta0 = rng.uniform(0, 2 * math.pi)
         spin = 0.0
@@ -281,15 +304,17 @@ def make_synthetic(
     progress: bool = True,
     background: str = "textured",
     overwrite: bool = False,
+    objects: tuple[int, int] = OBJECTS,
+    object_scale: float = 1.0,
 ) -> SynthInfo:
     """Write ``videos`` mp4 files into ``out/<class folder>/video_XXXX.mp4`` (video i has class
     i % classes) plus ``synth.json`` with the parameters. Deterministic for a seed. An existing
     set in ``out`` is refused unless ``overwrite`` (see _clear_previous)."""
-    params = SynthParams(videos, classes, frames, size, seed, fps, background)
+    objects = (int(objects[0]), int(objects[1]))
+    params = SynthParams(videos, classes, frames, size, seed, fps, background, objects, object_scale)
     if videos < 1 or classes < 1 or frames < 1 or fps < 1:
         raise ValueError(f"videos, classes, frames and fps must be >= 1, got {params}")
-    if background not in BACKGROUNDS:
-        raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
+    _check_objects(background, objects, object_scale)
     if size < 16 or size % 2:
         raise ValueError(f"size must be an even number >= 16 (H.264 yuv420p), got {size}")
     root = Path(out).expanduser()
@@ -301,7 +326,7 @@ def make_synthetic(
     for i in tqdm(range(videos), desc="synthetic videos", unit="video", disable=not progress):
         label = i % classes
         rng = np.random.default_rng([seed, i])
-        clip = render_video(rng, label, frames, size, background)
+        clip = render_video(rng, label, frames, size, background, objects, object_scale)
         path = root / names[label] / f"video_{i:04d}.mp4"
         write_mp4(path, clip, fps)
         paths.append(str(path))
@@ -357,10 +382,12 @@ def render_strided(
     size: int,
     stride: int = 1,
     background: str = "textured",
+    **objects: Any,
 ) -> np.ndarray:
     """A clip as extraction cuts it from a video: ``frames`` frames taken every ``stride`` frames
-    (what `--stride` does), so objects move ``stride`` times as far per frame."""
-    return render_video(rng, label, (frames - 1) * stride + 1, size, background)[::stride]
+    (what `--stride` does), so objects move ``stride`` times as far per frame. ``objects``:
+    render_video's ``objects`` and ``object_scale``."""
+    return render_video(rng, label, (frames - 1) * stride + 1, size, background, **objects)[::stride]
 
 
 def render_shape_clip(rng: np.random.Generator, frames: int, size: int) -> tuple[np.ndarray, int]:
