@@ -139,7 +139,8 @@ def load_models(cfg: ExtractConfig, device: torch.device) -> Models:
     vae = VAEWrapper.load(sources["vae"], kind=cfg.vae_kind, scale=scale, device=device)
     token_grid(cfg, vae)  # --size / --frames against this VAE, before the encoders load
     sizes = {n: getattr(cfg, f"{n}_size") for n in R.ENCODERS}
-    side = cfg.size // vae.spatial_factor // cfg.patch_size
+    # DINOv2 takes square frames: for HxW clips, the longer side's grid (no axis is upsampled)
+    side = max(cfg.hw) // vae.spatial_factor // cfg.patch_size
     encoders = {}
     for name in cfg.encoders:
         enc = load_encoder(name, sources[name], device=device, input_size=sizes[name])
@@ -187,15 +188,16 @@ def latent_frames(frames: int, vae: VAEWrapper) -> int:
 def token_grid(cfg: ExtractConfig, vae: VAEWrapper) -> tuple[tuple[int, int, int, int], tuple[int, int, int]]:
     """(latent_shape [C,T',h,w], DiT grid [T',h/p,w/p]) for this clip spec and VAE."""
     unit = vae.spatial_factor * cfg.patch_size
-    if cfg.size % unit:
-        fits = ", ".join(str(unit * j) for j in (max(1, cfg.size // unit), cfg.size // unit + 1))
-        raise ExtractError(
-            f"size: {cfg.size} is not a multiple of {unit} (VAE '{vae.model_id}' spatial factor "
-            f"{vae.spatial_factor} x patch {cfg.patch_size}); use e.g. {fits}"
-        )
+    for axis, n in cfg.axes():
+        if n % unit:
+            fits = ", ".join(str(unit * j) for j in (max(1, n // unit), n // unit + 1))
+            raise ExtractError(
+                f"size: {axis}{n} is not a multiple of {unit} (VAE '{vae.model_id}' spatial factor "
+                f"{vae.spatial_factor} x patch {cfg.patch_size}); use e.g. {fits}"
+            )
     t_lat = latent_frames(cfg.frames, vae)
-    h = cfg.size // vae.spatial_factor
-    return (vae.latent_channels, t_lat, h, h), (t_lat, h // cfg.patch_size, h // cfg.patch_size)
+    h, w = (n // vae.spatial_factor for n in cfg.hw)
+    return (vae.latent_channels, t_lat, h, w), (t_lat, h // cfg.patch_size, w // cfg.patch_size)
 
 
 def plan_targets(cfg: ExtractConfig, models: Models, grid: tuple[int, int, int]) -> list[TargetPlan]:

@@ -57,11 +57,12 @@ def check_sizes(cfg: ExtractConfig, sources: dict[str, str | None]) -> None:
         if isinstance(blocks, list) and blocks:
             factor = 2 ** (len(blocks) - 1)
             unit = factor * cfg.patch_size
-            if cfg.size % unit:
-                raise ValueError(
-                    f"size: {cfg.size} is not a multiple of {unit} (the VAE's spatial factor {factor} x "
-                    f"patch {cfg.patch_size}); use e.g. {_multiples(unit, cfg.size)}"
-                )
+            for axis, n in cfg.axes():
+                if n % unit:
+                    raise ValueError(
+                        f"size: {axis}{n} is not a multiple of {unit} (the VAE's spatial factor {factor} x "
+                        f"patch {cfg.patch_size}); use e.g. {_multiples(unit, n)}"
+                    )
     dims: dict[str, int] = {}
     for name in cfg.encoders:
         config = read_config(sources.get(name))
