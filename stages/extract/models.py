@@ -230,6 +230,24 @@ def _per_frame(enc: Any, tokens: torch.Tensor, frames: torch.Tensor) -> bool:
     return not isinstance(enc, VideoMAEEncoder) and tokens.shape[1] == frames.shape[1]
 
 
+def encoder_input(enc: Any, frames: torch.Tensor) -> torch.Tensor:
+    """uint8 [B,T,H,W,3] as `enc` should see them. A square-input encoder (dino, sam2, videomae) on
+    non-square clips (--size HxW) gets the whole frame resized to its S x S input, aspect not kept:
+    its own centre crop would drop the sides, and the tokens resampled to the clip's H x W grid
+    would no longer lie under the DiT tokens they align. Square clips, and hog at the clip's own
+    size (input size 0), pass unchanged."""
+    b, t, h, w, _ = frames.shape
+    size = int(getattr(enc, "input_size", 0) or 0)
+    if h == w or not size:
+        return frames
+    mode = enc.resize_mode
+    kw = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    x = frames.reshape(b * t, h, w, 3).permute(0, 3, 1, 2).float()
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode=mode, antialias=True, **kw)
+    x = x.round_().clamp_(0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).reshape(b, t, size, size, 3)
+
+
 def _timed(key: str, device: torch.device, timings: dict[str, float], fn):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -260,7 +278,12 @@ def compute_batch(
     quantities, norms = {}, {}
     for plan in plans:
         enc = models.encoders[plan.name]
-        tokens = _timed(f"encoder:{plan.name}", frames.device, timings, lambda enc=enc: enc.features(frames))
+        tokens = _timed(
+            f"encoder:{plan.name}",
+            frames.device,
+            timings,
+            lambda enc=enc: enc.features(encoder_input(enc, frames)),
+        )
         tokens = tokens.float()
         if k > 1 and _per_frame(enc, tokens, frames):
             tokens = causal_temporal_mean(tokens, k)  # DESIGN.md 6

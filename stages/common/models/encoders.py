@@ -1,9 +1,7 @@
 """Frozen vision encoders that provide the alignment targets.
 
 Each wrapper owns its preprocessing (shorter side resized to its input size and centre
-cropped; a non-square frame, e.g. a 480 x 832 clip, is resized whole to the square input so the
-tokens cover the whole frame and resample back onto the clip's H x W token grid; [0, 1] scaling,
-its mean/std), runs in eval mode with ``requires_grad=False`` and
+cropped, [0, 1] scaling, its mean/std), runs in eval mode with ``requires_grad=False`` and
 bf16 autocast on CUDA, and returns patch tokens on its own grid, without CLS/register tokens:
 ``features(uint8 [B,T,H,W,3]) -> float32 [B, t, h, w, D]``.
 
@@ -58,18 +56,6 @@ def resize_center_crop(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
         top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
         x = x[..., top : top + size, left : left + size]
     return x
-
-
-def resize_to_input(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
-    """float [N,3,H,W] -> [N,3,size,size]. Square frames: `resize_center_crop` (a plain resize).
-    Non-square (HxW clips): the whole frame, aspect not kept; a centre crop would drop the sides,
-    and the targets resampled to the clip's HxW token grid would no longer lie under the tokens
-    they align."""
-    h, w = x.shape[-2:]
-    if h == w:
-        return resize_center_crop(x, size, mode)
-    kw: dict[str, Any] = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
-    return F.interpolate(x, size=(size, size), mode=mode, antialias=True, **kw)
 
 
 class FrozenEncoder(FrozenModel):
@@ -162,7 +148,7 @@ class FrozenEncoder(FrozenModel):
     def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 [N,H,W,3] -> normalised float [N,3,S,S] on the model's device and dtype."""
         x = frames.to(self.device).permute(0, 3, 1, 2).float() / 255.0
-        x = resize_to_input(x, self.input_size, self.resize_mode).clamp(0.0, 1.0)
+        x = resize_center_crop(x, self.input_size, self.resize_mode).clamp(0.0, 1.0)
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         return ((x - mean) / std).to(self._param_dtype())
@@ -399,7 +385,7 @@ class HogEncoder(FrozenEncoder):
         b, t, h, w, _ = frames.shape
         x = frames.to(self.device).permute(0, 1, 4, 2, 3).float().flatten(0, 1) / 255.0
         if self.input_size and (h, w) != (self.input_size, self.input_size):
-            x = resize_to_input(x, self.input_size, self.resize_mode).clamp(0.0, 1.0)
+            x = resize_center_crop(x, self.input_size, self.resize_mode).clamp(0.0, 1.0)
         return self.model(x.unflatten(0, (b, t)))
 
 
