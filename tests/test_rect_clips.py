@@ -249,10 +249,13 @@ def test_dry_run_with_a_wan_base_lists_the_wan_sizes(
     rates = {line.split()[0]: float(line.split()[1]) for line in result.output.splitlines()
              if line.startswith("Wan2.1")}  # fmt: skip
     assert rates["Wan2.1-T2V-1.3B"] > 5 * rates["Wan2.1-T2V-14B"] > 0  # the bigger model reads fewer clips/s
-    # the Wan VAE's own check names the axis too (after the VAE loads: exit 1, one Error line)
+    # the Wan VAE's factor is read from its config.json: refused before any model loads (exit 2)
     result, errors = _wan_extract(manifest, tmp_path / "s2", wan_folder, "32x40", "--dry-run")
-    assert result.exit_code != 0 and len(errors) == 1, result.output
-    assert "size: width 40 is not a multiple of 16 (VAE" in errors[0] and "use e.g. 32, 48" in errors[0]
+    assert result.exit_code == 2 and len(errors) == 1, result.output
+    assert errors[0] == (
+        "Error: size: width 40 is not a multiple of 16 (the VAE's spatial factor 8 x patch 2); use e.g. 32, 48"
+    )
+    assert not (tmp_path / "s2").exists()
 
 
 # ------------------------------------------------------------------------------------ old stores
