@@ -158,7 +158,8 @@ def _train(shards: Path, run: Path, *extra: str) -> None:
 def test_videodit_trains_and_samples_at_the_stores_height_and_width(rect_store: Path, tmp_path: Path) -> None:
     result, _ = _invoke(["pack", str(rect_store), "--out", str(tmp_path / "shards")])
     assert result.exit_code == 0, result.output
-    _train(tmp_path / "shards", tmp_path / "run", "--model", "tiny")
+    # iREPA's conv projector works on the 2 x 3 token grid too
+    _train(tmp_path / "shards", tmp_path / "run", "--model", "tiny", "--set", "projector=conv")
     ckpt = RunDir(tmp_path / "run").latest_checkpoint()
     assert json.loads((ckpt / "model" / "config.json").read_text())["sample_size"] == [4, 6]
     adapter = load_adapter(ckpt / "ema")
@@ -170,6 +171,15 @@ def test_videodit_trains_and_samples_at_the_stores_height_and_width(rect_store: 
                               "--device", "cpu", "--out", str(out)])  # fmt: skip
     assert result.exit_code == 0 and not errors, result.output
     assert np.load(out / "videos.npz")["videos"].shape == (2, 8, 32, 48, 3)
+    # the exported diffusers pipeline (its own copy of the model module) generates at 32 x 48 too
+    from test_export import load_in_fresh_process
+
+    result, errors = _invoke(["export", str(tmp_path / "run"), "--out", str(tmp_path / "exported")])
+    assert result.exit_code == 0 and not errors, result.output
+    info = load_in_fresh_process(tmp_path / "exported", tmp_path / "exported.npz", 2, 0, 1.0)
+    assert info["ours"] == []
+    exported = np.load(tmp_path / "exported.npz")
+    assert exported["latents"].shape == (4, 4, 8, 4, 6) and exported["videos"].shape == (4, 8, 32, 48, 3)
 
 
 def test_dry_run_rows_are_the_videodit_sizes_whose_patch_fits(synth_videos: Path, tmp_path: Path) -> None:
