@@ -284,6 +284,15 @@ class CacheLayout:
         return {} if self.text is None else {"text": self.text.to_dict()}
 
     @property
+    def clip_size(self) -> tuple[int, int] | None:
+        """(height, width) px of the clips, from spec.clips.size: an int (square; every store
+        written before non-square clips) or [height, width]; None when the spec has none."""
+        size = ((self.spec or {}).get("clips") or {}).get("size")
+        if size is None:
+            return None
+        return (int(size), int(size)) if isinstance(size, (int, float)) else (int(size[0]), int(size[1]))
+
+    @property
     def vae_spec(self) -> dict[str, Any]:
         """spec.vae: the VAE whose latents these are (id, kind, scale, ...)."""
         return dict((self.spec or {}).get("vae") or {})

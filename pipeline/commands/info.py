@@ -57,7 +57,8 @@ def _layout_lines(layout: CacheLayout) -> None:
         variety = f"{clips.get('clips_per_video', 1)} per video ({clips.get('placement', 'even')})"
         flip = ", + mirrored copies" if clips.get("hflip") else ""
         click.echo(
-            f"clips        {clips.get('frames')} frames, stride {clips.get('stride')}, {clips.get('size')}px; "
+            f"clips        {clips.get('frames')} frames, stride {clips.get('stride')}, "
+            f"{'x'.join(map(str, layout.clip_size or ('?',)))}px (HxW); "
             f"{variety}{flip}"
         )
     vae = layout.vae_spec

@@ -60,10 +60,44 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 PLACEMENTS = ("even", "random")
 
 
+_CLIP_SIZE = re.compile(r"^\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?$")
+
+
+def parse_clip_size(value: object, key: str = "size") -> tuple[int, int]:
+    """A clip size -> (height, width) px: an int or "SIDE" is square, "HxW" (e.g. "480x832") is
+    height x width. The one parser of clip sizes (CLI, config files, ClipSpec)."""
+    bad = ValueError(
+        f"{key}: {str(value)!r} is not a clip size; give SIDE or HEIGHTxWIDTH px, e.g. 256 or 480x832"
+    )
+    if isinstance(value, bool):
+        raise bad
+    if isinstance(value, int):
+        hw = (value, value)
+    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        hw = (int(value[0]), int(value[1]))
+    else:
+        match = _CLIP_SIZE.match(str(value))
+        if not match:
+            raise bad
+        h = int(match.group(1))
+        hw = (h, int(match.group(2)) if match.group(2) else h)
+    for axis, n in zip(("height", "width"), hw, strict=True):
+        if n < 1:
+            raise ValueError(f"{key}: the {axis} must be a positive number of pixels, got {n}")
+    return hw
+
+
+def clip_size_value(hw: tuple[int, int]) -> int | list[int]:
+    """How a clip size is recorded (store spec, run config): an int when square (as before
+    non-square clips existed, so old fingerprints hold), else [height, width]."""
+    return hw[0] if hw[0] == hw[1] else [hw[0], hw[1]]
+
+
 @dataclass
 class ClipSpec:
-    """How clips are cut: ``frames`` frames ``stride`` apart, shorter side resized to ``size``
-    then center-cropped to ``size`` x ``size``; up to ``clips_per_video`` clips per video.
+    """How clips are cut: ``frames`` frames ``stride`` apart, resized (aspect kept) to cover
+    ``size`` then center-cropped to it; ``size`` is a side (square) or (height, width), see
+    `parse_clip_size`; up to ``clips_per_video`` clips per video.
 
     ``placement="even"`` spreads the clips evenly (the middle one when there is one);
     ``"random"`` draws distinct starts from a generator seeded by ``seed`` and the video's
@@ -74,22 +108,28 @@ class ClipSpec:
     frames: int = 16
     stride: int = 3
     clips_per_video: int = 1
-    size: int = 256
+    size: int | tuple[int, int] = 256
     placement: str = "even"
     seed: int = 0
     hflip: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("frames", "stride", "clips_per_video", "size"):
+        for name in ("frames", "stride", "clips_per_video"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ClipSpec.{name} must be a positive integer, got {value!r}")
+        parse_clip_size(self.size, "ClipSpec.size")
         if self.placement not in PLACEMENTS:
             raise ValueError(f"ClipSpec.placement must be one of {PLACEMENTS}, got {self.placement!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"ClipSpec.seed must be an integer >= 0, got {self.seed!r}")
         if not isinstance(self.hflip, bool):
             raise ValueError(f"ClipSpec.hflip must be a bool, got {self.hflip!r}")
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        """(height, width) of a clip's frames in pixels."""
+        return parse_clip_size(self.size, "ClipSpec.size")
 
     @property
     def span(self) -> int:
@@ -532,15 +572,16 @@ def plan_clips(
 # --------------------------------------------------------------------------- decoding
 
 
-def resize_crop(frames: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
-    """Resize [T, H, W, 3] uint8 frames so the shorter side is ``size`` (antialiased bilinear),
-    then center-crop to ``size`` x ``size``. Returns uint8 [T, size, size, 3]."""
+def resize_crop(frames: np.ndarray | torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Resize [T, H, W, 3] uint8 frames, aspect kept, until they cover ``size`` (a side, or
+    (height, width)) (antialiased bilinear), then center-crop to it. Returns uint8 [T, h, w, 3]."""
+    out_h, out_w = parse_clip_size(size)
     x = torch.as_tensor(frames)
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"expected frames of shape [T, H, W, 3], got {tuple(x.shape)}")
     _, h, w, _ = x.shape
-    scale = size / min(h, w)
-    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    scale = max(out_h / h, out_w / w)
+    new_h, new_w = max(out_h, round(h * scale)), max(out_w, round(w * scale))
     x = x.permute(0, 3, 1, 2)
     if (new_h, new_w) != (h, w):
         # A few frames at a time keeps the float copy small for high-resolution sources.
@@ -554,8 +595,8 @@ def resize_crop(frames: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
             for c in x.split(8)
         ]
         x = torch.cat(chunks)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    x = x[:, :, top : top + size, left : left + size]
+    top, left = (new_h - out_h) // 2, (new_w - out_w) // 2
+    x = x[:, :, top : top + out_h, left : left + out_w]
     return x.permute(0, 2, 3, 1).contiguous()
 
 
@@ -584,7 +625,7 @@ def _read_frames_folder(entry: VideoEntry, indices: Sequence[int]) -> list[np.nd
 def read_clip(
     entry: VideoEntry, start: int, spec: ClipSpec, num_threads: int = 0, flip: bool = False
 ) -> np.ndarray:
-    """Decode one clip as uint8 RGB [T, size, size, 3] (grayscale comes out as 3 equal channels),
+    """Decode one clip as uint8 RGB [T, height, width, 3] (grayscale comes out as 3 equal channels),
     mirrored left-right after resize and crop when ``flip``.
 
     Raises :class:`VideoDecodeError` when the video or one of the clip's frames cannot be read.

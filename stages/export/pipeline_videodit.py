@@ -60,7 +60,8 @@ class VideoDiTPipeline(DiffusionPipeline):
 
     def initial_noise(self, indices: range, seed: int) -> torch.Tensor:
         c = self.transformer.config
-        shape = (c.in_channels, c.num_frames, c.sample_size, c.sample_size)
+        size = c.sample_size  # latent cells: an int (square) or [height, width]
+        shape = (c.in_channels, c.num_frames, *((size, size) if isinstance(size, int) else size))
         gens = [torch.Generator().manual_seed(seed * NOISE_STRIDE + i) for i in indices]
         return torch.stack([torch.randn(shape, generator=g) for g in gens])
 

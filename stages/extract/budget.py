@@ -20,7 +20,7 @@ import torch
 from cache_schema import formats
 from stages.common import registry as R
 from stages.common import video as V
-from stages.common.models.dit_sizes import train_tflop_per_clip
+from stages.common.models.dit_sizes import size_patch, train_tflop_per_clip
 from stages.common.runtime import human_bytes
 
 from .job import Job
@@ -84,6 +84,7 @@ class SizeTable:
     latent_shape: tuple[int, ...] = ()  # C, T', h, w of the clips the rates are for
     alternatives: list[Option] = field(default_factory=list)
     text_per_clip: tuple[int, int] | None = None  # (store, shard) bytes of the measured clip's prompt
+    trainer: str = "videodit"  # whose sizes the rates are for: "videodit", or "wan" (--base: a fine-tune)
 
     def by_format(self, name: str) -> Option:
         return next(o for o in self.formats if o.format == name)
@@ -219,7 +220,7 @@ def count_clips(job: Job, clips_per_video: int, hflip: bool) -> int:
         frames=job.cfg.frames,
         stride=job.cfg.stride,
         clips_per_video=clips_per_video,
-        size=job.cfg.size,
+        size=job.cfg.hw,
         placement=job.cfg.clip_placement,
         seed=job.cfg.seed,
         hflip=hflip,
@@ -231,12 +232,25 @@ def count_clips(job: Job, clips_per_video: int, hflip: bool) -> int:
     return total * (2 if hflip else 1)
 
 
-def _rates(cfg_rate: float | None, latent_shape) -> dict[str, float]:
+def _rates(cfg_rate: float | None, latent_shape, base: str | None = None) -> dict[str, float]:
     """Clips/s a trainer reads: --train-rate, or per model size its H100 rate on THIS store's grid
-    (FLOPs counted at latent_shape: a tiny store's clip is not a 16 x 256 x 256 clip)."""
+    (FLOPs counted at latent_shape: a tiny store's clip is not a 16 x 256 x 256 clip). With --base
+    the store feeds a fine-tune of that family: Wan 2.1's sizes (full fine-tuning, 512 prompt tokens,
+    counted as bench/wan_step.py does); else our VideoDiT sizes whose patch divides the latents."""
     if cfg_rate is not None:
         return {"--train-rate": float(cfg_rate)}
-    return {name: R.clips_per_s(train_tflop_per_clip(name, latent_shape)) for name in R.MODEL_SIZES}
+    h, w = (int(v) for v in latent_shape[2:])
+    if base:
+        from stages.common.models.wan_sizes import WAN_SIZES, wan_config, wan_latent_step_tflop
+
+        fits = [
+            n
+            for n in WAN_SIZES
+            if not (h % wan_config(n)["patch_size"][1] or w % wan_config(n)["patch_size"][2])
+        ]
+        return {name: R.clips_per_s(wan_latent_step_tflop(name, latent_shape)) for name in fits}
+    fits = [n for n in R.MODEL_SIZES if not (h % size_patch(n) or w % size_patch(n))]
+    return {name: R.clips_per_s(train_tflop_per_clip(name, latent_shape)) for name in fits}
 
 
 def size_table(job: Job, with_rates: bool = False) -> SizeTable:
@@ -254,9 +268,12 @@ def size_table(job: Job, with_rates: bool = False) -> SizeTable:
 
     table = [option(fmt, pca, cfg.clips_per_video, cfg.hflip) for fmt in formats.TARGET_FORMATS]
     current = next(o for o in table if o.format == cfg.target_format)
-    rates = _rates(cfg.train_rate, job.latent_shape) if with_rates else {}
+    rates = _rates(cfg.train_rate, job.latent_shape, cfg.base) if with_rates else {}
     alternatives = _alternatives(job, option, pca)
-    return SizeTable(row, table, current, rates, tuple(job.latent_shape), alternatives, measured.text)
+    trainer = "wan" if cfg.base else "videodit"
+    return SizeTable(
+        row, table, current, rates, tuple(job.latent_shape), alternatives, measured.text, trainer
+    )
 
 
 def _alternatives(job: Job, option, pca: dict[str, int]) -> list[Option]:

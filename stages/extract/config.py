@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from cache_schema.formats import DEFAULT_TARGET_FORMAT, TARGET_FORMATS, check_dim
 from stages.common import registry as R
+from stages.common.video import parse_clip_size
 
 CODEC_NAMES = ("zstd", "blosc", "none")  # zarr compressors (stages/extract/store.py builds them)
 TIME_GRIDS = ("native", "dit")
@@ -79,7 +80,7 @@ class ExtractConfig:
     clip_placement: str = R.CLIP_PLACEMENTS[0]
     hflip: bool = False
     seed: int = 0  # clip placement and the PCA-fit / fidelity samples
-    size: int = R.CLIP_DEFAULTS.size
+    size: int | str = R.CLIP_DEFAULTS.size  # a side (square) or "HEIGHTxWIDTH", e.g. "480x832"
     # VAE: None -> registry.DEFAULT_VAE[vae_kind]; scale None -> SD's for image VAEs, a video VAE's own
     vae: str | None = None
     vae_kind: str = R.VAE_KINDS[0]
@@ -123,7 +124,7 @@ class ExtractConfig:
         """Refuse, naming the key, every value no run can use (before any model is loaded)."""
         from stages.common.runtime import check_device
 
-        for key in ("frames", "stride", "clips_per_video", "size", "patch_size", "block_size", "batch_size"):
+        for key in ("frames", "stride", "clips_per_video", "patch_size", "block_size", "batch_size"):
             _positive_int(key, getattr(self, key))
         _positive_int("pca_fit_clips", self.pca_fit_clips)
         _positive_int("text_max_length", self.text_max_length)
@@ -131,11 +132,12 @@ class ExtractConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{key}: must be an integer >= 0, got {value!r}")
-        if self.size % self.patch_size:
-            raise ValueError(
-                f"size: {self.size} is not a multiple of the patch size {self.patch_size} (it must be a "
-                f"multiple of VAE factor x patch, e.g. {8 * self.patch_size} for the SD VAE)"
-            )
+        for axis, n in self.axes():
+            if n % self.patch_size:
+                raise ValueError(
+                    f"size: {axis}{n} is not a multiple of the patch size {self.patch_size} (it must be a "
+                    f"multiple of VAE factor x patch, e.g. {8 * self.patch_size} for the SD VAE)"
+                )
         self._check_choices()
         check_device(self.device)
         if not self.encoders:
@@ -178,6 +180,17 @@ class ExtractConfig:
             raise ValueError(f"preset: {self.preset!r} is not one of {', '.join(EXTRACT_PRESETS)}")
         if not isinstance(self.hflip, bool):
             raise ValueError(f"hflip: must be true or false, got {self.hflip!r}")
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        """(height, width) of the clips in pixels (`size` parsed: a side, or HEIGHTxWIDTH)."""
+        return parse_clip_size(self.size)
+
+    def axes(self) -> list[tuple[str, int]]:
+        """("", side) for square clips, else ("height ", h), ("width ", w): how a size error
+        names the axis that does not fit."""
+        h, w = self.hw
+        return [("", h)] if h == w else [("height ", h), ("width ", w)]
 
     def pca_dims_by_encoder(self) -> dict[str, int]:
         """k per encoder that gets PCA (empty: none)."""

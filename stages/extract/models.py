@@ -139,7 +139,8 @@ def load_models(cfg: ExtractConfig, device: torch.device) -> Models:
     vae = VAEWrapper.load(sources["vae"], kind=cfg.vae_kind, scale=scale, device=device)
     token_grid(cfg, vae)  # --size / --frames against this VAE, before the encoders load
     sizes = {n: getattr(cfg, f"{n}_size") for n in R.ENCODERS}
-    side = cfg.size // vae.spatial_factor // cfg.patch_size
+    # DINOv2 takes square frames: for HxW clips, the longer side's grid (no axis is upsampled)
+    side = max(cfg.hw) // vae.spatial_factor // cfg.patch_size
     encoders = {}
     for name in cfg.encoders:
         enc = load_encoder(name, sources[name], device=device, input_size=sizes[name])
@@ -187,15 +188,16 @@ def latent_frames(frames: int, vae: VAEWrapper) -> int:
 def token_grid(cfg: ExtractConfig, vae: VAEWrapper) -> tuple[tuple[int, int, int, int], tuple[int, int, int]]:
     """(latent_shape [C,T',h,w], DiT grid [T',h/p,w/p]) for this clip spec and VAE."""
     unit = vae.spatial_factor * cfg.patch_size
-    if cfg.size % unit:
-        fits = ", ".join(str(unit * j) for j in (max(1, cfg.size // unit), cfg.size // unit + 1))
-        raise ExtractError(
-            f"size: {cfg.size} is not a multiple of {unit} (VAE '{vae.model_id}' spatial factor "
-            f"{vae.spatial_factor} x patch {cfg.patch_size}); use e.g. {fits}"
-        )
+    for axis, n in cfg.axes():
+        if n % unit:
+            fits = ", ".join(str(unit * j) for j in (max(1, n // unit), n // unit + 1))
+            raise ExtractError(
+                f"size: {axis}{n} is not a multiple of {unit} (VAE '{vae.model_id}' spatial factor "
+                f"{vae.spatial_factor} x patch {cfg.patch_size}); use e.g. {fits}"
+            )
     t_lat = latent_frames(cfg.frames, vae)
-    h = cfg.size // vae.spatial_factor
-    return (vae.latent_channels, t_lat, h, h), (t_lat, h // cfg.patch_size, h // cfg.patch_size)
+    h, w = (n // vae.spatial_factor for n in cfg.hw)
+    return (vae.latent_channels, t_lat, h, w), (t_lat, h // cfg.patch_size, w // cfg.patch_size)
 
 
 def plan_targets(cfg: ExtractConfig, models: Models, grid: tuple[int, int, int]) -> list[TargetPlan]:
@@ -228,6 +230,24 @@ def _per_frame(enc: Any, tokens: torch.Tensor, frames: torch.Tensor) -> bool:
     return not isinstance(enc, VideoMAEEncoder) and tokens.shape[1] == frames.shape[1]
 
 
+def encoder_input(enc: Any, frames: torch.Tensor) -> torch.Tensor:
+    """uint8 [B,T,H,W,3] as `enc` should see them. A square-input encoder (dino, sam2, videomae) on
+    non-square clips (--size HxW) gets the whole frame resized to its S x S input, aspect not kept:
+    its own centre crop would drop the sides, and the tokens resampled to the clip's H x W grid
+    would no longer lie under the DiT tokens they align. Square clips, and hog at the clip's own
+    size (input size 0), pass unchanged."""
+    b, t, h, w, _ = frames.shape
+    size = int(getattr(enc, "input_size", 0) or 0)
+    if h == w or not size:
+        return frames
+    mode = enc.resize_mode
+    kw = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    x = frames.reshape(b * t, h, w, 3).permute(0, 3, 1, 2).float()
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode=mode, antialias=True, **kw)
+    x = x.round_().clamp_(0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).reshape(b, t, size, size, 3)
+
+
 def _timed(key: str, device: torch.device, timings: dict[str, float], fn):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -258,7 +278,12 @@ def compute_batch(
     quantities, norms = {}, {}
     for plan in plans:
         enc = models.encoders[plan.name]
-        tokens = _timed(f"encoder:{plan.name}", frames.device, timings, lambda enc=enc: enc.features(frames))
+        tokens = _timed(
+            f"encoder:{plan.name}",
+            frames.device,
+            timings,
+            lambda enc=enc: enc.features(encoder_input(enc, frames)),
+        )
         tokens = tokens.float()
         if k > 1 and _per_frame(enc, tokens, frames):
             tokens = causal_temporal_mean(tokens, k)  # DESIGN.md 6

@@ -49,18 +49,29 @@ def _multiples(unit: int, near: int) -> str:
     return f"{unit * low}, {unit * (low + 1)}"
 
 
+def _vae_spatial_factor(cfg: ExtractConfig, sources: dict[str, str | None]) -> int | None:
+    """The VAE's spatial factor from its config.json (an image VAE's down blocks; a Wan VAE's
+    `scale_factor_spatial`, in a pipeline's vae/ or a bare VAE folder); None when not at hand."""
+    src = sources.get("vae") or R.DEFAULT_VAE[cfg.vae_kind]
+    if cfg.vae_kind == "image":
+        blocks = (read_config(src) or {}).get("block_out_channels")
+        return 2 ** (len(blocks) - 1) if isinstance(blocks, list) and blocks else None
+    if cfg.vae_kind == "wan":
+        factor = (read_config(src, "vae") or read_config(src) or {}).get("scale_factor_spatial")
+        return int(factor) if isinstance(factor, int) and factor > 0 else None
+    return None
+
+
 def check_sizes(cfg: ExtractConfig, sources: dict[str, str | None]) -> None:
     """ValueError naming the key when a size or PCA dim cannot fit the models' configs."""
-    if cfg.vae_kind == "image":
-        vae = read_config(sources.get("vae") or R.DEFAULT_VAE["image"])
-        blocks = (vae or {}).get("block_out_channels")
-        if isinstance(blocks, list) and blocks:
-            factor = 2 ** (len(blocks) - 1)
-            unit = factor * cfg.patch_size
-            if cfg.size % unit:
+    factor = _vae_spatial_factor(cfg, sources)
+    if factor is not None:
+        unit = factor * cfg.patch_size
+        for axis, n in cfg.axes():
+            if n % unit:
                 raise ValueError(
-                    f"size: {cfg.size} is not a multiple of {unit} (the VAE's spatial factor {factor} x "
-                    f"patch {cfg.patch_size}); use e.g. {_multiples(unit, cfg.size)}"
+                    f"size: {axis}{n} is not a multiple of {unit} (the VAE's spatial factor {factor} x "
+                    f"patch {cfg.patch_size}); use e.g. {_multiples(unit, n)}"
                 )
     dims: dict[str, int] = {}
     for name in cfg.encoders:

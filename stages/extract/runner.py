@@ -82,7 +82,7 @@ def prepare(cfg: ExtractConfig, dist: runtime.DistInfo) -> Job:
         frames=cfg.frames,
         stride=cfg.stride,
         clips_per_video=cfg.clips_per_video,
-        size=cfg.size,
+        size=cfg.hw,
         placement=cfg.clip_placement,
         seed=cfg.seed,
         hflip=cfg.hflip,
@@ -132,7 +132,7 @@ def build_spec(job: Job) -> dict[str, Any]:
             "placement": cfg.clip_placement,
             "seed": cfg.seed,
             "hflip": cfg.hflip,
-            "size": cfg.size,
+            "size": V.clip_size_value(cfg.hw),
         },
         "vae": {
             "id": vae.model_id,

@@ -98,13 +98,13 @@ def build_model(
         from .finetune import build_pretrained
 
         return build_pretrained(cfg, layout, null_text)
-    channels, frames, height, _ = layout.latent_shape
+    channels, frames, height, width = layout.latent_shape
     return build_adapter(
         MODEL_FAMILY,
         size=cfg.model,
         in_channels=channels,
         num_frames=frames,
-        sample_size=height,
+        sample_size=height if height == width else (height, width),  # an int as before for square
         num_classes=len(layout.class_names),
         class_dropout=cfg.class_dropout,
         prediction=cfg.prediction,

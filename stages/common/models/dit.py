@@ -37,6 +37,16 @@ from torch import nn
 PREDICTIONS = ("velocity", "sample")
 
 
+def sample_hw(sample_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """(h, w) latent cells of a `sample_size`: an int is square (every config written before
+    non-square clips), a pair is (height, width), as config.json stores it (a list)."""
+    if isinstance(sample_size, int) and not isinstance(sample_size, bool):
+        return (sample_size, sample_size)
+    if isinstance(sample_size, (tuple, list)) and len(sample_size) == 2:
+        return (int(sample_size[0]), int(sample_size[1]))
+    raise ValueError(f"sample_size must be an int or (height, width), got {sample_size!r}")
+
+
 def default_align_depth(depth: int) -> int:
     """REPA's block 8 for deep models (>= 24 blocks), a third of the depth for shallower ones."""
     if depth < 1:
@@ -176,7 +186,7 @@ class VideoDiT(ModelMixin, ConfigMixin):
         self,
         in_channels: int = 4,
         num_frames: int = 16,
-        sample_size: int = 32,
+        sample_size: int | tuple[int, int] = 32,  # latent cells: square, or (height, width)
         patch_size: int = 2,
         hidden_size: int = 1152,
         depth: int = 28,
@@ -190,7 +200,8 @@ class VideoDiT(ModelMixin, ConfigMixin):
         super().__init__()
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
-        if sample_size % patch_size:
+        height, width = sample_hw(sample_size)
+        if height % patch_size or width % patch_size:
             raise ValueError(f"sample_size {sample_size} is not divisible by patch_size {patch_size}")
         if hidden_size % 4:
             raise ValueError(f"hidden_size must be divisible by 4 (2D sin-cos embedding), got {hidden_size}")
@@ -208,8 +219,8 @@ class VideoDiT(ModelMixin, ConfigMixin):
         self.t_embedder = TimestepEmbedder(hidden_size)
         # Index `num_classes` is the null class (classifier-free guidance).
         self.y_embedder = nn.Embedding(num_classes + 1, hidden_size) if num_classes > 0 else None
-        grid = sample_size // patch_size
-        self.register_buffer("spatial_pos", sincos_2d(hidden_size, grid, grid), persistent=False)
+        self.grid_hw = (height // patch_size, width // patch_size)
+        self.register_buffer("spatial_pos", sincos_2d(hidden_size, *self.grid_hw), persistent=False)
         self.register_buffer("temporal_pos", sincos_1d(hidden_size, num_frames), persistent=False)
         self.blocks = nn.ModuleList(
             [VideoDiTBlock(hidden_size, num_heads, mlp_ratio, temporal=bool(i % 2)) for i in range(depth)]
@@ -249,7 +260,7 @@ class VideoDiT(ModelMixin, ConfigMixin):
     def _positions(self, t: int, h: int, w: int, device: torch.device) -> torch.Tensor:
         """[T, H*W, D] position embedding; recomputed when the grid differs from the config."""
         d = self.config.hidden_size
-        spatial = self.spatial_pos if self.spatial_pos.shape[0] == h * w and h == w else sincos_2d(d, h, w)
+        spatial = self.spatial_pos if (h, w) == self.grid_hw else sincos_2d(d, h, w)
         temporal = self.temporal_pos if self.temporal_pos.shape[0] == t else sincos_1d(d, t)
         return temporal.to(device)[:, None] + spatial.to(device)[None]
 

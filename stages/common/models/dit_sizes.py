@@ -9,6 +9,11 @@ from stages.common.models.dit import VideoDiT
 from stages.common.registry import MODEL_SIZES  # name -> (hidden size, depth, heads)
 
 
+def size_patch(name: str) -> int:
+    """The patch of a named size: "B/2" -> 2, "mini/4" -> 4; a name without one ("tiny") has 2."""
+    return int(name.split("/")[1]) if "/" in name else 2
+
+
 def build_video_dit(name: str, **config) -> VideoDiT:
     """A VideoDiT of a named size ("S/2", "B/2", "L/2", "XL/2", "tiny"); `config` sets the rest.
 
@@ -18,7 +23,7 @@ def build_video_dit(name: str, **config) -> VideoDiT:
         raise ValueError(f"unknown VideoDiT size {name!r}; known: {', '.join(MODEL_SIZES)}")
     checkpointing = bool(config.pop("gradient_checkpointing", False))
     hidden, depth, heads = MODEL_SIZES[name]
-    patch = int(name.split("/")[1]) if "/" in name else 2
+    patch = size_patch(name)
     values = {"hidden_size": hidden, "depth": depth, "num_heads": heads, "patch_size": patch}
     values.update(config)
     model = VideoDiT(**values)
@@ -34,7 +39,7 @@ def _count_train_flops(hidden: int, depth: int, heads: int, patch: int, latent_s
     c, t, h, w = (int(v) for v in latent_shape)
     with torch.device("meta"):
         model = VideoDiT(
-            in_channels=c, num_frames=t, sample_size=h, patch_size=patch,
+            in_channels=c, num_frames=t, sample_size=(h, w), patch_size=patch,
             hidden_size=hidden, depth=depth, num_heads=heads,
         )  # fmt: skip
         x, time = torch.randn(1, c, t, h, w), torch.rand(1)
@@ -51,6 +56,6 @@ def train_tflop_per_clip(name: str, latent_shape) -> float:
     if name not in MODEL_SIZES:
         raise ValueError(f"unknown VideoDiT size {name!r}; known: {', '.join(MODEL_SIZES)}")
     hidden, depth, heads = MODEL_SIZES[name]
-    patch = int(name.split("/")[1]) if "/" in name else 2
+    patch = size_patch(name)
     two, four = (_count_train_flops(hidden, d, heads, patch, latent_shape) for d in (2, 4))
     return (two + (four - two) * (depth - 2) / 2) / 1e12

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .adapter import Condition, Conditioning, ModelOutput, Objective, TokenLayout, VideoModelAdapter
-from .dit import VideoDiT
+from .dit import VideoDiT, sample_hw
 from .dit_sizes import build_video_dit
 
 
@@ -29,7 +29,7 @@ class VideoDiTAdapter(VideoModelAdapter):
         self.conditioning = Conditioning("class", num_classes=c.num_classes, dropout=c.class_dropout)
         self.objective = Objective()
         self.tokens = TokenLayout((1, c.patch_size, c.patch_size), c.hidden_size, c.depth)
-        self.latent_shape = (c.in_channels, c.num_frames, c.sample_size, c.sample_size)
+        self.latent_shape = (c.in_channels, c.num_frames, *sample_hw(c.sample_size))
 
     @classmethod
     def build(cls, size: str | None = None, **config: Any) -> VideoDiTAdapter:

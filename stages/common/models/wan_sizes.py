@@ -102,9 +102,17 @@ def wan_step_tflop(
     text_tokens: int = WAN_TEXT["tokens"],
 ) -> float:
     """TFLOP of one clip's full fine-tuning step (forward + backward; forward only when not
-    `backward`), by torch.utils.flop_counter on the meta device. The blocks are identical, so two
-    shallow copies (2 and 4 blocks) give any depth exactly."""
-    latent = wan_latent_shape(frames, height, width)
+    `backward`), by torch.utils.flop_counter on the meta device, for a clip of frames x height x width px."""
+    return wan_latent_step_tflop(name, wan_latent_shape(frames, height, width), backward, text_tokens)
+
+
+def wan_latent_step_tflop(
+    name: str, latent_shape, backward: bool = True, text_tokens: int = WAN_TEXT["tokens"]
+) -> float:
+    """`wan_step_tflop` on latents of (C, T', h, w) cells (a store's own latent shape; counted with the
+    model's own channels). The blocks are identical, so two shallow copies (2 and 4 blocks) give any
+    depth exactly."""
+    latent = (WAN_COMMON["in_channels"], *(int(v) for v in latent_shape[1:]))
     depth = wan_config(name)["num_layers"]
     two, four = (_count_step(wan_config(name, num_layers=d), latent, text_tokens, backward) for d in (2, 4))
     return (two + (four - two) * (depth - 2) / 2) / 1e12
