@@ -57,6 +57,12 @@ _d = partial(help_default, TrainConfig, none="never")
     default=None,
     help="With --base: train every weight of the transformer (saved with save_pretrained).",
 )
+@click.option(
+    "--fsdp/--no-fsdp",
+    default=None,
+    help="Under torchrun: shard the model over the ranks with FSDP2 instead of DDP (models that do not "
+    "fit one GPU); checkpoints hold full weights as without it [off].",
+)
 @click.option("--steps", type=int, help=f"Optimizer steps [{_d('steps')}].")
 @click.option("--batch-size", type=int, help=f"Clips per rank per micro-step [{_d('batch_size')}].")
 @click.option("--grad-accum", type=int, help=f"Micro-steps per optimizer step [{_d('grad_accum')}].")
@@ -185,7 +191,7 @@ _d = partial(help_default, TrainConfig, none="never")
 def train(config_file, overrides, preset, **flags):
     """Train a VideoDiT with flow matching and alignment to cached encoder targets.
 
-    Run under `torchrun --nproc_per_node N` for DDP. SIGTERM or Ctrl-C writes a checkpoint and
+    Run under `torchrun --nproc_per_node N` for DDP (or FSDP2 with --fsdp). SIGTERM or Ctrl-C writes a checkpoint and
     exits (0, or 130 after Ctrl-C); `--resume` continues with the run's own config, so flags are
     needed only for what may change (steps, logging, workers, device, learning rate).
     """

@@ -74,6 +74,9 @@ class TrainConfig:
     class_dropout: float = 0.1
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the model's forward and the projectors (compiled.py)
+    # under torchrun: FSDP2-shard the model (stages/common/models/fsdp.py) instead of DDP; checkpoints
+    # stay full. One process: nothing to shard (a note says so)
+    fsdp: bool = False
     # fine-tuning a pretrained text-to-video model (finetune.py): a diffusers pipeline folder or hub
     # id (Wan), trained as LoRA (lora_rank) or in full (full_finetune); None: a fresh model (MODEL_FAMILY)
     base: str | None = None
@@ -208,7 +211,7 @@ class TrainConfig:
                 f"resume_from: {self.resume_from!r} is not a checkpoint name like step-0001000",
             ),
         ]
-        for ok, message in checks + self._finetune_checks():
+        for ok, message in checks + self._finetune_checks() + self._fsdp_checks():
             if not ok:
                 raise ValueError(message)
         check_device(self.device)
@@ -245,6 +248,20 @@ class TrainConfig:
                 not self.base or (self.eval_every == 0 and not self.vae),
                 "base: sample GIFs (--vae) and --eval-every during training are for class-conditioned "
                 "runs; sample a fine-tuned model with `pipeline sample --run RUN --prompt TEXT`",
+            ),
+        ]
+
+    def _fsdp_checks(self) -> list[tuple[bool, str]]:
+        """What --fsdp cannot be combined with yet (a sharded model runs only inside the step)."""
+        return [
+            (
+                not (self.fsdp and self.compile),
+                "fsdp: --fsdp with --compile is not supported yet; drop one of them",
+            ),
+            (
+                not self.fsdp or (self.eval_every == 0 and not self.vae),
+                "fsdp: sample GIFs (--vae) and --eval-every run the EMA model on rank 0, which holds only "
+                "its shard under --fsdp; drop them and sample a checkpoint with `pipeline sample --run RUN`",
             ),
         ]
 

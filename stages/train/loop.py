@@ -45,9 +45,22 @@ from .data import (
 from .evaluation import EvalSettings, PeriodicEval
 from .lr import build_lr_scheduler, match_groups, restore_lr_scheduler
 from .report import RunLogger, write_samples
-from .state import TrainState, build_state, drop_alignment, load_state, save_state, wrap_ddp
+from .state import (
+    TrainState,
+    build_state,
+    checkpoint_parts,
+    drop_alignment,
+    load_state,
+    save_state,
+    shard_state,
+    wrap_ddp,
+)
 from .step import NonFiniteLoss, StepConfig, prepare_batch, train_step
 
+FSDP_ONE_PROCESS = (
+    "--fsdp on one process: nothing to shard, the model trains unsharded "
+    "(launch with torchrun --nproc_per_node N to shard it over N ranks)"
+)
 # Set to 1 to log, in each log.jsonl row, the sample keys of every global micro-batch since the
 # last row ("sample_keys"): how the tests check the global order. Costs one gather per step.
 SAMPLE_KEYS_ENV = "ALIGN4GEN_LOG_SAMPLE_KEYS"
@@ -304,7 +317,8 @@ def _start(cfg: TrainConfig, setup: RunSetup, info: runtime.DistInfo) -> tuple[T
     with_head = alignment_active(max(start, 1), cfg.align_until)
     dims = {n: e.dim for n, e in setup.encoders.items()}
     null_text = _null_text(cfg, setup)
-    state = build_state(cfg, setup.layout, dims, setup.lambdas, info.device, with_head, null_text)
+    sharded = cfg.fsdp and info.distributed
+    state = build_state(cfg, setup.layout, dims, setup.lambdas, info.device, with_head, null_text, sharded)
     state.lr_scheduler = build_lr_scheduler(state.optimizer, cfg.lr_schedule, cfg.lr_warmup, cfg.steps)
     saved: dict[str, Any] = {}
     if setup.resume_from is not None:
@@ -317,8 +331,12 @@ def _start(cfg: TrainConfig, setup: RunSetup, info: runtime.DistInfo) -> tuple[T
         torch.set_rng_state(saved["rng"]["torch"])
     if cfg.compile:
         compile_state(state)
-    if info.distributed:
+    if sharded:  # after the resume: a checkpoint holds full weights, sharded here like fresh ones
+        shard_state(state, info.device)
+    elif info.distributed:
         wrap_ddp(state, info.device)
+    elif cfg.fsdp:
+        setup.notes.append(FSDP_ONE_PROCESS)
     return state, saved
 
 
@@ -381,10 +399,11 @@ def _checkpoint(
         "config": json.dumps(config),
         "lr_scheduler": state.lr_scheduler.state_dict(),
     }
+    parts = checkpoint_parts(state)  # --fsdp: every rank gathers the full weights to rank 0
     if info.is_main:
         full = None
         try:
-            run.publish_checkpoint(state.step, lambda folder: save_state(folder, state, extra))
+            run.publish_checkpoint(state.step, lambda folder: save_state(folder, state, extra, parts))
         except OSError as exc:
             if not runtime.is_disk_full(exc):
                 raise

@@ -6,6 +6,11 @@ when it never ran), AdamW, and the generator of noise, timesteps and class dropo
 state on every rank: each draws for the global micro-batch and keeps its rows, step.py).
 `save_state` / `load_state` write and read a checkpoint folder in
 the run directory's layout (cache_schema.run): a resume restores all of it exactly.
+
+Under torchrun the model is wrapped in DDP (`wrap_ddp`), or with --fsdp sharded with FSDP2
+(`shard_state`): a checkpoint then still holds FULL weights and optimizer state in the same
+format, gathered by `checkpoint_parts` (so an FSDP run resumes on any number of ranks, with or
+without --fsdp, and its step folders load in diffusers as any other).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ class TrainState:
     ddp_model: nn.Module | None = None  # DistributedDataParallel wrappers under torchrun
     ddp_head: nn.Module | None = None
     lr_scheduler: Any = None  # torch LambdaLR from diffusers' get_scheduler (lr.py), stepped per step
+    skeleton: nn.Module | None = None  # --fsdp: the unsharded model on the meta device (checkpoint_parts)
 
     @property
     def model(self) -> nn.Module:
@@ -89,6 +95,59 @@ def wrap_ddp(state: TrainState, device: torch.device) -> None:
         state.ddp_head = DDP(state.head, device_ids=ids)
 
 
+@dataclass
+class CheckpointParts:
+    """What a checkpoint writes: full (unsharded) model and EMA modules and the optimizer state dict."""
+
+    model: nn.Module
+    ema: nn.Module
+    optimizer: dict[str, Any]
+
+
+def shard_state(state: TrainState, device: torch.device) -> None:
+    """--fsdp under torchrun, after any resume loaded the full weights: FSDP2-shard the model (each
+    block, then the root; moved to `device` block by block), lay the EMA out as the sharded
+    parameters (a LoRA EMA shares the frozen base again), move AdamW onto the sharded parameters
+    with its state, and keep the alignment head replicated (DDP all-reduces its gradients)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from stages.common.models.fsdp import meta_copy, move_optimizer, shard_like, shard_model
+
+    model, ema = state.model, state.ema
+    names = {id(p): n for n, p in model.named_parameters()}
+    shared = {n for (n, e), p in zip(ema.named_parameters(), model.parameters(), strict=True) if e is p}
+    state.skeleton = meta_copy(model)
+    shard_model(model, device=device)
+    params = dict(model.named_parameters())
+    for name, e in list(ema.named_parameters()):
+        p = params[name]
+        owner, _, leaf = name.rpartition(".")
+        new = p if name in shared else nn.Parameter(shard_like(e, p), requires_grad=False)
+        setattr(ema.get_submodule(owner), leaf, new)
+    move_optimizer(state.optimizer, {i: params[n] for i, n in names.items()})
+    if state.head is not None and any(p.requires_grad for p in state.head.parameters()):
+        ids = [device.index] if device.type == "cuda" else None
+        state.ddp_head = DDP(state.head, device_ids=ids)
+
+
+def checkpoint_parts(state: TrainState) -> CheckpointParts | None:
+    """The model, EMA and optimizer state a checkpoint writes. Sharded (--fsdp): a collective that
+    gathers the full tensors to rank 0 (a LoRA run only its LoRA weights), which gets them as
+    modules of the model's structure; the other ranks get None."""
+    if state.skeleton is None:
+        return CheckpointParts(state.model, state.ema, state.optimizer.state_dict())
+    from stages.common.models.fsdp import gather_optimizer_state, gather_state_dict, materialize
+
+    from .finetune import is_lora
+
+    keep = (lambda name: "lora_" in name) if is_lora(state.model) else None
+    model, ema = gather_state_dict(state.model, keep), gather_state_dict(state.ema, keep)
+    optimizer = gather_optimizer_state(state.optimizer)
+    if not optimizer:  # not rank 0
+        return None
+    return CheckpointParts(materialize(state.skeleton, model), materialize(state.skeleton, ema), optimizer)
+
+
 def build_model(
     cfg: TrainConfig, layout: CacheLayout, null_text: torch.Tensor | None = None
 ) -> VideoModelAdapter:
@@ -120,12 +179,14 @@ def build_state(
     device: torch.device,
     with_head: bool = True,
     null_text: torch.Tensor | None = None,
+    sharded: bool = False,
 ) -> TrainState:
     """A fresh state, identical on every rank (seeded); the head only while alignment runs.
-    The optimizer and the EMA see only the trainable parameters (a LoRA run's adapters)."""
+    The optimizer and the EMA see only the trainable parameters (a LoRA run's adapters).
+    `sharded`: the model stays where it was built (the CPU); shard_state moves it block by block."""
     torch.manual_seed(cfg.seed)
     adapter = build_model(cfg, layout, null_text)
-    model = adapter.module.to(device)
+    model = adapter.module if sharded else adapter.module.to(device)
     depth = adapter.tokens.depth
     align_depth = cfg.align_depth or adapter.default_align_block()
     if align_depth > depth:
@@ -188,12 +249,16 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
             e.lerp_(p.detach(), 1.0 - decay)
 
 
-def save_state(folder: Path, state: TrainState, extra: dict[str, Any]) -> None:
-    """Fill one checkpoint folder (RunDir.publish_checkpoint makes it the `latest`)."""
+def save_state(
+    folder: Path, state: TrainState, extra: dict[str, Any], parts: CheckpointParts | None = None
+) -> None:
+    """Fill one checkpoint folder (RunDir.publish_checkpoint makes it the `latest`); `parts`: what
+    checkpoint_parts gathered (default: the state's own modules, unsharded)."""
+    parts = parts or checkpoint_parts(state)
     with _writing(folder / run_files.MODEL_WEIGHTS):
-        state.adapter.save_pretrained(state.model, folder / run_files.MODEL_WEIGHTS)
+        state.adapter.save_pretrained(parts.model, folder / run_files.MODEL_WEIGHTS)
     with _writing(folder / run_files.EMA_WEIGHTS):
-        state.adapter.save_pretrained(state.ema, folder / run_files.EMA_WEIGHTS)
+        state.adapter.save_pretrained(parts.ema, folder / run_files.EMA_WEIGHTS)
     lora = folder / run_files.EMA_WEIGHTS / run_files.LORA_WEIGHTS_FILE
     if lora.is_file():  # the step folder itself loads in WanPipeline.load_lora_weights(folder)
         with _writing(folder / run_files.LORA_WEIGHTS_FILE):
@@ -202,7 +267,7 @@ def save_state(folder: Path, state: TrainState, extra: dict[str, Any]) -> None:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.head.state_dict().items()}
         with _writing(folder / run_files.PROJECTORS_FILE):
             save_file(tensors, folder / run_files.PROJECTORS_FILE)
-    payload = {**extra, "step": state.step, "optimizer": state.optimizer.state_dict()}
+    payload = {**extra, "step": state.step, "optimizer": parts.optimizer}
     with _writing(folder / run_files.TRAIN_STATE_FILE), open(folder / run_files.TRAIN_STATE_FILE, "wb") as fh:
         torch.save(payload, fh)  # through a Python file: a full disk raises ENOSPC, not a bare RuntimeError
 

@@ -22,6 +22,7 @@ from cache_schema.formats import reconstruct, reconstruct_raw
 from cache_schema.layout import EncoderEntry
 from stages.common.flow import flow_loss, interpolate, sample_timesteps, velocity_target
 from stages.common.models.adapter import Condition, Conditioning
+from stages.common.models.fsdp import clip_grad_norm
 
 from .data import leading_parts, unpack, unpack_text
 from .state import TrainState, ema_decay_at, update_ema
@@ -189,7 +190,7 @@ def train_step(
         if cos:
             cos_totals += torch.stack([cos[n] for n in names]).detach().float() / cfg.grad_accum
     params = state.parameters()
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    grad_norm = clip_grad_norm(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)  # DTensors too
     flags = torch.tensor([float(stop)], device=cfg.device)
     stats = torch.cat([totals, cos_totals, grad_norm.detach().float().reshape(1).to(cfg.device), flags])
     if cfg.world_size > 1:  # one sync per step: averaged losses, the stop flag
