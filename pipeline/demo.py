@@ -33,6 +33,8 @@ class DemoConfig:
     size: int = 32
     stride: int = 2  # clips take every other frame: motion twice as fast as the videos'
     background: str = "flat"
+    objects: tuple[int, int] = (2, 3)  # fewest and most objects per video
+    object_scale: float = 1.0  # radius factor of the objects
     seed: int = 0
     encoders: list[str] = field(default_factory=lambda: list(DEMO_ENCODERS))
     model: str = "mini/4"
@@ -126,7 +128,8 @@ def _synth(cfg: DemoConfig, out: Path) -> Path:
     data = out / "data"
     if not (data / "synth.json").is_file():
         make_synthetic(data, videos=cfg.videos, classes=cfg.classes, frames=cfg.frames, size=cfg.size,
-                       seed=cfg.seed, background=cfg.background)  # fmt: skip
+                       seed=cfg.seed, background=cfg.background, objects=cfg.objects,
+                       object_scale=cfg.object_scale)  # fmt: skip
     return data
 
 
@@ -134,7 +137,8 @@ def trained_recipe(cfg: DemoConfig):
     """The recipe of the tiny trained models for the demo's data (clip size, stride, background)."""
     from stages.common.trained import TrainedRecipe
 
-    return TrainedRecipe(render_kwargs={"background": cfg.background})
+    render = {"background": cfg.background, "objects": list(cfg.objects), "object_scale": cfg.object_scale}
+    return TrainedRecipe(clip_size=cfg.size, clip_stride=cfg.stride, render_kwargs=render)
 
 
 def _models(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
@@ -158,7 +162,7 @@ def extract_config(cfg: DemoConfig, data: Path, store: Path, encoder_folders: di
     values = preset_values("tiny")  # 8-frame clips, CPU block and batch sizes
     values.update({"data": str(data), "out": str(store), "encoders": list(encoder_folders), "device": cfg.device,
                    "size": cfg.size, "stride": cfg.stride, "vae_kind": "pixel", "vae": "patchify-8",
-                   "patch_size": 4, "progress": False})  # fmt: skip
+                   "patch_size": int(cfg.model.split("/")[1]), "progress": False})  # fmt: skip
     values.update({f"{name}_model": folder for name, folder in encoder_folders.items()})
     return ExtractConfig(**values)
 

@@ -217,8 +217,10 @@ def build_state(
 
 
 def _fused(device: torch.device) -> dict[str, bool]:
-    """Fused AdamW on CUDA (one kernel for all parameters); the default elsewhere."""
-    return {"fused": True} if device.type == "cuda" else {}
+    """Fused AdamW (one kernel for all parameters) on CUDA and on the CPU, where it is 3x faster than
+    the default for-each update (24 vs 73 ms for the demo's 6.5M-parameter model on one thread,
+    measured; the optimizer step was then 60 % of a demo training step); the default elsewhere."""
+    return {"fused": True} if device.type in ("cuda", "cpu") else {}
 
 
 def drop_alignment(state: TrainState) -> None:
