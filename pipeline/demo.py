@@ -29,20 +29,23 @@ class DemoConfig:
     preset: str = "tiny"
     videos: int = 64
     classes: int = 4  # the four drifts
-    frames: int = 16  # frames per synthetic video (clips take 8)
+    frames: int = 24  # frames per synthetic video (clips take 8 of them)
     size: int = 32
-    stride: int = 2  # clips take every other frame: motion twice as fast as the videos'
+    stride: int = 3  # clips take every third frame: an object moves about 2.3 px a frame
     background: str = "flat"
-    objects: tuple[int, int] = (2, 3)  # fewest and most objects per video
-    object_scale: float = 1.0  # radius factor of the objects
+    # one object per video, twice the default radius (5-10 px at 32 px): with 2-3 small objects a
+    # CPU-minute model drew blurs that barely moved (BENCHMARKS.md "The demo's data")
+    objects: tuple[int, int] = (1, 1)  # fewest and most objects per video
+    object_scale: float = 2.0  # radius factor of the objects
     seed: int = 0
     encoders: list[str] = field(default_factory=lambda: list(DEMO_ENCODERS))
     model: str = "mini/4"
-    steps: int = 1800
+    steps: int = 2400
     batch_size: int = 8
     lr: float = 1e-3
+    lr_schedule: str = "cosine"  # decays to 0 by the last step: steadier final samples than constant
     align_lambda: float = 0.5
-    eval_every: int = 450
+    eval_every: int = 600
     eval_num: int = 32
     eval_steps: int = 20
     cfg: float = 2.0  # guidance of the evaluation and final samples
@@ -54,8 +57,8 @@ class DemoConfig:
 # Presets of `pipeline demo --preset` (the demo's own sizes; the stages' presets are others).
 DEMO_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {},
-    # more data and longer training: 15.1 minutes on 2 CPU cores (measured); samples no better (BENCHMARKS.md)
-    "small": {"videos": 128, "steps": 5000, "eval_every": 1000, "num_samples": 32},
+    # the same 64 videos, trained 2.5x longer (the cosine schedule stretches with the steps)
+    "small": {"steps": 6000, "eval_every": 1500, "num_samples": 32},
 }
 
 
@@ -157,12 +160,13 @@ def extract_config(cfg: DemoConfig, data: Path, store: Path, encoder_folders: di
     """The demo's extraction: 8-frame clips (stride `cfg.stride`) of `cfg.size` px in exact
     patchify-8 latents, tokens for a patch-4 DiT (one per frame at 32 px), the given encoders.
     bench/convergence.py uses the same settings."""
+    from stages.common.models.dit_sizes import size_patch
     from stages.extract.config import ExtractConfig, preset_values
 
     values = preset_values("tiny")  # 8-frame clips, CPU block and batch sizes
     values.update({"data": str(data), "out": str(store), "encoders": list(encoder_folders), "device": cfg.device,
                    "size": cfg.size, "stride": cfg.stride, "vae_kind": "pixel", "vae": "patchify-8",
-                   "patch_size": int(cfg.model.split("/")[1]), "progress": False})  # fmt: skip
+                   "patch_size": size_patch(cfg.model), "progress": False})  # fmt: skip
     values.update({f"{name}_model": folder for name, folder in encoder_folders.items()})
     return ExtractConfig(**values)
 
@@ -193,7 +197,7 @@ def train_config(
 
     return TrainConfig(
         shards=str(shards), out=str(run), model=cfg.model, align_lambda=lam, steps=cfg.steps,
-        batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed if seed is None else seed, device=cfg.device,
+        batch_size=cfg.batch_size, lr=cfg.lr, lr_schedule=cfg.lr_schedule, seed=cfg.seed if seed is None else seed, device=cfg.device,
         prediction="sample", time_schedule="logit_normal", time_mean=0.8, time_std=0.8, ema=0.999,
         ema_warmup=True, projector_dim=256, num_workers=0, shuffle_buffer=64,
         log_every=max(1, cfg.steps // 50), checkpoint_every=cfg.steps, sample_every=0,

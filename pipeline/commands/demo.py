@@ -19,7 +19,7 @@ def _d(name: str) -> str:
 @click.option(
     "--preset",
     type=click.Choice(list(DEMO_PRESETS)),
-    help="tiny (8 minutes on 2 CPU cores, measured) or small (5,000 steps, 128 videos; about 20 minutes).",
+    help="tiny (about 7 minutes on 2 CPU cores, measured) or small (6,000 steps; about 16 minutes).",
 )
 @click.option("--videos", type=int, help=f"Synthetic videos [{_d('videos')}].")
 @click.option("--classes", type=int, help=f"Synthetic classes [{_d('classes')}].")
