@@ -74,7 +74,8 @@ def prepare(work: Path, demo) -> dict[str, Any]:
     data = work / "data"
     if not (data / "synth.json").is_file():
         make_synthetic(data, videos=demo.videos, classes=demo.classes, frames=demo.frames, size=demo.size,
-                       seed=demo.seed, background=demo.background, progress=False)  # fmt: skip
+                       seed=demo.seed, background=demo.background, objects=demo.objects,
+                       object_scale=demo.object_scale, progress=False)  # fmt: skip
     models = trained_models(recipe=trained_recipe(demo))
     shards = {}
     for family, prefix in (("informative", ""), ("random", "random-")):
