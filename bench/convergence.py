@@ -76,7 +76,8 @@ def prepare(work: Path, demo) -> dict[str, Any]:
         make_synthetic(data, videos=demo.videos, classes=demo.classes, frames=demo.frames, size=demo.size,
                        seed=demo.seed, background=demo.background, objects=demo.objects,
                        object_scale=demo.object_scale, progress=False)  # fmt: skip
-    models = trained_models(recipe=trained_recipe(demo))
+    names = [*demo.encoders, *(f"random-{name}" for name in demo.encoders), "classifier"]
+    models = trained_models(recipe=trained_recipe(demo), names=names)
     shards = {}
     for family, prefix in (("informative", ""), ("random", "random-")):
         store, shard_dir = work / f"{family}.zarr", work / f"{family}-shards"
