@@ -40,12 +40,12 @@ class DemoConfig:
     seed: int = 0
     encoders: list[str] = field(default_factory=lambda: list(DEMO_ENCODERS))
     model: str = "mini/4"
-    steps: int = 2400
+    steps: int = 3000
     batch_size: int = 8
     lr: float = 1e-3
     lr_schedule: str = "cosine"  # decays to 0 by the last step: steadier final samples than constant
     align_lambda: float = 0.5
-    eval_every: int = 600
+    eval_every: int = 750
     eval_num: int = 32
     eval_steps: int = 20
     cfg: float = 2.0  # guidance of the evaluation and final samples
