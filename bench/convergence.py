@@ -10,7 +10,7 @@ Each arm runs with several seeds; every run evaluates its EMA weights during tra
 distance, stages/common/synth_eval.py). The table and the plot give, per arm and step, the mean
 over seeds with a 95% t-interval. Results go to bench/results/convergence.json and .png.
 
-    python bench/convergence.py --seeds 0 1 2 --steps 1200 --eval-every 300
+    python bench/convergence.py --seeds 0 1 2 --steps 3000 --eval-every 750
 
 The result is reported as it comes out, whatever its sign (BENCHMARKS.md).
 """
@@ -36,8 +36,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--work", default="runs/convergence", help="where data, stores, shards and runs go")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--videos", type=int, default=64)
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--eval-every", type=int, default=750)
     p.add_argument("--eval-num", type=int, default=32)
     p.add_argument("--lambda", dest="lam", type=float, default=0.5)
     p.add_argument("--model", default="mini/4")
