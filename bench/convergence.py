@@ -137,7 +137,14 @@ def summarise(logs: dict[str, dict[int, list[dict]]]) -> dict[str, dict[str, lis
     return out
 
 
-def plot(summary: dict, path: Path) -> None:
+def arm_labels(encoders: list[str]) -> dict[str, str]:
+    """Legend names that say what each arm aligns to (e.g. "aligned: hog")."""
+    names = ", ".join(encoders)
+    random_names = ", ".join(f"random-{name}" for name in encoders)
+    return {"baseline": "baseline", "informative": f"aligned: {names}", "random": f"aligned: {random_names}"}
+
+
+def plot(summary: dict, path: Path, arm_names: dict[str, str] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -152,7 +159,12 @@ def plot(summary: dict, path: Path) -> None:
             if not pts:
                 continue
             steps = [p["step"] for p in pts]
-            ax.plot(steps, [p["mean"] for p in pts], marker="o" if metric != "flow_loss" else None, label=arm)
+            ax.plot(
+                steps,
+                [p["mean"] for p in pts],
+                marker="o" if metric != "flow_loss" else None,
+                label=(arm_names or {}).get(arm, arm),
+            )
             ax.fill_between(steps, [p["lo"] for p in pts], [p["hi"] for p in pts], alpha=0.2)
         ax.set_xlabel("step")
         ax.set_title(labels[metric], fontsize=10)
@@ -190,7 +202,7 @@ def main() -> None:
             print(f"{arm} seed {seed}: {time.perf_counter() - t0:.0f}s", flush=True)
     summary = summarise(logs)
     RESULTS.mkdir(exist_ok=True)
-    plot(summary, RESULTS / "convergence.png")
+    plot(summary, RESULTS / "convergence.png", arm_labels(list(demo.encoders)))
     record = {"args": vars(args), "machine": platform.processor() or platform.machine(),
               "seconds": round(time.perf_counter() - start), "summary": summary,
               "per_seed_final": {arm: {str(s): rows[-1].get("eval") for s, rows in by_seed.items()}
